@@ -1,0 +1,1 @@
+"""Alembic migrations of TokenTrail's schema (``tokentrail db upgrade`` runs them)."""

@@ -1,0 +1,56 @@
+"""``GET /tokentrail/health``: is the proxy up, and is the writer keeping up with the traffic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+router = APIRouter(prefix="/tokentrail", tags=["health"])
+
+
+class WriterHealth(BaseModel):
+    """The background writer's state since the proxy started."""
+
+    queue_depth: int = Field(description="Records waiting to be written.")
+    queue_capacity: int = Field(description="Records the queue holds before spilling to the file.")
+    records_written: int = Field(description="Records committed to the database.")
+    records_failed: int = Field(description="Records the database did not take (in the fallback file).")
+    failure_reasons: dict[str, int] = Field(description="records_failed by reason.")
+    fallback_path: str = Field(description="Where failed records are kept as JSON lines.")
+    integrity_problems: int = Field(
+        description="Written records whose token IDs disagree with vLLM's counts."
+    )
+    integrity: dict[str, int] = Field(description="Written records by integrity value.")
+
+
+class Health(BaseModel):
+    """The proxy's health."""
+
+    status: str = Field(description="'ok', or 'degraded' when records went to the fallback file.")
+    upstream: str
+    in_flight: int = Field(description="Calls being relayed now.")
+    writer: WriterHealth
+
+
+@router.get("/health", response_model=Health)
+def health(request: Request) -> Any:
+    """Writer queue depth and counts of records written and failed."""
+    runtime = request.app.state.runtime
+    writer = runtime.writer
+    return Health(
+        status="degraded" if writer.failed else "ok",
+        upstream=runtime.settings.upstream,
+        in_flight=runtime.relay.in_flight.count,
+        writer=WriterHealth(
+            queue_depth=writer.queue_depth,
+            queue_capacity=runtime.settings.writer_queue_size,
+            records_written=writer.written,
+            records_failed=writer.failed,
+            failure_reasons=dict(writer.failure_reasons),
+            fallback_path=str(runtime.settings.fallback_path),
+            integrity_problems=writer.integrity_problems,
+            integrity=dict(writer.integrity_counts),
+        ),
+    )

@@ -1,0 +1,135 @@
+"""``create_app(settings)``: TokenTrail's own FastAPI routes in front of the relay, and their lifespan.
+
+Paths under ``/tokentrail/`` go to FastAPI (health, docs); every other path goes to the plain-ASGI
+relay, which forwards it to vLLM. The lifespan opens the database, the writer and the one shared
+``httpx.AsyncClient``, and on shutdown waits for open calls, then drains the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from tokentrail.proxy import __version__
+from tokentrail.proxy.api import health
+from tokentrail.proxy.errors import openai_error_body
+from tokentrail.proxy.relay import Relay
+from tokentrail.proxy.settings import Settings
+from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.writer import RecordWriter
+
+logger = logging.getLogger(__name__)
+
+OWN_PREFIX = "/tokentrail/"
+_DRAIN_AFTER_SHUTDOWN_S = 10.0
+
+
+def upstream_client(settings: Settings) -> httpx.AsyncClient:
+    """The one client to vLLM: no total deadline, no redirects, a keep-alive below vLLM's own."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_read_timeout,
+            write=30.0,
+            pool=None,
+        ),
+        limits=httpx.Limits(
+            max_connections=settings.upstream_max_connections,
+            max_keepalive_connections=None,
+            keepalive_expiry=settings.upstream_keepalive_expiry,
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+@dataclass
+class Runtime:
+    """What lives from startup to shutdown; the routes reach it through ``app.state.runtime``."""
+
+    settings: Settings
+    writer: RecordWriter
+    relay: Relay
+
+
+class TokenTrailApp:
+    """Sends ``/tokentrail/...`` and lifespan events to FastAPI, everything else to the relay."""
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(OWN_PREFIX):
+            runtime: Runtime | None = getattr(self.api.state, "runtime", None)
+            if runtime is None:
+                await _not_ready(send)
+                return
+            await runtime.relay(scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+
+async def _not_ready(send: Any) -> None:
+    body = openai_error_body("TokenTrail is starting or stopping", "ServiceUnavailableError", 503)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings) -> TokenTrailApp:
+    """Build the proxy for ``settings``; the database must already be migrated."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.db)
+        writer = RecordWriter(
+            engine,
+            queue_size=settings.writer_queue_size,
+            batch_size=settings.writer_batch_size,
+            retries=settings.writer_retries,
+            fallback_path=settings.fallback_path,
+        )
+        writer.start()
+        client = upstream_client(settings)
+        relay = Relay(settings.upstream, client, writer)
+        app.state.runtime = Runtime(settings, writer, relay)
+        logger.info("upstream=<%s>, db=<%s> | TokenTrail ready", settings.upstream, _safe_url(settings.db))
+        try:
+            yield
+        finally:
+            if not await relay.in_flight.wait_idle(_DRAIN_AFTER_SHUTDOWN_S):
+                logger.error("in_flight=<%d> | calls still open at shutdown", relay.in_flight.count)
+            app.state.runtime = None
+            await client.aclose()
+            writer.close()
+            engine.dispose()
+            logger.info("written=<%d>, failed=<%d> | TokenTrail stopped", writer.written, writer.failed)
+
+    api = FastAPI(
+        title="TokenTrail",
+        version=__version__,
+        description="TokenTrail's own routes. Every other path is forwarded to vLLM unchanged.",
+        docs_url="/tokentrail/docs",
+        openapi_url="/tokentrail/openapi.json",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    api.include_router(health.router)
+    return TokenTrailApp(api)
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,388 @@
+"""Pure functions and small state machines that read vLLM's wire format; no I/O.
+
+Three jobs, all on bytes the relay already has in hand:
+
+* ``prepare_request``: remember what the client asked for and set ``return_token_ids: true``.
+* ``ResponseCapture``: collect prompt/generated token IDs, logprobs, finish reasons, usage and the
+  assembled message from a JSON body or from SSE events, then judge the record's integrity.
+* ``StreamTap``: split a raw SSE byte stream into events (TCP reads split events anywhere) and, when
+  the client did not ask for token IDs, give back exactly what vLLM would have sent without the flag.
+
+Restoring the flag-less response works on bytes, not by re-serialising: vLLM writes
+``"token_ids":[...]`` / ``"prompt_token_ids":[...]`` where it would write ``null`` without the flag, and
+streams a chunk with an empty delta only because the flag asked for that token's ID
+(``chat_completion/serving.py``: ``delta_message is None`` -> ``continue`` unless return_token_ids).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity
+
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+RECORDED_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
+
+# A key can only stand right after "{" or "," outside a JSON string: inside one every '"' is escaped.
+_TOKEN_IDS_ARRAY = re.compile(rb'([{,]\s*"(?:prompt_)?token_ids"\s*:\s*)\[[^\]]*\]')
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_SECRET_KEYS = frozenset({"api_key", "apikey", "authorization"})
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAsk:
+    """What the client asked vLLM for, before the proxy touched the request."""
+
+    token_ids: bool = False
+    logprobs: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    n: int = 1
+    flag_added: bool = False  # the proxy sent return_token_ids: true on the client's behalf
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """The body to send upstream and what to remember about the client's own request."""
+
+    body: bytes
+    ask: ClientAsk
+    request: dict[str, Any] | None
+    model: str | None
+
+
+def prepare_request(route: str, body: bytes) -> PreparedRequest:
+    """Parse a completion request and ask vLLM for token IDs unless that would change its answer.
+
+    A body that is not a JSON object goes upstream unchanged, so the client gets vLLM's own error.
+    ``echo`` is left alone: vLLM echoes an empty prompt text when ``return_token_ids`` is set.
+    """
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return PreparedRequest(body, ClientAsk(), None, None)
+    if not isinstance(parsed, dict):
+        return PreparedRequest(body, ClientAsk(), None, None)
+    stream_options = parsed.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+    logprobs = parsed.get("logprobs")
+    asked_logprobs = bool(logprobs) if route == CHAT_ROUTE else logprobs is not None
+    n = parsed.get("n")
+    asked_ids = parsed.get("return_token_ids") is True
+    add_flag = not asked_ids and not parsed.get("echo")
+    ask = ClientAsk(
+        token_ids=asked_ids,
+        logprobs=asked_logprobs and logprobs is not False,
+        stream=parsed.get("stream") is True,
+        include_usage=include_usage,
+        n=n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1,
+        flag_added=add_flag,
+    )
+    stored = {k: v for k, v in parsed.items() if k.lower() not in _SECRET_KEYS}
+    model = parsed.get("model")
+    if add_flag:
+        parsed["return_token_ids"] = True
+        body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+    return PreparedRequest(body, ask, stored, model if isinstance(model, str) else None)
+
+
+def strip_token_ids(payload: bytes) -> bytes:
+    """Turn every ``"token_ids":[...]``/``"prompt_token_ids":[...]`` into ``null``, as without the flag."""
+    return _TOKEN_IDS_ARRAY.sub(rb"\1null", payload)
+
+
+def _completion_logprob_entries(logprobs: dict[str, Any]) -> list[Any]:
+    """Completions give parallel arrays; store one entry per token like chat does."""
+    tokens = logprobs.get("tokens") or []
+    values = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or []
+    entries: list[Any] = []
+    for i, token in enumerate(tokens):
+        entry: dict[str, Any] = {"token": token, "logprob": values[i] if i < len(values) else None}
+        if i < len(tops):
+            entry["top_logprobs"] = tops[i]
+        entries.append(entry)
+    return entries
+
+
+class ResponseCapture:
+    """Collects one call's token IDs and message from vLLM's response into a ``CallRecord``."""
+
+    def __init__(self, record: CallRecord, ask: ClientAsk, chat: bool) -> None:
+        self.record = record
+        self.ask = ask
+        self.chat = chat
+        self.usage_seen = False
+        self._choices: dict[int, ChoiceRecord] = {}
+        self._completion_prompts: dict[int, list[int]] = {}
+
+    def _choice(self, index: int) -> ChoiceRecord:
+        choice = self._choices.get(index)
+        if choice is None:
+            choice = ChoiceRecord(index=index, message={"role": "assistant"} if self.chat else {})
+            self._choices[index] = choice
+        return choice
+
+    def _take_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage_seen = True
+            self.record.prompt_tokens = usage.get("prompt_tokens")
+            self.record.completion_tokens = usage.get("completion_tokens")
+            self.record.total_tokens = usage.get("total_tokens")
+
+    def _take_common(self, obj: dict[str, Any]) -> None:
+        if self.record.response_id is None and isinstance(obj.get("id"), str):
+            self.record.response_id = obj["id"]
+        if isinstance(obj.get("model"), str):
+            self.record.model = obj["model"]
+        prompt_ids = obj.get("prompt_token_ids")
+        if isinstance(prompt_ids, list) and self.record.prompt_token_ids is None:
+            self.record.prompt_token_ids = prompt_ids
+        self._take_usage(obj.get("usage"))
+        error = obj.get("error")
+        if isinstance(error, dict) and "choices" not in obj:
+            self.record.error = str(error.get("message", error))[:2000]
+
+    def _take_logprobs(self, choice: ChoiceRecord, logprobs: Any) -> None:
+        if not isinstance(logprobs, dict):
+            return
+        entries = logprobs.get("content") if self.chat else _completion_logprob_entries(logprobs)
+        if isinstance(entries, list):
+            if choice.logprobs is None:
+                choice.logprobs = []
+            choice.logprobs.extend(entries)
+
+    def _take_choice_end(self, choice: ChoiceRecord, raw: dict[str, Any]) -> None:
+        if raw.get("finish_reason") is not None:
+            choice.finish_reason = raw["finish_reason"]
+            choice.stop_reason = raw.get("stop_reason")
+        if not self.chat:
+            prompt_ids = raw.get("prompt_token_ids")
+            if isinstance(prompt_ids, list):
+                self._completion_prompts.setdefault(choice.index, prompt_ids)
+
+    def feed_body(self, body: bytes) -> None:
+        """Read a whole (non-streaming) JSON response."""
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(obj, dict):
+            return
+        self._take_common(obj)
+        for raw in obj.get("choices") or []:
+            if not isinstance(raw, dict) or not isinstance(raw.get("index"), int):
+                continue
+            choice = self._choice(raw["index"])
+            ids = raw.get("token_ids")
+            if isinstance(ids, list):
+                choice.token_ids = ids
+            self._take_logprobs(choice, raw.get("logprobs"))
+            self._take_choice_end(choice, raw)
+            if self.chat:
+                message = raw.get("message")
+                if isinstance(message, dict):
+                    choice.message = _normalise_message(message)
+            else:
+                choice.message = {"text": raw.get("text")}
+
+    def feed_event(self, obj: dict[str, Any]) -> None:
+        """Read one parsed SSE chunk."""
+        self._take_common(obj)
+        for raw in obj.get("choices") or []:
+            if not isinstance(raw, dict) or not isinstance(raw.get("index"), int):
+                continue
+            choice = self._choice(raw["index"])
+            ids = raw.get("token_ids")
+            if isinstance(ids, list):
+                choice.token_ids.extend(ids)
+            self._take_logprobs(choice, raw.get("logprobs"))
+            self._take_choice_end(choice, raw)
+            if self.chat:
+                delta = raw.get("delta")
+                if isinstance(delta, dict) and delta:
+                    _merge_delta(choice.message, delta)
+            elif isinstance(raw.get("text"), str):
+                choice.message["text"] = choice.message.get("text", "") + raw["text"]
+
+    def finish(self, completed: bool) -> None:
+        """Put the choices on the record and judge its integrity (only for a finished call)."""
+        record = self.record
+        record.choices = [self._choices[i] for i in sorted(self._choices)]
+        if not self.chat and self._completion_prompts:
+            first = min(self._completion_prompts)
+            if record.prompt_token_ids is None:
+                record.prompt_token_ids = self._completion_prompts[first]
+            if len(self._completion_prompts) > 1:
+                for choice in record.choices:
+                    prompt = self._completion_prompts.get(choice.index)
+                    if prompt is not None:
+                        choice.message["prompt_token_ids"] = prompt
+        record.integrity = self._judge() if completed else Integrity.NOT_CHECKED
+
+    def _judge(self) -> str:
+        if not self.ask.token_ids and not self.ask.flag_added:
+            return Integrity.NO_TOKEN_IDS
+        record = self.record
+        found: list[str] = []
+        if not self.usage_seen:
+            found.append(Integrity.NO_USAGE)
+        else:
+            if self._prompt_count() != record.prompt_tokens:
+                found.append(Integrity.PROMPT_IDS_MISMATCH)
+            generated = sum(len(c.token_ids) for c in record.choices)
+            if generated != record.completion_tokens:
+                found.append(Integrity.COMPLETION_IDS_MISMATCH)
+        if self.ask.logprobs and any(
+            c.logprobs is None or len(c.logprobs) != len(c.token_ids) for c in record.choices
+        ):
+            found.append(Integrity.LOGPROBS_MISMATCH)
+        return ",".join(found) if found else Integrity.OK
+
+    def _prompt_count(self) -> int | None:
+        if self.chat or not self._completion_prompts:
+            ids = self.record.prompt_token_ids
+            return None if ids is None else len(ids)
+        # Completions: one prompt per group of n choices (a list of prompts gives several groups).
+        n = self.ask.n
+        return sum(len(ids) for index, ids in self._completion_prompts.items() if index % n == 0)
+
+
+def _normalise_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Keep the parts of an assistant message a trainer needs, in the same shape streams give."""
+    kept: dict[str, Any] = {"role": message.get("role") or "assistant"}
+    kept["content"] = message.get("content")
+    reasoning = message.get("reasoning") or message.get("reasoning_content")
+    if reasoning:
+        kept["reasoning"] = reasoning
+    if message.get("tool_calls"):
+        kept["tool_calls"] = message["tool_calls"]
+    return kept
+
+
+def _merge_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:
+    """Fold one streamed delta into the assembled message (content, reasoning, tool calls)."""
+    if isinstance(delta.get("role"), str):
+        message["role"] = delta["role"]
+    content = delta.get("content")
+    if isinstance(content, str):
+        message["content"] = (message.get("content") or "") + content
+    else:
+        message.setdefault("content", None)
+    reasoning = delta.get("reasoning")
+    if not isinstance(reasoning, str):
+        reasoning = delta.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning:
+        message["reasoning"] = message.get("reasoning", "") + reasoning
+    tool_deltas = delta.get("tool_calls")
+    if isinstance(tool_deltas, list):
+        calls: list[dict[str, Any]] = message.setdefault("tool_calls", [])
+        for tool_delta in tool_deltas:
+            if isinstance(tool_delta, dict):
+                _merge_tool_call(calls, tool_delta)
+
+
+def _merge_tool_call(calls: list[dict[str, Any]], tool_delta: dict[str, Any]) -> None:
+    position = tool_delta.get("index")
+    if not isinstance(position, int):
+        position = len(calls)
+    while len(calls) <= position:
+        calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+    call = calls[position]
+    if tool_delta.get("id"):
+        call["id"] = tool_delta["id"]
+    if tool_delta.get("type"):
+        call["type"] = tool_delta["type"]
+    function = tool_delta.get("function")
+    if isinstance(function, dict):
+        if isinstance(function.get("name"), str):
+            call["function"]["name"] += function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"] += function["arguments"]
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The joined ``data:`` lines of one SSE event, or None when it has none."""
+    parts = [
+        line[5:].removeprefix(b" ")
+        for line in event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(parts) if parts else None
+
+
+def _is_flag_only_chunk(obj: dict[str, Any]) -> bool:
+    """A chat chunk vLLM sends only because return_token_ids was set (see module docstring)."""
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return False
+    choice = choices[0]
+    return (
+        choice.get("delta") == {}
+        and choice.get("finish_reason") is None
+        and choice.get("logprobs") is None
+        and isinstance(choice.get("token_ids"), list)
+    )
+
+
+class StreamTap:
+    """Feeds an SSE byte stream to a ``ResponseCapture`` and says what the client should receive.
+
+    With ``strip`` false the client gets every upstream read unchanged and at once. With ``strip``
+    true (the proxy added the flag) it gets complete events with the token-ID fields restored to
+    ``null`` and without the chunks the flag alone caused.
+    """
+
+    def __init__(self, capture: ResponseCapture, strip: bool) -> None:
+        self.capture = capture
+        self.strip = strip
+        self.saw_done = False
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take one upstream read; return the bytes to send to the client now (maybe empty)."""
+        self._buffer += chunk
+        out: list[bytes] = []
+        start = 0
+        buffer = self._buffer
+        while True:
+            match = _EVENT_END.search(buffer, start)
+            if match is None:
+                break
+            event = buffer[start : match.end()]
+            start = match.end()
+            keep = self._take_event(event)
+            if self.strip and keep:
+                out.append(strip_token_ids(event))
+        self._buffer = buffer[start:]
+        if not self.strip:
+            return chunk
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """The stream ended: whatever is left (an unterminated event) goes out as it came."""
+        rest, self._buffer = self._buffer, b""
+        if rest.strip():
+            self._take_event(rest)
+        return rest if self.strip else b""
+
+    def _take_event(self, event: bytes) -> bool:
+        """Parse one event into the capture; return False when the client must not see it."""
+        data = _event_data(event)
+        if data is None:
+            return True
+        if data.strip() == b"[DONE]":
+            self.saw_done = True
+            return True
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return True
+        if not isinstance(obj, dict):
+            return True
+        self.capture.feed_event(obj)
+        return not (self.strip and self.capture.chat and _is_flag_only_chunk(obj))

@@ -1,0 +1,217 @@
+"""The ``tokentrail`` command: ``serve``, ``db upgrade``, ``sql``. Thin: it parses and calls modules.
+
+Every ``serve`` option also comes from a ``TOKENTRAIL_*`` environment variable; an option given on
+the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any
+
+from pydantic import ValidationError
+from tokentrail.proxy import __version__
+from tokentrail.proxy.errors import DatabaseTooNewError
+from tokentrail.proxy.settings import DEFAULT_DB, Settings
+
+logger = logging.getLogger("tokentrail")
+
+_CELL_WIDTH = 80
+_SERVE_OPTIONS = (
+    ("--upstream", "upstream", str),
+    ("--db", "db", str),
+    ("--host", "host", str),
+    ("--port", "port", int),
+)
+
+
+def _settings_help() -> str:
+    lines = ["environment variables (an option given above wins):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        lines.append(f"  TOKENTRAIL_{name.upper():<26} {field.description} [default: {default}]")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokentrail",
+        description="A transparent recording proxy for vLLM that keeps the exact tokens of every call.",
+    )
+    parser.add_argument("--version", action="version", version=f"tokentrail {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy in front of a vLLM server",
+        description="Run the proxy. Migrates a new database first; refuses one from a newer version.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--upstream", help="vLLM base URL, e.g. http://127.0.0.1:8001 [TOKENTRAIL_UPSTREAM]")
+    serve.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    serve.add_argument("--host", help="listen address [TOKENTRAIL_HOST, default 127.0.0.1]")
+    serve.add_argument("--port", type=int, help="listen port [TOKENTRAIL_PORT, default 8000]")
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    upgrade = db_commands.add_parser("upgrade", help="migrate the database to the newest schema")
+    upgrade.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+
+    sql = commands.add_parser(
+        "sql",
+        help="run one SQL statement and print the rows",
+        description="Run one SQL statement against the database and print the result.",
+        epilog='example: tokentrail sql "SELECT outcome, count(*) FROM llm_calls GROUP BY outcome"',
+    )
+    sql.add_argument("query", help="the SQL statement")
+    sql.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    fmt = sql.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON array of objects")
+    fmt.add_argument("--csv", action="store_true", help="print CSV with a header row")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for _flag, name, _type in _SERVE_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"])
+            print(f"tokentrail: invalid setting {field}: {error['msg']}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "db":
+            return _db_upgrade(settings)
+        return _sql(settings, args.query, "json" if args.json else "csv" if args.csv else "table")
+    except DatabaseTooNewError as exc:
+        print(f"tokentrail: {exc}", file=sys.stderr)
+        return 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+    from tokentrail.proxy.app import create_app
+    from tokentrail.proxy.storage.migrate import upgrade_database
+
+    _configure_logging(settings.log_level)
+    before, after = upgrade_database(settings.db)
+    if before != after:
+        logger.info("from=<%s>, to=<%s> | database migrated", before, after)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        lifespan="on",
+    )
+    return 0
+
+
+def _db_upgrade(settings: Settings) -> int:
+    from tokentrail.proxy.storage.migrate import upgrade_database
+
+    before, after = upgrade_database(settings.db)
+    if before == after:
+        print(f"database already at {after}")
+    else:
+        print(f"database migrated from {before or 'empty'} to {after}")
+    return 0
+
+
+def _sql(settings: Settings, query: str, fmt: str) -> int:
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+    from tokentrail.proxy.storage.engine import make_engine, sqlite_path
+
+    path = sqlite_path(settings.db)
+    if path is not None and not path.exists():
+        print(f"tokentrail: no database at {path}; run `tokentrail db upgrade` first", file=sys.stderr)
+        return 1
+    engine = make_engine(settings.db)
+    try:
+        with engine.begin() as connection:
+            result = connection.execute(text(query))
+            if not result.returns_rows:
+                print(f"{result.rowcount} row(s) affected")
+                return 0
+            columns = list(result.keys())
+            rows = [tuple(row) for row in result]
+    except SQLAlchemyError as exc:
+        message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"tokentrail: SQL error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    if fmt == "json":
+        print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=_json_default))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        print(format_table(columns, rows))
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    """One table cell: control characters escaped (ids cannot break the layout), long ones cut."""
+    text = "NULL" if value is None else str(value)
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
+
+
+def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
+    """A plain aligned table with a row count, like psql's."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    header = [_cell(c) for c in columns]
+    widths = [max([len(header[i])] + [len(r[i]) for r in cells]) for i in range(len(header))]
+    lines = [
+        " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+        "-+-".join("-" * w for w in widths),
+    ]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

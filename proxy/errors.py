@@ -1,0 +1,66 @@
+"""TokenTrail's own errors, and the OpenAI-shaped bodies the proxy answers with.
+
+    TokenTrailError
+    ├── ConfigurationError        bad settings or command-line values
+    ├── DatabaseTooNewError       the database was made by a newer TokenTrail (serve refuses it)
+    └── ProxyRequestError         an answer the proxy itself gives instead of vLLM's
+        ├── BadTrajectoryIdError  400: X-Trajectory-Id not printable or longer than 256 characters
+        ├── UpstreamUnreachableError 502: no connection to vLLM
+        └── UpstreamTimeoutError  504: vLLM stayed silent past the read timeout
+
+Every ``ProxyRequestError`` becomes ``{"error": {"message", "type", "param", "code"}}`` like vLLM's own
+``ErrorResponse``; no stack trace ever reaches a response.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class TokenTrailError(Exception):
+    """Base of every error TokenTrail raises on purpose."""
+
+
+class ConfigurationError(TokenTrailError):
+    """Settings or arguments that cannot work."""
+
+
+class DatabaseTooNewError(TokenTrailError):
+    """The database's schema revision is unknown to this version."""
+
+
+class ProxyRequestError(TokenTrailError):
+    """An error the proxy answers itself, in the OpenAI error shape."""
+
+    status_code = 500
+    error_type = "InternalServerError"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        """The JSON body of the answer, shaped like vLLM's ``ErrorResponse``."""
+        return openai_error_body(self.message, self.error_type, self.status_code, self.param)
+
+
+class BadTrajectoryIdError(ProxyRequestError):
+    status_code = 400
+    error_type = "BadRequestError"
+
+
+class UpstreamUnreachableError(ProxyRequestError):
+    status_code = 502
+    error_type = "BadGatewayError"
+
+
+class UpstreamTimeoutError(ProxyRequestError):
+    status_code = 504
+    error_type = "GatewayTimeoutError"
+
+
+def openai_error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:
+    """``{"error": {"message", "type", "param", "code"}}`` as bytes."""
+    error = {"message": message, "type": error_type, "param": param, "code": code}
+    return json.dumps({"error": error}).encode()

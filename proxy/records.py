@@ -1,0 +1,74 @@
+"""The record of one recorded call, as plain dataclasses, and the values its outcome can take.
+
+The relay fills a ``CallRecord`` while a call runs and hands it to the writer exactly once; the writer
+turns it into rows. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Outcome(enum.StrEnum):
+    """How a recorded call ended; exactly one per call."""
+
+    OK = "ok"
+    UPSTREAM_ERROR = "upstream_error"  # vLLM answered with an error status or an error event
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"  # no connection to vLLM (answered 502)
+    UPSTREAM_TIMEOUT = "upstream_timeout"  # vLLM stayed silent past the read timeout (504)
+    UPSTREAM_DIED = "upstream_died"  # the connection broke after the response had begun
+    CLIENT_DISCONNECTED = "client_disconnected"  # the client hung up; the upstream call was cancelled
+    PROXY_SHUTDOWN = "proxy_shutdown"  # the grace period after SIGTERM ran out with the call open
+    PROXY_ERROR = "proxy_error"  # a bug in the proxy; the client got a 502 without details
+
+
+class Integrity(enum.StrEnum):
+    """Whether the recorded token IDs agree with vLLM's own counts (``llm_calls.integrity``)."""
+
+    OK = "ok"
+    NOT_CHECKED = "not_checked"  # the call did not finish normally, so no counts to compare
+    NO_USAGE = "no_usage"  # the stream carried no usage (client did not ask for it)
+    NO_TOKEN_IDS = "no_token_ids"  # noqa: S105 - token IDs were not requested (completions with echo)
+    PROMPT_IDS_MISMATCH = "prompt_ids_mismatch"  # len(prompt IDs) != usage.prompt_tokens
+    COMPLETION_IDS_MISMATCH = "completion_ids_mismatch"  # sum(len(ids)) != completion_tokens
+    LOGPROBS_MISMATCH = "logprobs_mismatch"  # logprobs asked, but not one entry per token
+
+
+@dataclass(slots=True)
+class ChoiceRecord:
+    """One generated choice (``n`` > 1 gives several)."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    message: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """Everything kept of one chat or text completion call."""
+
+    call_id: str
+    trajectory_id: str
+    route: str
+    received_at: float
+    seq: int | None = None
+    request: dict[str, Any] | None = None
+    model: str | None = None
+    stream: bool = False
+    status_code: int | None = None
+    outcome: Outcome = Outcome.OK
+    error: str | None = None
+    integrity: str = Integrity.NOT_CHECKED
+    response_id: str | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    upstream_first_byte_at: float | None = None
+    finished_at: float | None = None
+    choices: list[ChoiceRecord] = field(default_factory=list)

@@ -1,0 +1,429 @@
+"""Forwards one call to vLLM as a plain ASGI app: headers, body, streaming, disconnects, upstream errors.
+
+Plain ASGI rather than a FastAPI route, for three reasons the pitfalls notes give: the relay must own
+``receive`` to notice a client that hangs up *before* vLLM's first byte (Starlette only listens while
+it streams), it must close the upstream response deterministically whatever ends the call, and it
+is the hot path, so it should not pay for routing, dependency injection or response classes.
+
+Each recorded call produces exactly one ``CallRecord``, handed to the writer in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tokentrail.proxy.capture import (
+    CHAT_ROUTE,
+    RECORDED_ROUTES,
+    ResponseCapture,
+    StreamTap,
+    prepare_request,
+    strip_token_ids,
+)
+from tokentrail.proxy.errors import (
+    BadTrajectoryIdError,
+    ProxyRequestError,
+    UpstreamTimeoutError,
+    UpstreamUnreachableError,
+    openai_error_body,
+)
+from tokentrail.proxy.headers import strip_hop_by_hop, upstream_request_headers
+from tokentrail.proxy.records import CallRecord, Outcome
+from tokentrail.proxy.trajectory import generated_trajectory_id, route_path
+from tokentrail.proxy.writer import RecordSink
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_MAX_ERROR_TEXT = 2000
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request body was still arriving."""
+
+
+@dataclass(slots=True)
+class _CallState:
+    """What the disconnect watcher and the relay share about one call."""
+
+    task: asyncio.Task[Any] | None = None
+    response_done: bool = False
+    disconnected: bool = False
+    response_started: bool = False
+    upstream: httpx.Response | None = None
+    sent_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class InFlight:
+    """Counts open calls so shutdown can wait for them before draining the writer."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, limit_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), limit_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+class Relay:
+    """The ASGI app behind every path that is not TokenTrail's own."""
+
+    def __init__(self, upstream: str, client: httpx.AsyncClient, sink: RecordSink) -> None:
+        self.upstream = upstream.encode()
+        self.client = client
+        self.sink = sink
+        self.in_flight = InFlight()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.in_flight.enter()
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            self.in_flight.leave()
+
+    async def _handle(self, scope: Scope, receive: Any, send: Any) -> None:
+        received_at = time.time()
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        try:
+            routed = route_path(raw_path, headers)
+        except BadTrajectoryIdError as exc:
+            await _drain_body(receive)
+            await _send_error(send, exc)
+            return
+        try:
+            body = await _read_body(receive)
+        except _ClientGone:
+            return
+        path = routed.raw_path.decode("latin-1")
+        if scope["method"] == "POST" and path in RECORDED_ROUTES:
+            await self._recorded_call(scope, receive, send, routed.trajectory_id, path, body, received_at)
+        else:
+            await self._passthrough_call(scope, receive, send, routed.raw_path, body)
+
+    # ---- shared plumbing ----
+
+    def _upstream_url(self, raw_path: bytes, scope: Scope) -> httpx.URL:
+        query: bytes = scope.get("query_string") or b""
+        target = self.upstream + raw_path + (b"?" + query if query else b"")
+        return httpx.URL(target.decode("latin-1"))
+
+    def _watch(self, receive: Any, state: _CallState) -> asyncio.Task[None]:
+        """Cancel the call when the client hangs up (uvicorn's send() on a gone client is silent)."""
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not state.response_done and state.task is not None:
+                        state.disconnected = True
+                        state.task.cancel()
+                    return
+
+        state.task = asyncio.current_task()
+        return asyncio.create_task(watch())
+
+    # ---- pass-through ----
+
+    async def _passthrough_call(
+        self, scope: Scope, receive: Any, send: Any, raw_path: bytes, body: bytes
+    ) -> None:
+        state = _CallState()
+        watcher = self._watch(receive, state)
+        try:
+            request = self.client.build_request(
+                scope["method"],
+                self._upstream_url(raw_path, scope),
+                headers=upstream_request_headers(scope["headers"], recorded=False, body_changed=False),
+                content=body,
+            )
+            try:
+                upstream = await self.client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                await _send_error(send, _transport_error(exc))
+                return
+            try:
+                await send(_start(upstream.status_code, strip_hop_by_hop(upstream.headers.raw)))
+                async for chunk in upstream.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                state.response_done = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except httpx.TransportError as exc:
+                logger.warning("path=<%s>, error=<%s> | upstream failed mid-response", scope["path"], exc)
+            finally:
+                await upstream.aclose()
+        except asyncio.CancelledError:
+            if not _absorb_disconnect(state):
+                raise
+        finally:
+            watcher.cancel()
+
+    # ---- recorded calls ----
+
+    async def _recorded_call(
+        self,
+        scope: Scope,
+        receive: Any,
+        send: Any,
+        trajectory_id: str | None,
+        route: str,
+        body: bytes,
+        received_at: float,
+    ) -> None:
+        prepared = prepare_request(route, body)
+        if trajectory_id is None:
+            record = CallRecord(uuid.uuid4().hex, generated_trajectory_id(), route, received_at)
+        else:
+            ordinal = self.sink.next_ordinal(trajectory_id)
+            record = CallRecord(uuid.uuid4().hex, trajectory_id, route, received_at, seq=ordinal)
+        record.request = prepared.request
+        record.model = prepared.model
+        record.stream = prepared.ask.stream
+        capture = ResponseCapture(record, prepared.ask, chat=route == CHAT_ROUTE)
+        state = _CallState()
+        watcher = self._watch(receive, state)
+        completed = False
+        try:
+            completed = await self._exchange(
+                scope,
+                send,
+                route,
+                prepared.body,
+                capture,
+                state,
+                body_changed=prepared.body is not body,
+            )
+        except asyncio.CancelledError:
+            if _absorb_disconnect(state):
+                record.outcome = Outcome.CLIENT_DISCONNECTED
+            else:
+                record.outcome = Outcome.PROXY_SHUTDOWN
+                raise
+        except Exception as exc:  # a bug of ours: record it, answer 502 without details
+            logger.exception("call_id=<%s> | proxy error while relaying", record.call_id)
+            record.outcome = Outcome.PROXY_ERROR
+            record.error = f"proxy error: {type(exc).__name__}"
+            if not state.response_started:
+                await _send_error(send, UpstreamUnreachableError("the proxy failed to relay this call"))
+        finally:
+            watcher.cancel()
+            if state.upstream is not None:
+                await _close_quietly(state.upstream)
+            record.finished_at = time.time()
+            capture.finish(completed and record.outcome == Outcome.OK)
+            self.sink.submit(record)
+            logger.info(
+                "call_id=<%s>, trajectory=<%s>, route=<%s>, status=<%s>, outcome=<%s>, integrity=<%s> "
+                "| recorded",
+                record.call_id,
+                record.trajectory_id,
+                route,
+                record.status_code,
+                record.outcome,
+                record.integrity,
+            )
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        send: Any,
+        route: str,
+        body: bytes,
+        capture: ResponseCapture,
+        state: _CallState,
+        *,
+        body_changed: bool,
+    ) -> bool:
+        """Send the call upstream and relay the answer; True when vLLM finished it normally."""
+        record = capture.record
+        request = self.client.build_request(
+            "POST",
+            self._upstream_url(route.encode(), scope),
+            headers=upstream_request_headers(scope["headers"], recorded=True, body_changed=body_changed),
+            content=body,
+        )
+        try:
+            upstream = await self.client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            error = _transport_error(exc)
+            record.outcome = _transport_outcome(exc, response_started=False)
+            record.status_code = error.status_code
+            record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
+            await _send_error(send, error)
+            return False
+        state.upstream = upstream
+        record.status_code = upstream.status_code
+        content_type = upstream.headers.get("content-type", "")
+        strip = capture.ask.flag_added
+        if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
+            return await self._relay_stream(send, upstream, capture, state, strip)
+        return await self._relay_body(send, upstream, capture, state, strip)
+
+    async def _relay_body(
+        self,
+        send: Any,
+        upstream: httpx.Response,
+        capture: ResponseCapture,
+        state: _CallState,
+        strip: bool,
+    ) -> bool:
+        record = capture.record
+        chunks: list[bytes] = []
+        try:
+            async for chunk in upstream.aiter_raw():
+                if record.upstream_first_byte_at is None:
+                    record.upstream_first_byte_at = time.time()
+                chunks.append(chunk)
+        except httpx.TransportError as exc:
+            error = _transport_error(exc)
+            record.outcome = _transport_outcome(exc, response_started=True)
+            record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
+            record.status_code = error.status_code
+            await _send_error(send, error)
+            return False
+        body = b"".join(chunks)
+        ok = upstream.status_code == 200
+        if ok:
+            capture.feed_body(body)
+            if strip:
+                body = strip_token_ids(body)
+        else:
+            record.outcome = Outcome.UPSTREAM_ERROR
+            record.error = _error_message(body)
+        headers = strip_hop_by_hop(upstream.headers.raw, frozenset({b"content-length"}))
+        headers.append((b"content-length", str(len(body)).encode()))
+        state.response_started = True
+        await send(_start(upstream.status_code, headers))
+        state.response_done = True
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return ok
+
+    async def _relay_stream(
+        self,
+        send: Any,
+        upstream: httpx.Response,
+        capture: ResponseCapture,
+        state: _CallState,
+        strip: bool,
+    ) -> bool:
+        record = capture.record
+        tap = StreamTap(capture, strip)
+        headers = strip_hop_by_hop(upstream.headers.raw, frozenset({b"content-length"}))
+        state.response_started = True
+        await send(_start(upstream.status_code, headers))
+        try:
+            async for chunk in upstream.aiter_raw():
+                if record.upstream_first_byte_at is None:
+                    record.upstream_first_byte_at = time.time()
+                out = tap.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+        except httpx.TransportError as exc:
+            # The status is already sent: end the stream abruptly, as vLLM dying would have.
+            record.outcome = _transport_outcome(exc, response_started=True)
+            record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
+            tap.close()
+            return False
+        rest = tap.close()
+        if record.error is not None:
+            record.outcome = Outcome.UPSTREAM_ERROR
+        state.response_done = True
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
+        return record.outcome == Outcome.OK
+
+
+def _absorb_disconnect(state: _CallState) -> bool:
+    """After a cancel: True (and the cancel is absorbed) when it came from the client hanging up."""
+    if not state.disconnected:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
+
+
+async def _close_quietly(response: httpx.Response) -> None:
+    with contextlib.suppress(httpx.TransportError):
+        await response.aclose()
+
+
+def _transport_error(exc: httpx.TransportError) -> ProxyRequestError:
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamTimeoutError("the upstream vLLM server did not answer in time")
+    return UpstreamUnreachableError("the upstream vLLM server could not be reached or closed the connection")
+
+
+def _transport_outcome(exc: httpx.TransportError, *, response_started: bool) -> Outcome:
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return Outcome.UPSTREAM_TIMEOUT
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) and not response_started:
+        return Outcome.UPSTREAM_UNREACHABLE
+    return Outcome.UPSTREAM_DIED
+
+
+def _error_message(body: bytes) -> str:
+    """The message of an OpenAI-shaped error body, or its text."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body[:_MAX_ERROR_TEXT].decode("utf-8", "replace")
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return str(parsed["error"].get("message"))[:_MAX_ERROR_TEXT]
+    return body[:_MAX_ERROR_TEXT].decode("utf-8", "replace")
+
+
+def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+async def _send_error(send: Any, error: ProxyRequestError) -> None:
+    body = error.body()
+    await send(_start(error.status_code, [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]))
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _read_body(receive: Any) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _drain_body(receive: Any) -> None:
+    with contextlib.suppress(_ClientGone):
+        await _read_body(receive)
+
+
+__all__ = ["InFlight", "Relay", "openai_error_body"]

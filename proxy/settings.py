@@ -1,0 +1,76 @@
+"""The proxy's configuration: one pydantic-settings class, read from ``TOKENTRAIL_*`` variables.
+
+Nothing else in the proxy reads the environment. Tests and the CLI build their own ``Settings``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_UPSTREAM = "http://127.0.0.1:8001"
+DEFAULT_DB = "sqlite:///tokentrail.db"
+
+
+class Settings(BaseSettings):
+    """Every knob of ``tokentrail serve``; each is also a ``TOKENTRAIL_<NAME>`` environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENTRAIL_", extra="ignore")
+
+    upstream: str = Field(
+        DEFAULT_UPSTREAM,
+        description="Base URL of the vLLM server (scheme, host, port; a trailing /v1 is ignored).",
+    )
+    db: str = Field(DEFAULT_DB, description="SQLAlchemy database URL for the records.")
+    host: str = Field("127.0.0.1", description="Address the proxy listens on.")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(8000, description="Port the proxy listens on.")
+    upstream_connect_timeout: PositiveFloat = Field(
+        5.0, description="Seconds to wait for a TCP connection to the upstream."
+    )
+    upstream_read_timeout: PositiveFloat | None = Field(
+        600.0,
+        description=(
+            "Seconds the upstream may stay silent (before the first byte or between chunks) before "
+            "the call fails with 504; empty for no limit."
+        ),
+    )
+    upstream_max_connections: PositiveInt | None = Field(
+        None, description="Cap on open upstream connections; empty for no cap (vLLM queues itself)."
+    )
+    upstream_keepalive_expiry: PositiveFloat = Field(
+        4.0,
+        description="Seconds an idle upstream connection is kept; below vLLM's 5 s keep-alive.",
+    )
+    writer_queue_size: PositiveInt = Field(
+        10_000,
+        description="Records waiting for the database at most; past it records go to the fallback file.",
+    )
+    writer_batch_size: PositiveInt = Field(200, description="Records committed per transaction.")
+    writer_retries: Annotated[int, Field(ge=0)] = Field(
+        3, description="Retries of a failed batch before its records go to the fallback file."
+    )
+    fallback_path: Path = Field(
+        Path("tokentrail-fallback.jsonl"),
+        description="JSONL file that receives records the database could not take.",
+    )
+    graceful_shutdown_s: PositiveFloat = Field(
+        30.0, description="Seconds in-flight calls may take to finish after SIGTERM."
+    )
+    keep_alive_s: PositiveInt = Field(
+        75, description="Seconds the proxy keeps an idle client connection open."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @field_validator("upstream")
+    @classmethod
+    def _normalise_upstream(cls, value: str) -> str:
+        """Accept ``http://host:port``, ``http://host:port/`` and ``http://host:port/v1`` alike."""
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("upstream must start with http:// or https://")
+        if value.endswith("/v1"):
+            value = value[: -len("/v1")]
+        return value

@@ -1,0 +1,1 @@
+"""Tables, engine setup and migrations of TokenTrail's database (SQLite by default)."""

@@ -1,0 +1,61 @@
+"""Bring a database to the newest schema with alembic, and refuse one made by a newer TokenTrail."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+from tokentrail.proxy.errors import DatabaseTooNewError
+from tokentrail.proxy.storage.engine import make_engine
+
+
+def alembic_config(url: str) -> Config:
+    """An alembic config pointing at the migrations shipped inside the package."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("tokentrail.migrations")))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None for an empty database."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision(url: str) -> str:
+    """The newest revision this TokenTrail knows."""
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    assert head is not None
+    return head
+
+
+def check_not_newer(url: str, engine: Engine) -> str | None:
+    """Raise ``DatabaseTooNewError`` when the database is at a revision this version does not know."""
+    script = ScriptDirectory.from_config(alembic_config(url))
+    revision = current_revision(engine)
+    if revision is not None and revision not in {s.revision for s in script.walk_revisions()}:
+        raise DatabaseTooNewError(
+            f"the database is at schema revision {revision!r}, which this TokenTrail does not know: "
+            "it was made by a newer version. Upgrade TokenTrail (pip install -U tokentrail) "
+            "or point --db at another database."
+        )
+    return revision
+
+
+def upgrade_database(url: str) -> tuple[str | None, str]:
+    """Migrate the database at ``url`` to the newest revision; return (before, after)."""
+    engine = make_engine(url)
+    try:
+        before = check_not_newer(url, engine)
+        config = alembic_config(url)
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        return before, head_revision(url)
+    finally:
+        engine.dispose()

@@ -1,0 +1,75 @@
+"""SQLModel tables. SQL is a user interface: columns are named for the people who will type them.
+
+Token arrays are JSON so that ``json_array_length`` and ``json_each`` work in SQLite and PostgreSQL.
+Times are UTC ``datetime`` values; the raw monotonic-free epoch seconds are not stored.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class Trajectory(SQLModel, table=True):
+    """One agent run: the calls sent with the same ``X-Trajectory-Id``."""
+
+    __tablename__ = "trajectories"
+
+    id: str = Field(primary_key=True, max_length=256)
+    created_at: datetime
+    updated_at: datetime
+    reward: float | None = None
+    metadata_: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON, nullable=True))
+    call_count: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    id_generated: bool = False
+
+
+class LlmCall(SQLModel, table=True):
+    """One chat or text completion call, whatever its outcome."""
+
+    __tablename__ = "llm_calls"
+    __table_args__ = (
+        UniqueConstraint("trajectory_id", "seq", name="uq_llm_calls_trajectory_seq"),
+        Index("ix_llm_calls_received_at", "received_at"),
+        Index("ix_llm_calls_outcome", "outcome"),
+    )
+
+    id: str = Field(primary_key=True, max_length=32)
+    trajectory_id: str = Field(foreign_key="trajectories.id", max_length=256)
+    seq: int
+    route: str
+    model: str | None = None
+    stream: bool = False
+    received_at: datetime
+    upstream_first_byte_at: datetime | None = None
+    finished_at: datetime | None = None
+    latency_ms: float | None = None
+    status_code: int | None = None
+    outcome: str
+    integrity: str
+    error: str | None = None
+    response_id: str | None = None
+    request: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    prompt_token_ids: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class Completion(SQLModel, table=True):
+    """One generated choice of a call (``n`` > 1 gives several rows)."""
+
+    __tablename__ = "completions"
+
+    call_id: str = Field(foreign_key="llm_calls.id", primary_key=True, max_length=32)
+    choice_index: int = Field(primary_key=True)
+    token_ids: list[int] = Field(sa_column=Column(JSON, nullable=False))
+    logprobs: list[Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+    message: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))

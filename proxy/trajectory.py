@@ -1,0 +1,62 @@
+"""Where a call's trajectory id comes from: the ``X-Trajectory-Id`` header or a ``/t/<id>`` prefix.
+
+Clients that cannot set headers put the id in the base URL (``http://proxy:8000/t/<id>/v1``); the
+prefix is removed before the call is forwarded, so every route works exactly as under ``/v1``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from tokentrail.proxy.errors import BadTrajectoryIdError
+from tokentrail.proxy.headers import TRAJECTORY_HEADER
+
+MAX_TRAJECTORY_ID_LENGTH = 256
+_PREFIX = b"/t/"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedPath:
+    """The path to forward (prefix removed) and the trajectory id the client gave, if any."""
+
+    raw_path: bytes
+    trajectory_id: str | None
+
+
+def validate_trajectory_id(raw: bytes, where: str) -> str:
+    """A trajectory id must be UTF-8, printable, and 1 to 256 characters long."""
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadTrajectoryIdError(f"{where} is not valid UTF-8", param=where) from None
+    if not value:
+        raise BadTrajectoryIdError(f"{where} is empty", param=where)
+    if len(value) > MAX_TRAJECTORY_ID_LENGTH:
+        raise BadTrajectoryIdError(
+            f"{where} is {len(value)} characters long; at most {MAX_TRAJECTORY_ID_LENGTH} are allowed",
+            param=where,
+        )
+    if not value.isprintable():
+        raise BadTrajectoryIdError(f"{where} contains control or non-printable characters", param=where)
+    return value
+
+
+def route_path(raw_path: bytes, headers: list[tuple[bytes, bytes]]) -> RoutedPath:
+    """Split off a ``/t/<id>`` prefix and read ``X-Trajectory-Id``; the prefix wins over the header."""
+    if raw_path.startswith(_PREFIX):
+        end = raw_path.find(b"/", len(_PREFIX))
+        encoded = raw_path[len(_PREFIX) :] if end == -1 else raw_path[len(_PREFIX) : end]
+        rest = b"/" if end == -1 else raw_path[end:]
+        trajectory_id = validate_trajectory_id(unquote_to_bytes(encoded), "the /t/<id> path prefix")
+        return RoutedPath(rest, trajectory_id)
+    for name, value in headers:
+        if name.lower() == TRAJECTORY_HEADER:
+            return RoutedPath(raw_path, validate_trajectory_id(value, "X-Trajectory-Id"))
+    return RoutedPath(raw_path, None)
+
+
+def generated_trajectory_id() -> str:
+    """An id for a call that came without one: it becomes a trajectory of its own."""
+    return "auto-" + uuid.uuid4().hex

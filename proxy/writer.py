@@ -1,0 +1,332 @@
+"""The bounded record queue and the one background thread that writes it to the database in batches.
+
+The request path only ever calls ``RecordWriter.submit`` (a ``put_nowait``) and ``next_ordinal`` (a
+dict lookup): it never waits on the database. The writer thread commits up to ``batch_size`` records
+per transaction. A batch that fails is retried; after the retries each record is tried alone, and a
+record that still cannot be written is appended to the fallback JSONL file, counted and logged.
+When the queue is full the record goes straight to the fallback file: nothing is dropped silently.
+
+``seq`` numbers the calls of a trajectory in arrival order: the relay takes an ordinal (0, 1, 2, ...
+per trajectory, in this process) when a call arrives, and the writer adds the number of calls the
+database already held for that trajectory when this process first wrote to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from tokentrail.proxy.records import CallRecord, Integrity
+from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+_RETRY_BACKOFF_S = (0.05, 0.25, 1.0, 2.0)
+_GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS})
+
+
+class RecordSink(Protocol):
+    """What the relay needs from the writer."""
+
+    def next_ordinal(self, trajectory_id: str) -> int: ...
+
+    def submit(self, record: CallRecord) -> None: ...
+
+
+def _utc(epoch: float | None) -> datetime | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+class RecordWriter:
+    """Owns the queue, the writer thread and the fallback file."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        queue_size: int,
+        batch_size: int,
+        retries: int,
+        fallback_path: Path,
+    ) -> None:
+        self._engine = engine
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._retries = retries
+        self._fallback_path = fallback_path
+        self._fallback_lock = threading.Lock()
+        self._ordinals: dict[str, int] = {}
+        self._seq_base: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="tokentrail-writer", daemon=True)
+        self._progress = threading.Condition()
+        self.written = 0
+        self.failed = 0
+        self.failure_reasons: Counter[str] = Counter()
+        self.integrity_problems = 0
+        self.integrity_counts: Counter[str] = Counter()
+
+    # ---- request path (event loop thread) ----
+
+    def next_ordinal(self, trajectory_id: str) -> int:
+        """The arrival ordinal of a new call in ``trajectory_id`` (0 for its first in this process)."""
+        ordinal = self._ordinals.get(trajectory_id, 0)
+        self._ordinals[trajectory_id] = ordinal + 1
+        return ordinal
+
+    def submit(self, record: CallRecord) -> None:
+        """Queue one finished record; never blocks. A full queue spills it to the fallback file."""
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._spill([record], "queue_full")
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def wait_settled(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` records in all were written or spilled (for tests and tools)."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self.written + self.failed >= count, timeout)
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Write everything queued, then stop the thread (waits at most ``timeout`` seconds)."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("timeout_s=<%s> | writer did not drain in time", timeout)
+
+    # ---- writer thread ----
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            batch: list[CallRecord] = []
+            if first is _STOP:
+                stopping = True
+            else:
+                batch.append(first)
+            while len(batch) < self._batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    continue
+                batch.append(item)
+            if batch:
+                self._write_with_retries(batch)
+            with self._progress:
+                self._progress.notify_all()
+
+    def _write_with_retries(self, batch: list[CallRecord]) -> None:
+        error: Exception | None = None
+        for attempt in range(self._retries + 1):
+            try:
+                self._write_batch(batch)
+            except Exception as exc:  # any database failure: retry, never lose the batch
+                error = exc
+                if attempt < self._retries:
+                    time.sleep(_RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S) - 1)])
+                continue
+            self._count_written(batch)
+            return
+        logger.warning(
+            "records=<%d>, error=<%s: %s> | batch failed after retries; writing records one by one",
+            len(batch),
+            type(error).__name__,
+            _describe(error),
+        )
+        for record in batch:
+            try:
+                self._write_batch([record])
+            except Exception as exc:  # this record cannot be stored: keep it in the fallback file
+                self._spill([record], f"db_error:{type(exc).__name__}")
+            else:
+                self._count_written([record])
+
+    def _count_written(self, batch: list[CallRecord]) -> None:
+        self.written += len(batch)
+        for record in batch:
+            self.integrity_counts[record.integrity] += 1
+            if record.integrity not in _GOOD_INTEGRITY:
+                self.integrity_problems += 1
+
+    def _seq_bases(self, connection: Any, trajectory_ids: Iterable[str]) -> None:
+        missing = [t for t in set(trajectory_ids) if t not in self._seq_base]
+        for start in range(0, len(missing), 500):
+            chunk = missing[start : start + 500]
+            rows = connection.execute(
+                select(LlmCall.trajectory_id, func.max(LlmCall.seq))  # type: ignore[call-overload]
+                .where(LlmCall.trajectory_id.in_(chunk))  # type: ignore[attr-defined]
+                .group_by(LlmCall.trajectory_id)
+            ).all()
+            found = {trajectory_id: top + 1 for trajectory_id, top in rows}
+            for trajectory_id in chunk:
+                self._seq_base[trajectory_id] = found.get(trajectory_id, 0)
+
+    def _write_batch(self, batch: list[CallRecord]) -> None:
+        with self._engine.begin() as connection:
+            named = [r.trajectory_id for r in batch if r.seq is not None]
+            self._seq_bases(connection, named)
+            calls: list[dict[str, Any]] = []
+            completions: list[dict[str, Any]] = []
+            per_trajectory: dict[str, dict[str, Any]] = {}
+            for record in batch:
+                seq = 0 if record.seq is None else self._seq_base[record.trajectory_id] + record.seq
+                calls.append(_call_row(record, seq))
+                completions.extend(_completion_rows(record))
+                _add_to_trajectory(per_trajectory, record)
+            _upsert_trajectories(connection, list(per_trajectory.values()))
+            connection.execute(LlmCall.__table__.insert(), calls)  # type: ignore[attr-defined]
+            if completions:
+                connection.execute(Completion.__table__.insert(), completions)  # type: ignore[attr-defined]
+
+    # ---- fallback file ----
+
+    def _spill(self, records: list[CallRecord], reason: str) -> None:
+        """Append records to the fallback JSONL file (owner-only), count and log them."""
+        lines = []
+        for record in records:
+            row = dataclasses.asdict(record)
+            row["fallback_reason"] = reason
+            lines.append(json.dumps(row, default=str))
+        with self._fallback_lock:
+            try:
+                fd = os.open(self._fallback_path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+                with os.fdopen(fd, "a", encoding="utf-8") as handle:
+                    handle.write("\n".join(lines) + "\n")
+            except OSError as exc:
+                logger.error(
+                    "records=<%d>, reason=<%s>, error=<%s> | fallback file not writable; records lost",
+                    len(records),
+                    reason,
+                    type(exc).__name__,
+                )
+                reason = f"{reason}+fallback_failed"
+            self.failed += len(records)
+            self.failure_reasons[reason] += len(records)
+        with self._progress:
+            self._progress.notify_all()
+        logger.warning(
+            "records=<%d>, reason=<%s>, path=<%s> | records written to fallback file",
+            len(records),
+            reason,
+            self._fallback_path,
+        )
+
+
+def _describe(error: Exception | None) -> str:
+    """The driver's first line of an error, without SQLAlchemy's echo of the statement's values."""
+    original = getattr(error, "orig", None) or error
+    return str(original).splitlines()[0][:200] if original is not None else ""
+
+
+def _call_row(record: CallRecord, seq: int) -> dict[str, Any]:
+    latency = None
+    if record.finished_at is not None:
+        latency = round((record.finished_at - record.received_at) * 1000, 3)
+    return {
+        "id": record.call_id,
+        "trajectory_id": record.trajectory_id,
+        "seq": seq,
+        "route": record.route,
+        "model": record.model,
+        "stream": record.stream,
+        "received_at": _utc(record.received_at),
+        "upstream_first_byte_at": _utc(record.upstream_first_byte_at),
+        "finished_at": _utc(record.finished_at),
+        "latency_ms": latency,
+        "status_code": record.status_code,
+        "outcome": str(record.outcome),
+        "integrity": str(record.integrity),
+        "error": record.error,
+        "response_id": record.response_id,
+        "request": record.request,
+        "prompt_token_ids": record.prompt_token_ids,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "total_tokens": record.total_tokens,
+    }
+
+
+def _completion_rows(record: CallRecord) -> list[dict[str, Any]]:
+    return [
+        {
+            "call_id": record.call_id,
+            "choice_index": choice.index,
+            "token_ids": choice.token_ids,
+            "logprobs": choice.logprobs,
+            "finish_reason": choice.finish_reason,
+            "stop_reason": None if choice.stop_reason is None else str(choice.stop_reason),
+            "message": choice.message,
+        }
+        for choice in record.choices
+    ]
+
+
+def _add_to_trajectory(per_trajectory: dict[str, dict[str, Any]], record: CallRecord) -> None:
+    when = _utc(record.finished_at or record.received_at)
+    row = per_trajectory.get(record.trajectory_id)
+    if row is None:
+        row = {
+            "id": record.trajectory_id,
+            "created_at": _utc(record.received_at),
+            "updated_at": when,
+            "call_count": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "id_generated": record.seq is None,
+        }
+        per_trajectory[record.trajectory_id] = row
+    row["created_at"] = min(row["created_at"], _utc(record.received_at))
+    row["updated_at"] = max(row["updated_at"], when)
+    row["call_count"] += 1
+    row["prompt_tokens"] += record.prompt_tokens or 0
+    row["completion_tokens"] += record.completion_tokens or 0
+
+
+def _upsert_trajectories(connection: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert new trajectories and add this batch's counts to existing ones, in one statement."""
+    if not rows:
+        return
+    table = Trajectory.__table__  # type: ignore[attr-defined]
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table).values(rows)
+    excluded = statement.excluded
+    statement = statement.on_conflict_do_update(
+        index_elements=[table.c.id],
+        set_={
+            "updated_at": func.max(table.c.updated_at, excluded.updated_at)
+            if dialect is sqlite
+            else func.greatest(table.c.updated_at, excluded.updated_at),
+            "call_count": table.c.call_count + excluded.call_count,
+            "prompt_tokens": table.c.prompt_tokens + excluded.prompt_tokens,
+            "completion_tokens": table.c.completion_tokens + excluded.completion_tokens,
+        },
+    )
+    connection.execute(statement)

@@ -1,0 +1,127 @@
+"""Fixtures: a fake upstream, the proxy under uvicorn with a real SQLite file, and the real CPU vLLM.
+
+The real vLLM is started once per test session with the kit in ``../shared/vllm`` (or reused from
+``TOKENTRAIL_TEST_VLLM_URL``, as ``.ci/run`` does). Tests that need it carry ``@pytest.mark.vllm``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from tokentrail.proxy.app import Runtime, TokenTrailApp, create_app
+from tokentrail.proxy.settings import Settings
+from tokentrail.proxy.storage.migrate import upgrade_database
+
+from tests.fake_upstream import FakeUpstream
+from tests.servers import serve_in_thread
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TOKENTRAIL_SHARED", REPO.parent / "shared"))
+VLLM_KIT = SHARED / "vllm"
+
+
+@dataclass
+class Proxy:
+    """A running proxy: its URL, its database, and its runtime (to wait for the writer)."""
+
+    url: str
+    db_url: str
+    app: TokenTrailApp
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.app.api.state.runtime
+        return runtime
+
+    def wait_records(self, count: int, timeout: float = 30.0) -> None:
+        """Block until ``count`` records were written or spilled since the proxy started."""
+        assert self.runtime.writer.wait_settled(count, timeout), "records did not reach the writer"
+
+    def rows(self, sql: str, **params: Any) -> list[dict[str, Any]]:
+        engine = create_engine(self.db_url)
+        try:
+            with engine.connect() as connection:
+                return [dict(r._mapping) for r in connection.execute(text(sql), params)]
+        finally:
+            engine.dispose()
+
+
+@contextmanager
+def running_proxy(upstream: str, tmp_path: Path, **overrides: Any) -> Iterator[Proxy]:
+    db_url = f"sqlite:///{tmp_path / 'tokentrail.db'}"
+    upgrade_database(db_url)
+    settings = Settings(upstream=upstream, db=db_url, fallback_path=tmp_path / "fallback.jsonl", **overrides)
+    app = create_app(settings)
+    with serve_in_thread(app) as url:
+        yield Proxy(url, db_url, app)
+
+
+ProxyFactory = Callable[..., AbstractContextManager[Proxy]]
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> ProxyFactory:
+    def factory(upstream: str, **overrides: Any) -> AbstractContextManager[Proxy]:
+        return running_proxy(upstream, tmp_path, **overrides)
+
+    return factory
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeUpstream, str]]:
+    upstream = FakeUpstream()
+    with serve_in_thread(upstream) as url:
+        yield upstream, url
+
+
+@pytest.fixture
+def fake_proxy(fake: tuple[FakeUpstream, str], tmp_path: Path) -> Iterator[Proxy]:
+    with running_proxy(fake[1], tmp_path) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def vllm_url() -> Iterator[str]:
+    """The real CPU vLLM's base URL (no /v1): reused from the environment, or started once here."""
+    given = os.environ.get("TOKENTRAIL_TEST_VLLM_URL")
+    if given:
+        yield given.rstrip("/").removesuffix("/v1")
+        return
+    venv = Path(os.environ.get("VLLM_VENV", Path.home() / ".cache/tokentrail/vllm-venv"))
+    model_dir = Path(os.environ.get("TOKENTRAIL_TEST_MODEL_DIR", "/tmp/tokentrail-tiny-model"))
+    if not (venv / "bin" / "python").exists():
+        pytest.fail(
+            f"no vLLM kit venv at {venv}: run `bash {VLLM_KIT}/install.sh {venv}` "
+            "or set TOKENTRAIL_TEST_VLLM_URL, or deselect with -m 'not vllm'"
+        )
+    subprocess.run(
+        [str(venv / "bin/python"), str(VLLM_KIT / "make_tiny_model.py"), str(model_dir)],
+        check=True,
+        capture_output=True,
+    )
+    port = "8011"
+    env = dict(os.environ, VLLM_VENV=str(venv), PORT=port)
+    subprocess.run(["bash", str(VLLM_KIT / "start.sh"), str(model_dir)], check=True, env=env)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run(["bash", str(VLLM_KIT / "stop.sh")], env=env, check=False)
+
+
+@pytest.fixture
+def vllm_proxy(vllm_url: str, tmp_path: Path) -> Iterator[Proxy]:
+    with running_proxy(vllm_url, tmp_path) as proxy:
+        yield proxy
+
+
+def post(url: str, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(url + path, json=body, headers=headers or {}, timeout=60)

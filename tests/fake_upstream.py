@@ -1,0 +1,238 @@
+"""A fast fake vLLM for the faults a real vLLM cannot be made to show on demand.
+
+It speaks vLLM 0.32's wire format (field order and compact JSON as in ``../shared/vllm/samples``).
+The ``x-fake`` request header picks a behaviour:
+
+* (none): a normal completion; ``max_tokens`` tokens, ``return_token_ids`` and ``include_usage``
+  honoured, streaming or not, ``n`` choices.
+* ``sample:<name>``: replay the response of that sample file byte for byte.
+* ``die-mid-stream``: two chunks, then the connection is cut.
+* ``hang``: no answer at all until the client goes away.
+* ``hang-stream``: headers and the first chunk, then nothing until the client goes away.
+* ``status:<code>``: an OpenAI-shaped error with that status.
+* ``garbage``: a 200 with a body that is neither JSON nor SSE.
+* ``redirect``: a 307 to another host.
+Any other path answers with the headers and body it received, as JSON (``/echo``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "vllm" / "samples"
+PROMPT_IDS = [1, 2673, 205, 63, 1129, 567, 273, 271, 2, 205, 1, 3633, 621, 797, 205]
+
+
+@dataclass
+class Sample:
+    """One captured request/response pair of the real vLLM."""
+
+    name: str
+    method: str
+    path: str
+    request: bytes
+    status: int
+    content_type: str
+    response: bytes
+
+
+def load_sample(name: str) -> Sample:
+    text = (SAMPLES / f"{name}.txt").read_bytes()
+    head, _, rest = text.partition(b"\n")
+    _, _, method, path = head.decode().split(" ", 3)
+    request, _, response_part = rest.partition(b"### RESPONSE ")
+    status_line, _, response = response_part.partition(b"\n")
+    status, _, tail = status_line.decode().partition(" content-type: ")
+    content_type = tail.rsplit(" (", 1)[0]
+    return Sample(name, method, path, request.rstrip(b"\n"), int(status), content_type, response)
+
+
+def sample_names() -> list[str]:
+    return sorted(p.stem for p in SAMPLES.glob("[0-9]*.txt"))
+
+
+def sse_events(body: bytes) -> list[bytes]:
+    """Split an SSE body into its events, each with its terminating blank line."""
+    return [part + b"\n\n" for part in body.split(b"\n\n") if part.strip()]
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass
+class FakeUpstream:
+    """The ASGI app, plus what it saw."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    cancelled: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    hanging: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
+        self.requests.append({"path": scope["path"], "headers": headers, "body": body})
+        mode = headers.get("x-fake", "")
+        if mode.startswith("sample:"):
+            await self._replay(send, load_sample(mode[len("sample:") :]))
+        elif mode == "hang":
+            await self._hang(receive)
+        elif mode.startswith("status:"):
+            code = int(mode.split(":", 1)[1])
+            error = {"error": {"message": "fake failure", "type": "Fake", "param": None, "code": code}}
+            await _respond(send, code, b"application/json", _dump(error))
+        elif mode == "garbage":
+            await _respond(send, 200, b"application/json", b"\x00\xffnot json at all")
+        elif mode == "redirect":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 307,
+                    "headers": [(b"location", b"http://127.0.0.2:9/v1/chat/completions")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+        elif scope["path"] in ("/v1/chat/completions", "/v1/completions"):
+            await self._complete(scope["path"], body, mode, send, receive)
+        else:
+            await _respond(send, 200, b"application/json", _dump({"headers": headers, "body": body.decode()}))
+
+    async def _hang(self, receive: Any) -> None:
+        self.hanging.release()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cancelled.release()
+
+    async def _replay(self, send: Any, sample: Sample) -> None:
+        headers = [(b"content-type", sample.content_type.encode())]
+        if sample.content_type.startswith("text/event-stream"):
+            await send({"type": "http.response.start", "status": sample.status, "headers": headers})
+            for event in sse_events(sample.response):
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await _respond(send, sample.status, sample.content_type.encode(), sample.response)
+
+    async def _complete(self, path: str, body: bytes, mode: str, send: Any, receive: Any) -> None:
+        request = json.loads(body)
+        chat = path == "/v1/chat/completions"
+        ids = bool(request.get("return_token_ids"))
+        count = int(request.get("max_tokens") or 4)
+        n = int(request.get("n") or 1)
+        usage = {
+            "prompt_tokens": len(PROMPT_IDS),
+            "total_tokens": len(PROMPT_IDS) + count * n,
+            "completion_tokens": count * n,
+        }
+        tokens = [[100 + i * 7 + c for i in range(count)] for c in range(n)]
+        if not request.get("stream"):
+            choices = []
+            for c in range(n):
+                text = "".join(f"t{t}" for t in tokens[c])
+                choice: dict[str, Any] = {"index": c}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                choice.update(
+                    {
+                        "logprobs": None,
+                        "finish_reason": "length",
+                        "stop_reason": None,
+                        "token_ids": tokens[c] if ids else None,
+                    }
+                )
+                if not chat:
+                    choice["prompt_token_ids"] = PROMPT_IDS if ids else None
+                choices.append(choice)
+            response = {
+                "id": "fake-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "tiny",
+                "choices": choices,
+                "usage": usage,
+            }
+            if chat:
+                response["prompt_token_ids"] = PROMPT_IDS if ids else None
+            await _respond(send, 200, b"application/json", _dump(response))
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+            }
+        )
+        base = {"id": "fake-2", "object": "chat.completion.chunk", "created": 1, "model": "tiny"}
+        first = dict(
+            base,
+            choices=[
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+            prompt_token_ids=PROMPT_IDS if ids else None,
+        )
+        await _event(send, first)
+        if mode == "hang-stream":
+            await self._hang(receive)
+            return
+        for i in range(count):
+            for c in range(n):
+                last = i == count - 1
+                chunk = dict(
+                    base,
+                    choices=[
+                        {
+                            "index": c,
+                            "delta": {"content": f"t{tokens[c][i]}"},
+                            "logprobs": None,
+                            "finish_reason": "length" if last else None,
+                            "token_ids": [tokens[c][i]] if ids else None,
+                        }
+                    ],
+                )
+                await _event(send, chunk)
+            if mode == "die-mid-stream" and i == 1:
+                return  # uvicorn closes the connection: the response never completes
+        options = request.get("stream_options") or {}
+        if options.get("include_usage"):
+            await _event(send, dict(base, choices=[], usage=usage))
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _event(send: Any, obj: dict[str, Any]) -> None:
+    await send({"type": "http.response.body", "body": b"data: " + _dump(obj) + b"\n\n", "more_body": True})
+    await asyncio.sleep(0)
+
+
+async def _respond(send: Any, status: int, content_type: bytes, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type)],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,172 @@
+"""capture.py on the real vLLM samples: token IDs, messages, integrity, and flag-less restoration."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pytest
+from tokentrail.proxy.capture import (
+    CHAT_ROUTE,
+    COMPLETIONS_ROUTE,
+    ClientAsk,
+    ResponseCapture,
+    StreamTap,
+    prepare_request,
+    strip_token_ids,
+)
+from tokentrail.proxy.records import CallRecord, Integrity
+
+from tests.fake_upstream import load_sample, sample_names, sse_events
+
+STREAM_SAMPLES = [
+    n
+    for n in sample_names()
+    if load_sample(n).status == 200 and load_sample(n).content_type.startswith("text/event-stream")
+]
+_ID = re.compile(rb'"id":"[^"]*"')
+
+
+def _capture(name: str, splits: list[int] | None = None) -> tuple[CallRecord, bytes]:
+    sample = load_sample(name)
+    prepared = prepare_request(sample.path, sample.request)
+    record = CallRecord("c", "t", sample.path, 0.0)
+    capture = ResponseCapture(record, prepared.ask, chat=sample.path == CHAT_ROUTE)
+    out = b""
+    if sample.content_type.startswith("text/event-stream"):
+        tap = StreamTap(capture, strip=False)
+        cuts = [0, *(splits or []), len(sample.response)]
+        for start, end in itertools.pairwise(cuts):
+            out += tap.feed(sample.response[start:end])
+        tap.close()
+    else:
+        capture.feed_body(sample.response)
+        out = sample.response
+    capture.finish(True)
+    return record, out
+
+
+@pytest.mark.parametrize("name", STREAM_SAMPLES)
+def test_stream_capture_is_identical_for_every_split_point(name: str) -> None:
+    whole, _ = _capture(name)
+    size = len(load_sample(name).response)
+    for cut in range(1, size, max(1, size // 300)):
+        split, out = _capture(name, [cut])
+        assert split == whole, f"split at byte {cut} changed the record"
+        assert out == load_sample(name).response
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n
+        for n in sample_names()
+        if load_sample(n).status == 200
+        and load_sample(n).path in (CHAT_ROUTE, COMPLETIONS_ROUTE)
+        and json.loads(load_sample(n).request).get("return_token_ids") is True
+    ],
+)
+def test_samples_with_token_ids_and_usage_pass_integrity(name: str) -> None:
+    record, _ = _capture(name)
+    sample = load_sample(name)
+    request = json.loads(sample.request)
+    assert record.prompt_token_ids, "no prompt token IDs captured"
+    for choice in record.choices:
+        assert choice.token_ids, f"choice {choice.index} has no token IDs"
+        assert choice.finish_reason is not None
+    include_usage = (request.get("stream_options") or {}).get("include_usage")
+    expected = Integrity.OK if (not request.get("stream") or include_usage) else Integrity.NO_USAGE
+    assert record.integrity == expected
+
+
+def test_tool_call_deltas_are_assembled_into_one_call() -> None:
+    sample = load_sample("06c_tools_required_strict_stream")
+    arguments = ""
+    for event in sse_events(sample.response):
+        data = event[len(b"data: ") :].strip()
+        if data.startswith(b"{"):
+            for choice in json.loads(data)["choices"]:
+                for call in choice.get("delta", {}).get("tool_calls") or []:
+                    arguments += call.get("function", {}).get("arguments") or ""
+    streamed, _ = _capture(sample.name)
+    calls = streamed.choices[0].message["tool_calls"]
+    assert len(calls) == 1
+    assert calls[0]["function"] == {"name": "get_time", "arguments": arguments}
+    assert calls[0]["id"].startswith("chatcmpl-tool-")
+    assert streamed.choices[0].finish_reason == "tool_calls"
+
+
+def test_n2_stream_keeps_choices_apart() -> None:
+    record, _ = _capture("05b_chat_stream_n2_token_ids")
+    assert [c.index for c in record.choices] == [0, 1]
+    assert record.choices[0].token_ids == [22, 935, 1513]
+    assert record.choices[1].token_ids == [1625, 333, 3188]
+    assert record.choices[1].message["content"] == 'fileobj"""cert'
+
+
+def test_logprobs_one_entry_per_token() -> None:
+    record, _ = _capture("04b_chat_stream_logprobs_token_ids")
+    choice = record.choices[0]
+    assert choice.logprobs is not None
+    assert len(choice.logprobs) == len(choice.token_ids) == 3
+    assert record.integrity == Integrity.OK
+
+
+def _normalise(body: bytes) -> bytes:
+    return _ID.sub(b'"id":"X"', body)
+
+
+@pytest.mark.parametrize(
+    ("with_ids", "plain"),
+    [("02b_chat_stream_token_ids_usage", "03b_chat_stream_plain")],
+)
+def test_stripping_a_stream_gives_what_vllm_sends_without_the_flag(with_ids: str, plain: str) -> None:
+    sample = load_sample(with_ids)
+    record = CallRecord("c", "t", CHAT_ROUTE, 0.0)
+    tap = StreamTap(ResponseCapture(record, ClientAsk(flag_added=True), chat=True), strip=True)
+    out = b"".join(tap.feed(event) for event in sse_events(sample.response)) + tap.close()
+    assert _normalise(out) == _normalise(load_sample(plain).response)
+
+
+def test_stripping_drops_chunks_that_exist_only_for_the_flag() -> None:
+    sample = load_sample("08a_partial_utf8_stream")
+    record = CallRecord("c", "t", CHAT_ROUTE, 0.0)
+    tap = StreamTap(ResponseCapture(record, ClientAsk(flag_added=True), chat=True), strip=True)
+    out = tap.feed(sample.response) + tap.close()
+    tap.capture.finish(True)
+    assert b'"delta":{}' not in out
+    assert out.count(b"data: ") == len(sse_events(sample.response)) - 5
+    assert sum(len(c.token_ids) for c in record.choices) == 8
+
+
+def test_strip_token_ids_on_a_body() -> None:
+    body = load_sample("01_chat_nonstream_token_ids").response
+    plain = load_sample("03a_chat_nonstream_plain").response
+    assert _normalise(strip_token_ids(body)) == _normalise(plain)
+
+
+def test_strip_ignores_token_ids_text_inside_strings() -> None:
+    body = b'{"content":"x\\",\\"token_ids\\":[1,2]","token_ids":[5]}'
+    assert strip_token_ids(body) == b'{"content":"x\\",\\"token_ids\\":[1,2]","token_ids":null}'
+
+
+def test_prepare_request_adds_the_flag_and_remembers_the_ask() -> None:
+    prepared = prepare_request(CHAT_ROUTE, b'{"model":"tiny","messages":[],"stream":true,"api_key":"s"}')
+    assert json.loads(prepared.body)["return_token_ids"] is True
+    assert prepared.ask.flag_added
+    assert prepared.ask.stream
+    assert not prepared.ask.token_ids
+    assert prepared.request == {"model": "tiny", "messages": [], "stream": True}
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1,2]", b"\xff\xfe", b""])
+def test_prepare_request_leaves_non_objects_alone(body: bytes) -> None:
+    prepared = prepare_request(CHAT_ROUTE, body)
+    assert prepared.body is body
+    assert prepared.request is None
+
+
+def test_completion_echo_is_not_given_the_flag() -> None:
+    body = b'{"model":"tiny","prompt":"x","echo":true}'
+    assert prepare_request(COMPLETIONS_ROUTE, body).body is body
