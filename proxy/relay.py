@@ -47,6 +47,7 @@ Message = dict[str, Any]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _MAX_ERROR_TEXT = 2000
+_VALIDATION_STATUSES = frozenset({400, 422})
 
 
 class _ClientGone(Exception):
@@ -212,15 +213,7 @@ class Relay:
         watcher = self._watch(receive, state)
         completed = False
         try:
-            completed = await self._exchange(
-                scope,
-                send,
-                route,
-                prepared.body,
-                capture,
-                state,
-                body_changed=prepared.body is not body,
-            )
+            completed = await self._exchange(scope, send, route, body, prepared.body, capture, state)
         except asyncio.CancelledError:
             if _absorb_disconnect(state):
                 record.outcome = Outcome.CLIENT_DISCONNECTED
@@ -251,27 +244,43 @@ class Relay:
                 record.integrity,
             )
 
-    async def _exchange(
-        self,
-        scope: Scope,
-        send: Any,
-        route: str,
-        body: bytes,
-        capture: ResponseCapture,
-        state: _CallState,
-        *,
-        body_changed: bool,
-    ) -> bool:
-        """Send the call upstream and relay the answer; True when vLLM finished it normally."""
-        record = capture.record
+    async def _open_upstream(
+        self, scope: Scope, route: str, body: bytes, *, body_changed: bool
+    ) -> httpx.Response:
         request = self.client.build_request(
             "POST",
             self._upstream_url(route.encode(), scope),
             headers=upstream_request_headers(scope["headers"], recorded=True, body_changed=body_changed),
             content=body,
         )
+        return await self.client.send(request, stream=True)
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        send: Any,
+        route: str,
+        original: bytes,
+        body: bytes,
+        capture: ResponseCapture,
+        state: _CallState,
+    ) -> bool:
+        """Send the call upstream and relay the answer; True when vLLM finished it normally.
+
+        When the proxy added ``return_token_ids`` and vLLM rejects the request as invalid, the
+        client's own bytes are sent again, so it gets vLLM's error exactly (vLLM's validation
+        messages count the request's fields).
+        """
+        record = capture.record
+        changed = body is not original
         try:
-            upstream = await self.client.send(request, stream=True)
+            upstream = await self._open_upstream(scope, route, body, body_changed=changed)
+            state.upstream = upstream
+            if changed and upstream.status_code in _VALIDATION_STATUSES:
+                await upstream.aclose()
+                upstream = await self._open_upstream(scope, route, original, body_changed=False)
+                state.upstream = upstream
+                changed = False
         except httpx.TransportError as exc:
             error = _transport_error(exc)
             record.outcome = _transport_outcome(exc, response_started=False)
@@ -279,13 +288,11 @@ class Relay:
             record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
             await _send_error(send, error)
             return False
-        state.upstream = upstream
         record.status_code = upstream.status_code
         content_type = upstream.headers.get("content-type", "")
-        strip = capture.ask.flag_added
         if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
-            return await self._relay_stream(send, upstream, capture, state, strip)
-        return await self._relay_body(send, upstream, capture, state, strip)
+            return await self._relay_stream(send, upstream, capture, state, strip=changed)
+        return await self._relay_body(send, upstream, capture, state, strip=changed)
 
     async def _relay_body(
         self,

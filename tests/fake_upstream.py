@@ -12,6 +12,7 @@ The ``x-fake`` request header picks a behaviour:
 * ``status:<code>``: an OpenAI-shaped error with that status.
 * ``garbage``: a 200 with a body that is neither JSON nor SSE.
 * ``redirect``: a 307 to another host.
+* ``gate``: wait until the test opens ``FakeUpstream.gate``, then answer normally.
 Any other path answers with the headers and body it received, as JSON (``/echo``).
 """
 
@@ -72,6 +73,7 @@ class FakeUpstream:
     requests: list[dict[str, Any]] = field(default_factory=list)
     cancelled: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     hanging: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    gate: threading.Event = field(default_factory=threading.Event)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -89,6 +91,9 @@ class FakeUpstream:
         headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
         self.requests.append({"path": scope["path"], "headers": headers, "body": body})
         mode = headers.get("x-fake", "")
+        if mode == "gate":
+            self.hanging.release()
+            await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 60)
         if mode.startswith("sample:"):
             await self._replay(send, load_sample(mode[len("sample:") :]))
         elif mode == "hang":
@@ -111,7 +116,14 @@ class FakeUpstream:
         elif scope["path"] in ("/v1/chat/completions", "/v1/completions"):
             await self._complete(scope["path"], body, mode, send, receive)
         else:
-            await _respond(send, 200, b"application/json", _dump({"headers": headers, "body": body.decode()}))
+            echo = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "query": scope["query_string"].decode(),
+                "headers": headers,
+                "body": body.decode("latin-1"),
+            }
+            await _respond(send, 200, b"application/json", _dump(echo))
 
     async def _hang(self, receive: Any) -> None:
         self.hanging.release()
