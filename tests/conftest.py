@@ -22,7 +22,7 @@ from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.migrate import upgrade_database
 
 from tests.fake_upstream import FakeUpstream
-from tests.servers import serve_in_thread
+from tests.servers import free_socket, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOKENTRAIL_SHARED", REPO.parent / "shared"))
@@ -108,8 +108,16 @@ def vllm_url() -> Iterator[str]:
         check=True,
         capture_output=True,
     )
-    port = "8011"
-    env = dict(os.environ, VLLM_VENV=str(venv), PORT=port)
+    sock = free_socket()
+    port = str(sock.getsockname()[1])
+    sock.close()
+    env = dict(
+        os.environ,
+        VLLM_VENV=str(venv),
+        PORT=port,
+        VLLM_PIDFILE=f"/tmp/tokentrail-test-vllm-{port}.pid",
+        VLLM_LOG=f"/tmp/tokentrail-test-vllm-{port}.log",
+    )
     subprocess.run(["bash", str(VLLM_KIT / "start.sh"), str(model_dir)], check=True, env=env)
     try:
         yield f"http://127.0.0.1:{port}"

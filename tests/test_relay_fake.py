@@ -104,14 +104,16 @@ def test_upstream_dying_mid_stream_truncates_the_stream_and_records_what_came(
     fake_proxy: Proxy,
 ) -> None:
     body = dict(BODY, stream=True, return_token_ids=True, max_tokens=6)
-    received = b""
-    with (
-        pytest.raises(httpx.RemoteProtocolError),
-        httpx.stream("POST", fake_proxy.url + CHAT, json=body, headers={"x-fake": "die-mid-stream"}) as r,
-    ):
-        for chunk in r.iter_raw():
-            received += chunk
-    assert received.count(b"data: ") == 3
+    received: list[bytes] = []
+
+    def read_all() -> None:
+        headers = {"x-fake": "die-mid-stream"}
+        with httpx.stream("POST", fake_proxy.url + CHAT, json=body, headers=headers) as response:
+            received.extend(response.iter_raw())
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        read_all()
+    assert b"".join(received).count(b"data: ") == 3
     fake_proxy.wait_records(1)
     (row,) = fake_proxy.rows(
         "SELECT c.outcome, c.integrity, d.token_ids FROM llm_calls c JOIN completions d ON d.call_id = c.id"

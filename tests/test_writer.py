@@ -1,0 +1,102 @@
+"""The writer on a real SQLite file: batches, seq across restarts, and nothing dropped silently."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, text
+
+from tests.conftest import Proxy
+from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.storage.migrate import upgrade_database
+from tokentrail.proxy.writer import RecordWriter
+
+CHAT = "/v1/chat/completions"
+
+
+def _writer(db_url: str, fallback: Path, queue_size: int = 100) -> RecordWriter:
+    return RecordWriter(
+        make_engine(db_url), queue_size=queue_size, batch_size=50, retries=1, fallback_path=fallback
+    )
+
+
+def _record(writer: RecordWriter, trajectory: str) -> CallRecord:
+    record = CallRecord(
+        call_id=f"{trajectory}-{time.monotonic_ns()}",
+        trajectory_id=trajectory,
+        route=CHAT,
+        received_at=time.time(),
+        seq=writer.next_ordinal(trajectory),
+        integrity=Integrity.OK,
+        prompt_token_ids=[1, 2, 3],
+        prompt_tokens=3,
+        completion_tokens=2,
+    )
+    record.choices = [ChoiceRecord(index=0, token_ids=[7, 8], finish_reason="stop")]
+    return record
+
+
+def test_seq_continues_where_the_database_left_off_after_a_restart(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    for _run in range(2):
+        writer = _writer(db_url, tmp_path / "fallback.jsonl")
+        writer.start()
+        for _ in range(3):
+            writer.submit(_record(writer, "traj"))
+        writer.close()
+        assert writer.written == 3
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        seqs = connection.execute(text("SELECT seq FROM llm_calls ORDER BY seq")).scalars().all()
+        counts = connection.execute(text("SELECT call_count, completion_tokens FROM trajectories")).one()
+    engine.dispose()
+    assert seqs == [0, 1, 2, 3, 4, 5]
+    assert tuple(counts) == (6, 12)
+
+
+def test_a_full_queue_spills_to_the_fallback_file_instead_of_blocking(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    fallback = tmp_path / "fallback.jsonl"
+    writer = _writer(db_url, fallback, queue_size=1)
+    first, second = _record(writer, "a"), _record(writer, "a")
+    writer.submit(first)
+    writer.submit(second)  # the thread is not started yet, so the queue is full
+    assert writer.failed == 1
+    assert dict(writer.failure_reasons) == {"queue_full": 1}
+    (line,) = fallback.read_text().splitlines()
+    spilled = json.loads(line)
+    assert spilled["call_id"] == second.call_id
+    assert spilled["choices"][0]["token_ids"] == [7, 8]
+    assert fallback.stat().st_mode & 0o777 == 0o600
+    writer.start()
+    writer.close()
+    assert writer.written == 1
+
+
+def test_records_the_database_refuses_go_to_the_fallback_file_and_health_says_so(
+    fake_proxy: Proxy, tmp_path: Path
+) -> None:
+    engine = create_engine(fake_proxy.db_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE completions"))
+    engine.dispose()
+    response = httpx.post(
+        fake_proxy.url + CHAT,
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+        headers={"X-Trajectory-Id": "lost?"},
+    )
+    assert response.status_code == 200
+    fake_proxy.wait_records(1)
+    health = httpx.get(fake_proxy.url + "/tokentrail/health").json()
+    assert health["status"] == "degraded"
+    assert health["writer"]["records_failed"] == 1
+    assert health["writer"]["failure_reasons"] == {"db_error:OperationalError": 1}
+    (line,) = (tmp_path / "fallback.jsonl").read_text().splitlines()
+    assert json.loads(line)["trajectory_id"] == "lost?"
+    assert fake_proxy.rows("SELECT count(*) AS n FROM llm_calls") == [{"n": 0}]
