@@ -172,18 +172,28 @@ class Relay:
                 await _send_error(send, _transport_error(exc))
                 return
             try:
+                state.response_started = True
                 await send(_start(upstream.status_code, strip_hop_by_hop(upstream.headers.raw)))
                 async for chunk in upstream.aiter_raw():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 state.response_done = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except httpx.TransportError as exc:
-                logger.warning("path=<%s>, error=<%s> | upstream failed mid-response", scope["path"], exc)
+                logger.warning(
+                    "path=<%s>, error=<%s> | upstream failed mid-response", scope["path"], type(exc).__name__
+                )
             finally:
-                await upstream.aclose()
+                await _close_quietly(upstream)
         except asyncio.CancelledError:
             if not _absorb_disconnect(state):
                 raise
+        except Exception as exc:  # a bug of ours: never a stack trace to the client or the log
+            logger.error(
+                "path=<%s>, error=<%s> | proxy error while relaying", scope["path"], type(exc).__name__
+            )
+            logger.debug("path=<%s> | proxy error details", scope["path"], exc_info=exc)
+            if not state.response_started:
+                await _send_error(send, UpstreamUnreachableError("the proxy failed to relay this call"))
         finally:
             watcher.cancel()
 
@@ -221,7 +231,10 @@ class Relay:
                 record.outcome = Outcome.PROXY_SHUTDOWN
                 raise
         except Exception as exc:  # a bug of ours: record it, answer 502 without details
-            logger.exception("call_id=<%s> | proxy error while relaying", record.call_id)
+            logger.error(
+                "call_id=<%s>, error=<%s> | proxy error while relaying", record.call_id, type(exc).__name__
+            )
+            logger.debug("call_id=<%s> | proxy error details", record.call_id, exc_info=exc)
             record.outcome = Outcome.PROXY_ERROR
             record.error = f"proxy error: {type(exc).__name__}"
             if not state.response_started:
