@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 _RETRY_BACKOFF_S = (0.05, 0.25, 1.0, 2.0)
+_GATHER_S = 0.02
 _GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS})
 
 
@@ -129,9 +130,11 @@ class RecordWriter:
                 stopping = True
             else:
                 batch.append(first)
-            while len(batch) < self._batch_size:
+            # Gather for a moment: one transaction for many records costs little more than for one.
+            deadline = time.monotonic() + _GATHER_S
+            while len(batch) < self._batch_size and not stopping:
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is _STOP:
@@ -311,12 +314,15 @@ def _add_to_trajectory(per_trajectory: dict[str, dict[str, Any]], record: CallRe
 
 
 def _upsert_trajectories(connection: Any, rows: list[dict[str, Any]]) -> None:
-    """Insert new trajectories and add this batch's counts to existing ones, in one statement."""
+    """Insert new trajectories and add this batch's counts to existing ones.
+
+    One statement run once per row (executemany), so SQLAlchemy compiles it once and caches it.
+    """
     if not rows:
         return
     table = Trajectory.__table__  # type: ignore[attr-defined]
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table).values(rows)
+    statement = dialect.insert(table)
     excluded = statement.excluded
     statement = statement.on_conflict_do_update(
         index_elements=[table.c.id],
@@ -329,4 +335,4 @@ def _upsert_trajectories(connection: Any, rows: list[dict[str, Any]]) -> None:
             "completion_tokens": table.c.completion_tokens + excluded.completion_tokens,
         },
     )
-    connection.execute(statement)
+    connection.execute(statement, rows)
