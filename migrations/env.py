@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
+
 from tokentrail.proxy.storage.engine import make_engine
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+
 from tokentrail.proxy import __version__
 from tokentrail.proxy.api import health
 from tokentrail.proxy.errors import openai_error_body

@@ -16,6 +16,7 @@ from datetime import date, datetime
 from typing import Any
 
 from pydantic import ValidationError
+
 from tokentrail.proxy import __version__
 from tokentrail.proxy.errors import DatabaseTooNewError
 from tokentrail.proxy.settings import DEFAULT_DB, Settings
@@ -75,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = sql.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON array of objects")
     fmt.add_argument("--csv", action="store_true", help="print CSV with a header row")
+
+    drift = commands.add_parser(
+        "drift",
+        help="report where re-tokenizing a trajectory's text would change its token IDs",
+        description=(
+            "Decode each recorded prompt and response of a trajectory, encode the text again with the "
+            "model's tokenizer, and report where the IDs differ. Needs the drift extra: "
+            "pip install 'tokentrail[drift]'."
+        ),
+    )
+    drift.add_argument("trajectory_id", help="the trajectory (X-Trajectory-Id) to check")
+    drift.add_argument("--tokenizer", required=True, help="tokenizer.json, or a model folder holding one")
+    drift.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    drift.add_argument("--json", action="store_true", help="print every sequence's report as JSON")
     return parser
 
 
@@ -101,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "db":
             return _db_upgrade(settings)
+        if args.command == "drift":
+            return _drift(settings, args.trajectory_id, args.tokenizer, args.json)
         return _sql(settings, args.query, "json" if args.json else "csv" if args.csv else "table")
     except DatabaseTooNewError as exc:
         print(f"tokentrail: {exc}", file=sys.stderr)
@@ -118,6 +135,7 @@ def _configure_logging(level: str) -> None:
 
 def _serve(settings: Settings) -> int:
     import uvicorn
+
     from tokentrail.proxy.app import create_app
     from tokentrail.proxy.storage.migrate import upgrade_database
 
@@ -152,6 +170,7 @@ def _db_upgrade(settings: Settings) -> int:
 def _sql(settings: Settings, query: str, fmt: str) -> int:
     from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
+
     from tokentrail.proxy.storage.engine import make_engine, sqlite_path
 
     path = sqlite_path(settings.db)
@@ -182,6 +201,92 @@ def _sql(settings: Settings, query: str, fmt: str) -> int:
     else:
         print(format_table(columns, rows))
     return 0
+
+
+def _drift(settings: Settings, trajectory_id: str, tokenizer_path: str, as_json: bool) -> int:
+    try:
+        from tokentrail.client.drift import drift_report, load_tokenizer
+    except ImportError as exc:
+        print(
+            f"tokentrail: drift needs the drift extra ({exc.name} is missing): "
+            "pip install 'tokentrail[drift]'",
+            file=sys.stderr,
+        )
+        return 1
+    from sqlalchemy import text
+
+    from tokentrail.proxy.storage.engine import make_engine
+
+    try:
+        tokenizer = load_tokenizer(tokenizer_path)
+    except (OSError, ValueError) as exc:
+        print(f"tokentrail: cannot load the tokenizer: {exc}", file=sys.stderr)
+        return 1
+    engine = make_engine(settings.db)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT c.seq, c.prompt_token_ids, d.choice_index, d.token_ids FROM llm_calls c "
+                    "LEFT JOIN completions d ON d.call_id = c.id WHERE c.trajectory_id = :t "
+                    "ORDER BY c.seq, d.choice_index"
+                ),
+                {"t": trajectory_id},
+            ).all()
+    finally:
+        engine.dispose()
+    if not rows:
+        print(f"tokentrail: no calls recorded for trajectory {trajectory_id!r}", file=sys.stderr)
+        return 1
+    reports: list[dict[str, Any]] = []
+    seen_prompts: set[int] = set()
+    for seq, prompt_ids, choice_index, token_ids in rows:
+        parts = []
+        if seq not in seen_prompts:
+            seen_prompts.add(seq)
+            parts.append(("prompt", _ids(prompt_ids)))
+        if choice_index is not None:
+            parts.append((f"choice {choice_index}", _ids(token_ids)))
+        for part, ids in parts:
+            report = drift_report(ids, tokenizer)
+            reports.append(
+                {
+                    "seq": seq,
+                    "part": part,
+                    "tokens": report.recorded_length,
+                    "retokenized": report.retokenized_length,
+                    "drift_spans": len(report.spans),
+                    "first_position": report.first_position,
+                    "differing_tokens": report.differing_tokens,
+                    "spans": [vars(span) for span in report.spans],
+                }
+            )
+    drifted = [r for r in reports if r["drift_spans"]]
+    if as_json:
+        print(json.dumps(reports))
+    else:
+        columns = [
+            "seq",
+            "part",
+            "tokens",
+            "retokenized",
+            "drift_spans",
+            "first_position",
+            "differing_tokens",
+        ]
+        print(format_table(columns, [tuple(r[c] for c in columns) for r in reports]))
+    print(
+        f"{len(drifted)} of {len(reports)} sequences drift; "
+        f"{sum(r['differing_tokens'] for r in reports)} of {sum(r['tokens'] for r in reports)} tokens differ",
+        file=sys.stderr if as_json else sys.stdout,
+    )
+    return 0
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, str):
+        value = json.loads(value)
+    return [int(v) for v in value or []]
 
 
 def _json_default(value: Any) -> Any:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
 from tokentrail.proxy.capture import (
     CHAT_ROUTE,
     RECORDED_ROUTES,

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+
 from tokentrail.proxy.records import CallRecord, Integrity
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
 

@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
-from tokentrail.proxy.app import Runtime, TokenTrailApp, create_app
-from tokentrail.proxy.settings import Settings
-from tokentrail.proxy.storage.migrate import upgrade_database
 
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_socket, serve_in_thread
+from tokentrail.proxy.app import Runtime, TokenTrailApp, create_app
+from tokentrail.proxy.settings import Settings
+from tokentrail.proxy.storage.migrate import upgrade_database
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOKENTRAIL_SHARED", REPO.parent / "shared"))
@@ -89,20 +89,37 @@ def fake_proxy(fake: tuple[FakeUpstream, str], tmp_path: Path) -> Iterator[Proxy
         yield proxy
 
 
-@pytest.fixture(scope="session")
-def vllm_url() -> Iterator[str]:
-    """The real CPU vLLM's base URL (no /v1): reused from the environment, or started once here."""
-    given = os.environ.get("TOKENTRAIL_TEST_VLLM_URL")
-    if given:
-        yield given.rstrip("/").removesuffix("/v1")
-        return
+def _vllm_venv() -> Path:
     venv = Path(os.environ.get("VLLM_VENV", Path.home() / ".cache/tokentrail/vllm-venv"))
-    model_dir = Path(os.environ.get("TOKENTRAIL_TEST_MODEL_DIR", "/tmp/tokentrail-tiny-model"))
     if not (venv / "bin" / "python").exists():
         pytest.fail(
             f"no vLLM kit venv at {venv}: run `bash {VLLM_KIT}/install.sh {venv}` "
             "or set TOKENTRAIL_TEST_VLLM_URL, or deselect with -m 'not vllm'"
         )
+    return venv
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kit's tiny model (weights and tokenizer), built once per session (about a second)."""
+    model_dir = tmp_path_factory.mktemp("tiny-model")
+    subprocess.run(
+        [str(_vllm_venv() / "bin/python"), str(VLLM_KIT / "make_tiny_model.py"), str(model_dir)],
+        check=True,
+        capture_output=True,
+    )
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real CPU vLLM's base URL (no /v1): reused from the environment, or started once here."""
+    given = os.environ.get("TOKENTRAIL_TEST_VLLM_URL")
+    if given:
+        yield given.rstrip("/").removesuffix("/v1")
+        return
+    venv = _vllm_venv()
+    model_dir = tmp_path_factory.mktemp("vllm-model")
     subprocess.run(
         [str(venv / "bin/python"), str(VLLM_KIT / "make_tiny_model.py"), str(model_dir)],
         check=True,

@@ -7,6 +7,8 @@ import json
 import re
 
 import pytest
+
+from tests.fake_upstream import load_sample, sample_names, sse_events
 from tokentrail.proxy.capture import (
     CHAT_ROUTE,
     COMPLETIONS_ROUTE,
@@ -17,8 +19,6 @@ from tokentrail.proxy.capture import (
     strip_token_ids,
 )
 from tokentrail.proxy.records import CallRecord, Integrity
-
-from tests.fake_upstream import load_sample, sample_names, sse_events
 
 STREAM_SAMPLES = [
     n

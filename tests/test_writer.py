@@ -8,12 +8,12 @@ from pathlib import Path
 
 import httpx
 from sqlalchemy import create_engine, text
+
+from tests.conftest import Proxy
 from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import upgrade_database
 from tokentrail.proxy.writer import RecordWriter
-
-from tests.conftest import Proxy
 
 CHAT = "/v1/chat/completions"
 

@@ -9,6 +9,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+
 from tokentrail.proxy.errors import DatabaseTooNewError
 from tokentrail.proxy.storage.engine import make_engine
 
