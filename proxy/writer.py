@@ -76,6 +76,7 @@ class RecordWriter:
         self._seq_base: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="tokentrail-writer", daemon=True)
         self._progress = threading.Condition()
+        self.submitted = 0
         self.written = 0
         self.failed = 0
         self.failure_reasons: Counter[str] = Counter()
@@ -92,6 +93,7 @@ class RecordWriter:
 
     def submit(self, record: CallRecord) -> None:
         """Queue one finished record; never blocks. A full queue spills it to the fallback file."""
+        self.submitted += 1
         try:
             self._queue.put_nowait(record)
         except queue.Full:

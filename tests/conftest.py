@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,14 @@ class Proxy:
     def wait_records(self, count: int, timeout: float = 30.0) -> None:
         """Block until ``count`` records were written or spilled since the proxy started."""
         assert self.runtime.writer.wait_settled(count, timeout), "records did not reach the writer"
+
+    def wait_all_records(self, timeout: float = 30.0) -> None:
+        """Block until no call is open and every record submitted so far is written or spilled."""
+        deadline = time.monotonic() + timeout
+        while self.runtime.relay.in_flight.count:
+            assert time.monotonic() < deadline, "calls still open"
+            time.sleep(0.01)
+        self.wait_records(self.runtime.writer.submitted, max(0.1, deadline - time.monotonic()))
 
     def rows(self, sql: str, **params: Any) -> list[dict[str, Any]]:
         engine = create_engine(self.db_url)
