@@ -68,14 +68,22 @@ def test_client_gets_what_vllm_gives_and_the_record_holds_vllms_ids(
     name: str, vllm_url: str, vllm_proxy: Proxy
 ) -> None:
     sample = load_sample(name)
-    direct = _send(vllm_url, sample.path, sample.request)
-    proxied = _send(vllm_proxy.url, sample.path, sample.request, {"X-Trajectory-Id": name})
-    assert proxied.status_code == direct.status_code
-    assert proxied.headers["content-type"] == direct.headers["content-type"]
+    _send(vllm_url, sample.path, sample.request)  # warm vLLM's prefix cache: both calls below hit it
+    # bf16 on CPU is not bit-reproducible between runs of one request (a late greedy tie can flip), so a
+    # pair of answers that differ is tried again; a real difference made by the proxy fails every pair.
+    for attempt in range(3):
+        direct = _send(vllm_url, sample.path, sample.request)
+        proxied = _send(vllm_proxy.url, sample.path, sample.request, {"X-Trajectory-Id": name})
+        assert proxied.status_code == direct.status_code
+        assert proxied.headers["content-type"] == direct.headers["content-type"]
+        if _normalise(proxied.content) == _normalise(direct.content) or attempt == 2:
+            break
     assert _normalise(proxied.content) == _normalise(direct.content)
 
-    vllm_proxy.wait_records(1)
-    (call,) = vllm_proxy.rows("SELECT * FROM llm_calls WHERE trajectory_id = :t", t=name)
+    vllm_proxy.wait_all_records()
+    call = vllm_proxy.rows(
+        "SELECT * FROM llm_calls WHERE trajectory_id = :t ORDER BY seq DESC LIMIT 1", t=name
+    )[0]
     if direct.status_code != 200:
         assert call["outcome"] == "upstream_error"
         assert call["status_code"] == direct.status_code
@@ -86,16 +94,22 @@ def test_client_gets_what_vllm_gives_and_the_record_holds_vllms_ids(
     include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
     assert call["integrity"] == ("no_usage" if stream and not include_usage else "ok")
 
-    with_ids = (
-        direct if request.get("return_token_ids") else _send(vllm_url, sample.path, _with_ids(sample.request))
-    )
-    prompt, generated = _returned_ids(sample.path, with_ids)
-    assert json.loads(call["prompt_token_ids"]) == prompt
     choices = vllm_proxy.rows(
         "SELECT choice_index, token_ids, logprobs FROM completions WHERE call_id = :c ORDER BY choice_index",
         c=call["id"],
     )
-    assert {c["choice_index"]: json.loads(c["token_ids"]) for c in choices} == generated
+    stored = {c["choice_index"]: json.loads(c["token_ids"]) for c in choices}
+    if request.get("return_token_ids"):  # the client got the IDs: they are what was stored
+        prompt, generated = _returned_ids(sample.path, proxied)
+    else:  # ask vLLM itself for the IDs of the same request (again, as generation may not repeat)
+        for _ in range(3):
+            prompt, generated = _returned_ids(
+                sample.path, _send(vllm_url, sample.path, _with_ids(sample.request))
+            )
+            if generated == stored:
+                break
+    assert json.loads(call["prompt_token_ids"]) == prompt
+    assert stored == generated
     if request.get("logprobs"):
         for choice in choices:
             assert len(json.loads(choice["logprobs"])) == len(json.loads(choice["token_ids"]))
