@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 
 from tokentrail.proxy import __version__
-from tokentrail.proxy.api import health
+from tokentrail.proxy.api import health, trajectories
 from tokentrail.proxy.errors import openai_error_body
 from tokentrail.proxy.relay import Relay
 from tokentrail.proxy.settings import Settings
@@ -54,6 +57,7 @@ class Runtime:
     """What lives from startup to shutdown; the routes reach it through ``app.state.runtime``."""
 
     settings: Settings
+    engine: Engine
     writer: RecordWriter
     relay: Relay
 
@@ -72,7 +76,13 @@ class TokenTrailApp:
                 return
             await runtime.relay(scope, receive, send)
             return
-        await self.api(scope, receive, send)
+        try:
+            await self.api(scope, receive, send)
+        except Exception as exc:  # already answered 500 by Starlette; keep the trace out of the log
+            logger.error(
+                "path=<%s>, error=<%s> | TokenTrail route failed", scope.get("path"), type(exc).__name__
+            )
+            logger.debug("path=<%s> | TokenTrail route failure details", scope.get("path"), exc_info=exc)
 
 
 async def _not_ready(send: Any) -> None:
@@ -103,7 +113,7 @@ def create_app(settings: Settings) -> TokenTrailApp:
         writer.start()
         client = upstream_client(settings)
         relay = Relay(settings.upstream, client, writer)
-        app.state.runtime = Runtime(settings, writer, relay)
+        app.state.runtime = Runtime(settings, engine, writer, relay)
         logger.info("upstream=<%s>, db=<%s> | TokenTrail ready", settings.upstream, _safe_url(settings.db))
         try:
             yield
@@ -126,7 +136,40 @@ def create_app(settings: Settings) -> TokenTrailApp:
         lifespan=lifespan,
     )
     api.include_router(health.router)
+    api.include_router(trajectories.router)
+    api.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    api.add_exception_handler(Exception, _internal_error)
     return TokenTrailApp(api)
+
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    422: "BadRequestError",
+}
+
+
+def _error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    error = {"message": message, "type": _ERROR_TYPES.get(status, "Error"), "param": param, "code": status}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    """TokenTrail's own routes answer errors in the same OpenAI shape as the proxy."""
+    return _error_response(exc.status_code, str(exc.detail))
+
+
+async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    return _error_response(500, "TokenTrail could not answer this request; see its log")
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first.get("loc", ()))
+    return _error_response(400, f"{param}: {first.get('msg')}", param or None)
 
 
 def _safe_url(url: str) -> str:

@@ -5,6 +5,7 @@
     ├── DatabaseTooNewError       the database was made by a newer TokenTrail (serve refuses it)
     └── ProxyRequestError         an answer the proxy itself gives instead of vLLM's
         ├── BadTrajectoryIdError  400: X-Trajectory-Id not printable or longer than 256 characters
+        ├── BadTrajectoryTagsError 400: X-Trajectory-Tags not key=value pairs of the allowed form
         ├── UpstreamUnreachableError 502: no connection to vLLM
         └── UpstreamTimeoutError  504: vLLM stayed silent past the read timeout
 
@@ -46,6 +47,11 @@ class ProxyRequestError(TokenTrailError):
 
 
 class BadTrajectoryIdError(ProxyRequestError):
+    status_code = 400
+    error_type = "BadRequestError"
+
+
+class BadTrajectoryTagsError(ProxyRequestError):
     status_code = 400
     error_type = "BadRequestError"
 

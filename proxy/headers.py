@@ -22,6 +22,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 TRAJECTORY_HEADER = b"x-trajectory-id"
+TAGS_HEADER = b"x-trajectory-tags"
 OWN_HEADER_PREFIX = b"x-trajectory-"
 
 

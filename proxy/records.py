@@ -57,6 +57,7 @@ class CallRecord:
     route: str
     received_at: float
     seq: int | None = None
+    tags: dict[str, str] | None = None
     request: dict[str, Any] | None = None
     model: str | None = None
     stream: bool = False

@@ -30,7 +30,6 @@ from tokentrail.proxy.capture import (
     strip_token_ids,
 )
 from tokentrail.proxy.errors import (
-    BadTrajectoryIdError,
     ProxyRequestError,
     UpstreamTimeoutError,
     UpstreamUnreachableError,
@@ -38,7 +37,7 @@ from tokentrail.proxy.errors import (
 )
 from tokentrail.proxy.headers import strip_hop_by_hop, upstream_request_headers
 from tokentrail.proxy.records import CallRecord, Outcome
-from tokentrail.proxy.trajectory import generated_trajectory_id, route_path
+from tokentrail.proxy.trajectory import generated_trajectory_id, parse_tags_header, route_path
 from tokentrail.proxy.writer import RecordSink
 
 logger = logging.getLogger(__name__)
@@ -117,7 +116,8 @@ class Relay:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         try:
             routed = route_path(raw_path, headers)
-        except BadTrajectoryIdError as exc:
+            tags = parse_tags_header(headers)
+        except ProxyRequestError as exc:
             await _drain_body(receive)
             await _send_error(send, exc)
             return
@@ -127,7 +127,9 @@ class Relay:
             return
         path = routed.raw_path.decode("latin-1")
         if scope["method"] == "POST" and path in RECORDED_ROUTES:
-            await self._recorded_call(scope, receive, send, routed.trajectory_id, path, body, received_at)
+            await self._recorded_call(
+                scope, receive, send, routed.trajectory_id, path, body, received_at, tags
+            )
         else:
             await self._passthrough_call(scope, receive, send, routed.raw_path, body)
 
@@ -209,6 +211,7 @@ class Relay:
         route: str,
         body: bytes,
         received_at: float,
+        tags: dict[str, str] | None,
     ) -> None:
         prepared = prepare_request(route, body)
         if trajectory_id is None:
@@ -216,6 +219,7 @@ class Relay:
         else:
             ordinal = self.sink.next_ordinal(trajectory_id)
             record = CallRecord(uuid.uuid4().hex, trajectory_id, route, received_at, seq=ordinal)
+        record.tags = tags
         record.request = prepared.request
         record.model = prepared.model
         record.stream = prepared.ask.stream

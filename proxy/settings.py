@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001"
@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     )
     keep_alive_s: PositiveInt = Field(
         75, description="Seconds the proxy keeps an idle client connection open."
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description=(
+            "When set, /tokentrail/v1/ (the trajectory API) requires 'Authorization: Bearer <key>'; "
+            "the pass-through routes never do."
+        ),
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 

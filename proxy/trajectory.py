@@ -6,14 +6,18 @@ prefix is removed before the call is forwarded, so every route works exactly as 
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from tokentrail.proxy.errors import BadTrajectoryIdError
-from tokentrail.proxy.headers import TRAJECTORY_HEADER
+from tokentrail.proxy.errors import BadTrajectoryIdError, BadTrajectoryTagsError
+from tokentrail.proxy.headers import TAGS_HEADER, TRAJECTORY_HEADER
 
 MAX_TRAJECTORY_ID_LENGTH = 256
+MAX_TAGS = 32
+MAX_TAG_VALUE_LENGTH = 256
+TAG_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _PREFIX = b"/t/"
 
 
@@ -60,3 +64,43 @@ def route_path(raw_path: bytes, headers: list[tuple[bytes, bytes]]) -> RoutedPat
 def generated_trajectory_id() -> str:
     """An id for a call that came without one: it becomes a trajectory of its own."""
     return "auto-" + uuid.uuid4().hex
+
+
+def validate_tags(pairs: dict[str, str], where: str) -> dict[str, str]:
+    """Tag keys are 1-64 of ``A-Z a-z 0-9 _ . : -``; values printable, at most 256 characters."""
+    if len(pairs) > MAX_TAGS:
+        raise BadTrajectoryTagsError(f"{where} has {len(pairs)} tags; at most {MAX_TAGS} are allowed", where)
+    for key, value in pairs.items():
+        if not TAG_KEY.fullmatch(key):
+            raise BadTrajectoryTagsError(
+                f"{where}: tag key {key[:70]!r} must be 1-64 of A-Z a-z 0-9 _ . : -", where
+            )
+        if not isinstance(value, str) or len(value) > MAX_TAG_VALUE_LENGTH or not value.isprintable():
+            raise BadTrajectoryTagsError(
+                f"{where}: the value of tag {key!r} must be printable text of at most "
+                f"{MAX_TAG_VALUE_LENGTH} characters",
+                where,
+            )
+    return pairs
+
+
+def parse_tags_header(headers: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
+    """``X-Trajectory-Tags: env=prod,task=math-17`` as a dict; None when the header is absent."""
+    raw = next((value for name, value in headers if name.lower() == TAGS_HEADER), None)
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadTrajectoryTagsError("X-Trajectory-Tags is not valid UTF-8", "X-Trajectory-Tags") from None
+    pairs: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BadTrajectoryTagsError(
+                f"X-Trajectory-Tags: {item.strip()[:70]!r} is not key=value", "X-Trajectory-Tags"
+            )
+        pairs[key.strip()] = value.strip()
+    return validate_tags(pairs, "X-Trajectory-Tags")

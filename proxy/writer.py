@@ -208,6 +208,12 @@ class RecordWriter:
                 completions.extend(_completion_rows(record))
                 _add_to_trajectory(per_trajectory, record)
             _upsert_trajectories(connection, list(per_trajectory.values()))
+            tagged: dict[str, dict[str, str]] = {}
+            for record in batch:
+                if record.tags:
+                    tagged.setdefault(record.trajectory_id, {}).update(record.tags)
+            if tagged:
+                merge_tags(connection, tagged)
             connection.execute(LlmCall.__table__.insert(), calls)  # type: ignore[attr-defined]
             if completions:
                 connection.execute(Completion.__table__.insert(), completions)  # type: ignore[attr-defined]
@@ -314,6 +320,17 @@ def _add_to_trajectory(per_trajectory: dict[str, dict[str, Any]], record: CallRe
     row["call_count"] += 1
     row["prompt_tokens"] += record.prompt_tokens or 0
     row["completion_tokens"] += record.completion_tokens or 0
+
+
+def merge_tags(connection: Any, tags_by_trajectory: dict[str, dict[str, str]]) -> None:
+    """Add tags to existing trajectories (a key given again takes the new value)."""
+    table = Trajectory.__table__  # type: ignore[attr-defined]
+    rows = connection.execute(
+        select(table.c.id, table.c.tags).where(table.c.id.in_(list(tags_by_trajectory)))
+    ).all()
+    for trajectory_id, current in rows:
+        merged = {**(current or {}), **tags_by_trajectory[trajectory_id]}
+        connection.execute(table.update().where(table.c.id == trajectory_id).values(tags=merged))
 
 
 def _upsert_trajectories(connection: Any, rows: list[dict[str, Any]]) -> None:

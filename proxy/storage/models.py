@@ -17,6 +17,7 @@ class Trajectory(SQLModel, table=True):
     """One agent run: the calls sent with the same ``X-Trajectory-Id``."""
 
     __tablename__ = "trajectories"
+    __table_args__ = (Index("ix_trajectories_created_at", "created_at", "id"),)
 
     id: str = Field(primary_key=True, max_length=256)
     created_at: datetime
@@ -27,6 +28,10 @@ class Trajectory(SQLModel, table=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     id_generated: bool = False
+    tags: dict[str, str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    finished: bool = False
+    finished_at: datetime | None = None
+    rewarded_at: datetime | None = None
 
 
 class LlmCall(SQLModel, table=True):
