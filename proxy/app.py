@@ -8,6 +8,7 @@ relay, which forwards it to vLLM. The lifespan opens the database, the writer an
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import Engine
 
 from tokentrail.proxy import __version__
@@ -25,6 +27,7 @@ from tokentrail.proxy.errors import openai_error_body
 from tokentrail.proxy.relay import Relay
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.telemetry import CallSpans, tracer_provider_from_environment
 from tokentrail.proxy.writer import RecordWriter
 
 logger = logging.getLogger(__name__)
@@ -97,8 +100,12 @@ async def _not_ready(send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings) -> TokenTrailApp:
-    """Build the proxy for ``settings``; the database must already be migrated."""
+def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> TokenTrailApp:
+    """Build the proxy for ``settings``; the database must already be migrated.
+
+    ``tracer_provider`` turns on spans (tests pass one); without it the OTEL_* variables decide.
+    """
+    provider = tracer_provider or tracer_provider_from_environment(os.environ)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,7 +119,7 @@ def create_app(settings: Settings) -> TokenTrailApp:
         )
         writer.start()
         client = upstream_client(settings)
-        relay = Relay(settings.upstream, client, writer)
+        relay = Relay(settings.upstream, client, writer, CallSpans(provider) if provider else None)
         app.state.runtime = Runtime(settings, engine, writer, relay)
         logger.info("upstream=<%s>, db=<%s> | TokenTrail ready", settings.upstream, _safe_url(settings.db))
         try:
@@ -124,6 +131,8 @@ def create_app(settings: Settings) -> TokenTrailApp:
             await client.aclose()
             writer.close()
             engine.dispose()
+            if provider is not None and tracer_provider is None:
+                provider.shutdown()
             logger.info("written=<%d>, failed=<%d> | TokenTrail stopped", writer.written, writer.failed)
 
     api = FastAPI(
@@ -140,6 +149,10 @@ def create_app(settings: Settings) -> TokenTrailApp:
     api.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, _internal_error)
+    if provider is not None:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(api, tracer_provider=provider)
     return TokenTrailApp(api)
 
 

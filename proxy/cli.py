@@ -77,6 +77,42 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="print a JSON array of objects")
     fmt.add_argument("--csv", action="store_true", help="print CSV with a header row")
 
+    reward = commands.add_parser(
+        "reward",
+        help="attach a reward to a trajectory",
+        description="Set a trajectory's reward (a finite number) and metadata, straight in the database.",
+    )
+    reward.add_argument("trajectory_id")
+    reward.add_argument("value", type=float, help="the reward, a finite number")
+    reward.add_argument(
+        "--metadata", help='a JSON object merged into the trajectory metadata, e.g. \'{"judge": "v2"}\''
+    )
+    reward.add_argument("--finish", action="store_true", help="also mark the trajectory finished")
+    reward.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+
+    export = commands.add_parser(
+        "export",
+        help="write trajectories as token-exact training sequences (JSONL or Parquet)",
+        description=(
+            "Stream trajectories out of the database in batches and write their training sequences: "
+            "input_ids, loss_mask (1 on generated tokens), logprobs, reward. Parquet needs the export extra."
+        ),
+    )
+    export.add_argument("--format", choices=["jsonl", "parquet"], required=True)
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--since", help="only trajectories created at or after this ISO time")
+    export.add_argument("--tag", action="append", default=[], help="key=value; repeat for several")
+    export.add_argument("--finished", action="store_true", help="only trajectories marked finished")
+    export.add_argument(
+        "--mode",
+        choices=["merged", "per_call", "last_turn"],
+        default="merged",
+        help="merged: one sequence per chain of calls whose prompts extend each other (default); "
+        "per_call: one per call and choice; last_turn: only each trajectory's last call",
+    )
+    export.add_argument("--batch", type=int, default=500, help="trajectories read per batch (memory bound)")
+    export.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+
     drift = commands.add_parser(
         "drift",
         help="report where re-tokenizing a trajectory's text would change its token IDs",
@@ -116,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "db":
             return _db_upgrade(settings)
+        if args.command == "reward":
+            return _reward(settings, args.trajectory_id, args.value, args.metadata, args.finish)
+        if args.command == "export":
+            return _export(settings, args)
         if args.command == "drift":
             return _drift(settings, args.trajectory_id, args.tokenizer, args.json)
         return _sql(settings, args.query, "json" if args.json else "csv" if args.csv else "table")
@@ -200,6 +240,81 @@ def _sql(settings: Settings, query: str, fmt: str) -> int:
         writer.writerows(rows)
     else:
         print(format_table(columns, rows))
+    return 0
+
+
+def _reward(
+    settings: Settings, trajectory_id: str, value: float, metadata_text: str | None, finish: bool
+) -> int:
+    import math
+
+    from tokentrail.proxy.errors import ProxyRequestError
+    from tokentrail.proxy.storage import queries
+    from tokentrail.proxy.storage.engine import make_engine
+    from tokentrail.proxy.trajectory import validate_trajectory_id
+
+    if not math.isfinite(value):
+        print("tokentrail: the reward must be a finite number", file=sys.stderr)
+        return 2
+    try:
+        validate_trajectory_id(trajectory_id.encode(), "trajectory id")
+        metadata = json.loads(metadata_text) if metadata_text else None
+    except (ProxyRequestError, ValueError) as exc:
+        print(f"tokentrail: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    if metadata is not None and not isinstance(metadata, dict):
+        print("tokentrail: --metadata must be a JSON object", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.db)
+    try:
+        with engine.begin() as connection:
+            queries.set_reward(connection, trajectory_id, value, metadata)
+            if finish:
+                queries.finish(connection, trajectory_id)
+    finally:
+        engine.dispose()
+    print(f"trajectory {trajectory_id}: reward {value}" + (", finished" if finish else ""))
+    return 0
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from tokentrail.proxy.export import count_trajectories, export, open_sink
+    from tokentrail.proxy.sequences import SequenceMode
+    from tokentrail.proxy.storage.engine import make_engine
+    from tokentrail.proxy.storage.queries import TrajectoryFilter
+
+    tags: dict[str, str] = {}
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"tokentrail: --tag {item!r} is not key=value", file=sys.stderr)
+            return 2
+        tags[key] = value
+    try:
+        since = datetime.fromisoformat(args.since) if args.since else None
+    except ValueError:
+        print(f"tokentrail: --since {args.since!r} is not an ISO date or time", file=sys.stderr)
+        return 2
+    filters = TrajectoryFilter(since=since, finished=True if args.finished else None, tags=tags or None)
+    try:
+        sink = open_sink(args.format, Path(args.out))
+    except ImportError:
+        print("tokentrail: Parquet needs the export extra: pip install 'tokentrail[export]'", file=sys.stderr)
+        return 1
+    engine = make_engine(settings.db)
+    try:
+        total = count_trajectories(engine, filters)
+        with tqdm(total=total, unit="traj", file=sys.stderr, disable=None) as bar:
+            summary = export(
+                engine, sink, filters, SequenceMode(args.mode), max(1, args.batch), lambda n: bar.update(n)
+            )
+    finally:
+        engine.dispose()
+    print(f"wrote {args.out}: {summary.line()}")
     return 0
 
 

@@ -37,6 +37,7 @@ from tokentrail.proxy.errors import (
 )
 from tokentrail.proxy.headers import strip_hop_by_hop, upstream_request_headers
 from tokentrail.proxy.records import CallRecord, Outcome
+from tokentrail.proxy.telemetry import CallSpans
 from tokentrail.proxy.trajectory import generated_trajectory_id, parse_tags_header, route_path
 from tokentrail.proxy.writer import RecordSink
 
@@ -95,10 +96,13 @@ class InFlight:
 class Relay:
     """The ASGI app behind every path that is not TokenTrail's own."""
 
-    def __init__(self, upstream: str, client: httpx.AsyncClient, sink: RecordSink) -> None:
+    def __init__(
+        self, upstream: str, client: httpx.AsyncClient, sink: RecordSink, spans: CallSpans | None = None
+    ) -> None:
         self.upstream = upstream.encode()
         self.client = client
         self.sink = sink
+        self.spans = spans
         self.in_flight = InFlight()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -251,6 +255,8 @@ class Relay:
             record.finished_at = time.time()
             capture.finish(completed and record.outcome == Outcome.OK)
             self.sink.submit(record)
+            if self.spans is not None:
+                self.spans.record(record, scope["headers"])
             logger.info(
                 "call_id=<%s>, trajectory=<%s>, route=<%s>, status=<%s>, outcome=<%s>, integrity=<%s> "
                 "| recorded",

@@ -65,11 +65,13 @@ class Proxy:
 
 
 @contextmanager
-def running_proxy(upstream: str, tmp_path: Path, **overrides: Any) -> Iterator[Proxy]:
+def running_proxy(
+    upstream: str, tmp_path: Path, tracer_provider: Any = None, **overrides: Any
+) -> Iterator[Proxy]:
     db_url = f"sqlite:///{tmp_path / 'tokentrail.db'}"
     upgrade_database(db_url)
     settings = Settings(upstream=upstream, db=db_url, fallback_path=tmp_path / "fallback.jsonl", **overrides)
-    app = create_app(settings)
+    app = create_app(settings, tracer_provider=tracer_provider)
     with serve_in_thread(app) as url:
         yield Proxy(url, db_url, app)
 

@@ -1,0 +1,159 @@
+"""``tokentrail export``: trajectories -> training sequences -> JSONL or Parquet, in bounded memory.
+
+The database is read a batch of trajectories at a time (keyset pagination on created_at, id); each
+batch becomes sequences (``sequences.build_sequences``, as the API does) and is written out before
+the next is read, so memory depends on the batch, not on the size of the database. Parquet gets one
+row group per batch; its schema is ``PARQUET_SCHEMA`` (in the README too).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, func, select
+
+from tokentrail.proxy.sequences import SequenceMode, TrainingSequence, build_sequences
+from tokentrail.proxy.storage import queries
+
+DEFAULT_BATCH = 500
+
+
+@dataclass
+class ExportSummary:
+    trajectories: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    generated_tokens: int = 0
+    prefix_mismatches: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.trajectories} trajectories, {self.sequences} sequences, {self.tokens} tokens "
+            f"({self.generated_tokens} generated), {self.prefix_mismatches} prefix mismatches, "
+            f"{self.seconds:.1f} s ({rate:,.0f} tokens/s)"
+        )
+
+
+class SequenceSink(Protocol):
+    def write(self, sequences: list[TrainingSequence]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per line and sequence."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("w", encoding="utf-8")
+
+    def write(self, sequences: list[TrainingSequence]) -> None:
+        self._file.writelines(json.dumps(s.as_dict(), separators=(",", ":")) + "\n" for s in sequences)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def parquet_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("trajectory_id", pa.string()),
+            ("sequence_index", pa.int32()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("loss_mask", pa.list_(pa.int8())),
+            ("logprobs", pa.list_(pa.float32())),
+            ("reward", pa.float64()),
+            ("call_ids", pa.list_(pa.string())),
+            ("choice_indexes", pa.list_(pa.int32())),
+            ("num_tokens", pa.int32()),
+            ("num_generated", pa.int32()),
+        ]
+    )
+
+
+class ParquetSink:
+    """A Parquet file, one row group per batch (loads with pyarrow and ``datasets``)."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self._schema = parquet_schema()
+        self._writer = pq.ParquetWriter(str(path), self._schema, compression="zstd")
+
+    def write(self, sequences: list[TrainingSequence]) -> None:
+        import pyarrow as pa
+
+        if not sequences:
+            return
+        rows = [s.as_dict() for s in sequences]
+        columns = {name: [row[name] for row in rows] for name in self._schema.names}
+        self._writer.write_table(pa.Table.from_pydict(columns, schema=self._schema))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def open_sink(fmt: str, path: Path) -> SequenceSink:
+    if fmt == "jsonl":
+        return JsonlSink(path)
+    if fmt == "parquet":
+        return ParquetSink(path)
+    raise ValueError(f"unknown format {fmt!r}: use jsonl or parquet")
+
+
+def _batches(engine: Engine, filters: queries.TrajectoryFilter, batch: int) -> Iterator[list[dict[str, Any]]]:
+    after = None
+    while True:
+        with engine.connect() as connection:
+            rows = queries.list_trajectories(connection, filters, after, batch)
+        if not rows:
+            return
+        yield rows
+        after = (rows[-1]["created_at"], rows[-1]["id"])
+
+
+def count_trajectories(engine: Engine, filters: queries.TrajectoryFilter) -> int:
+    query = queries.trajectories_query(filters, None, 2**62).order_by(None).limit(None).subquery()
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(query)).scalar_one())
+
+
+def export(
+    engine: Engine,
+    sink: SequenceSink,
+    filters: queries.TrajectoryFilter,
+    mode: SequenceMode = SequenceMode.MERGED,
+    batch: int = DEFAULT_BATCH,
+    progress: Callable[[int], object] | None = None,
+) -> ExportSummary:
+    """Write every matching trajectory's sequences to ``sink``; ``progress(n)`` after each batch."""
+    summary = ExportSummary()
+    started = time.perf_counter()
+    try:
+        for rows in _batches(engine, filters, batch):
+            with engine.connect() as connection:
+                calls = queries.load_call_tokens(connection, [r["id"] for r in rows])
+            out: list[TrainingSequence] = []
+            for row in rows:
+                built = build_sequences(row["id"], calls[row["id"]], row["reward"], mode)
+                out.extend(built.sequences)
+                summary.prefix_mismatches += len(built.mismatches)
+            sink.write(out)
+            summary.trajectories += len(rows)
+            summary.sequences += len(out)
+            summary.tokens += sum(len(s.input_ids) for s in out)
+            summary.generated_tokens += sum(sum(s.loss_mask) for s in out)
+            if progress is not None:
+                progress(len(rows))
+    finally:
+        sink.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
