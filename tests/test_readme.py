@@ -16,9 +16,9 @@ from tests.conftest import Proxy
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_sql_commands() -> list[list[str]]:
+def readme_sql_commands(marker: str = "Three questions, copy-paste:") -> list[list[str]]:
     text = README.read_text()
-    block = text.split("Three questions, copy-paste:", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    block = text.split(marker, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     code = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("#"))
     words = shlex.split(code)
     commands: list[list[str]] = []
@@ -63,3 +63,34 @@ def test_readme_sql_runs_copy_pasted(fake_proxy: Proxy, tmp_path: Path) -> None:
     turns = json.loads(outputs[2])
     assert [t["seq"] for t in turns] == [0, 1]
     assert json.loads(turns[0]["token_ids"]) == [100, 107, 114]
+
+
+def test_readme_five_questions_over_the_views_run_copy_pasted(fake_proxy: Proxy, tmp_path: Path) -> None:
+    commands = readme_sql_commands("Five questions, copy-paste:")
+    assert len(commands) == 5
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    for trajectory, extra in (("good", {}), ("good", {"n": 2}), ("bad", {})):
+        headers = {"X-Trajectory-Id": trajectory}
+        if trajectory == "bad":
+            headers["x-fake"] = "status:500"
+        httpx.post(fake_proxy.url + "/v1/chat/completions", json={**body, **extra}, headers=headers)
+    httpx.post(fake_proxy.url + "/tokentrail/v1/trajectories/good/reward", json={"reward": 2.5})
+    fake_proxy.wait_all_records()
+    outputs = []
+    for command in commands:
+        result = subprocess.run(
+            [sys.executable, "-m", "tokentrail.proxy.cli", *command],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout.splitlines())
+    rewarded, by_turn, stops, failing, latency = outputs
+    assert [cell.strip() for cell in rewarded[2].split("|")[:3]] == ["good", "2.5", "2"]
+    assert rewarded[-1] == "(1 row)"
+    assert by_turn[-1] == "(2 rows)"
+    assert any(line.startswith("length") and line.rstrip().endswith("3") for line in stops)
+    assert [line.split("|")[0].strip() for line in failing[2:-1]] == ["bad"]
+    assert latency[2].split("|")[0].strip() == "tiny"
