@@ -235,7 +235,7 @@ def _sql(settings: Settings, query: str, fmt: str) -> int:
     if fmt == "json":
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=_json_default))
     elif fmt == "csv":
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
     else:

@@ -18,7 +18,8 @@ DEFAULT_DB = "sqlite:///tokentrail.db"
 class Settings(BaseSettings):
     """Every knob of ``tokentrail serve``; each is also a ``TOKENTRAIL_<NAME>`` environment variable."""
 
-    model_config = SettingsConfigDict(env_prefix="TOKENTRAIL_", extra="ignore")
+    # An empty variable means "not set" (compose files pass ${VAR:-} through as an empty string).
+    model_config = SettingsConfigDict(env_prefix="TOKENTRAIL_", extra="ignore", env_parse_none_str="")
 
     upstream: str = Field(
         DEFAULT_UPSTREAM,

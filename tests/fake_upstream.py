@@ -248,3 +248,6 @@ async def _respond(send: Any, status: int, content_type: bytes, body: bytes) -> 
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+app = FakeUpstream()  # `uvicorn tests.fake_upstream:app`: the stand-in vLLM of the container check
