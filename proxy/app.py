@@ -7,6 +7,7 @@ relay, which forwards it to vLLM. The lifespan opens the database, the writer an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from tokentrail.proxy.relay import Relay
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.telemetry import CallSpans, tracer_provider_from_environment
+from tokentrail.proxy.upstreams import UpstreamPool
 from tokentrail.proxy.writer import RecordWriter
 
 logger = logging.getLogger(__name__)
@@ -119,7 +121,13 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
         )
         writer.start()
         client = upstream_client(settings)
-        relay = Relay(settings.upstream, client, writer, CallSpans(provider) if provider else None)
+        pool = UpstreamPool(settings.upstreams)
+        relay = Relay(pool, client, writer, CallSpans(provider) if provider else None)
+        watcher = (
+            asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))
+            if len(pool.upstreams) > 1
+            else None
+        )
         app.state.runtime = Runtime(settings, engine, writer, relay)
         logger.info("upstream=<%s>, db=<%s> | TokenTrail ready", settings.upstream, _safe_url(settings.db))
         try:
@@ -128,6 +136,8 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
             if not await relay.in_flight.wait_idle(_DRAIN_AFTER_SHUTDOWN_S):
                 logger.error("in_flight=<%d> | calls still open at shutdown", relay.in_flight.count)
             app.state.runtime = None
+            if watcher is not None:
+                watcher.cancel()
             await client.aclose()
             writer.close()
             engine.dispose()

@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--upstream", help="vLLM base URL, e.g. http://127.0.0.1:8001 [TOKENTRAIL_UPSTREAM]")
+    serve.add_argument(
+        "--upstream",
+        action="append",
+        help="vLLM base URL, e.g. http://127.0.0.1:8001; repeat for several "
+        "[TOKENTRAIL_UPSTREAM, comma-separated]",
+    )
     serve.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
     serve.add_argument("--host", help="listen address [TOKENTRAIL_HOST, default 127.0.0.1]")
     serve.add_argument("--port", type=int, help="listen port [TOKENTRAIL_PORT, default 8000]")
@@ -133,6 +138,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for _flag, name, _type in _SERVE_OPTIONS:
         value = getattr(args, name, None)
+        if isinstance(value, list):
+            value = ",".join(value)
         if value is not None:
             overrides[name] = value
     return Settings(**overrides)

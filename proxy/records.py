@@ -60,6 +60,7 @@ class CallRecord:
     tags: dict[str, str] | None = None
     request: dict[str, Any] | None = None
     model: str | None = None
+    upstream: str | None = None
     stream: bool = False
     status_code: int | None = None
     outcome: Outcome = Outcome.OK

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -39,6 +39,7 @@ from tokentrail.proxy.headers import strip_hop_by_hop, upstream_request_headers
 from tokentrail.proxy.records import CallRecord, Outcome
 from tokentrail.proxy.telemetry import CallSpans
 from tokentrail.proxy.trajectory import generated_trajectory_id, parse_tags_header, route_path
+from tokentrail.proxy.upstreams import Upstream, UpstreamPool
 from tokentrail.proxy.writer import RecordSink
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,13 @@ class _CallState:
     disconnected: bool = False
     response_started: bool = False
     upstream: httpx.Response | None = None
-    sent_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
+    target: Upstream | None = None
+
+    def release_target(self) -> None:
+        """Lower the in-flight count of the upstream this call used (once)."""
+        if self.target is not None:
+            self.target.in_flight -= 1
+            self.target = None
 
 
 class InFlight:
@@ -97,9 +103,9 @@ class Relay:
     """The ASGI app behind every path that is not TokenTrail's own."""
 
     def __init__(
-        self, upstream: str, client: httpx.AsyncClient, sink: RecordSink, spans: CallSpans | None = None
+        self, pool: UpstreamPool, client: httpx.AsyncClient, sink: RecordSink, spans: CallSpans | None = None
     ) -> None:
-        self.upstream = upstream.encode()
+        self.pool = pool
         self.client = client
         self.sink = sink
         self.spans = spans
@@ -135,14 +141,46 @@ class Relay:
                 scope, receive, send, routed.trajectory_id, path, body, received_at, tags
             )
         else:
-            await self._passthrough_call(scope, receive, send, routed.raw_path, body)
+            await self._passthrough_call(scope, receive, send, routed.raw_path, body, routed.trajectory_id)
 
     # ---- shared plumbing ----
 
-    def _upstream_url(self, raw_path: bytes, scope: Scope) -> httpx.URL:
+    async def _open(
+        self,
+        scope: Scope,
+        method: str,
+        raw_path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        trajectory_id: str | None,
+    ) -> tuple[httpx.Response, Upstream]:
+        """Send the request to the call's upstream; on a refused connection, once to another one.
+
+        The upstream's in-flight count is raised for the caller, who lowers it when the call ends.
+        """
         query: bytes = scope.get("query_string") or b""
-        target = self.upstream + raw_path + (b"?" + query if query else b"")
-        return httpx.URL(target.decode("latin-1"))
+        suffix = raw_path + (b"?" + query if query else b"")
+        upstream = self.pool.pick(trajectory_id)
+        for attempt in range(2):
+            request = self.client.build_request(
+                method,
+                httpx.URL((upstream.url_bytes + suffix).decode("latin-1")),
+                headers=headers,
+                content=body,
+            )
+            upstream.in_flight += 1
+            try:
+                return await self.client.send(request, stream=True), upstream
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                upstream.in_flight -= 1
+                self.pool.mark_down(upstream, type(exc).__name__)
+                if attempt == 1 or not self.pool.has_alternative(upstream):
+                    raise
+                upstream = self.pool.pick(trajectory_id, exclude=upstream)
+            except BaseException:
+                upstream.in_flight -= 1
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _watch(self, receive: Any, state: _CallState) -> asyncio.Task[None]:
         """Cancel the call when the client hangs up (uvicorn's send() on a gone client is silent)."""
@@ -162,19 +200,16 @@ class Relay:
     # ---- pass-through ----
 
     async def _passthrough_call(
-        self, scope: Scope, receive: Any, send: Any, raw_path: bytes, body: bytes
+        self, scope: Scope, receive: Any, send: Any, raw_path: bytes, body: bytes, trajectory_id: str | None
     ) -> None:
         state = _CallState()
         watcher = self._watch(receive, state)
         try:
-            request = self.client.build_request(
-                scope["method"],
-                self._upstream_url(raw_path, scope),
-                headers=upstream_request_headers(scope["headers"], recorded=False, body_changed=False),
-                content=body,
-            )
+            headers = upstream_request_headers(scope["headers"], recorded=False, body_changed=False)
             try:
-                upstream = await self.client.send(request, stream=True)
+                upstream, target = await self._open(
+                    scope, scope["method"], raw_path, headers, body, trajectory_id
+                )
             except httpx.TransportError as exc:
                 await _send_error(send, _transport_error(exc))
                 return
@@ -190,6 +225,7 @@ class Relay:
                     "path=<%s>, error=<%s> | upstream failed mid-response", scope["path"], type(exc).__name__
                 )
             finally:
+                target.in_flight -= 1
                 await _close_quietly(upstream)
         except asyncio.CancelledError:
             if not _absorb_disconnect(state):
@@ -250,6 +286,7 @@ class Relay:
                 await _send_error(send, UpstreamUnreachableError("the proxy failed to relay this call"))
         finally:
             watcher.cancel()
+            state.release_target()
             if state.upstream is not None:
                 await _close_quietly(state.upstream)
             record.finished_at = time.time()
@@ -269,15 +306,21 @@ class Relay:
             )
 
     async def _open_upstream(
-        self, scope: Scope, route: str, body: bytes, *, body_changed: bool
+        self,
+        scope: Scope,
+        route: str,
+        body: bytes,
+        record: CallRecord,
+        state: _CallState,
+        *,
+        body_changed: bool,
     ) -> httpx.Response:
-        request = self.client.build_request(
-            "POST",
-            self._upstream_url(route.encode(), scope),
-            headers=upstream_request_headers(scope["headers"], recorded=True, body_changed=body_changed),
-            content=body,
-        )
-        return await self.client.send(request, stream=True)
+        headers = upstream_request_headers(scope["headers"], recorded=True, body_changed=body_changed)
+        trajectory_id = None if record.seq is None else record.trajectory_id
+        response, upstream = await self._open(scope, "POST", route.encode(), headers, body, trajectory_id)
+        state.target = upstream
+        record.upstream = upstream.url
+        return response
 
     async def _exchange(
         self,
@@ -298,14 +341,19 @@ class Relay:
         record = capture.record
         changed = body is not original
         try:
-            upstream = await self._open_upstream(scope, route, body, body_changed=changed)
+            upstream = await self._open_upstream(scope, route, body, record, state, body_changed=changed)
             state.upstream = upstream
             if changed and upstream.status_code in _VALIDATION_STATUSES:
                 await upstream.aclose()
-                upstream = await self._open_upstream(scope, route, original, body_changed=False)
+                state.release_target()
+                upstream = await self._open_upstream(
+                    scope, route, original, record, state, body_changed=False
+                )
                 state.upstream = upstream
                 changed = False
         except httpx.TransportError as exc:
+            if record.upstream is None:
+                record.upstream = self.pool.pick(None if record.seq is None else record.trajectory_id).url
             error = _transport_error(exc)
             record.outcome = _transport_outcome(exc, response_started=False)
             record.status_code = error.status_code

@@ -23,7 +23,13 @@ class Settings(BaseSettings):
 
     upstream: str = Field(
         DEFAULT_UPSTREAM,
-        description="Base URL of the vLLM server (scheme, host, port; a trailing /v1 is ignored).",
+        description=(
+            "Base URL of the vLLM server (a trailing /v1 is ignored); several, comma-separated, to spread "
+            "trajectories over several servers."
+        ),
+    )
+    upstream_health_interval_s: PositiveFloat = Field(
+        2.0, description="Seconds between health probes of the upstreams (only with several)."
     )
     db: str = Field(DEFAULT_DB, description="SQLAlchemy database URL for the records.")
     host: str = Field("127.0.0.1", description="Address the proxy listens on.")
@@ -76,9 +82,16 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_upstream(cls, value: str) -> str:
         """Accept ``http://host:port``, ``http://host:port/`` and ``http://host:port/v1`` alike."""
-        value = value.strip().rstrip("/")
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("upstream must start with http:// or https://")
-        if value.endswith("/v1"):
-            value = value[: -len("/v1")]
-        return value
+        urls = []
+        for item in value.split(","):
+            url = item.strip().rstrip("/")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream {url!r} must start with http:// or https://")
+            urls.append(url.removesuffix("/v1"))
+        if len(set(urls)) != len(urls):
+            raise ValueError("an upstream is given twice")
+        return ",".join(urls)
+
+    @property
+    def upstreams(self) -> list[str]:
+        return self.upstream.split(",")

@@ -268,6 +268,7 @@ def _call_row(record: CallRecord, seq: int) -> dict[str, Any]:
         "seq": seq,
         "route": record.route,
         "model": record.model,
+        "upstream": record.upstream,
         "stream": record.stream,
         "received_at": _utc(record.received_at),
         "upstream_first_byte_at": _utc(record.upstream_first_byte_at),

@@ -25,11 +25,18 @@ class WriterHealth(BaseModel):
     integrity: dict[str, int] = Field(description="Written records by integrity value.")
 
 
+class UpstreamHealth(BaseModel):
+    url: str
+    healthy: bool
+    in_flight: int
+
+
 class Health(BaseModel):
     """The proxy's health."""
 
     status: str = Field(description="'ok', or 'degraded' when records went to the fallback file.")
     upstream: str
+    upstreams: list[UpstreamHealth]
     in_flight: int = Field(description="Calls being relayed now.")
     writer: WriterHealth
 
@@ -42,6 +49,10 @@ def health(request: Request) -> Any:
     return Health(
         status="degraded" if writer.failed else "ok",
         upstream=runtime.settings.upstream,
+        upstreams=[
+            UpstreamHealth(url=u.url, healthy=u.healthy, in_flight=u.in_flight)
+            for u in runtime.relay.pool.upstreams
+        ],
         in_flight=runtime.relay.in_flight.count,
         writer=WriterHealth(
             queue_depth=writer.queue_depth,

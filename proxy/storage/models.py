@@ -49,6 +49,7 @@ class LlmCall(SQLModel, table=True):
     seq: int
     route: str
     model: str | None = None
+    upstream: str | None = None
     stream: bool = False
     received_at: datetime
     upstream_first_byte_at: datetime | None = None
