@@ -154,7 +154,9 @@ class Relay:
         body: bytes,
         trajectory_id: str | None,
     ) -> tuple[httpx.Response, Upstream]:
-        """Send the request to the call's upstream; on a refused connection, once to another one.
+        """Send the request to the call's upstream; if it refuses the connection, or closes it before
+        answering (a keep-alive connection it was shutting down), send it once more, to another
+        upstream when there is one.
 
         The upstream's in-flight count is raised for the caller, who lowers it when the call ends.
         """
@@ -171,12 +173,15 @@ class Relay:
             upstream.in_flight += 1
             try:
                 return await self.client.send(request, stream=True), upstream
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
                 upstream.in_flight -= 1
-                self.pool.mark_down(upstream, type(exc).__name__)
-                if attempt == 1 or not self.pool.has_alternative(upstream):
+                refused = not isinstance(exc, httpx.RemoteProtocolError)
+                if refused:
+                    self.pool.mark_down(upstream, type(exc).__name__)
+                if attempt == 1 or (refused and not self.pool.has_alternative(upstream)):
                     raise
-                upstream = self.pool.pick(trajectory_id, exclude=upstream)
+                if self.pool.has_alternative(upstream):
+                    upstream = self.pool.pick(trajectory_id, exclude=upstream)
             except BaseException:
                 upstream.in_flight -= 1
                 raise

@@ -6,9 +6,13 @@ per transaction. A batch that fails is retried; after the retries each record is
 record that still cannot be written is appended to the fallback JSONL file, counted and logged.
 When the queue is full the record goes straight to the fallback file: nothing is dropped silently.
 
-``seq`` numbers the calls of a trajectory in arrival order: the relay takes an ordinal (0, 1, 2, ...
-per trajectory, in this process) when a call arrives, and the writer adds the number of calls the
-database already held for that trajectory when this process first wrote to it.
+``seq`` numbers the calls of a trajectory without gaps, in arrival order: the relay takes an ordinal
+(0, 1, 2, ... per trajectory, in this process) when a call arrives; the writer holds a record back
+until every earlier-arrived call of its trajectory has been written (a call that is still running
+cannot take long to end, and each ends with exactly one record), then gives it the next ``seq`` after
+the largest one in the database, read in the same transaction after the trajectory's row was
+upserted. That upsert locks the row, so proxy replicas writing calls of one trajectory to one
+PostgreSQL take turns and never hand out one ``seq`` twice.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,7 +76,10 @@ class RecordWriter:
         self._fallback_path = fallback_path
         self._fallback_lock = threading.Lock()
         self._ordinals: dict[str, int] = {}
-        self._seq_base: dict[str, int] = {}
+        self._next_to_write: dict[str, int] = {}  # writer thread only
+        self._held: dict[str, dict[int, CallRecord]] = {}  # writer thread only
+        self._skipped: set[tuple[str, int]] = set()  # ordinals that went to the fallback file
+        self._skipped_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="tokentrail-writer", daemon=True)
         self._progress = threading.Condition()
         self.submitted = 0
@@ -97,6 +103,9 @@ class RecordWriter:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
+            if record.seq is not None:
+                with self._skipped_lock:
+                    self._skipped.add((record.trajectory_id, record.seq))
             self._spill([record], "queue_full")
 
     @property
@@ -144,8 +153,9 @@ class RecordWriter:
                     stopping = True
                     continue
                 batch.append(item)
-            if batch:
-                self._write_with_retries(batch)
+            ready = self._in_arrival_order(batch, flush=stopping)
+            if ready:
+                self._write_with_retries(ready)
             with self._progress:
                 self._progress.notify_all()
 
@@ -182,32 +192,61 @@ class RecordWriter:
             if record.integrity not in _GOOD_INTEGRITY:
                 self.integrity_problems += 1
 
-    def _seq_bases(self, connection: Any, trajectory_ids: Iterable[str]) -> None:
-        missing = [t for t in set(trajectory_ids) if t not in self._seq_base]
-        for start in range(0, len(missing), 500):
-            chunk = missing[start : start + 500]
-            rows = connection.execute(
-                select(LlmCall.trajectory_id, func.max(LlmCall.seq))  # type: ignore[call-overload]
-                .where(LlmCall.trajectory_id.in_(chunk))  # type: ignore[attr-defined]
-                .group_by(LlmCall.trajectory_id)
-            ).all()
-            found = {trajectory_id: top + 1 for trajectory_id, top in rows}
-            for trajectory_id in chunk:
-                self._seq_base[trajectory_id] = found.get(trajectory_id, 0)
+    def _in_arrival_order(self, batch: list[CallRecord], *, flush: bool) -> list[CallRecord]:
+        """The records that may be written now, each trajectory's in arrival order (see the docstring)."""
+        ready = [r for r in batch if r.seq is None]
+        touched = set()
+        for record in batch:
+            if record.seq is not None:
+                self._held.setdefault(record.trajectory_id, {})[record.seq] = record
+                touched.add(record.trajectory_id)
+        for trajectory_id in touched if not flush else list(self._held):
+            held = self._held[trajectory_id]
+            expected = self._next_to_write.get(trajectory_id, 0)
+            while True:
+                if expected in held:
+                    ready.append(held.pop(expected))
+                elif self._take_skipped(trajectory_id, expected):
+                    pass
+                else:
+                    break
+                expected += 1
+            if flush and held:  # shutting down: a call never ended; keep what came
+                logger.warning(
+                    "trajectory=<%s>, records=<%d> | writing records out of order", trajectory_id, len(held)
+                )
+                for ordinal in sorted(held):
+                    ready.append(held.pop(ordinal))
+                    expected = ordinal + 1
+            self._next_to_write[trajectory_id] = expected
+            if not held:
+                del self._held[trajectory_id]
+        return ready
+
+    def _take_skipped(self, trajectory_id: str, ordinal: int) -> bool:
+        with self._skipped_lock:
+            if (trajectory_id, ordinal) in self._skipped:
+                self._skipped.remove((trajectory_id, ordinal))
+                return True
+        return False
 
     def _write_batch(self, batch: list[CallRecord]) -> None:
         with self._engine.begin() as connection:
-            named = [r.trajectory_id for r in batch if r.seq is not None]
-            self._seq_bases(connection, named)
-            calls: list[dict[str, Any]] = []
-            completions: list[dict[str, Any]] = []
             per_trajectory: dict[str, dict[str, Any]] = {}
             for record in batch:
-                seq = 0 if record.seq is None else self._seq_base[record.trajectory_id] + record.seq
+                _add_to_trajectory(per_trajectory, record)
+            _upsert_trajectories(connection, list(per_trajectory.values()))  # locks the rows until commit
+            next_seq = _next_seqs(connection, {r.trajectory_id for r in batch if r.seq is not None})
+            calls: list[dict[str, Any]] = []
+            completions: list[dict[str, Any]] = []
+            for record in batch:
+                if record.seq is None:
+                    seq = 0
+                else:
+                    seq = next_seq[record.trajectory_id]
+                    next_seq[record.trajectory_id] = seq + 1
                 calls.append(_call_row(record, seq))
                 completions.extend(_completion_rows(record))
-                _add_to_trajectory(per_trajectory, record)
-            _upsert_trajectories(connection, list(per_trajectory.values()))
             tagged: dict[str, dict[str, str]] = {}
             for record in batch:
                 if record.tags:
@@ -250,6 +289,21 @@ class RecordWriter:
             reason,
             self._fallback_path,
         )
+
+
+def _next_seqs(connection: Any, trajectory_ids: set[str]) -> dict[str, int]:
+    """For each trajectory, one past the largest seq the database holds (0 for a new one)."""
+    found: dict[str, int] = dict.fromkeys(trajectory_ids, 0)
+    ids = sorted(trajectory_ids)
+    for start in range(0, len(ids), 500):
+        rows = connection.execute(
+            select(LlmCall.trajectory_id, func.max(LlmCall.seq))  # type: ignore[call-overload]
+            .where(LlmCall.trajectory_id.in_(ids[start : start + 500]))  # type: ignore[attr-defined]
+            .group_by(LlmCall.trajectory_id)
+        ).all()
+        for trajectory_id, top in rows:
+            found[trajectory_id] = top + 1
+    return found
 
 
 def _describe(error: Exception | None) -> str:

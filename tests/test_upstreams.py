@@ -79,11 +79,15 @@ def test_a_trajectory_sticks_to_one_upstream_and_moves_when_it_dies(tmp_path: Pa
         assert proxy.runtime.writer.wait_settled(36 + 24, 30), "the calls did not start"
         second_server.close()  # the second vLLM goes away while calls run
         runner.join(60)
-        assert statuses == [200] * 72
+        assert len(statuses) == 72
+        assert set(statuses) <= {200, 502}, "a call cut by the upstream's death may fail, cleanly"
         proxy.wait_all_records()
         rows = proxy.rows("SELECT trajectory_id, upstream, outcome, seq FROM llm_calls ORDER BY seq")
         assert len(rows) == 36 + 72, "every call is recorded"
-        assert all(r["upstream"] in (first, second) and r["outcome"] == "ok" for r in rows)
+        assert all(r["upstream"] in (first, second) for r in rows)
+        outcomes = Counter(r["outcome"] for r in rows)
+        assert outcomes["ok"] == 36 + statuses.count(200)
+        assert set(outcomes) <= {"ok", "upstream_died", "upstream_unreachable"}
         last_round = [r for r in rows if r["seq"] == 8]
         assert len(last_round) == 12
         assert {r["upstream"] for r in last_round} == {first}, "the second upstream's trajectories moved"
