@@ -3,10 +3,10 @@
 #
 #   docker build -t tokentrail .                                   # from debian:bookworm-slim
 #   docker build --build-arg BASE_IMAGE=my/debian:12 -t tokentrail .
-#   docker build --build-arg EXTRAS=proxy,export -t tokentrail .   # with Parquet export
+#   docker build --build-arg EXTRAS=proxy,postgres,export -t tokentrail .   # with Parquet export
 ARG BASE_IMAGE=debian:bookworm-slim
 # Extras to install: add ",export" for Parquet export inside the container (pyarrow, about 130 MB more).
-ARG EXTRAS=proxy
+ARG EXTRAS=proxy,postgres
 
 FROM ${BASE_IMAGE} AS build
 ARG EXTRAS

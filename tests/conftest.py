@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.fake_upstream import FakeUpstream
+from tests.postgres import create_database, postgres_server
 from tests.servers import free_socket, serve_in_thread
 from tokentrail.proxy.app import Runtime, TokenTrailApp, create_app
 from tokentrail.proxy.settings import Settings
@@ -66,9 +67,9 @@ class Proxy:
 
 @contextmanager
 def running_proxy(
-    upstream: str, tmp_path: Path, tracer_provider: Any = None, **overrides: Any
+    upstream: str, tmp_path: Path, tracer_provider: Any = None, db_url: str | None = None, **overrides: Any
 ) -> Iterator[Proxy]:
-    db_url = f"sqlite:///{tmp_path / 'tokentrail.db'}"
+    db_url = db_url or f"sqlite:///{tmp_path / 'tokentrail.db'}"
     upgrade_database(db_url)
     settings = Settings(upstream=upstream, db=db_url, fallback_path=tmp_path / "fallback.jsonl", **overrides)
     app = create_app(settings, tracer_provider=tracer_provider)
@@ -85,6 +86,21 @@ def proxy_factory(tmp_path: Path) -> ProxyFactory:
         return running_proxy(upstream, tmp_path, **overrides)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server for the whole run (no database name; see ``db_url``)."""
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database: a SQLite file, and a database on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tokentrail.db'}"
+    return create_database(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

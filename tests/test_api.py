@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Proxy, ProxyFactory
+from tests.conftest import Proxy, ProxyFactory, running_proxy
 from tests.fake_upstream import PROMPT_IDS, FakeUpstream
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 API = "/tokentrail/v1/trajectories"
+
+
+@pytest.fixture
+def fake_proxy(fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str) -> Iterator[Proxy]:
+    """The proxy on SQLite and on PostgreSQL: the API's queries must work on both."""
+    with running_proxy(fake[1], tmp_path, db_url=db_url) as proxy:
+        yield proxy
 
 
 def _call(proxy: Proxy, trajectory_id: str, tags: str | None = None, **extra: object) -> None:

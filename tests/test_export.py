@@ -57,6 +57,7 @@ def fill(db_url: str, trajectories: int, tmp_path: Path) -> float:
         writer.submit(_record(writer, trajectory, PROMPT, FIRST))
         writer.submit(_record(writer, trajectory, PROMPT + FIRST + NEW_TURN, SECOND))
     writer.close(timeout=600)
+    writer._engine.dispose()
     assert writer.written == 2 * trajectories
     return time.perf_counter() - started
 

@@ -42,21 +42,35 @@ SELECT
     t.reward AS reward,
     t.finished AS finished,
     t.tags AS tags,
-    count(c.id) AS calls,
-    coalesce(sum(c.prompt_tokens), 0) AS prompt_tokens,
-    coalesce(sum(c.completion_tokens), 0) AS completion_tokens,
-    min(c.received_at) AS first_call_at,
-    max(c.finished_at) AS last_call_at,
-    sum(CASE WHEN c.outcome = 'ok' THEN 1 ELSE 0 END) AS ok_calls,
-    sum(CASE WHEN c.outcome = 'upstream_error' THEN 1 ELSE 0 END) AS upstream_error_calls,
-    sum(CASE WHEN c.outcome IN ('upstream_unreachable', 'upstream_timeout', 'upstream_died')
-        THEN 1 ELSE 0 END) AS upstream_failed_calls,
-    sum(CASE WHEN c.outcome = 'client_disconnected' THEN 1 ELSE 0 END) AS disconnected_calls,
-    sum(CASE WHEN c.integrity NOT IN ('ok', 'not_checked', 'no_usage', 'no_token_ids')
-        THEN 1 ELSE 0 END) AS integrity_problems
+    coalesce(c.calls, 0) AS calls,
+    coalesce(c.prompt_tokens, 0) AS prompt_tokens,
+    coalesce(c.completion_tokens, 0) AS completion_tokens,
+    c.first_call_at AS first_call_at,
+    c.last_call_at AS last_call_at,
+    coalesce(c.ok_calls, 0) AS ok_calls,
+    coalesce(c.upstream_error_calls, 0) AS upstream_error_calls,
+    coalesce(c.upstream_failed_calls, 0) AS upstream_failed_calls,
+    coalesce(c.disconnected_calls, 0) AS disconnected_calls,
+    coalesce(c.integrity_problems, 0) AS integrity_problems
 FROM trajectories t
-LEFT JOIN llm_calls c ON c.trajectory_id = t.id
-GROUP BY t.id, t.reward, t.finished, t.tags
+LEFT JOIN (
+    SELECT
+        trajectory_id,
+        count(*) AS calls,
+        sum(prompt_tokens) AS prompt_tokens,
+        sum(completion_tokens) AS completion_tokens,
+        min(received_at) AS first_call_at,
+        max(finished_at) AS last_call_at,
+        sum(CASE WHEN outcome = 'ok' THEN 1 ELSE 0 END) AS ok_calls,
+        sum(CASE WHEN outcome = 'upstream_error' THEN 1 ELSE 0 END) AS upstream_error_calls,
+        sum(CASE WHEN outcome IN ('upstream_unreachable', 'upstream_timeout', 'upstream_died')
+            THEN 1 ELSE 0 END) AS upstream_failed_calls,
+        sum(CASE WHEN outcome = 'client_disconnected' THEN 1 ELSE 0 END) AS disconnected_calls,
+        sum(CASE WHEN integrity NOT IN ('ok', 'not_checked', 'no_usage', 'no_token_ids')
+            THEN 1 ELSE 0 END) AS integrity_problems
+    FROM llm_calls
+    GROUP BY trajectory_id
+) c ON c.trajectory_id = t.id
 """
 
 
