@@ -30,6 +30,19 @@ def readme_sql_commands(marker: str = "Three questions, copy-paste:") -> list[li
     return commands
 
 
+def run_copy_pasted(command: list[str], folder: Path) -> str:
+    """Run one README ``tokentrail ...`` command in ``folder`` (where tokentrail.db is); its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tokentrail.proxy.cli", *command],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_readme_has_three_sql_questions() -> None:
     commands = readme_sql_commands()
     assert len(commands) == 3
@@ -46,17 +59,7 @@ def test_readme_sql_runs_copy_pasted(fake_proxy: Proxy, tmp_path: Path) -> None:
         )
     fake_proxy.wait_records(2)
     assert (tmp_path / "tokentrail.db").exists()
-    outputs = []
-    for command in readme_sql_commands():
-        result = subprocess.run(
-            [sys.executable, "-m", "tokentrail.proxy.cli", *command],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        outputs.append(result.stdout)
+    outputs = [run_copy_pasted(command, tmp_path) for command in readme_sql_commands()]
     assert re.search(r"ok\s+\|\s+ok\s+\|\s+1", outputs[0])
     assert re.search(r"no_usage\s+\|\s+1", outputs[0])
     assert outputs[1].strip().endswith("(2 rows)")
@@ -76,17 +79,7 @@ def test_readme_five_questions_over_the_views_run_copy_pasted(fake_proxy: Proxy,
         httpx.post(fake_proxy.url + "/v1/chat/completions", json={**body, **extra}, headers=headers)
     httpx.post(fake_proxy.url + "/tokentrail/v1/trajectories/good/reward", json={"reward": 2.5})
     fake_proxy.wait_all_records()
-    outputs = []
-    for command in commands:
-        result = subprocess.run(
-            [sys.executable, "-m", "tokentrail.proxy.cli", *command],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        outputs.append(result.stdout.splitlines())
+    outputs = [run_copy_pasted(command, tmp_path).splitlines() for command in commands]
     rewarded, by_turn, stops, failing, latency = outputs
     assert [cell.strip() for cell in rewarded[2].split("|")[:3]] == ["good", "2.5", "2"]
     assert rewarded[-1] == "(1 row)"
