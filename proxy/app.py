@@ -122,7 +122,14 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
         writer.start()
         client = upstream_client(settings)
         pool = UpstreamPool(settings.upstreams)
-        relay = Relay(pool, client, writer, CallSpans(provider) if provider else None)
+        relay = Relay(
+            pool,
+            client,
+            writer,
+            CallSpans(provider) if provider else None,
+            max_body_bytes=settings.max_body_bytes,
+            max_concurrent_calls=settings.max_concurrent_calls,
+        )
         watcher = (
             asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))
             if len(pool.upstreams) > 1

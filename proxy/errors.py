@@ -6,6 +6,8 @@
     └── ProxyRequestError         an answer the proxy itself gives instead of vLLM's
         ├── BadTrajectoryIdError  400: X-Trajectory-Id not printable or longer than 256 characters
         ├── BadTrajectoryTagsError 400: X-Trajectory-Tags not key=value pairs of the allowed form
+        ├── BodyTooLargeError     413: the request body is over TOKENTRAIL_MAX_BODY_BYTES
+        ├── TooManyCallsError     503: TOKENTRAIL_MAX_CONCURRENT_CALLS calls are already open
         ├── UpstreamUnreachableError 502: no connection to vLLM
         └── UpstreamTimeoutError  504: vLLM stayed silent past the read timeout
 
@@ -54,6 +56,16 @@ class BadTrajectoryIdError(ProxyRequestError):
 class BadTrajectoryTagsError(ProxyRequestError):
     status_code = 400
     error_type = "BadRequestError"
+
+
+class BodyTooLargeError(ProxyRequestError):
+    status_code = 413
+    error_type = "RequestEntityTooLargeError"
+
+
+class TooManyCallsError(ProxyRequestError):
+    status_code = 503
+    error_type = "ServiceUnavailableError"
 
 
 class UpstreamUnreachableError(ProxyRequestError):

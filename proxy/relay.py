@@ -30,7 +30,9 @@ from tokentrail.proxy.capture import (
     strip_token_ids,
 )
 from tokentrail.proxy.errors import (
+    BodyTooLargeError,
     ProxyRequestError,
+    TooManyCallsError,
     UpstreamTimeoutError,
     UpstreamUnreachableError,
     openai_error_body,
@@ -103,8 +105,17 @@ class Relay:
     """The ASGI app behind every path that is not TokenTrail's own."""
 
     def __init__(
-        self, pool: UpstreamPool, client: httpx.AsyncClient, sink: RecordSink, spans: CallSpans | None = None
+        self,
+        pool: UpstreamPool,
+        client: httpx.AsyncClient,
+        sink: RecordSink,
+        spans: CallSpans | None = None,
+        *,
+        max_body_bytes: int = 100 * 2**20,
+        max_concurrent_calls: int | None = None,
     ) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.max_concurrent_calls = max_concurrent_calls
         self.pool = pool
         self.client = client
         self.sink = sink
@@ -113,6 +124,12 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            return
+        if self.max_concurrent_calls is not None and self.in_flight.count >= self.max_concurrent_calls:
+            await _send_error(
+                send,
+                TooManyCallsError(f"more than {self.max_concurrent_calls} calls are open; retry shortly"),
+            )
             return
         self.in_flight.enter()
         try:
@@ -127,12 +144,10 @@ class Relay:
         try:
             routed = route_path(raw_path, headers)
             tags = parse_tags_header(headers)
+            body = await _read_body(receive, headers, self.max_body_bytes)
         except ProxyRequestError as exc:
-            await _drain_body(receive)
             await _send_error(send, exc)
             return
-        try:
-            body = await _read_body(receive)
         except _ClientGone:
             return
         path = routed.raw_path.decode("latin-1")
@@ -494,20 +509,25 @@ async def _send_error(send: Any, error: ProxyRequestError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _read_body(receive: Any) -> bytes:
+async def _read_body(receive: Any, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
+    """The whole request body; ``BodyTooLargeError`` as soon as it is known to pass ``limit``."""
+    too_large = BodyTooLargeError(f"the request body is larger than the limit of {limit} bytes")
+    for name, value in headers:
+        if name.lower() == b"content-length" and value.strip().isdigit() and int(value) > limit:
+            raise too_large
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientGone
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def _drain_body(receive: Any) -> None:
-    with contextlib.suppress(_ClientGone):
-        await _read_body(receive)
 
 
 __all__ = ["InFlight", "Relay", "openai_error_body"]

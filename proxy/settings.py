@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         Path("tokentrail-fallback.jsonl"),
         description="JSONL file that receives records the database could not take.",
     )
+    max_body_bytes: PositiveInt = Field(
+        100 * 2**20, description="Largest request body accepted; a larger one gets 413."
+    )
+    max_concurrent_calls: PositiveInt | None = Field(
+        None, description="Calls open at once at most; more get 503 at once. Empty: no limit."
+    )
     graceful_shutdown_s: PositiveFloat = Field(
         30.0, description="Seconds in-flight calls may take to finish after SIGTERM."
     )

@@ -142,11 +142,19 @@ class FakeUpstream:
             await _respond(send, sample.status, sample.content_type.encode(), sample.response)
 
     async def _complete(self, path: str, body: bytes, mode: str, send: Any, receive: Any) -> None:
-        request = json.loads(body)
+        try:
+            request = json.loads(body)
+            count = int(request.get("max_tokens") or 4)
+            n = int(request.get("n") or 1)
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError):  # like vLLM: a 400, never a 500
+            error = {
+                "error": {"message": "invalid request", "type": "BadRequestError", "param": None, "code": 400}
+            }
+            await _respond(send, 400, b"application/json", _dump(error))
+            return
+        count, n = max(0, min(count, 64)), max(1, min(n, 4))
         chat = path == "/v1/chat/completions"
         ids = bool(request.get("return_token_ids"))
-        count = int(request.get("max_tokens") or 4)
-        n = int(request.get("n") or 1)
         usage = {
             "prompt_tokens": len(PROMPT_IDS),
             "total_tokens": len(PROMPT_IDS) + count * n,
