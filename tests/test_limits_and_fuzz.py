@@ -65,7 +65,9 @@ def test_calls_over_the_concurrency_limit_get_503_at_once_and_the_others_finish(
     assert small_proxy.runtime.writer.written == 2
 
 
-header_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
+# What an HTTP client can send at all: printable ASCII without surrounding spaces (httpx refuses the rest;
+# control characters are refused by uvicorn's parser before the app, see test_relay_fake).
+header_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300).map(str.strip)
 json_value = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
@@ -91,7 +93,13 @@ path = st.sampled_from(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,  # the same inputs on every run: CI stays reproducible
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
     path=path,
