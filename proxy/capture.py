@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,7 @@ def prepare_request(route: str, body: bytes) -> PreparedRequest:
     add_flag = not asked_ids and not parsed.get("echo")
     ask = ClientAsk(
         token_ids=asked_ids,
-        logprobs=asked_logprobs and logprobs is not False,
+        logprobs=asked_logprobs,
         stream=parsed.get("stream") is True,
         include_usage=include_usage,
         n=n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1,
@@ -165,33 +166,8 @@ class ResponseCapture:
             if isinstance(prompt_ids, list):
                 self._completion_prompts.setdefault(choice.index, prompt_ids)
 
-    def feed_body(self, body: bytes) -> None:
-        """Read a whole (non-streaming) JSON response."""
-        try:
-            obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return
-        if not isinstance(obj, dict):
-            return
-        self._take_common(obj)
-        for raw in obj.get("choices") or []:
-            if not isinstance(raw, dict) or not isinstance(raw.get("index"), int):
-                continue
-            choice = self._choice(raw["index"])
-            ids = raw.get("token_ids")
-            if isinstance(ids, list):
-                choice.token_ids = ids
-            self._take_logprobs(choice, raw.get("logprobs"))
-            self._take_choice_end(choice, raw)
-            if self.chat:
-                message = raw.get("message")
-                if isinstance(message, dict):
-                    choice.message = _normalise_message(message)
-            else:
-                choice.message = {"text": raw.get("text")}
-
-    def feed_event(self, obj: dict[str, Any]) -> None:
-        """Read one parsed SSE chunk."""
+    def _take_choices(self, obj: dict[str, Any]) -> Iterator[tuple[ChoiceRecord, dict[str, Any]]]:
+        """What whole responses and stream chunks share: IDs, logprobs and finish of each choice."""
         self._take_common(obj)
         for raw in obj.get("choices") or []:
             if not isinstance(raw, dict) or not isinstance(raw.get("index"), int):
@@ -202,12 +178,30 @@ class ResponseCapture:
                 choice.token_ids.extend(ids)
             self._take_logprobs(choice, raw.get("logprobs"))
             self._take_choice_end(choice, raw)
-            if self.chat:
-                delta = raw.get("delta")
-                if isinstance(delta, dict) and delta:
-                    _merge_delta(choice.message, delta)
-            elif isinstance(raw.get("text"), str):
-                choice.message["text"] = choice.message.get("text", "") + raw["text"]
+            yield choice, raw
+
+    def feed_body(self, body: bytes) -> None:
+        """Read a whole (non-streaming) JSON response."""
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(obj, dict):
+            return
+        for choice, raw in self._take_choices(obj):
+            if not self.chat:
+                choice.message = {"text": raw.get("text")}
+            elif isinstance(raw.get("message"), dict):
+                choice.message = _normalise_message(raw["message"])
+
+    def feed_event(self, obj: dict[str, Any]) -> None:
+        """Read one parsed SSE chunk."""
+        for choice, raw in self._take_choices(obj):
+            if not self.chat:
+                if isinstance(raw.get("text"), str):
+                    choice.message["text"] = choice.message.get("text", "") + raw["text"]
+            elif isinstance(raw.get("delta"), dict) and raw["delta"]:
+                _merge_delta(choice.message, raw["delta"])
 
     def finish(self, completed: bool) -> None:
         """Put the choices on the record and judge its integrity (only for a finished call)."""

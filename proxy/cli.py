@@ -24,12 +24,8 @@ from tokentrail.proxy.settings import DEFAULT_DB, Settings
 logger = logging.getLogger("tokentrail")
 
 _CELL_WIDTH = 80
-_SERVE_OPTIONS = (
-    ("--upstream", "upstream", str),
-    ("--db", "db", str),
-    ("--host", "host", str),
-    ("--port", "port", int),
-)
+# Command-line options that override the TOKENTRAIL_* variable of the same name.
+_SETTING_OPTIONS = ("upstream", "db", "host", "port")
 
 
 def _settings_help() -> str:
@@ -38,6 +34,10 @@ def _settings_help() -> str:
         default = field.default
         lines.append(f"  TOKENTRAIL_{name.upper():<26} {field.description} [default: {default}]")
     return "\n".join(lines)
+
+
+def _add_db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="vLLM base URL, e.g. http://127.0.0.1:8001; repeat for several "
         "[TOKENTRAIL_UPSTREAM, comma-separated]",
     )
-    serve.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    _add_db_option(serve)
     serve.add_argument("--host", help="listen address [TOKENTRAIL_HOST, default 127.0.0.1]")
     serve.add_argument("--port", type=int, help="listen port [TOKENTRAIL_PORT, default 8000]")
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     upgrade = db_commands.add_parser("upgrade", help="migrate the database to the newest schema")
-    upgrade.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    _add_db_option(upgrade)
 
     sql = commands.add_parser(
         "sql",
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example: tokentrail sql "SELECT outcome, count(*) FROM llm_calls GROUP BY outcome"',
     )
     sql.add_argument("query", help="the SQL statement")
-    sql.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    _add_db_option(sql)
     fmt = sql.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON array of objects")
     fmt.add_argument("--csv", action="store_true", help="print CSV with a header row")
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metadata", help='a JSON object merged into the trajectory metadata, e.g. \'{"judge": "v2"}\''
     )
     reward.add_argument("--finish", action="store_true", help="also mark the trajectory finished")
-    reward.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    _add_db_option(reward)
 
     export = commands.add_parser(
         "export",
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per_call: one per call and choice; last_turn: only each trajectory's last call",
     )
     export.add_argument("--batch", type=int, default=500, help="trajectories read per batch (memory bound)")
-    export.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    _add_db_option(export)
 
     drift = commands.add_parser(
         "drift",
@@ -129,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drift.add_argument("trajectory_id", help="the trajectory (X-Trajectory-Id) to check")
     drift.add_argument("--tokenizer", required=True, help="tokenizer.json, or a model folder holding one")
-    drift.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
+    _add_db_option(drift)
     drift.add_argument("--json", action="store_true", help="print every sequence's report as JSON")
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for _flag, name, _type in _SERVE_OPTIONS:
+    for name in _SETTING_OPTIONS:
         value = getattr(args, name, None)
         if isinstance(value, list):
             value = ",".join(value)

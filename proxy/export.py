@@ -121,7 +121,7 @@ def _batches(engine: Engine, filters: queries.TrajectoryFilter, batch: int) -> I
 
 
 def count_trajectories(engine: Engine, filters: queries.TrajectoryFilter) -> int:
-    query = queries.trajectories_query(filters, None, 2**62).order_by(None).limit(None).subquery()
+    query = queries.filtered_trajectories(filters).subquery()
     with engine.connect() as connection:
         return int(connection.execute(select(func.count()).select_from(query)).scalar_one())
 

@@ -67,13 +67,20 @@ class _CallState:
     disconnected: bool = False
     response_started: bool = False
     upstream: httpx.Response | None = None
-    target: Upstream | None = None
+    target: Upstream | None = None  # the upstream this call uses (or last tried)
+    counted: bool = False  # whether target.in_flight counts this call
+
+    def take_target(self, upstream: Upstream) -> None:
+        self.release_target()
+        self.target = upstream
+        upstream.in_flight += 1
+        self.counted = True
 
     def release_target(self) -> None:
         """Lower the in-flight count of the upstream this call used (once)."""
-        if self.target is not None:
+        if self.target is not None and self.counted:
             self.target.in_flight -= 1
-            self.target = None
+            self.counted = False
 
 
 class InFlight:
@@ -163,43 +170,41 @@ class Relay:
     async def _open(
         self,
         scope: Scope,
+        state: _CallState,
         method: str,
         raw_path: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         trajectory_id: str | None,
-    ) -> tuple[httpx.Response, Upstream]:
+    ) -> httpx.Response:
         """Send the request to the call's upstream; if it refuses the connection, or closes it before
         answering (a keep-alive connection it was shutting down), send it once more, to another
         upstream when there is one.
 
-        The upstream's in-flight count is raised for the caller, who lowers it when the call ends.
+        ``state.target`` is the upstream last tried (its in-flight count raised until
+        ``state.release_target()``), so a failure is recorded against the upstream that failed.
         """
         query: bytes = scope.get("query_string") or b""
         suffix = raw_path + (b"?" + query if query else b"")
         upstream = self.pool.pick(trajectory_id)
         for attempt in range(2):
+            state.take_target(upstream)
             request = self.client.build_request(
                 method,
                 httpx.URL((upstream.url_bytes + suffix).decode("latin-1")),
                 headers=headers,
                 content=body,
             )
-            upstream.in_flight += 1
             try:
-                return await self.client.send(request, stream=True), upstream
+                return await self.client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-                upstream.in_flight -= 1
-                refused = not isinstance(exc, httpx.RemoteProtocolError)
-                if refused:
+                if not isinstance(exc, httpx.RemoteProtocolError):
                     self.pool.mark_down(upstream, type(exc).__name__)
-                if attempt == 1 or (refused and not self.pool.has_alternative(upstream)):
+                elif not self.pool.has_alternative(upstream) and attempt == 0:
+                    continue  # closed before answering: once more on the same upstream
+                if attempt == 1 or not self.pool.has_alternative(upstream):
                     raise
-                if self.pool.has_alternative(upstream):
-                    upstream = self.pool.pick(trajectory_id, exclude=upstream)
-            except BaseException:
-                upstream.in_flight -= 1
-                raise
+                upstream = self.pool.pick(trajectory_id, exclude=upstream)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _watch(self, receive: Any, state: _CallState) -> asyncio.Task[None]:
@@ -227,8 +232,8 @@ class Relay:
         try:
             headers = upstream_request_headers(scope["headers"], recorded=False, body_changed=False)
             try:
-                upstream, target = await self._open(
-                    scope, scope["method"], raw_path, headers, body, trajectory_id
+                upstream = await self._open(
+                    scope, state, scope["method"], raw_path, headers, body, trajectory_id
                 )
             except httpx.TransportError as exc:
                 await _send_error(send, _transport_error(exc))
@@ -245,7 +250,6 @@ class Relay:
                     "path=<%s>, error=<%s> | upstream failed mid-response", scope["path"], type(exc).__name__
                 )
             finally:
-                target.in_flight -= 1
                 await _close_quietly(upstream)
         except asyncio.CancelledError:
             if not _absorb_disconnect(state):
@@ -259,6 +263,7 @@ class Relay:
                 await _send_error(send, UpstreamUnreachableError("the proxy failed to relay this call"))
         finally:
             watcher.cancel()
+            state.release_target()
 
     # ---- recorded calls ----
 
@@ -307,6 +312,8 @@ class Relay:
         finally:
             watcher.cancel()
             state.release_target()
+            if state.target is not None:
+                record.upstream = state.target.url
             if state.upstream is not None:
                 await _close_quietly(state.upstream)
             record.finished_at = time.time()
@@ -336,10 +343,9 @@ class Relay:
         body_changed: bool,
     ) -> httpx.Response:
         headers = upstream_request_headers(scope["headers"], recorded=True, body_changed=body_changed)
-        trajectory_id = None if record.seq is None else record.trajectory_id
-        response, upstream = await self._open(scope, "POST", route.encode(), headers, body, trajectory_id)
-        state.target = upstream
-        record.upstream = upstream.url
+        trajectory_id = None if record.seq is None else record.trajectory_id  # generated ids: balance
+        response = await self._open(scope, state, "POST", route.encode(), headers, body, trajectory_id)
+        state.upstream = response
         return response
 
     async def _exchange(
@@ -362,18 +368,13 @@ class Relay:
         changed = body is not original
         try:
             upstream = await self._open_upstream(scope, route, body, record, state, body_changed=changed)
-            state.upstream = upstream
             if changed and upstream.status_code in _VALIDATION_STATUSES:
                 await upstream.aclose()
-                state.release_target()
                 upstream = await self._open_upstream(
                     scope, route, original, record, state, body_changed=False
                 )
-                state.upstream = upstream
                 changed = False
         except httpx.TransportError as exc:
-            if record.upstream is None:
-                record.upstream = self.pool.pick(None if record.seq is None else record.trajectory_id).url
             error = _transport_error(exc)
             record.outcome = _transport_outcome(exc, response_started=False)
             record.status_code = error.status_code

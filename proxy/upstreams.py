@@ -82,7 +82,11 @@ class UpstreamPool:
         await asyncio.gather(*(one(u) for u in self.upstreams))
 
     async def watch(self, client: httpx.AsyncClient, interval_s: float) -> None:
-        """Probe forever (a background task of the app's lifespan; only with several upstreams)."""
+        """Probe forever (a background task of the app's lifespan; only with several upstreams).
+
+        Upstreams start as healthy; one that is down at startup is marked down by the first refused
+        connection, before any probe.
+        """
         while True:
-            await self.probe(client)
             await asyncio.sleep(interval_s)
+            await self.probe(client)

@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 _RETRY_BACKOFF_S = (0.05, 0.25, 1.0, 2.0)
 _GATHER_S = 0.02
-_GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS})
+# Values that say nothing is wrong (a check that could not be made is not a problem); the
+# trajectory_summary view counts integrity_problems the same way.
+_GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS, Integrity.NO_USAGE})
 
 
 class RecordSink(Protocol):

@@ -116,3 +116,22 @@ def test_bad_upstream_lists_are_refused(value: str, tmp_path: Path) -> None:
 
     with pytest.raises(ValidationError):
         Settings(upstream=value)
+
+
+def test_a_refused_call_moves_to_the_live_upstream_and_the_record_names_it(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        dead = stack.enter_context(serve_in_thread(FakeUpstream()))
+    with serve_in_thread(FakeUpstream()) as live:
+        pool = UpstreamPool([dead, live])
+        trajectory = next(f"t{i}" for i in range(100) if pool.pick(f"t{i}").url == dead)
+        with running_proxy(f"{dead},{live}", tmp_path, upstream_health_interval_s=60) as proxy:
+            response = httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": trajectory})
+            assert response.status_code == 200
+            proxy.wait_all_records()
+            (row,) = proxy.rows("SELECT upstream, outcome FROM llm_calls")
+            assert row == {"upstream": live, "outcome": "ok"}
+            health = httpx.get(proxy.url + "/tokentrail/health").json()
+            assert {u["url"]: (u["healthy"], u["in_flight"]) for u in health["upstreams"]} == {
+                dead: (False, 0),
+                live: (True, 0),
+            }

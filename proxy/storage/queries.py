@@ -51,10 +51,8 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def trajectories_query(
-    filters: TrajectoryFilter, after: tuple[datetime, str] | None, limit: int
-) -> Select[Any]:
-    """Trajectories oldest first, keyset-paginated on (created_at, id)."""
+def filtered_trajectories(filters: TrajectoryFilter) -> Select[Any]:
+    """The trajectories matching ``filters``, unordered."""
     query = select(TRAJECTORIES)
     if filters.since is not None:
         query = query.where(TRAJECTORIES.c.created_at >= _utc(filters.since))
@@ -65,6 +63,14 @@ def trajectories_query(
         query = query.where(column.is_not(None) if filters.has_reward else column.is_(None))
     for key, value in (filters.tags or {}).items():
         query = query.where(TRAJECTORIES.c.tags[key].as_string() == value)
+    return query
+
+
+def trajectories_query(
+    filters: TrajectoryFilter, after: tuple[datetime, str] | None, limit: int
+) -> Select[Any]:
+    """Trajectories oldest first, keyset-paginated on (created_at, id)."""
+    query = filtered_trajectories(filters)
     if after is not None:
         created, trajectory_id = after
         created = _utc(created)
