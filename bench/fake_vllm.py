@@ -1,0 +1,346 @@
+"""A fast fake vLLM for benchmarks: vLLM 0.32's wire format from a raw asyncio protocol.
+
+Why raw asyncio: the upstream must never be what a benchmark measures. A Starlette app serves about
+6,000 calls/s on one core here; this serves several times that, so the proxy under test is the limit.
+
+What it speaks (byte layout copied from ``../shared/vllm/samples/``):
+
+* ``POST /v1/chat/completions`` and ``POST /v1/completions``, streaming (chunked SSE, ``[DONE]``) and
+  not; ``return_token_ids`` gives ID lists where vLLM gives them and ``null`` otherwise;
+  ``stream_options.include_usage`` adds the usage chunk; ``n`` choices; ``max_tokens`` tokens.
+* ``GET /health`` (200, empty) and ``GET /v1/models``.
+
+Deterministic token IDs so a benchmark can check what a proxy stored: the prompt has
+``prompt_token_count(body)`` IDs ``prompt_id(i)``, and choice ``j`` generates ``generated_id(i, j)``.
+The prompt length follows the request's text (about 4 characters per token), so a long agent prompt
+gives the large first chunk a real server would.
+
+Per-token delay: ``--token-delay-ms``, or per request the header ``x-fake-token-delay-ms``; streams
+sleep between tokens, non-streaming calls once for all of them.
+
+Run: ``python bench/fake_vllm.py --port 8100 [--token-delay-ms 0]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+FINGERPRINT = "vllm-0.32.0-fake"
+VOCAB = 32000
+_HEADER_END = b"\r\n\r\n"
+
+
+def prompt_id(i: int) -> int:
+    return (i * 31 + 7) % VOCAB
+
+
+def generated_id(i: int, choice: int) -> int:
+    return (1000 + i * 7 + choice * 13) % VOCAB
+
+
+def prompt_token_count(route: str, body: dict[str, Any]) -> int:
+    """About one token per 4 characters of prompt text, plus the chat template's few."""
+    if route == "/v1/completions":
+        prompt = body.get("prompt")
+        return max(1, len(prompt) // 4) if isinstance(prompt, str) else 1
+    chars = 0
+    for message in body.get("messages") or []:
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            chars += len(message["content"])
+    return 8 + chars // 4
+
+
+_prompt_cache: dict[int, str] = {}
+
+
+def _prompt_ids_json(count: int) -> str:
+    cached = _prompt_cache.get(count)
+    if cached is None:
+        cached = "[" + ",".join(str(prompt_id(i)) for i in range(count)) + "]"
+        if len(_prompt_cache) < 256:
+            _prompt_cache[count] = cached
+    return cached
+
+
+def _word(token_id: int) -> str:
+    return f" t{token_id}"
+
+
+class _Call:
+    """One parsed completion request and the pieces of its answer."""
+
+    def __init__(self, route: str, body: dict[str, Any], serial: int) -> None:
+        self.chat = route == "/v1/chat/completions"
+        self.stream = body.get("stream") is True
+        self.ids = body.get("return_token_ids") is True
+        options = body.get("stream_options")
+        self.usage = isinstance(options, dict) and options.get("include_usage") is True
+        n = body.get("n")
+        self.n = n if isinstance(n, int) and n > 0 else 1
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16
+        self.max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16
+        self.model = json.dumps(body.get("model") or "fake")
+        self.prompt_count = prompt_token_count(route, body)
+        kind = "chat.completion.chunk" if self.stream else "chat.completion"
+        self.head = (
+            f'{{"id":"{"chatcmpl" if self.chat else "cmpl"}-{serial:016x}","object":'
+            f'"{kind if self.chat else "text_completion"}","created":{int(time.time())},"model":{self.model}'
+        )
+
+    def _prompt_ids(self) -> str:
+        return _prompt_ids_json(self.prompt_count) if self.ids else "null"
+
+    def _usage(self) -> str:
+        completion = self.n * self.max_tokens
+        return (
+            f'{{"prompt_tokens":{self.prompt_count},"total_tokens":{self.prompt_count + completion},'
+            f'"completion_tokens":{completion}'
+        )
+
+    def whole(self) -> bytes:
+        choices = []
+        for j in range(self.n):
+            generated = [generated_id(i, j) for i in range(self.max_tokens)]
+            text = json.dumps("".join(_word(t) for t in generated))
+            ids = "[" + ",".join(map(str, generated)) + "]" if self.ids else "null"
+            if self.chat:
+                choices.append(
+                    f'{{"index":{j},"message":{{"role":"assistant","content":{text},"refusal":null,'
+                    f'"annotations":null,"audio":null,"function_call":null,"reasoning":null}},'
+                    f'"logprobs":null,"finish_reason":"length","stop_reason":null,"token_ids":{ids},'
+                    f'"routed_experts":null}}'
+                )
+            else:
+                choices.append(
+                    f'{{"index":{j},"text":{text},"logprobs":null,"finish_reason":"length",'
+                    f'"stop_reason":null,"token_ids":{ids},"prompt_logprobs":null,'
+                    f'"prompt_token_ids":{self._prompt_ids()},"routed_experts":null}}'
+                )
+        usage = self._usage() + ',"prompt_tokens_details":null,"completion_tokens_details":null}'
+        tail = (
+            f',"prompt_logprobs":null,"prompt_token_ids":{self._prompt_ids()},"prompt_text":null'
+            if self.chat
+            else ""
+        )
+        return (
+            f'{self.head},"choices":[{",".join(choices)}],"service_tier":null,'
+            f'"system_fingerprint":"{FINGERPRINT}","usage":{usage}{tail},'
+            f'"kv_transfer_params":null,"ec_transfer_params":null,"metrics":null}}'
+        ).encode()
+
+    def first_events(self) -> list[bytes]:
+        """Chat streams open with one role chunk per choice carrying the prompt IDs."""
+        if not self.chat:
+            return []
+        return [
+            _event(
+                f'{self.head},"choices":[{{"index":{j},"delta":{{"role":"assistant","content":""}},'
+                f'"logprobs":null,"finish_reason":null}}],"prompt_token_ids":{self._prompt_ids()},'
+                f'"prompt_text":null}}'
+            )
+            for j in range(self.n)
+        ]
+
+    def token_event(self, i: int, choice: int) -> bytes:
+        token = generated_id(i, choice)
+        ids = f"[{token}]" if self.ids else "null"
+        last = i == self.max_tokens - 1
+        text = json.dumps(_word(token))
+        if self.chat:
+            finish = '"finish_reason":"length","stop_reason":null' if last else '"finish_reason":null'
+            return _event(
+                f'{self.head},"choices":[{{"index":{choice},"delta":{{"content":{text}}},'
+                f'"logprobs":null,{finish},"token_ids":{ids}}}]}}'
+            )
+        prompt = self._prompt_ids() if i == 0 else "null"
+        finish = '"length"' if last else "null"
+        return _event(
+            f'{self.head},"choices":[{{"index":{choice},"text":{text},"logprobs":null,'
+            f'"finish_reason":{finish},"stop_reason":null,"prompt_token_ids":{prompt},"token_ids":{ids}}}]}}'
+        )
+
+    def last_events(self) -> list[bytes]:
+        events = []
+        if self.usage:
+            events.append(
+                _event(
+                    f'{self.head},"choices":[],"usage":{self._usage()}}},'
+                    f'"system_fingerprint":"{FINGERPRINT}"}}'
+                )
+            )
+        events.append(b"data: [DONE]\n\n")
+        return events
+
+
+def _event(payload: str) -> bytes:
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _response_head(status: int, content_type: bytes, length: int | None) -> bytes:
+    framing = b"transfer-encoding: chunked" if length is None else b"content-length: %d" % length
+    reason = b"OK" if status == 200 else b"Error"
+    return (
+        b"HTTP/1.1 %d %s\r\ndate: Thu, 01 Jan 2026 00:00:00 GMT\r\nserver: uvicorn\r\n%s\r\n"
+        b"content-type: %s\r\n\r\n" % (status, reason, framing, content_type)
+    )
+
+
+_JSON = b"application/json"
+_SSE = b"text/event-stream; charset=utf-8"
+_MODELS = b'{"object":"list","data":[{"id":"fake","object":"model","owned_by":"vllm","max_model_len":65536}]}'
+
+
+class FakeVllmProtocol(asyncio.Protocol):
+    """One client connection: HTTP/1.1 keep-alive, one request at a time."""
+
+    serial = 0
+
+    def __init__(self, default_delay_s: float) -> None:
+        self.default_delay_s = default_delay_s
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.busy = False
+        self.paused = False
+        self.drained: asyncio.Event = asyncio.Event()
+        self.drained.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def pause_writing(self) -> None:
+        self.drained.clear()
+
+    def resume_writing(self) -> None:
+        self.drained.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.drained.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.busy:
+            self._next_request()
+
+    def _next_request(self) -> None:
+        while not self.busy and self._one_request():
+            pass
+
+    def _one_request(self) -> bool:
+        """Handle the first complete request in the buffer; False when none is complete yet."""
+        end = self.buffer.find(_HEADER_END)
+        if end < 0:
+            return False
+        head = self.buffer[:end].decode("latin-1").split("\r\n")
+        method, target, _ = head[0].split(" ", 2)
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        if len(self.buffer) < end + 4 + length:
+            return False
+        body = self.buffer[end + 4 : end + 4 + length]
+        self.buffer = self.buffer[end + 4 + length :]
+        delay_header = headers.get("x-fake-token-delay-ms")
+        delay_s = float(delay_header) / 1000 if delay_header else self.default_delay_s
+        self._handle(method, target.split("?", 1)[0], body, delay_s)
+        return True
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _handle(self, method: str, path: str, body: bytes, delay_s: float) -> None:
+        if method == "GET" and path == "/health":
+            self._write(_response_head(200, _JSON, 0))
+        elif method == "GET" and path == "/v1/models":
+            self._write(_response_head(200, _JSON, len(_MODELS)) + _MODELS)
+        elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+            try:
+                parsed = json.loads(body)
+                assert isinstance(parsed, dict)
+            except (ValueError, AssertionError):
+                error = b'{"error":{"message":"bad JSON","type":"BadRequestError","param":null,"code":400}}'
+                self._write(_response_head(400, _JSON, len(error)) + error)
+                return
+            FakeVllmProtocol.serial += 1
+            call = _Call(path, parsed, FakeVllmProtocol.serial)
+            if call.stream:
+                if delay_s > 0:
+                    self.busy = True
+                    asyncio.get_running_loop().create_task(self._paced_stream(call, delay_s))
+                else:
+                    events = call.first_events()
+                    for i in range(call.max_tokens):
+                        events.extend(call.token_event(i, j) for j in range(call.n))
+                    events.extend(call.last_events())
+                    self._write(
+                        _response_head(200, _SSE, None) + b"".join(map(_chunk, events)) + b"0\r\n\r\n"
+                    )
+            elif delay_s > 0:
+                self.busy = True
+                asyncio.get_running_loop().create_task(self._paced_whole(call, delay_s))
+            else:
+                payload = call.whole()
+                self._write(_response_head(200, _JSON, len(payload)) + payload)
+        else:
+            error = b'{"detail":"Not Found"}'
+            self._write(_response_head(404, _JSON, len(error)) + error)
+
+    async def _paced_stream(self, call: _Call, delay_s: float) -> None:
+        self._write(_response_head(200, _SSE, None) + b"".join(map(_chunk, call.first_events())))
+        for i in range(call.max_tokens):
+            await asyncio.sleep(delay_s)
+            if self.transport is None:
+                return
+            await self.drained.wait()
+            self._write(b"".join(_chunk(call.token_event(i, j)) for j in range(call.n)))
+        self._write(b"".join(map(_chunk, call.last_events())) + b"0\r\n\r\n")
+        self._done()
+
+    async def _paced_whole(self, call: _Call, delay_s: float) -> None:
+        await asyncio.sleep(delay_s * call.max_tokens)
+        payload = call.whole()
+        self._write(_response_head(200, _JSON, len(payload)) + payload)
+        self._done()
+
+    def _done(self) -> None:
+        self.busy = False
+        self._next_request()
+
+
+async def serve(host: str, port: int, delay_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: FakeVllmProtocol(delay_s), host, port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        pass
+    asyncio.run(serve(args.host, args.port, args.token_delay_ms / 1000))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""Side-by-side benchmark: direct, nginx, a naive FastAPI + httpx passthrough and TokenTrail, one run.
+
+    python bench/run.py                      # full matrix against the fast fake vLLM (about 5 min)
+    python bench/run.py --quick              # the headline cells only
+    python bench/run.py --upstream URL       # direct vs TokenTrail against a real vLLM
+
+Every proxy under test is pinned to one core (``--proxy-core``), the fake upstream and the load
+generator to the other (``--other-core``), so a proxy can never borrow the load generator's CPU. For
+each scenario the targets are measured one after another, so their ratios come from the same minutes
+of the same machine. Cells: non-streaming, streaming with 0 and 2 ms per token; prompts of 40 and
+4,000 tokens; concurrency 1, 16, 64; plus text completions. ``--repeat 3`` prints the median of three.
+
+After the load, the runner checks TokenTrail's database: one row per call it answered, and for a
+sample of rows the stored prompt and generated IDs equal the fake upstream's deterministic IDs.
+nginx comes from Debian's ``nginx-light`` package; without it that column is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, text
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from fake_vllm import generated_id, prompt_id  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    stream: bool
+    concurrency: int
+    prompt_tokens: int = 40
+    delay_ms: float = 0.0
+    route: str = "chat"
+
+    def loadgen_args(self, max_tokens: int) -> list[str]:
+        args = [
+            "--route",
+            self.route,
+            "--concurrency",
+            str(self.concurrency),
+            "--prompt-tokens",
+            str(self.prompt_tokens),
+            "--max-tokens",
+            str(max_tokens),
+            "--token-delay-ms",
+            str(self.delay_ms),
+        ]
+        return args + (["--stream"] if self.stream else [])
+
+
+def full_matrix() -> list[Scenario]:
+    cells = []
+    for prompt in (40, 4000):
+        for mode, stream, delay in (
+            ("non-stream", False, 0.0),
+            ("stream", True, 0.0),
+            ("stream 2ms", True, 2.0),
+        ):
+            for concurrency in (1, 16, 64):
+                cells.append(Scenario(f"{mode} p{prompt} c{concurrency}", stream, concurrency, prompt, delay))
+    cells.append(Scenario("text non-stream p40 c16", False, 16, route="completions"))
+    cells.append(Scenario("text stream p40 c16", True, 16, route="completions"))
+    return cells
+
+
+def quick_matrix() -> list[Scenario]:
+    return [
+        Scenario("non-stream p40 c1", False, 1),
+        Scenario("non-stream p40 c64", False, 64),
+        Scenario("stream 2ms p40 c64", True, 64, delay_ms=2.0),
+        Scenario("stream p4000 c16", True, 16, prompt_tokens=4000),
+    ]
+
+
+def real_vllm_matrix() -> list[Scenario]:
+    return [
+        Scenario("non-stream p40 c1", False, 1),
+        Scenario("non-stream p40 c16", False, 16),
+        Scenario("stream p40 c1", True, 1),
+        Scenario("stream p40 c16", True, 16),
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{process.args!r} exited during startup")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer")
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+_NGINX_CONF = """
+worker_processes 1;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    client_max_body_size 100m;
+    keepalive_requests 1000000;
+    upstream vllm {{ server {upstream}; keepalive 256; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://vllm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class Targets:
+    """Starts and stops the upstream and every proxy under test."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.urls: dict[str, str] = {}
+        self.db_url = f"sqlite:///{tmp / 'bench.db'}"
+        self.tokentrail_pid = 0
+
+    def _pinned(self, core: int, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        prefix = ["taskset", "-c", str(core)] if shutil.which("taskset") and not self.args.no_pin else []
+        process = subprocess.Popen(prefix + command, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def start(self) -> None:
+        args = self.args
+        if args.upstream:
+            upstream = args.upstream.rstrip("/").removesuffix("/v1")
+        else:
+            port = _free_port()
+            upstream = f"http://127.0.0.1:{port}"
+            process = self._pinned(
+                args.other_core, [sys.executable, str(BENCH / "fake_vllm.py"), "--port", str(port)]
+            )
+            _wait_http(upstream + "/health", process)
+        self.urls["direct"] = upstream
+        wanted = args.targets.split(",")
+        if "nginx" in wanted and not args.upstream:
+            nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+            if nginx is None:
+                print("nginx not found (apt install nginx-light): leaving it out", file=sys.stderr)
+            else:
+                port = _free_port()
+                conf = self.tmp / "nginx.conf"
+                user = "user root;" if os.geteuid() == 0 else ""
+                conf.write_text(
+                    _NGINX_CONF.format(
+                        tmp=self.tmp, port=port, upstream=upstream.removeprefix("http://"), user=user
+                    )
+                )
+                process = self._pinned(
+                    args.proxy_core, [nginx, "-c", str(conf), "-p", str(self.tmp), "-g", "daemon off;"]
+                )
+                self.urls["nginx"] = f"http://127.0.0.1:{port}"
+                _wait_http(self.urls["nginx"] + "/health", process)
+        if "naive" in wanted and not args.upstream:
+            port = _free_port()
+            process = self._pinned(
+                args.proxy_core,
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "naive_proxy:app",
+                    "--app-dir",
+                    str(BENCH),
+                    "--port",
+                    str(port),
+                    "--loop",
+                    "uvloop",
+                    "--http",
+                    "httptools",
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
+                env=dict(os.environ, NAIVE_UPSTREAM=upstream),
+            )
+            self.urls["naive"] = f"http://127.0.0.1:{port}"
+            _wait_http(self.urls["naive"] + "/health", process)
+        if "tokentrail" in wanted:
+            port = _free_port()
+            env = dict(
+                os.environ,
+                TOKENTRAIL_UPSTREAM=upstream,
+                TOKENTRAIL_DB=self.db_url,
+                TOKENTRAIL_PORT=str(port),
+                TOKENTRAIL_LOG_LEVEL="warning",
+                TOKENTRAIL_FALLBACK_PATH=str(self.tmp / "fallback.jsonl"),
+            )
+            process = self._pinned(
+                args.proxy_core, [sys.executable, "-m", "tokentrail.proxy.cli", "serve"], env=env
+            )
+            self.urls["tokentrail"] = f"http://127.0.0.1:{port}"
+            _wait_http(self.urls["tokentrail"] + "/tokentrail/health", process)
+            self.tokentrail_pid = process.pid
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _load(
+    args: argparse.Namespace, url: str, scenario: Scenario, model: str, prefix: str | None
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(BENCH / "loadgen.py"),
+        "--url",
+        url,
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--model",
+        model,
+        *scenario.loadgen_args(args.max_tokens),
+    ]
+    if prefix is not None:
+        command += ["--trajectory-prefix", prefix]
+    if not args.no_pin and shutil.which("taskset"):
+        command = ["taskset", "-c", str(args.other_core), *command]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(output)
+    return result
+
+
+def _verify(db_url: str, expected_calls: int, sample: int = 200) -> list[str]:
+    """Problems found in TokenTrail's database (empty when every call is there with exact IDs)."""
+    problems = []
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT count(*) FROM llm_calls")).scalar_one()
+        if rows != expected_calls:
+            problems.append(f"{rows} call rows for {expected_calls} calls answered")
+        bad = connection.execute(
+            text("SELECT count(*) FROM llm_calls WHERE outcome != 'ok' OR integrity != 'ok'")
+        ).scalar_one()
+        if bad:
+            problems.append(f"{bad} rows not ok")
+        picked = connection.execute(
+            text(
+                "SELECT c.prompt_token_ids, c.prompt_tokens, p.token_ids, p.choice_index, "
+                "c.completion_tokens "
+                "FROM llm_calls c JOIN completions p ON p.call_id = c.id ORDER BY random() LIMIT :n"
+            ),
+            {"n": sample},
+        ).all()
+    engine.dispose()
+    for prompt_raw, prompt_count, generated_raw, choice, completion_count in picked:
+        prompt = json.loads(prompt_raw) if isinstance(prompt_raw, str) else prompt_raw
+        generated = json.loads(generated_raw) if isinstance(generated_raw, str) else generated_raw
+        if prompt != [prompt_id(i) for i in range(prompt_count)]:
+            problems.append("stored prompt IDs differ from the upstream's")
+        if generated != [generated_id(i, choice) for i in range(completion_count)]:
+            problems.append("stored generated IDs differ from the upstream's")
+    return sorted(set(problems)) + ([f"checked {len(picked)} sampled rows"] if not problems else [])
+
+
+def _wait_written(url: str, expected: int, limit_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + limit_s
+    while True:
+        writer: dict[str, Any] = httpx.get(url + "/tokentrail/health", timeout=5).json()["writer"]
+        if writer["records_written"] + writer["records_failed"] >= expected or time.monotonic() > deadline:
+            return writer
+        time.sleep(0.1)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--targets", default="direct,nginx,naive,tokentrail")
+    parser.add_argument("--quick", action="store_true", help="only the headline cells")
+    parser.add_argument("--upstream", help="a real vLLM: direct vs TokenTrail only")
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of the matrix; the median is printed")
+    parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per call")
+    parser.add_argument("--proxy-core", type=int, default=0)
+    parser.add_argument("--other-core", type=int, default=1)
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--json-out", type=Path, help="write every measurement here")
+    args = parser.parse_args()
+    if args.upstream:
+        args.targets = "direct,tokentrail"
+        args.no_pin = True  # a real vLLM wants every core it can get
+        scenarios = real_vllm_matrix()
+    else:
+        scenarios = quick_matrix() if args.quick else full_matrix()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        targets = Targets(args, Path(tmp_name))
+        targets.start()
+        model = "fake"
+        if args.upstream:
+            model = httpx.get(targets.urls["direct"] + "/v1/models", timeout=10).json()["data"][0]["id"]
+        names = [t for t in args.targets.split(",") if t in targets.urls]
+        measurements: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        tokentrail_calls = 0
+        rss: list[float] = []
+        try:
+            for repeat in range(args.repeat):
+                for index, scenario in enumerate(scenarios):
+                    for name in names:
+                        prefix = f"bench-{repeat}-{index}" if name == "tokentrail" else None
+                        result = _load(args, targets.urls[name], scenario, model, prefix)
+                        measurements.setdefault((scenario.name, name), []).append(result)
+                        if name == "tokentrail":
+                            tokentrail_calls += result["total_ok"]
+                            rss.append(_rss_mib(targets.tokentrail_pid))
+                        print(
+                            f"  {scenario.name:<26}{name:<11}{result['calls_per_s']:>9.0f} calls/s",
+                            file=sys.stderr,
+                        )
+            writer = (
+                _wait_written(targets.urls["tokentrail"], tokentrail_calls) if "tokentrail" in names else None
+            )
+        finally:
+            targets.stop()
+        problems = _verify(targets.db_url, tokentrail_calls) if writer is not None else []
+        db_bytes = Path(targets.db_url.removeprefix("sqlite:///")).stat().st_size if writer is not None else 0
+    _print_table(scenarios, names, measurements, args)
+    if writer is not None:
+        print(
+            f"\nTokenTrail: {tokentrail_calls} calls answered, {writer['records_written']} records written, "
+            f"{writer['records_failed']} failed; RSS {min(rss):.0f}-{max(rss):.0f} MiB over the run; "
+            f"database {db_bytes / 2**20:.1f} MiB"
+        )
+        print("check: " + "; ".join(problems))
+    if args.json_out:
+        flat = [{"scenario": s, "target": t, "runs": runs} for (s, t), runs in measurements.items()]
+        args.json_out.write_text(json.dumps(flat, indent=1))
+    return 1 if any(not p.startswith("checked") for p in problems) else 0
+
+
+def _print_table(
+    scenarios: list[Scenario],
+    names: list[str],
+    measurements: dict[tuple[str, str], list[dict[str, Any]]],
+    args: argparse.Namespace,
+) -> None:
+    print(
+        f"\n{args.duration:g} s per cell, {args.max_tokens} generated tokens per call, "
+        f"median of {args.repeat} run(s); proxies pinned to core {args.proxy_core}, "
+        f"upstream and load generator to core {args.other_core}"
+        if not args.no_pin
+        else f"\n{args.duration:g} s per cell, not pinned"
+    )
+    header = f"{'scenario':<26}{'target':<11}{'calls/s':>9}{'x direct':>9}{'p50 ms':>8}{'p99 ms':>8}"
+    header += f"{'+p50':>7}{'+p99':>7}{'ttft':>7}{'+ttft':>7}{'err':>5}"
+    print(header)
+    for scenario in scenarios:
+        direct = measurements.get((scenario.name, "direct"))
+        for name in names:
+            runs = measurements[(scenario.name, name)]
+            cps = _median([r["calls_per_s"] for r in runs])
+            p50 = _median([r["p50_ms"] for r in runs])
+            p99 = _median([r["p99_ms"] for r in runs])
+            ttft = _median([r["ttft_p50_ms"] for r in runs]) if scenario.stream else None
+            errors = sum(r["errors"] for r in runs)
+            ratio = add50 = add99 = addttft = None
+            if direct is not None and name != "direct":
+                ratio = _median(
+                    [r["calls_per_s"] / d["calls_per_s"] for r, d in zip(runs, direct, strict=True)]
+                )
+                add50 = _median([r["p50_ms"] - d["p50_ms"] for r, d in zip(runs, direct, strict=True)])
+                add99 = _median([r["p99_ms"] - d["p99_ms"] for r, d in zip(runs, direct, strict=True)])
+                if scenario.stream:
+                    addttft = _median(
+                        [r["ttft_p50_ms"] - d["ttft_p50_ms"] for r, d in zip(runs, direct, strict=True)]
+                    )
+            print(
+                f"{scenario.name:<26}{name:<11}{_fmt(cps, 0):>9}{_fmt(ratio):>9}{_fmt(p50):>8}{_fmt(p99):>8}"
+                f"{_fmt(add50):>7}{_fmt(add99):>7}{_fmt(ttft):>7}{_fmt(addttft):>7}{errors:>5}"
+            )
+        _print_extra_ratios(scenario, names, measurements)
+
+
+def _print_extra_ratios(
+    scenario: Scenario, names: list[str], measurements: dict[tuple[str, str], list[dict[str, Any]]]
+) -> None:
+    if "tokentrail" not in names:
+        return
+    ours = measurements[(scenario.name, "tokentrail")]
+    parts = []
+    for other in ("naive", "nginx"):
+        if other in names:
+            theirs = measurements[(scenario.name, other)]
+            ratio = _median([a["calls_per_s"] / b["calls_per_s"] for a, b in zip(ours, theirs, strict=True)])
+            parts.append(f"tokentrail/{other} {_fmt(ratio)}")
+    if parts:
+        print(f"{'':<26}{', '.join(parts)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
