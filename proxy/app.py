@@ -2,7 +2,7 @@
 
 Paths under ``/tokentrail/`` go to FastAPI (health, docs); every other path goes to the plain-ASGI
 relay, which forwards it to vLLM. The lifespan opens the database, the writer and the one shared
-``httpx.AsyncClient``, and on shutdown waits for open calls, then drains the writer.
+upstream client, and on shutdown waits for open calls, then drains the writer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,6 +28,7 @@ from tokentrail.proxy.relay import Relay
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.telemetry import CallSpans, tracer_provider_from_environment
+from tokentrail.proxy.upstream_client import UpstreamClient
 from tokentrail.proxy.upstreams import UpstreamPool
 from tokentrail.proxy.writer import RecordWriter
 
@@ -38,22 +38,13 @@ OWN_PREFIX = "/tokentrail/"
 _DRAIN_AFTER_SHUTDOWN_S = 10.0
 
 
-def upstream_client(settings: Settings) -> httpx.AsyncClient:
+def upstream_client(settings: Settings) -> UpstreamClient:
     """The one client to vLLM: no total deadline, no redirects, a keep-alive below vLLM's own."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=settings.upstream_connect_timeout,
-            read=settings.upstream_read_timeout,
-            write=30.0,
-            pool=None,
-        ),
-        limits=httpx.Limits(
-            max_connections=settings.upstream_max_connections,
-            max_keepalive_connections=None,
-            keepalive_expiry=settings.upstream_keepalive_expiry,
-        ),
-        follow_redirects=False,
-        trust_env=False,
+    return UpstreamClient(
+        connect_timeout_s=settings.upstream_connect_timeout,
+        read_timeout_s=settings.upstream_read_timeout,
+        max_connections=settings.upstream_max_connections,
+        keepalive_s=settings.upstream_keepalive_expiry,
     )
 
 

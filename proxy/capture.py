@@ -16,12 +16,12 @@ streams a chunk with an empty delta only because the flag asked for that token's
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tokentrail.proxy import jsonio
 from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -63,7 +63,7 @@ def prepare_request(route: str, body: bytes) -> PreparedRequest:
     ``echo`` is left alone: vLLM echoes an empty prompt text when ``return_token_ids`` is set.
     """
     try:
-        parsed = json.loads(body)
+        parsed = jsonio.loads(body)
     except (ValueError, UnicodeDecodeError):
         return PreparedRequest(body, ClientAsk(), None, None)
     if not isinstance(parsed, dict):
@@ -86,14 +86,64 @@ def prepare_request(route: str, body: bytes) -> PreparedRequest:
     stored = {k: v for k, v in parsed.items() if k.lower() not in _SECRET_KEYS}
     model = parsed.get("model")
     if add_flag:
-        parsed["return_token_ids"] = True
-        body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+        body = _with_token_ids_flag(body, parsed)
     return PreparedRequest(body, ask, stored, model if isinstance(model, str) else None)
 
 
+def _with_token_ids_flag(body: bytes, parsed: dict[str, Any]) -> bytes:
+    """The body with ``"return_token_ids":true``, keeping the client's bytes where possible.
+
+    When the key is absent the flag goes in right after the opening brace (no re-serialisation of a
+    possibly large request); when the client set it to something else, the body is rewritten, since a
+    duplicate key's meaning depends on the parser.
+    """
+    if "return_token_ids" not in parsed:
+        start = body.find(b"{")
+        return (
+            body[: start + 1]
+            + (b'"return_token_ids":true,' if parsed else b'"return_token_ids":true')
+            + body[start + 1 :]
+        )
+    parsed = {**parsed, "return_token_ids": True}
+    return jsonio.dumps_text(parsed).encode()
+
+
 def strip_token_ids(payload: bytes) -> bytes:
-    """Turn every ``"token_ids":[...]``/``"prompt_token_ids":[...]`` into ``null``, as without the flag."""
-    return _TOKEN_IDS_ARRAY.sub(rb"\1null", payload)
+    """Turn every ``"token_ids":[...]``/``"prompt_token_ids":[...]`` into ``null``, as without the flag.
+
+    The regex runs only from the byte before each ``token_ids"`` that ``bytes.find`` locates: a
+    scan of the whole payload by the regex engine tried a match at every ``{`` and ``,`` and was a
+    measurable part of the relay's time on large responses.
+    """
+    pieces: list[bytes] = []
+    done = 0
+    search = 0
+    while True:
+        found = payload.find(b'token_ids"', search)
+        if found < 0:
+            break
+        search = found + 10
+        start = found - 1 if payload[found - 1 : found] == b'"' else found - 8  # '"' or '"prompt_'
+        key_start = _last_non_space(payload, start - 1)
+        if key_start < done:
+            continue
+        match = _TOKEN_IDS_ARRAY.match(payload, key_start)
+        if match is None:
+            continue
+        pieces.append(payload[done : match.end(1)])
+        pieces.append(b"null")
+        done = search = match.end()
+    if not pieces:
+        return payload
+    pieces.append(payload[done:])
+    return b"".join(pieces)
+
+
+def _last_non_space(payload: bytes, index: int) -> int:
+    """The index of the last non-whitespace byte at or before ``index`` (-1 when none)."""
+    while index >= 0 and payload[index] in b" \t\r\n":
+        index -= 1
+    return index
 
 
 def _completion_logprob_entries(logprobs: dict[str, Any]) -> list[Any]:
@@ -183,7 +233,7 @@ class ResponseCapture:
     def feed_body(self, body: bytes) -> None:
         """Read a whole (non-streaming) JSON response."""
         try:
-            obj = json.loads(body)
+            obj = jsonio.loads(body)
         except (ValueError, UnicodeDecodeError):
             return
         if not isinstance(obj, dict):
@@ -339,10 +389,10 @@ class StreamTap:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take one upstream read; return the bytes to send to the client now (maybe empty)."""
-        self._buffer += chunk
+        # Reads usually end at an event boundary: then the read itself is parsed, never copied.
+        buffer = self._buffer + chunk if self._buffer else chunk
         out: list[bytes] = []
         start = 0
-        buffer = self._buffer
         while True:
             match = _EVENT_END.search(buffer, start)
             if match is None:
@@ -373,7 +423,7 @@ class StreamTap:
             self.saw_done = True
             return True
         try:
-            obj = json.loads(data)
+            obj = jsonio.loads(data)
         except (ValueError, UnicodeDecodeError):
             return True
         if not isinstance(obj, dict):

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
+from tokentrail.proxy import jsonio
 from tokentrail.proxy.capture import (
     CHAT_ROUTE,
     RECORDED_ROUTES,
@@ -38,9 +35,18 @@ from tokentrail.proxy.errors import (
     openai_error_body,
 )
 from tokentrail.proxy.headers import strip_hop_by_hop, upstream_request_headers
+from tokentrail.proxy.ids import new_id
 from tokentrail.proxy.records import CallRecord, Outcome
 from tokentrail.proxy.telemetry import CallSpans
 from tokentrail.proxy.trajectory import generated_trajectory_id, parse_tags_header, route_path
+from tokentrail.proxy.upstream_client import (
+    UpstreamClient,
+    UpstreamClosedError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamReadTimeout,
+    UpstreamResponse,
+)
 from tokentrail.proxy.upstreams import Upstream, UpstreamPool
 from tokentrail.proxy.writer import RecordSink
 
@@ -66,7 +72,7 @@ class _CallState:
     response_done: bool = False
     disconnected: bool = False
     response_started: bool = False
-    upstream: httpx.Response | None = None
+    upstream: UpstreamResponse | None = None
     target: Upstream | None = None  # the upstream this call uses (or last tried)
     counted: bool = False  # whether target.in_flight counts this call
 
@@ -114,7 +120,7 @@ class Relay:
     def __init__(
         self,
         pool: UpstreamPool,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         sink: RecordSink,
         spans: CallSpans | None = None,
         *,
@@ -176,7 +182,7 @@ class Relay:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         trajectory_id: str | None,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """Send the request to the call's upstream; if it refuses the connection, or closes it before
         answering (a keep-alive connection it was shutting down), send it once more, to another
         upstream when there is one.
@@ -189,16 +195,11 @@ class Relay:
         upstream = self.pool.pick(trajectory_id)
         for attempt in range(2):
             state.take_target(upstream)
-            request = self.client.build_request(
-                method,
-                httpx.URL((upstream.url_bytes + suffix).decode("latin-1")),
-                headers=headers,
-                content=body,
-            )
+            url = (upstream.url_bytes + suffix).decode("latin-1")
             try:
-                return await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-                if not isinstance(exc, httpx.RemoteProtocolError):
+                return await self.client.send(method, url, headers, body)
+            except (UpstreamConnectError, UpstreamClosedError) as exc:
+                if isinstance(exc, UpstreamConnectError):
                     self.pool.mark_down(upstream, type(exc).__name__)
                 elif not self.pool.has_alternative(upstream) and attempt == 0:
                     continue  # closed before answering: once more on the same upstream
@@ -235,17 +236,17 @@ class Relay:
                 upstream = await self._open(
                     scope, state, scope["method"], raw_path, headers, body, trajectory_id
                 )
-            except httpx.TransportError as exc:
+            except UpstreamError as exc:
                 await _send_error(send, _transport_error(exc))
                 return
             try:
                 state.response_started = True
-                await send(_start(upstream.status_code, strip_hop_by_hop(upstream.headers.raw)))
-                async for chunk in upstream.aiter_raw():
+                await send(_start(upstream.status_code, strip_hop_by_hop(upstream.raw_headers)))
+                async for chunk in upstream.iter_raw():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 state.response_done = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except httpx.TransportError as exc:
+            except UpstreamError as exc:
                 logger.warning(
                     "path=<%s>, error=<%s> | upstream failed mid-response", scope["path"], type(exc).__name__
                 )
@@ -280,10 +281,10 @@ class Relay:
     ) -> None:
         prepared = prepare_request(route, body)
         if trajectory_id is None:
-            record = CallRecord(uuid.uuid4().hex, generated_trajectory_id(), route, received_at)
+            record = CallRecord(new_id(), generated_trajectory_id(), route, received_at)
         else:
             ordinal = self.sink.next_ordinal(trajectory_id)
-            record = CallRecord(uuid.uuid4().hex, trajectory_id, route, received_at, seq=ordinal)
+            record = CallRecord(new_id(), trajectory_id, route, received_at, seq=ordinal)
         record.tags = tags
         record.request = prepared.request
         record.model = prepared.model
@@ -341,7 +342,7 @@ class Relay:
         state: _CallState,
         *,
         body_changed: bool,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         headers = upstream_request_headers(scope["headers"], recorded=True, body_changed=body_changed)
         trajectory_id = None if record.seq is None else record.trajectory_id  # generated ids: balance
         response = await self._open(scope, state, "POST", route.encode(), headers, body, trajectory_id)
@@ -374,7 +375,7 @@ class Relay:
                     scope, route, original, record, state, body_changed=False
                 )
                 changed = False
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
             error = _transport_error(exc)
             record.outcome = _transport_outcome(exc, response_started=False)
             record.status_code = error.status_code
@@ -382,7 +383,7 @@ class Relay:
             await _send_error(send, error)
             return False
         record.status_code = upstream.status_code
-        content_type = upstream.headers.get("content-type", "")
+        content_type = upstream.content_type
         if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
             return await self._relay_stream(send, upstream, capture, state, strip=changed)
         return await self._relay_body(send, upstream, capture, state, strip=changed)
@@ -390,7 +391,7 @@ class Relay:
     async def _relay_body(
         self,
         send: Any,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         capture: ResponseCapture,
         state: _CallState,
         strip: bool,
@@ -398,11 +399,11 @@ class Relay:
         record = capture.record
         chunks: list[bytes] = []
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.iter_raw():
                 if record.upstream_first_byte_at is None:
                     record.upstream_first_byte_at = time.time()
                 chunks.append(chunk)
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
             error = _transport_error(exc)
             record.outcome = _transport_outcome(exc, response_started=True)
             record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
@@ -418,7 +419,7 @@ class Relay:
         else:
             record.outcome = Outcome.UPSTREAM_ERROR
             record.error = _error_message(body)
-        headers = strip_hop_by_hop(upstream.headers.raw, frozenset({b"content-length"}))
+        headers = strip_hop_by_hop(upstream.raw_headers, frozenset({b"content-length"}))
         headers.append((b"content-length", str(len(body)).encode()))
         state.response_started = True
         await send(_start(upstream.status_code, headers))
@@ -429,24 +430,24 @@ class Relay:
     async def _relay_stream(
         self,
         send: Any,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         capture: ResponseCapture,
         state: _CallState,
         strip: bool,
     ) -> bool:
         record = capture.record
         tap = StreamTap(capture, strip)
-        headers = strip_hop_by_hop(upstream.headers.raw, frozenset({b"content-length"}))
+        headers = strip_hop_by_hop(upstream.raw_headers, frozenset({b"content-length"}))
         state.response_started = True
         await send(_start(upstream.status_code, headers))
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.iter_raw():
                 if record.upstream_first_byte_at is None:
                     record.upstream_first_byte_at = time.time()
                 out = tap.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
             # The status is already sent: end the stream abruptly, as vLLM dying would have.
             record.outcome = _transport_outcome(exc, response_started=True)
             record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
@@ -470,21 +471,21 @@ def _absorb_disconnect(state: _CallState) -> bool:
     return True
 
 
-async def _close_quietly(response: httpx.Response) -> None:
-    with contextlib.suppress(httpx.TransportError):
+async def _close_quietly(response: UpstreamResponse) -> None:
+    with contextlib.suppress(UpstreamError):
         await response.aclose()
 
 
-def _transport_error(exc: httpx.TransportError) -> ProxyRequestError:
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+def _transport_error(exc: UpstreamError) -> ProxyRequestError:
+    if isinstance(exc, UpstreamReadTimeout):
         return UpstreamTimeoutError("the upstream vLLM server did not answer in time")
     return UpstreamUnreachableError("the upstream vLLM server could not be reached or closed the connection")
 
 
-def _transport_outcome(exc: httpx.TransportError, *, response_started: bool) -> Outcome:
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+def _transport_outcome(exc: UpstreamError, *, response_started: bool) -> Outcome:
+    if isinstance(exc, UpstreamReadTimeout):
         return Outcome.UPSTREAM_TIMEOUT
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) and not response_started:
+    if isinstance(exc, UpstreamConnectError) and not response_started:
         return Outcome.UPSTREAM_UNREACHABLE
     return Outcome.UPSTREAM_DIED
 
@@ -492,7 +493,7 @@ def _transport_outcome(exc: httpx.TransportError, *, response_started: bool) -> 
 def _error_message(body: bytes) -> str:
     """The message of an OpenAI-shaped error body, or its text."""
     try:
-        parsed = json.loads(body)
+        parsed = jsonio.loads(body)
     except (ValueError, UnicodeDecodeError):
         return body[:_MAX_ERROR_TEXT].decode("utf-8", "replace")
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):

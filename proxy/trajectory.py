@@ -7,12 +7,12 @@ prefix is removed before the call is forwarded, so every route works exactly as 
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from tokentrail.proxy.errors import BadTrajectoryIdError, BadTrajectoryTagsError
 from tokentrail.proxy.headers import TAGS_HEADER, TRAJECTORY_HEADER
+from tokentrail.proxy.ids import new_id
 
 MAX_TRAJECTORY_ID_LENGTH = 256
 MAX_TAGS = 32
@@ -63,7 +63,7 @@ def route_path(raw_path: bytes, headers: list[tuple[bytes, bytes]]) -> RoutedPat
 
 def generated_trajectory_id() -> str:
     """An id for a call that came without one: it becomes a trajectory of its own."""
-    return "auto-" + uuid.uuid4().hex
+    return "auto-" + new_id()
 
 
 def validate_tags(pairs: dict[str, str], where: str) -> dict[str, str]:

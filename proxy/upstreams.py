@@ -15,7 +15,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-import httpx
+from tokentrail.proxy.upstream_client import UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,17 @@ class UpstreamPool:
             logger.warning("upstream=<%s>, reason=<%s> | upstream marked down", upstream.url, reason)
         upstream.healthy = False
 
-    async def probe(self, client: httpx.AsyncClient) -> None:
+    async def probe(self, client: UpstreamClient) -> None:
         """Probe every upstream once."""
 
         async def one(upstream: Upstream) -> None:
             try:
-                response = await client.get(upstream.url + HEALTH_PATH, timeout=HEALTH_TIMEOUT_S)
+                response = await client.send(
+                    "GET", upstream.url + HEALTH_PATH, [], b"", timeout_s=HEALTH_TIMEOUT_S
+                )
                 healthy = response.status_code == 200
-            except httpx.HTTPError:
+                await response.aclose()
+            except UpstreamError:
                 healthy = False
             if healthy != upstream.healthy:
                 logger.warning("upstream=<%s>, healthy=<%s> | upstream health changed", upstream.url, healthy)
@@ -81,7 +84,7 @@ class UpstreamPool:
 
         await asyncio.gather(*(one(u) for u in self.upstreams))
 
-    async def watch(self, client: httpx.AsyncClient, interval_s: float) -> None:
+    async def watch(self, client: UpstreamClient, interval_s: float) -> None:
         """Probe forever (a background task of the app's lifespan; only with several upstreams).
 
         Upstreams start as healthy; one that is down at startup is marked down by the first refused

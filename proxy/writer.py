@@ -33,6 +33,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tokentrail.proxy.records import CallRecord, Integrity
+from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class RecordWriter:
         self._held: dict[str, dict[int, CallRecord]] = {}  # writer thread only
         self._skipped: set[tuple[str, int]] = set()  # ordinals that went to the fallback file
         self._skipped_lock = threading.Lock()
+        self._row_encoder: RowEncoder | None = None  # made on first write, for the engine's dialect
         self._thread = threading.Thread(target=self._run, name="tokentrail-writer", daemon=True)
         self._progress = threading.Condition()
         self.submitted = 0
@@ -145,10 +147,13 @@ class RecordWriter:
             else:
                 batch.append(first)
             # Gather for a moment: one transaction for many records costs little more than for one.
-            deadline = time.monotonic() + _GATHER_S
+            # Sleep rather than wait on the queue, so that each submit does not wake this thread
+            # (every wake-up takes the GIL from the event loop).
+            if not stopping and self._queue.qsize() < self._batch_size:
+                time.sleep(_GATHER_S)
             while len(batch) < self._batch_size and not stopping:
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:
@@ -239,6 +244,7 @@ class RecordWriter:
                 _add_to_trajectory(per_trajectory, record)
             _upsert_trajectories(connection, list(per_trajectory.values()))  # locks the rows until commit
             next_seq = _next_seqs(connection, {r.trajectory_id for r in batch if r.seq is not None})
+            encoder = self._encoder(connection)
             calls: list[dict[str, Any]] = []
             completions: list[dict[str, Any]] = []
             for record in batch:
@@ -247,17 +253,21 @@ class RecordWriter:
                 else:
                     seq = next_seq[record.trajectory_id]
                     next_seq[record.trajectory_id] = seq + 1
-                calls.append(_call_row(record, seq))
-                completions.extend(_completion_rows(record))
+                calls.append(_call_row(record, seq, encoder))
+                completions.extend(_completion_rows(record, encoder))
             tagged: dict[str, dict[str, str]] = {}
             for record in batch:
                 if record.tags:
                     tagged.setdefault(record.trajectory_id, {}).update(record.tags)
             if tagged:
                 merge_tags(connection, tagged)
-            connection.execute(LlmCall.__table__.insert(), calls)  # type: ignore[attr-defined]
-            if completions:
-                connection.execute(Completion.__table__.insert(), completions)  # type: ignore[attr-defined]
+            encoder.insert(connection, LlmCall.__table__, calls)  # type: ignore[attr-defined]
+            encoder.insert(connection, Completion.__table__, completions)  # type: ignore[attr-defined]
+
+    def _encoder(self, connection: Any) -> RowEncoder:
+        if self._row_encoder is None:
+            self._row_encoder = RowEncoder(connection.dialect.name, connection.dialect.paramstyle)
+        return self._row_encoder
 
     # ---- fallback file ----
 
@@ -314,7 +324,7 @@ def _describe(error: Exception | None) -> str:
     return str(original).splitlines()[0][:200] if original is not None else ""
 
 
-def _call_row(record: CallRecord, seq: int) -> dict[str, Any]:
+def _call_row(record: CallRecord, seq: int, encoder: RowEncoder) -> dict[str, Any]:
     latency = None
     if record.finished_at is not None:
         latency = round((record.finished_at - record.received_at) * 1000, 3)
@@ -326,33 +336,33 @@ def _call_row(record: CallRecord, seq: int) -> dict[str, Any]:
         "model": record.model,
         "upstream": record.upstream,
         "stream": record.stream,
-        "received_at": _utc(record.received_at),
-        "upstream_first_byte_at": _utc(record.upstream_first_byte_at),
-        "finished_at": _utc(record.finished_at),
+        "received_at": encoder.time(record.received_at),
+        "upstream_first_byte_at": encoder.time(record.upstream_first_byte_at),
+        "finished_at": encoder.time(record.finished_at),
         "latency_ms": latency,
         "status_code": record.status_code,
         "outcome": str(record.outcome),
         "integrity": str(record.integrity),
         "error": record.error,
         "response_id": record.response_id,
-        "request": record.request,
-        "prompt_token_ids": record.prompt_token_ids,
+        "request": encoder.json(record.request),
+        "prompt_token_ids": encoder.json(record.prompt_token_ids),
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "total_tokens": record.total_tokens,
     }
 
 
-def _completion_rows(record: CallRecord) -> list[dict[str, Any]]:
+def _completion_rows(record: CallRecord, encoder: RowEncoder) -> list[dict[str, Any]]:
     return [
         {
             "call_id": record.call_id,
             "choice_index": choice.index,
-            "token_ids": choice.token_ids,
-            "logprobs": choice.logprobs,
+            "token_ids": encoder.json(choice.token_ids),
+            "logprobs": encoder.json(choice.logprobs),
             "finish_reason": choice.finish_reason,
             "stop_reason": None if choice.stop_reason is None else str(choice.stop_reason),
-            "message": choice.message,
+            "message": encoder.json(choice.message),
         }
         for choice in record.choices
     ]

@@ -7,6 +7,8 @@ import json
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.fake_upstream import load_sample, sample_names, sse_events
 from tokentrail.proxy.capture import (
@@ -170,3 +172,35 @@ def test_prepare_request_leaves_non_objects_alone(body: bytes) -> None:
 def test_completion_echo_is_not_given_the_flag() -> None:
     body = b'{"model":"tiny","prompt":"x","echo":true}'
     assert prepare_request(COMPLETIONS_ROUTE, body).body is body
+
+
+_KEY_THEN_ARRAY = re.compile(rb'([{,]\s*"(?:prompt_)?token_ids"\s*:\s*)\[[^\]]*\]')
+_PIECES = [
+    b"{",
+    b",",
+    b" ",
+    b"\n",
+    b'"',
+    b'token_ids"',
+    b"prompt_",
+    b":",
+    b"[1,2]",
+    b"[]",
+    b"]",
+    b"x",
+    b'\\"',
+]
+
+
+@settings(max_examples=3000, derandomize=True, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=14))
+def test_strip_token_ids_matches_the_plain_regex_on_any_bytes(pieces: list[bytes]) -> None:
+    """The find-then-match fast path must change exactly what one regex over the payload changes."""
+    payload = b"".join(pieces)
+    assert strip_token_ids(payload) == _KEY_THEN_ARRAY.sub(rb"\1null", payload)
+
+
+@pytest.mark.parametrize("name", [n for n in sample_names() if "token_ids" in n])
+def test_strip_token_ids_matches_the_plain_regex_on_every_sample(name: str) -> None:
+    response = load_sample(name).response
+    assert strip_token_ids(response) == _KEY_THEN_ARRAY.sub(rb"\1null", response)

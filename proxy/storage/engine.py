@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from tokentrail.proxy.jsonio import dumps_text
+
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 
 
@@ -45,7 +47,7 @@ def make_engine(url: str) -> Engine:
     path = sqlite_path(url)
     if path is not None and not path.exists():
         _create_private_file(path)
-    engine = create_engine(url, future=True)
+    engine = create_engine(url, future=True, json_serializer=dumps_text)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _on_sqlite_connect)
     return engine
