@@ -124,6 +124,17 @@ def strip_token_ids(payload: bytes) -> bytes:
             break
         search = found + 10
         start = found - 1 if payload[found - 1 : found] == b'"' else found - 8  # '"' or '"prompt_'
+        compact = (  # vLLM's own form, ,"token_ids":[ with no spaces: no regex needed
+            payload[start : start + 1] == b'"'
+            and payload[start - 1 : start] in (b",", b"{")
+            and payload[found + 10 : found + 12] == b":["
+        )
+        end = payload.find(b"]", found + 12) if compact else -1
+        if end >= 0:
+            pieces.append(payload[done : found + 11])
+            pieces.append(b"null")
+            done = search = end + 1
+            continue
         key_start = _last_non_space(payload, start - 1)
         if key_start < done:
             continue
@@ -351,6 +362,8 @@ def _merge_tool_call(calls: list[dict[str, Any]], tool_delta: dict[str, Any]) ->
 
 def _event_data(event: bytes) -> bytes | None:
     """The joined ``data:`` lines of one SSE event, or None when it has none."""
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2 and b"\r" not in event:
+        return event[6:-2]  # vLLM's form: one data line ending in a blank line
     parts = [
         line[5:].removeprefix(b" ")
         for line in event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
@@ -393,12 +406,20 @@ class StreamTap:
         buffer = self._buffer + chunk if self._buffer else chunk
         out: list[bytes] = []
         start = 0
+        plain_newlines = b"\r" not in buffer  # then an event ends at the first blank line: find it
         while True:
-            match = _EVENT_END.search(buffer, start)
-            if match is None:
-                break
-            event = buffer[start : match.end()]
-            start = match.end()
+            if plain_newlines:
+                blank = buffer.find(b"\n\n", start)
+                if blank < 0:
+                    break
+                end = blank + 2
+            else:
+                match = _EVENT_END.search(buffer, start)
+                if match is None:
+                    break
+                end = match.end()
+            event = buffer[start:end]
+            start = end
             keep = self._take_event(event)
             if self.strip and keep:
                 out.append(strip_token_ids(event))

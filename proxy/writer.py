@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from tokentrail.proxy.records import CallRecord, Integrity
 from tokentrail.proxy.storage.bulk import RowEncoder
@@ -43,6 +42,20 @@ _RETRY_BACKOFF_S = (0.05, 0.25, 1.0, 2.0)
 _GATHER_S = 0.02
 # Values that say nothing is wrong (a check that could not be made is not a problem); the
 # trajectory_summary view counts integrity_problems the same way.
+# The columns a new trajectory row gets from the writer; the others keep their defaults (NULL).
+_TRAJECTORY_INSERT = (
+    "trajectories",
+    (
+        "id",
+        "created_at",
+        "updated_at",
+        "call_count",
+        "prompt_tokens",
+        "completion_tokens",
+        "id_generated",
+        "finished",
+    ),
+)
 _GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS, Integrity.NO_USAGE})
 
 
@@ -79,6 +92,7 @@ class RecordWriter:
         self._fallback_path = fallback_path
         self._fallback_lock = threading.Lock()
         self._ordinals: dict[str, int] = {}
+        self._ordinals_lock = threading.Lock()  # next_ordinal (event loop) vs pruning (writer thread)
         self._next_to_write: dict[str, int] = {}  # writer thread only
         self._held: dict[str, dict[int, CallRecord]] = {}  # writer thread only
         self._skipped: set[tuple[str, int]] = set()  # ordinals that went to the fallback file
@@ -97,8 +111,9 @@ class RecordWriter:
 
     def next_ordinal(self, trajectory_id: str) -> int:
         """The arrival ordinal of a new call in ``trajectory_id`` (0 for its first in this process)."""
-        ordinal = self._ordinals.get(trajectory_id, 0)
-        self._ordinals[trajectory_id] = ordinal + 1
+        with self._ordinals_lock:
+            ordinal = self._ordinals.get(trajectory_id, 0)
+            self._ordinals[trajectory_id] = ordinal + 1
         return ordinal
 
     def submit(self, record: CallRecord) -> None:
@@ -111,6 +126,12 @@ class RecordWriter:
                 with self._skipped_lock:
                     self._skipped.add((record.trajectory_id, record.seq))
             self._spill([record], "queue_full")
+
+    @property
+    def known_trajectories(self) -> int:
+        """Trajectories with calls still open or unwritten (the others are forgotten)."""
+        with self._ordinals_lock:
+            return len(self._ordinals)
 
     @property
     def queue_depth(self) -> int:
@@ -228,7 +249,18 @@ class RecordWriter:
             self._next_to_write[trajectory_id] = expected
             if not held:
                 del self._held[trajectory_id]
+                self._forget_if_idle(trajectory_id, expected)
         return ready
+
+    def _forget_if_idle(self, trajectory_id: str, written: int) -> None:
+        """Drop a trajectory's ordinals once every call it was given is written, so that memory does
+        not grow with the number of trajectories a long-running proxy has seen. Its next call starts
+        again at ordinal 0, which is safe: ``seq`` comes from the database, ordinals only order the
+        calls that are open at the same time."""
+        with self._ordinals_lock:
+            if self._ordinals.get(trajectory_id) == written:
+                del self._ordinals[trajectory_id]
+                del self._next_to_write[trajectory_id]
 
     def _take_skipped(self, trajectory_id: str, ordinal: int) -> bool:
         with self._skipped_lock:
@@ -242,9 +274,10 @@ class RecordWriter:
             per_trajectory: dict[str, dict[str, Any]] = {}
             for record in batch:
                 _add_to_trajectory(per_trajectory, record)
-            _upsert_trajectories(connection, list(per_trajectory.values()))  # locks the rows until commit
-            next_seq = _next_seqs(connection, {r.trajectory_id for r in batch if r.seq is not None})
             encoder = self._encoder(connection)
+            # The upsert locks the trajectories' rows until commit (see the module docstring).
+            _upsert_trajectories(connection, list(per_trajectory.values()), encoder)
+            next_seq = _next_seqs(connection, {r.trajectory_id for r in batch if r.seq is not None})
             calls: list[dict[str, Any]] = []
             completions: list[dict[str, Any]] = []
             for record in batch:
@@ -369,20 +402,22 @@ def _completion_rows(record: CallRecord, encoder: RowEncoder) -> list[dict[str, 
 
 
 def _add_to_trajectory(per_trajectory: dict[str, dict[str, Any]], record: CallRecord) -> None:
-    when = _utc(record.finished_at or record.received_at)
+    """Fold one record into its trajectory's row for this batch (times as epoch seconds)."""
+    when = record.finished_at or record.received_at
     row = per_trajectory.get(record.trajectory_id)
     if row is None:
         row = {
             "id": record.trajectory_id,
-            "created_at": _utc(record.received_at),
+            "created_at": record.received_at,
             "updated_at": when,
             "call_count": 0,
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "id_generated": record.seq is None,
+            "finished": False,
         }
         per_trajectory[record.trajectory_id] = row
-    row["created_at"] = min(row["created_at"], _utc(record.received_at))
+    row["created_at"] = min(row["created_at"], record.received_at)
     row["updated_at"] = max(row["updated_at"], when)
     row["call_count"] += 1
     row["prompt_tokens"] += record.prompt_tokens or 0
@@ -400,26 +435,18 @@ def merge_tags(connection: Any, tags_by_trajectory: dict[str, dict[str, str]]) -
         connection.execute(table.update().where(table.c.id == trajectory_id).values(tags=merged))
 
 
-def _upsert_trajectories(connection: Any, rows: list[dict[str, Any]]) -> None:
-    """Insert new trajectories and add this batch's counts to existing ones.
-
-    One statement run once per row (executemany), so SQLAlchemy compiles it once and caches it.
-    """
-    if not rows:
-        return
-    table = Trajectory.__table__  # type: ignore[attr-defined]
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table)
-    excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
-        index_elements=[table.c.id],
-        set_={
-            "updated_at": func.max(table.c.updated_at, excluded.updated_at)
-            if dialect is sqlite
-            else func.greatest(table.c.updated_at, excluded.updated_at),
-            "call_count": table.c.call_count + excluded.call_count,
-            "prompt_tokens": table.c.prompt_tokens + excluded.prompt_tokens,
-            "completion_tokens": table.c.completion_tokens + excluded.completion_tokens,
-        },
+def _upsert_trajectories(connection: Any, rows: list[dict[str, Any]], encoder: RowEncoder) -> None:
+    """Insert new trajectories and add this batch's counts to existing ones (SQLite and PostgreSQL
+    share the ``ON CONFLICT`` form; only the name of the larger-of function differs)."""
+    latest = "max" if encoder.sqlite else "greatest"
+    on_conflict = (
+        "ON CONFLICT (id) DO UPDATE SET "
+        f"updated_at = {latest}(trajectories.updated_at, excluded.updated_at), "
+        "call_count = trajectories.call_count + excluded.call_count, "
+        "prompt_tokens = trajectories.prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = trajectories.completion_tokens + excluded.completion_tokens"
     )
-    connection.execute(statement, rows)
+    for row in rows:
+        row["created_at"] = encoder.time(row["created_at"])
+        row["updated_at"] = encoder.time(row["updated_at"])
+    encoder.insert(connection, _TRAJECTORY_INSERT, rows, suffix=on_conflict)

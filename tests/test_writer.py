@@ -62,6 +62,34 @@ def test_seq_continues_where_the_database_left_off_after_a_restart(tmp_path: Pat
     assert tuple(counts) == (6, 12)
 
 
+def test_a_trajectory_is_forgotten_once_written_and_numbered_on_when_it_comes_back(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Memory must not grow with the number of trajectories a long-running proxy has seen."""
+    upgrade_database(db_url)
+    writer = _writer(db_url, tmp_path / "fallback.jsonl")
+    writer.start()
+    for name in ("a", "b", "c"):
+        for _ in range(2):
+            writer.submit(_record(writer, name))
+    assert writer.wait_settled(6, timeout=30)
+    assert writer.known_trajectories == 0
+    late = [_record(writer, "a"), _record(writer, "a")]  # ordinals start again at 0
+    assert [r.seq for r in late] == [0, 1]
+    writer.submit(late[1])  # arrives out of order: held until the first is in
+    writer.submit(late[0])
+    writer.close()
+    writer._engine.dispose()
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT id, seq FROM llm_calls WHERE trajectory_id = 'a' ORDER BY seq")
+        ).all()
+    engine.dispose()
+    assert [seq for _id, seq in rows] == [0, 1, 2, 3]
+    assert [call_id for call_id, _seq in rows[2:]] == [late[0].call_id, late[1].call_id]
+
+
 def test_a_full_queue_spills_to_the_fallback_file_instead_of_blocking(tmp_path: Path, db_url: str) -> None:
     upgrade_database(db_url)
     fallback = tmp_path / "fallback.jsonl"

@@ -17,6 +17,10 @@ from sqlalchemy import Table
 
 from tokentrail.proxy.jsonio import dumps_text
 
+# SQLite allows 32,766 parameters per statement (since 3.32); PostgreSQL 65,535.
+_MAX_PARAMETERS = 32_000
+_MAX_ROWS_PER_STATEMENT = 500
+
 
 class RowEncoder:
     """Values and INSERT statements for one database dialect."""
@@ -24,7 +28,6 @@ class RowEncoder:
     def __init__(self, dialect_name: str, paramstyle: str) -> None:
         self.sqlite = dialect_name == "sqlite"
         self.mark = "?" if paramstyle == "qmark" else "%s"
-        self._statements: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     def time(self, epoch: float | None) -> Any:
         if epoch is None:
@@ -37,17 +40,33 @@ class RowEncoder:
     def json(value: Any) -> str:
         return dumps_text(value)
 
-    def insert(self, connection: Any, table: Table, rows: list[dict[str, Any]]) -> None:
-        """INSERT ``rows`` (dicts keyed by column name, every column present) in one executemany."""
+    def insert(
+        self,
+        connection: Any,
+        table: Table | tuple[str, tuple[str, ...]],
+        rows: list[dict[str, Any]],
+        *,
+        suffix: str = "",
+    ) -> None:
+        """INSERT ``rows`` (dicts keyed by column name) into ``table`` (every column of a Table, or a
+        name and the columns to fill), many rows per statement, ``suffix`` (an ON CONFLICT clause)
+        after the values.
+
+        One statement with many ``VALUES`` groups rather than an executemany: the sqlite3 module
+        releases the GIL around every row it steps, and while the event loop is busy this thread then
+        waits up to a switch interval (5 ms) to get it back, for every row. Measured under a
+        saturated event loop, that throttled the writer to a few hundred records a second.
+        """
         if not rows:
             return
-        statement = self._statements.get(table.name)
-        if statement is None:
-            columns = tuple(column.name for column in table.columns)
-            sql = (
-                f"INSERT INTO {table.name} ({', '.join(columns)}) "
-                f"VALUES ({', '.join([self.mark] * len(columns))})"
-            )
-            statement = self._statements[table.name] = (sql, columns)
-        sql, columns = statement
-        connection.exec_driver_sql(sql, [tuple(row[c] for c in columns) for row in rows])
+        if isinstance(table, tuple):
+            name, columns = table
+        else:
+            name, columns = table.name, tuple(column.name for column in table.columns)
+        per_statement = max(1, min(_MAX_ROWS_PER_STATEMENT, _MAX_PARAMETERS // len(columns)))
+        group = "(" + ", ".join([self.mark] * len(columns)) + ")"
+        head = f"INSERT INTO {name} ({', '.join(columns)}) VALUES "
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start : start + per_statement]
+            values = tuple(row[c] for row in chunk for c in columns)
+            connection.exec_driver_sql(f"{head}{', '.join([group] * len(chunk))} {suffix}", values)
