@@ -409,8 +409,8 @@ def _print_table(
         if not args.no_pin
         else f"\n{args.duration:g} s per cell, not pinned"
     )
-    header = f"{'scenario':<26}{'target':<11}{'calls/s':>9}{'x direct':>9}{'p50 ms':>8}{'p99 ms':>8}"
-    header += f"{'+p50':>7}{'+p99':>7}{'ttft':>7}{'+ttft':>7}{'err':>5}"
+    header = f"{'scenario':<26}{'target':<11}{'calls/s':>9} {'x direct':>8} {'p50 ms':>7} {'p99 ms':>7}"
+    header += f" {'+p50':>7} {'+p99':>7} {'ttft':>7} {'+ttft':>7} {'err':>4}"
     print(header)
     for scenario in scenarios:
         direct = measurements.get((scenario.name, "direct"))
@@ -433,8 +433,8 @@ def _print_table(
                         [r["ttft_p50_ms"] - d["ttft_p50_ms"] for r, d in zip(runs, direct, strict=True)]
                     )
             print(
-                f"{scenario.name:<26}{name:<11}{_fmt(cps, 0):>9}{_fmt(ratio):>9}{_fmt(p50):>8}{_fmt(p99):>8}"
-                f"{_fmt(add50):>7}{_fmt(add99):>7}{_fmt(ttft):>7}{_fmt(addttft):>7}{errors:>5}"
+                f"{scenario.name:<26}{name:<11}{_fmt(cps, 0):>9} {_fmt(ratio):>8} {_fmt(p50):>7} {_fmt(p99):>7}"
+                f" {_fmt(add50):>7} {_fmt(add99):>7} {_fmt(ttft):>7} {_fmt(addttft):>7} {errors:>4}"
             )
         _print_extra_ratios(scenario, names, measurements)
 
