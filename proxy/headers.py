@@ -55,7 +55,7 @@ def upstream_request_headers(
     """The client's headers as vLLM should get them: no hop-by-hop, no Host, no X-Trajectory-*.
 
     On recorded routes the proxy reads the response, so it asks for identity encoding, and when it
-    rewrote the body the length is left for httpx to set.
+    rewrote the body the length is left for the upstream client to set.
     """
     drop = {b"host", b"expect"}  # the proxy has read the whole body already
     if recorded:
