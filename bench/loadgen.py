@@ -95,6 +95,7 @@ class _Connection(asyncio.Protocol):
         self.done: asyncio.Future[None] | None = None
         self.first_body_at: float | None = None
         self.tail = b""
+        self.head = b""  # the first bytes of the body (the response id is in them)
         self.status = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,6 +117,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.first_body_at is None:
             self.first_body_at = time.perf_counter()
+        if len(self.head) < 256:
+            self.head += body[: 256 - len(self.head)]
         self.tail = (self.tail + body)[-32:]
 
     def on_message_complete(self) -> None:
@@ -131,6 +134,7 @@ class _Connection(asyncio.Protocol):
         self.done = asyncio.get_running_loop().create_future()
         self.first_body_at = None
         self.tail = b""
+        self.head = b""
         self.transport.write(request)
         await self.done
 

@@ -433,8 +433,9 @@ def _print_table(
                         [r["ttft_p50_ms"] - d["ttft_p50_ms"] for r, d in zip(runs, direct, strict=True)]
                     )
             print(
-                f"{scenario.name:<26}{name:<11}{_fmt(cps, 0):>9} {_fmt(ratio):>8} {_fmt(p50):>7} {_fmt(p99):>7}"
-                f" {_fmt(add50):>7} {_fmt(add99):>7} {_fmt(ttft):>7} {_fmt(addttft):>7} {errors:>4}"
+                f"{scenario.name:<26}{name:<11}{_fmt(cps, 0):>9} {_fmt(ratio):>8} {_fmt(p50):>7}"
+                f" {_fmt(p99):>7} {_fmt(add50):>7} {_fmt(add99):>7} {_fmt(ttft):>7} {_fmt(addttft):>7}"
+                f" {errors:>4}"
             )
         _print_extra_ratios(scenario, names, measurements)
 

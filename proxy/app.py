@@ -30,7 +30,7 @@ from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.telemetry import CallSpans, tracer_provider_from_environment
 from tokentrail.proxy.upstream_client import UpstreamClient
 from tokentrail.proxy.upstreams import UpstreamPool
-from tokentrail.proxy.writer import RecordWriter
+from tokentrail.proxy.writer import GATHER_S, RecordWriter
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
             batch_size=settings.writer_batch_size,
             retries=settings.writer_retries,
             fallback_path=settings.fallback_path,
+            # Durable calls wait for their commit: write what is queued at once (records that arrive
+            # meanwhile form the next batch) instead of gathering for a moment first.
+            gather_s=0.0 if settings.durable else GATHER_S,
         )
         writer.start()
         client = upstream_client(settings)
@@ -120,6 +123,7 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
             CallSpans(provider) if provider else None,
             max_body_bytes=settings.max_body_bytes,
             max_concurrent_calls=settings.max_concurrent_calls,
+            durable=settings.durable,
         )
         watcher = (
             asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))

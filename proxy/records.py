@@ -7,6 +7,7 @@ turns it into rows. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,3 +75,6 @@ class CallRecord:
     upstream_first_byte_at: float | None = None
     finished_at: float | None = None
     choices: list[ChoiceRecord] = field(default_factory=list)
+    # Durable mode: called (from the writer thread) once the record is committed (True) or kept in
+    # the fallback file (False). Not stored.
+    on_stored: Callable[[bool], None] | None = field(default=None, repr=False, compare=False)

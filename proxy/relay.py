@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,13 @@ class _CallState:
     upstream: UpstreamResponse | None = None
     target: Upstream | None = None  # the upstream this call uses (or last tried)
     counted: bool = False  # whether target.in_flight counts this call
+    # Durable mode: awaited right before the response's last bytes go out (the flag: the call
+    # completed normally); it hands the record to the writer and waits until it is stored.
+    before_end: Callable[[bool], Awaitable[None]] | None = None
+
+    async def end(self, completed: bool) -> None:
+        if self.before_end is not None:
+            await self.before_end(completed)
 
     def take_target(self, upstream: Upstream) -> None:
         self.release_target()
@@ -126,7 +134,9 @@ class Relay:
         *,
         max_body_bytes: int = 100 * 2**20,
         max_concurrent_calls: int | None = None,
+        durable: bool = False,
     ) -> None:
+        self.durable = durable
         self.max_body_bytes = max_body_bytes
         self.max_concurrent_calls = max_concurrent_calls
         self.pool = pool
@@ -291,6 +301,46 @@ class Relay:
         record.stream = prepared.ask.stream
         capture = ResponseCapture(record, prepared.ask, chat=route == CHAT_ROUTE)
         state = _CallState()
+        sealed = False
+
+        def seal(completed: bool) -> None:
+            """Finish the record and hand it to the writer (once)."""
+            nonlocal sealed
+            if sealed:
+                return
+            sealed = True
+            if state.target is not None:
+                record.upstream = state.target.url
+            record.finished_at = time.time()
+            capture.finish(completed and record.outcome == Outcome.OK)
+            self.sink.submit(record)
+            if self.spans is not None:
+                self.spans.record(record, scope["headers"])
+            logger.info(
+                "call_id=<%s>, trajectory=<%s>, route=<%s>, status=<%s>, outcome=<%s>, integrity=<%s> "
+                "| recorded",
+                record.call_id,
+                record.trajectory_id,
+                route,
+                record.status_code,
+                record.outcome,
+                record.integrity,
+            )
+
+        if self.durable:
+
+            async def stored_before_end(completed: bool) -> None:
+                loop = asyncio.get_running_loop()
+                stored: asyncio.Future[bool] = loop.create_future()
+
+                def notify(ok: bool) -> None:  # called from the writer thread
+                    loop.call_soon_threadsafe(_settle, stored, ok)
+
+                record.on_stored = notify
+                seal(completed)
+                await stored
+
+            state.before_end = stored_before_end
         watcher = self._watch(receive, state)
         completed = False
         try:
@@ -312,26 +362,10 @@ class Relay:
                 await _send_error(send, UpstreamUnreachableError("the proxy failed to relay this call"))
         finally:
             watcher.cancel()
-            state.release_target()
-            if state.target is not None:
-                record.upstream = state.target.url
             if state.upstream is not None:
                 await _close_quietly(state.upstream)
-            record.finished_at = time.time()
-            capture.finish(completed and record.outcome == Outcome.OK)
-            self.sink.submit(record)
-            if self.spans is not None:
-                self.spans.record(record, scope["headers"])
-            logger.info(
-                "call_id=<%s>, trajectory=<%s>, route=<%s>, status=<%s>, outcome=<%s>, integrity=<%s> "
-                "| recorded",
-                record.call_id,
-                record.trajectory_id,
-                route,
-                record.status_code,
-                record.outcome,
-                record.integrity,
-            )
+            seal(completed)
+            state.release_target()
 
     async def _open_upstream(
         self,
@@ -380,6 +414,7 @@ class Relay:
             record.outcome = _transport_outcome(exc, response_started=False)
             record.status_code = error.status_code
             record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
+            await state.end(False)
             await _send_error(send, error)
             return False
         record.status_code = upstream.status_code
@@ -408,6 +443,7 @@ class Relay:
             record.outcome = _transport_outcome(exc, response_started=True)
             record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
             record.status_code = error.status_code
+            await state.end(False)
             await _send_error(send, error)
             return False
         body = b"".join(chunks)
@@ -423,6 +459,7 @@ class Relay:
         headers.append((b"content-length", str(len(body)).encode()))
         state.response_started = True
         await send(_start(upstream.status_code, headers))
+        await state.end(ok)
         state.response_done = True
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return ok
@@ -452,13 +489,20 @@ class Relay:
             record.outcome = _transport_outcome(exc, response_started=True)
             record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT]
             tap.close()
+            await state.end(False)
             return False
         rest = tap.close()
         if record.error is not None:
             record.outcome = Outcome.UPSTREAM_ERROR
+        await state.end(record.outcome == Outcome.OK)
         state.response_done = True
         await send({"type": "http.response.body", "body": rest, "more_body": False})
         return record.outcome == Outcome.OK
+
+
+def _settle(future: asyncio.Future[bool], stored: bool) -> None:
+    if not future.done():
+        future.set_result(stored)
 
 
 def _absorb_disconnect(state: _CallState) -> bool:

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     writer_retries: Annotated[int, Field(ge=0)] = Field(
         3, description="Retries of a failed batch before its records go to the fallback file."
     )
+    durable: bool = Field(
+        False,
+        description=(
+            "Hold the end of every recorded response until its record is committed (or kept in the "
+            "fallback file), so a crash never loses a call whose answer the client saw end."
+        ),
+    )
     fallback_path: Path = Field(
         Path("tokentrail-fallback.jsonl"),
         description="JSONL file that receives records the database could not take.",

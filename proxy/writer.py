@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 _RETRY_BACKOFF_S = (0.05, 0.25, 1.0, 2.0)
-_GATHER_S = 0.02
+GATHER_S = 0.02
 # Values that say nothing is wrong (a check that could not be made is not a problem); the
 # trajectory_summary view counts integrity_problems the same way.
 # The columns a new trajectory row gets from the writer; the others keep their defaults (NULL).
@@ -85,7 +85,9 @@ class RecordWriter:
         batch_size: int,
         retries: int,
         fallback_path: Path,
+        gather_s: float = GATHER_S,
     ) -> None:
+        self._gather_s = gather_s
         self._engine = engine
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._batch_size = batch_size
@@ -171,8 +173,8 @@ class RecordWriter:
             # Gather for a moment: one transaction for many records costs little more than for one.
             # Sleep rather than wait on the queue, so that each submit does not wake this thread
             # (every wake-up takes the GIL from the event loop).
-            if not stopping and self._queue.qsize() < self._batch_size:
-                time.sleep(_GATHER_S)
+            if not stopping and self._gather_s and self._queue.qsize() < self._batch_size:
+                time.sleep(self._gather_s)
             while len(batch) < self._batch_size and not stopping:
                 try:
                     item = self._queue.get_nowait()
@@ -220,6 +222,8 @@ class RecordWriter:
             self.integrity_counts[record.integrity] += 1
             if record.integrity not in _GOOD_INTEGRITY:
                 self.integrity_problems += 1
+            if record.on_stored is not None:
+                record.on_stored(True)
 
     def _in_arrival_order(self, batch: list[CallRecord], *, flush: bool) -> list[CallRecord]:
         """The records that may be written now, each trajectory's in arrival order (see the docstring)."""
@@ -310,6 +314,7 @@ class RecordWriter:
         lines = []
         for record in records:
             row = dataclasses.asdict(record)
+            del row["on_stored"]
             row["fallback_reason"] = reason
             lines.append(json.dumps(row, default=str))
         with self._fallback_lock:
@@ -327,6 +332,9 @@ class RecordWriter:
                 reason = f"{reason}+fallback_failed"
             self.failed += len(records)
             self.failure_reasons[reason] += len(records)
+        for record in records:
+            if record.on_stored is not None:
+                record.on_stored(False)
         with self._progress:
             self._progress.notify_all()
         logger.warning(

@@ -40,3 +40,10 @@ def test_soak_records_every_mixed_call_once_with_gapless_seq() -> None:
     out = _run(str(BENCH / "soak.py"), "--calls", "600", "--concurrency", "16", "--trajectories", "20")
     assert "rows: 600" in out
     assert "check: every call recorded once, seq gapless, IDs exact" in out
+
+
+def test_after_sigkill_durable_mode_lost_no_finished_call_and_the_database_reopens_clean() -> None:
+    out = _run(str(BENCH / "crash.py"), "--seconds", "1.5", "--concurrency", "16")
+    durable = next(line for line in out.splitlines() if line.startswith("durable=true"))
+    assert " lost    0 " in durable
+    assert out.count("integrity ok, ok calls without completions 0") == 2
