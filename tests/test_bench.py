@@ -32,7 +32,7 @@ def test_side_by_side_runner_measures_every_target_and_checks_the_records() -> N
     targets = {row[-10] for row in rows}  # the target column, counted from the right
     assert targets == {"direct", "nginx", "naive", "tokentrail"}
     assert all(row[-1] == "0" for row in rows), out  # no errors in any cell
-    assert "check: checked 200 sampled rows" in out
+    assert "all ok; checked 200 sampled rows' IDs" in out
     assert "0 failed" in out
 
 
