@@ -13,6 +13,7 @@ The ``x-fake`` request header picks a behaviour:
 * ``garbage``: a 200 with a body that is neither JSON nor SSE.
 * ``redirect``: a 307 to another host.
 * ``gate``: wait until the test opens ``FakeUpstream.gate``, then answer normally.
+* ``big:<bytes>``: a normal completion whose token texts are padded to about that many bytes in all.
 Any other path answers with the headers and body it received, as JSON (``/echo``).
 """
 
@@ -161,10 +162,12 @@ class FakeUpstream:
             "completion_tokens": count * n,
         }
         tokens = [[100 + i * 7 + c for i in range(count)] for c in range(n)]
+        # "big:N": pad every token's text so that the answer carries about N bytes in all.
+        pad = "x" * (int(mode[4:]) // max(1, count * n)) if mode.startswith("big:") else ""
         if not request.get("stream"):
             choices = []
             for c in range(n):
-                text = "".join(f"t{t}" for t in tokens[c])
+                text = "".join(f"t{t}{pad}" for t in tokens[c])
                 choice: dict[str, Any] = {"index": c}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": text}
@@ -225,7 +228,7 @@ class FakeUpstream:
                     choices=[
                         {
                             "index": c,
-                            "delta": {"content": f"t{tokens[c][i]}"},
+                            "delta": {"content": f"t{tokens[c][i]}{pad}"},
                             "logprobs": None,
                             "finish_reason": "length" if last else None,
                             "token_ids": [tokens[c][i]] if ids else None,
