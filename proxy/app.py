@@ -124,6 +124,7 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
             max_body_bytes=settings.max_body_bytes,
             max_concurrent_calls=settings.max_concurrent_calls,
             durable=settings.durable,
+            client_body_timeout_s=settings.client_body_timeout_s,
         )
         watcher = (
             asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))

@@ -184,6 +184,7 @@ def _serve(settings: Settings) -> int:
     import uvicorn
 
     from tokentrail.proxy.app import create_app
+    from tokentrail.proxy.http_limits import limited_protocol
     from tokentrail.proxy.storage.migrate import upgrade_database
 
     _configure_logging(settings.log_level)
@@ -202,6 +203,7 @@ def _serve(settings: Settings) -> int:
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         lifespan="on",
+        http=limited_protocol(settings.max_header_bytes, settings.client_header_timeout_s),
     )
     return 0
 

@@ -63,6 +63,16 @@ class BodyTooLargeError(ProxyRequestError):
     error_type = "RequestEntityTooLargeError"
 
 
+class HeadersTooLargeError(ProxyRequestError):
+    status_code = 431
+    error_type = "RequestHeaderFieldsTooLargeError"
+
+
+class ClientTooSlowError(ProxyRequestError):
+    status_code = 408
+    error_type = "RequestTimeoutError"
+
+
 class TooManyCallsError(ProxyRequestError):
     status_code = 503
     error_type = "ServiceUnavailableError"

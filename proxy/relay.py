@@ -29,6 +29,7 @@ from tokentrail.proxy.capture import (
 )
 from tokentrail.proxy.errors import (
     BodyTooLargeError,
+    ClientTooSlowError,
     ProxyRequestError,
     TooManyCallsError,
     UpstreamTimeoutError,
@@ -135,8 +136,10 @@ class Relay:
         max_body_bytes: int = 100 * 2**20,
         max_concurrent_calls: int | None = None,
         durable: bool = False,
+        client_body_timeout_s: float = 60.0,
     ) -> None:
         self.durable = durable
+        self.client_body_timeout_s = client_body_timeout_s
         self.max_body_bytes = max_body_bytes
         self.max_concurrent_calls = max_concurrent_calls
         self.pool = pool
@@ -167,7 +170,7 @@ class Relay:
         try:
             routed = route_path(raw_path, headers)
             tags = parse_tags_header(headers)
-            body = await _read_body(receive, headers, self.max_body_bytes)
+            body = await _read_body(receive, headers, self.max_body_bytes, self.client_body_timeout_s)
         except ProxyRequestError as exc:
             await _send_error(send, exc)
             return
@@ -555,8 +558,9 @@ async def _send_error(send: Any, error: ProxyRequestError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _read_body(receive: Any, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
-    """The whole request body; ``BodyTooLargeError`` as soon as it is known to pass ``limit``."""
+async def _read_body(receive: Any, headers: list[tuple[bytes, bytes]], limit: int, silence_s: float) -> bytes:
+    """The whole request body; ``BodyTooLargeError`` as soon as it is known to pass ``limit``,
+    ``ClientTooSlowError`` when the client sends nothing for ``silence_s`` seconds."""
     too_large = BodyTooLargeError(f"the request body is larger than the limit of {limit} bytes")
     for name, value in headers:
         if name.lower() == b"content-length" and value.strip().isdigit() and int(value) > limit:
@@ -564,7 +568,11 @@ async def _read_body(receive: Any, headers: list[tuple[bytes, bytes]], limit: in
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(silence_s):
+                message = await receive()
+        except TimeoutError:
+            raise ClientTooSlowError(f"the request body stalled for more than {silence_s:g} s") from None
         if message["type"] == "http.disconnect":
             raise _ClientGone
         chunk = message.get("body", b"")

@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     max_body_bytes: PositiveInt = Field(
         100 * 2**20, description="Largest request body accepted; a larger one gets 413."
     )
+    max_header_bytes: PositiveInt = Field(
+        64 * 1024, description="Largest request head (request line and headers); a larger one gets 431."
+    )
+    client_header_timeout_s: PositiveFloat = Field(
+        30.0, description="Seconds a client may take to send a request's head; then 408 (slowloris)."
+    )
+    client_body_timeout_s: PositiveFloat = Field(
+        60.0, description="Seconds a client may stay silent while sending a request body; then 408."
+    )
     max_concurrent_calls: PositiveInt | None = Field(
         None, description="Calls open at once at most; more get 503 at once. Empty: no limit."
     )

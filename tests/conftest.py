@@ -23,6 +23,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.postgres import create_database, postgres_server
 from tests.servers import free_socket, serve_in_thread
 from tokentrail.proxy.app import Runtime, TokenTrailApp, create_app
+from tokentrail.proxy.http_limits import limited_protocol
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.migrate import upgrade_database
 
@@ -73,7 +74,8 @@ def running_proxy(
     upgrade_database(db_url)
     settings = Settings(upstream=upstream, db=db_url, fallback_path=tmp_path / "fallback.jsonl", **overrides)
     app = create_app(settings, tracer_provider=tracer_provider)
-    with serve_in_thread(app) as url:
+    limits = limited_protocol(settings.max_header_bytes, settings.client_header_timeout_s)
+    with serve_in_thread(app, http=limits) as url:
         yield Proxy(url, db_url, app)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -118,3 +119,59 @@ def test_no_input_makes_the_proxy_fail(
         error = response.json().get("error") if isinstance(response.json(), dict) else None
         assert not isinstance(error, dict) or error.get("type") not in PROXY_ERRORS
     assert httpx.get(fake_proxy.url + "/tokentrail/health").json()["status"] == "ok"
+
+
+def _raw_exchange(url: str, data: bytes, *, wait_s: float = 15.0) -> bytes:
+    """Send ``data`` on a fresh connection and read until the proxy closes it."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+@pytest.fixture
+def strict_proxy(fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory) -> Iterator[Proxy]:
+    with proxy_factory(
+        fake[1], max_header_bytes=8192, client_header_timeout_s=0.5, client_body_timeout_s=0.5
+    ) as proxy:
+        yield proxy
+
+
+def _error(answer: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
+
+
+def test_a_request_head_over_the_limit_gets_431_and_the_proxy_keeps_serving(strict_proxy: Proxy) -> None:
+    answer = _raw_exchange(
+        strict_proxy.url, b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 200_000 + b"\r\n\r\n"
+    )
+    status, error = _error(answer)
+    assert status == 431
+    assert error["code"] == 431
+    assert httpx.get(strict_proxy.url + "/tokentrail/health").status_code == 200
+
+
+def test_a_big_body_behind_a_small_head_is_not_mistaken_for_a_big_head(strict_proxy: Proxy) -> None:
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "a" * 500_000}]})
+    response = httpx.post(strict_proxy.url + "/v1/chat/completions", content=body)
+    assert response.status_code == 200
+
+
+def test_a_client_that_sends_its_head_too_slowly_gets_408(strict_proxy: Proxy) -> None:
+    status, error = _error(
+        _raw_exchange(strict_proxy.url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+    )
+    assert status == 408
+    assert error["type"] == "RequestTimeoutError"
+
+
+def test_a_client_that_stops_sending_its_body_gets_408_and_nothing_is_recorded(strict_proxy: Proxy) -> None:
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    answer = _raw_exchange(strict_proxy.url, head + b'content-length: 1000\r\n\r\n{"model":')
+    status, _error_body = _error(answer.replace(b"\r\n0\r\n\r\n", b""))
+    assert status == 408
+    assert strict_proxy.rows("SELECT count(*) AS n FROM llm_calls") == [{"n": 0}]

@@ -1,0 +1,109 @@
+"""uvicorn's HTTP/1.1 protocol with the two limits it lacks: the size of a request's head and the time a
+client may take to send it.
+
+Why: with httptools, uvicorn accepts a request head of any size (a 2 MB header was answered 200) and
+waits forever for a head that arrives a byte at a time (slowloris); each such connection costs memory
+and a file descriptor. Measured on uvicorn 0.54 before this module. A client over the limit gets 431,
+a slow one 408, both in the OpenAI error shape, and the connection is closed.
+
+The slow *body* is limited in the relay instead (``client_body_timeout_s`` between reads), where the
+body is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tokentrail.proxy.errors import ClientTooSlowError, HeadersTooLargeError, ProxyRequestError
+
+_LINGER_S = 1.0
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+def limited_protocol(max_head_bytes: int, head_timeout_s: float) -> type[HttpToolsProtocol]:
+    """A protocol class for ``uvicorn.run(http=...)`` with these limits."""
+
+    class LimitedHttpToolsProtocol(_Limited):
+        pass
+
+    LimitedHttpToolsProtocol.max_head_bytes = max_head_bytes
+    LimitedHttpToolsProtocol.head_timeout_s = head_timeout_s
+    return LimitedHttpToolsProtocol
+
+
+class _Limited(HttpToolsProtocol):
+    max_head_bytes = 64 * 1024
+    head_timeout_s = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._in_head = True
+        self._head_bytes = 0
+        self._refused = False
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.head_timeout_s, self._head_too_slow
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            idle = self.cycle is None or self.cycle.response_complete  # not a pipelined request
+            if self._head_timer is None and idle:  # the first bytes of the next request
+                self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_too_slow)
+        super().data_received(data)
+        # A read may carry the head and the start of the body: judge only a head still unfinished.
+        if self._in_head and self._head_bytes > self.max_head_bytes and not self._refused:
+            self._refuse(HeadersTooLargeError(f"the request head is larger than {self.max_head_bytes} bytes"))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # whatever comes next on this connection is the next request's head
+        self._head_bytes = 0
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:
+            super().send_400_response(msg)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self._refused:
+            self._refuse(
+                ClientTooSlowError(f"the request head did not arrive within {self.head_timeout_s:g} s")
+            )
+
+    def _refuse(self, error: ProxyRequestError) -> None:
+        """Answer ``error`` and close the connection (no app has seen this request)."""
+        self._refused = True
+        self._stop_head_timer()
+        body = error.body()
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
+            error.status_code,
+            _REASONS[error.status_code],
+            len(body),
+        )
+        if not self.transport.is_closing():
+            self.transport.write(head + b"connection: close\r\n\r\n" + body)
+            # Close a moment later, reading (and dropping) what the client still sends: closing with
+            # unread data makes the kernel send a reset, which can destroy the answer before it is read.
+            self.loop.call_later(_LINGER_S, self.transport.close)
+
+
+__all__ = ["limited_protocol"]
