@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 
 from tokentrail.proxy import __version__
 from tokentrail.proxy.api import health, trajectories
+from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
 from tokentrail.proxy.relay import Relay
 from tokentrail.proxy.settings import Settings
@@ -35,6 +36,7 @@ from tokentrail.proxy.writer import GATHER_S, RecordWriter
 logger = logging.getLogger(__name__)
 
 OWN_PREFIX = "/tokentrail/"
+API_PREFIX = "/tokentrail/v1"
 _DRAIN_AFTER_SHUTDOWN_S = 10.0
 
 
@@ -72,6 +74,14 @@ class TokenTrailApp:
                 return
             await runtime.relay(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+            runtime = getattr(self.api.state, "runtime", None)
+            key = None if runtime is None else runtime.settings.api_key
+            # Before FastAPI reads anything: a caller without the key learns nothing, not even
+            # whether its body or parameters would have been valid.
+            if key is not None and not bearer_matches(scope["headers"], key.get_secret_value()):
+                await _unauthorized(send)
+                return
         try:
             await self.api(scope, receive, send)
         except Exception as exc:  # already answered 500 by Starlette; keep the trace out of the log
@@ -79,6 +89,19 @@ class TokenTrailApp:
                 "path=<%s>, error=<%s> | TokenTrail route failed", scope.get("path"), type(exc).__name__
             )
             logger.debug("path=<%s> | TokenTrail route failure details", scope.get("path"), exc_info=exc)
+
+
+async def _unauthorized(send: Any) -> None:
+    body = openai_error_body(
+        "a valid 'Authorization: Bearer <TOKENTRAIL_API_KEY>' header is required", "AuthenticationError", 401
+    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", b"Bearer"),
+    ]
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _not_ready(send: Any) -> None:

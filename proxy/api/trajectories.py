@@ -23,15 +23,23 @@ from tokentrail.proxy.trajectory import validate_tags, validate_trajectory_id
 MAX_PAGE = 1000
 
 
+def bearer_matches(headers: list[tuple[bytes, bytes]], key: str) -> bool:
+    """Whether ``Authorization: Bearer <key>`` is among ``headers`` (compared in constant time)."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+    return False
+
+
 def require_api_key(request: Request) -> None:
-    """401 unless the bearer token equals TOKENTRAIL_API_KEY (when one is configured)."""
+    """401 unless the bearer token equals TOKENTRAIL_API_KEY (when one is configured).
+
+    The proxy's dispatcher checks the same before FastAPI sees the request; this keeps the router
+    safe when it is mounted on its own.
+    """
     key = request.app.state.runtime.settings.api_key
-    if key is None:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    expected = key.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+    if key is not None and not bearer_matches(request.headers.raw, key.get_secret_value()):
         raise HTTPException(401, "a valid 'Authorization: Bearer <TOKENTRAIL_API_KEY>' header is required")
 
 
