@@ -125,7 +125,7 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.db)
+        engine = make_engine(settings.db, settings.db_busy_timeout_ms)
         writer = RecordWriter(
             engine,
             queue_size=settings.writer_queue_size,
@@ -135,6 +135,8 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
             # Durable calls wait for their commit: write what is queued at once (records that arrive
             # meanwhile form the next batch) instead of gathering for a moment first.
             gather_s=0.0 if settings.durable else GATHER_S,
+            spool_max_bytes=settings.spool_max_bytes,
+            reject_when_spool_full=settings.spool_full == "reject",
         )
         writer.start()
         client = upstream_client(settings)

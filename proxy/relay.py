@@ -178,6 +178,11 @@ class Relay:
             return
         path = routed.raw_path.decode("latin-1")
         if scope["method"] == "POST" and path in RECORDED_ROUTES:
+            if not self.sink.accepting:
+                await _send_error(
+                    send, TooManyCallsError("the record spool is full; calls are refused until it drains")
+                )
+                return
             await self._recorded_call(
                 scope, receive, send, routed.trajectory_id, path, body, received_at, tags
             )

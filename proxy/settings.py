@@ -6,7 +6,7 @@ Nothing else in the proxy reads the environment. Tests and the CLI build their o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,7 +68,21 @@ class Settings(BaseSettings):
     )
     fallback_path: Path = Field(
         Path("tokentrail-fallback.jsonl"),
-        description="JSONL file that receives records the database could not take.",
+        description=(
+            "The spool: JSON-lines file that keeps records the database could not take; they are "
+            "replayed into the database, exactly once, when it works again."
+        ),
+    )
+    db_busy_timeout_ms: PositiveInt = Field(
+        5000, description="SQLite: milliseconds a write waits for another writer's lock before it fails."
+    )
+    spool_max_bytes: PositiveInt = Field(2**30, description="Largest size of the spool (1 GiB).")
+    spool_full: Literal["serve", "reject"] = Field(
+        "serve",
+        description=(
+            "When the spool is full: 'serve' keeps relaying calls and counts their records as lost; "
+            "'reject' answers recorded calls with 503 until the spool drains."
+        ),
     )
     max_body_bytes: PositiveInt = Field(
         100 * 2**20, description="Largest request body accepted; a larger one gets 413."

@@ -17,10 +17,7 @@ PostgreSQL take turns and never hand out one ``seq`` twice.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -33,6 +30,7 @@ from sqlalchemy import Engine, select
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.records import CallRecord, Integrity
+from tokentrail.proxy.spool import Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
 
@@ -40,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 _RETRY_BACKOFF_S = (0.05, 0.25, 1.0, 2.0)
+_REPLAY_EVERY_S = 1.0
 GATHER_S = 0.02
 # Values that say nothing is wrong (a check that could not be made is not a problem); the
 # trajectory_summary view counts integrity_problems the same way.
@@ -67,6 +66,9 @@ class RecordSink(Protocol):
 
     def submit(self, record: CallRecord) -> None: ...
 
+    @property
+    def accepting(self) -> bool: ...
+
 
 def _utc(epoch: float | None) -> datetime | None:
     if epoch is None:
@@ -86,7 +88,12 @@ class RecordWriter:
         retries: int,
         fallback_path: Path,
         gather_s: float = GATHER_S,
+        spool_max_bytes: int = 2**30,
+        reject_when_spool_full: bool = False,
     ) -> None:
+        self._spool = Spool(fallback_path, spool_max_bytes)
+        self._reject_when_spool_full = reject_when_spool_full
+        self._last_replay = 0.0
         self._gather_s = gather_s
         self._engine = engine
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -105,7 +112,9 @@ class RecordWriter:
         self._progress = threading.Condition()
         self.submitted = 0
         self.written = 0
-        self.failed = 0
+        self.failed = 0  # records that went to the spool (or were lost when it was full)
+        self.lost = 0  # records the spool could not take
+        self.replayed = 0  # spooled records written to the database later
         self.failure_reasons: Counter[str] = Counter()
         self.integrity_problems = 0
         self.integrity_counts: Counter[str] = Counter()
@@ -129,6 +138,15 @@ class RecordWriter:
                 with self._skipped_lock:
                     self._skipped.add((record.trajectory_id, record.seq))
             self._spill([record], "queue_full")
+
+    @property
+    def accepting(self) -> bool:
+        """False while the spool is full and the proxy was told to refuse calls it cannot record."""
+        return not (self._reject_when_spool_full and self._spool.full)
+
+    @property
+    def spool(self) -> Spool:
+        return self._spool
 
     @property
     def known_trajectories(self) -> int:
@@ -164,7 +182,12 @@ class RecordWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            try:
+                # With records in the spool, wake up now and then to replay them even when idle.
+                first = self._queue.get(timeout=_REPLAY_EVERY_S if self._spool.pending else None)
+            except queue.Empty:
+                self._maybe_replay()
+                continue
             batch: list[CallRecord] = []
             if first is _STOP:
                 stopping = True
@@ -185,12 +208,13 @@ class RecordWriter:
                     continue
                 batch.append(item)
             ready = self._in_arrival_order(batch, flush=stopping)
-            if ready:
-                self._write_with_retries(ready)
+            if ready and self._write_with_retries(ready):
+                self._maybe_replay()
             with self._progress:
                 self._progress.notify_all()
 
-    def _write_with_retries(self, batch: list[CallRecord]) -> None:
+    def _write_with_retries(self, batch: list[CallRecord]) -> bool:
+        """Write ``batch``; True when it is in the database. Otherwise its records are in the spool."""
         error: Exception | None = None
         for attempt in range(self._retries + 1):
             try:
@@ -201,20 +225,81 @@ class RecordWriter:
                     time.sleep(_RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S) - 1)])
                 continue
             self._count_written(batch)
-            return
+            return True
+        reason = f"db_error:{type(error).__name__}"
         logger.warning(
-            "records=<%d>, error=<%s: %s> | batch failed after retries; writing records one by one",
-            len(batch),
-            type(error).__name__,
+            "records=<%d>, error=<%s: %s> | batch failed after retries", len(batch), type(error).__name__,
             _describe(error),
-        )
-        for record in batch:
+        )  # fmt: skip
+        # One record alone failing the same way means the database is the problem (locked, gone),
+        # not one record's data: then the whole batch goes to the spool at once, to be replayed.
+        try:
+            self._write_batch(batch[:1])
+        except Exception as exc:
+            if type(exc) is type(error) and _describe(exc) == _describe(error):
+                self._spill(batch, reason)
+                return False
+            self._spill(batch[:1], f"db_error:{type(exc).__name__}")
+        else:
+            self._count_written(batch[:1])
+        for record in batch[1:]:
             try:
                 self._write_batch([record])
-            except Exception as exc:  # this record cannot be stored: keep it in the fallback file
+            except Exception as exc:  # this record cannot be stored: keep it in the spool
                 self._spill([record], f"db_error:{type(exc).__name__}")
             else:
                 self._count_written([record])
+        return False
+
+    def _maybe_replay(self) -> None:
+        """Write the spooled records to the database, at most every ``_REPLAY_EVERY_S``."""
+        if not self._spool.pending or time.monotonic() - self._last_replay < _REPLAY_EVERY_S:
+            return
+        self._last_replay = time.monotonic()
+        path = self._spool.take()
+        if path is None:
+            return
+        replayed = cut = 0
+        try:
+            chunk: list[CallRecord] = []
+            for record in Spool.read(path):
+                if record is None:
+                    cut += 1
+                    continue
+                chunk.append(record)
+                if len(chunk) >= self._batch_size:
+                    replayed += self._replay_chunk(chunk)
+                    chunk = []
+            if chunk:
+                replayed += self._replay_chunk(chunk)
+        except Exception as exc:  # the database is still unwell: the file stays for the next try
+            logger.warning("path=<%s>, error=<%s> | spool replay postponed", path, type(exc).__name__)
+            return
+        self._spool.done(path)
+        if cut:
+            self.lost += cut
+            self.failure_reasons["spool_line_cut"] += cut
+            logger.error("records=<%d> | spool lines cut short by a crash could not be replayed", cut)
+        logger.warning("records=<%d> | spooled records replayed into the database", replayed)
+
+    def _replay_chunk(self, chunk: list[CallRecord]) -> int:
+        """Write the records of ``chunk`` the database does not hold yet (exactly once)."""
+        with self._engine.connect() as connection:
+            encoder = self._encoder(connection)
+            marks = ", ".join([encoder.mark] * len(chunk))
+            present = set(
+                connection.exec_driver_sql(
+                    f"SELECT id FROM llm_calls WHERE id IN ({marks})", tuple(r.call_id for r in chunk)
+                ).scalars()
+            )
+        todo = [r for r in chunk if r.call_id not in present]
+        for record in todo:
+            if record.seq is not None:
+                record.seq = 0  # a named trajectory: numbered after what the database holds
+        if todo:
+            self._write_batch(todo)
+            self.replayed += len(todo)
+        return len(todo)
 
     def _count_written(self, batch: list[CallRecord]) -> None:
         self.written += len(batch)
@@ -310,39 +395,47 @@ class RecordWriter:
     # ---- fallback file ----
 
     def _spill(self, records: list[CallRecord], reason: str) -> None:
-        """Append records to the fallback JSONL file (owner-only), count and log them."""
-        lines = []
-        for record in records:
-            row = dataclasses.asdict(record)
-            del row["on_stored"]
-            row["fallback_reason"] = reason
-            lines.append(json.dumps(row, default=str))
+        """Put records in the spool (owner-only file), count and log them; when it is full, count them
+        as lost."""
+        lines = [record_to_line(record, reason) for record in records]
+        try:
+            kept = self._spool.append(lines)
+        except OSError as exc:
+            logger.error(
+                "records=<%d>, reason=<%s>, error=<%s> | spool not writable; records lost",
+                len(records),
+                reason,
+                type(exc).__name__,
+            )
+            kept, reason = False, f"{reason}+spool_failed"
         with self._fallback_lock:
-            try:
-                fd = os.open(self._fallback_path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
-                with os.fdopen(fd, "a", encoding="utf-8") as handle:
-                    handle.write("\n".join(lines) + "\n")
-            except OSError as exc:
-                logger.error(
-                    "records=<%d>, reason=<%s>, error=<%s> | fallback file not writable; records lost",
-                    len(records),
-                    reason,
-                    type(exc).__name__,
-                )
-                reason = f"{reason}+fallback_failed"
             self.failed += len(records)
-            self.failure_reasons[reason] += len(records)
+            if kept:
+                self.failure_reasons[reason] += len(records)
+            else:
+                self.lost += len(records)
+                self.failure_reasons["spool_full" if not reason.endswith("spool_failed") else reason] += len(
+                    records
+                )
         for record in records:
             if record.on_stored is not None:
-                record.on_stored(False)
+                record.on_stored(kept)
         with self._progress:
             self._progress.notify_all()
-        logger.warning(
-            "records=<%d>, reason=<%s>, path=<%s> | records written to fallback file",
-            len(records),
-            reason,
-            self._fallback_path,
-        )
+        if kept:
+            logger.warning(
+                "records=<%d>, reason=<%s>, path=<%s> | records written to the spool",
+                len(records),
+                reason,
+                self._spool.path,
+            )
+        else:
+            logger.error(
+                "records=<%d>, reason=<%s>, limit_bytes=<%d> | spool full; records lost",
+                len(records),
+                reason,
+                self._spool.max_bytes,
+            )
 
 
 def _next_seqs(connection: Any, trajectory_ids: set[str], encoder: RowEncoder) -> dict[str, int]:

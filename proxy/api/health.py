@@ -16,9 +16,15 @@ class WriterHealth(BaseModel):
     queue_depth: int = Field(description="Records waiting to be written.")
     queue_capacity: int = Field(description="Records the queue holds before spilling to the file.")
     records_written: int = Field(description="Records committed to the database.")
-    records_failed: int = Field(description="Records the database did not take (in the fallback file).")
+    records_failed: int = Field(
+        description="Records the database did not take at first (spooled, or lost if the spool was full)."
+    )
+    records_replayed: int = Field(description="Spooled records written to the database later.")
+    records_lost: int = Field(description="Records the full spool could not take (see failure_reasons).")
+    spool_bytes: int = Field(description="Bytes of records waiting in the spool for the database.")
+    spool_full: bool = Field(description="Whether the spool reached TOKENTRAIL_SPOOL_MAX_BYTES.")
     failure_reasons: dict[str, int] = Field(description="records_failed by reason.")
-    fallback_path: str = Field(description="Where failed records are kept as JSON lines.")
+    fallback_path: str = Field(description="The spool: records waiting for the database, as JSON lines.")
     integrity_problems: int = Field(
         description="Written records whose token IDs disagree with vLLM's counts."
     )
@@ -34,7 +40,9 @@ class UpstreamHealth(BaseModel):
 class Health(BaseModel):
     """The proxy's health."""
 
-    status: str = Field(description="'ok', or 'degraded' when records went to the fallback file.")
+    status: str = Field(
+        description="'ok', or 'degraded' while records wait in the spool or after records were lost."
+    )
     upstream: str
     upstreams: list[UpstreamHealth]
     in_flight: int = Field(description="Calls being relayed now.")
@@ -47,7 +55,7 @@ def health(request: Request) -> Any:
     runtime = request.app.state.runtime
     writer = runtime.writer
     return Health(
-        status="degraded" if writer.failed else "ok",
+        status="degraded" if writer.spool.pending or writer.lost else "ok",
         upstream=runtime.settings.upstream,
         upstreams=[
             UpstreamHealth(url=u.url, healthy=u.healthy, in_flight=u.in_flight)
@@ -59,6 +67,10 @@ def health(request: Request) -> Any:
             queue_capacity=runtime.settings.writer_queue_size,
             records_written=writer.written,
             records_failed=writer.failed,
+            records_replayed=writer.replayed,
+            records_lost=writer.lost,
+            spool_bytes=writer.spool.bytes,
+            spool_full=writer.spool.full,
             failure_reasons=dict(writer.failure_reasons),
             fallback_path=str(runtime.settings.fallback_path),
             integrity_problems=writer.integrity_problems,

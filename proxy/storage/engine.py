@@ -33,21 +33,29 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_setup(busy_timeout_ms: int) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        _on_sqlite_connect(dbapi_connection, busy_timeout_ms)
+
+    return on_connect
+
+
+def _on_sqlite_connect(dbapi_connection: Any, busy_timeout_ms: int) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """Open the database at ``url`` with the settings TokenTrail relies on."""
+def make_engine(url: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
+    """Open the database at ``url`` with the settings TokenTrail relies on (``busy_timeout_ms``: how
+    long a SQLite write waits for another writer's lock before it fails)."""
     path = sqlite_path(url)
     if path is not None and not path.exists():
         _create_private_file(path)
     engine = create_engine(url, future=True, json_serializer=dumps_text)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _on_sqlite_connect)
+        event.listen(engine, "connect", _sqlite_setup(busy_timeout_ms))
     return engine

@@ -1,0 +1,119 @@
+"""The on-disk spool: records the database could not take, kept as JSON lines until they can be replayed.
+
+Why a file and not a bigger queue: an outage can last longer than memory can hold, and a file survives
+a restart. The spool is bounded in bytes (``TOKENTRAIL_SPOOL_MAX_BYTES``); what does not fit is counted
+as lost and logged, or, with ``TOKENTRAIL_SPOOL_FULL=reject``, the proxy stops accepting recorded calls
+(503) until the spool drains.
+
+Replay is exactly-once: the writer renames the spool to ``<spool>.replaying`` (new spills start a fresh
+file), writes its records skipping any ``call_id`` the database already holds (a crash in the middle of a
+replay leaves the renamed file; the next replay picks it up and skips what was written), then deletes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity, Outcome
+
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored"}
+_CHOICE_FIELDS = {f.name for f in dataclasses.fields(ChoiceRecord)}
+
+
+def record_to_line(record: CallRecord, reason: str) -> str:
+    row = dataclasses.asdict(record)
+    del row["on_stored"]
+    row["fallback_reason"] = reason
+    return json.dumps(row, default=str)
+
+
+def record_from_line(line: str) -> CallRecord:
+    row: dict[str, Any] = json.loads(line)
+    fields = {k: v for k, v in row.items() if k in _RECORD_FIELDS}
+    fields["choices"] = [
+        ChoiceRecord(**{k: v for k, v in c.items() if k in _CHOICE_FIELDS})
+        for c in fields.get("choices") or []
+    ]
+    fields["outcome"] = Outcome(fields.get("outcome", Outcome.OK))
+    fields["integrity"] = str(fields.get("integrity", Integrity.NOT_CHECKED))
+    return CallRecord(**fields)
+
+
+class Spool:
+    """An append-only JSON-lines file with a byte limit, shared by the event loop and the writer."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.replaying = path.with_name(path.name + ".replaying")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._bytes = self._size(path)
+        self._refused = False  # a record did not fit since the spool last drained
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes + self._size(self.replaying)
+
+    @property
+    def full(self) -> bool:
+        """Records wait and the last one did not fit (or the limit is reached): until a replay drains
+        the spool, new records would be lost."""
+        return self.pending and (self._refused or self.bytes >= self.max_bytes)
+
+    @property
+    def pending(self) -> bool:
+        return self._bytes > 0 or self.replaying.exists()
+
+    def append(self, lines: list[str]) -> bool:
+        """Append ``lines`` (owner-only file); False when they do not fit under the limit."""
+        data = ("\n".join(lines) + "\n").encode()
+        with self._lock:
+            if self._bytes + len(data) > self.max_bytes:
+                self._refused = True
+                return False
+            fd = os.open(self.path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+            with os.fdopen(fd, "ab") as handle:
+                handle.write(data)
+            self._bytes += len(data)
+        return True
+
+    def take(self) -> Path | None:
+        """The file to replay now: an unfinished ``.replaying`` one, or the spool renamed to it."""
+        with self._lock:
+            if self.replaying.exists():
+                return self.replaying
+            if self._bytes == 0:
+                return None
+            os.replace(self.path, self.replaying)
+            self._bytes = 0
+            return self.replaying
+
+    def done(self, path: Path) -> None:
+        """The replay of ``path`` finished: every record in it is in the database."""
+        path.unlink(missing_ok=True)
+        with self._lock:
+            self._refused = False
+
+    @staticmethod
+    def read(path: Path) -> Iterator[CallRecord | None]:
+        """The records in ``path``; None for a line a crash cut short (it cannot be replayed)."""
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    try:
+                        yield record_from_line(line)
+                    except (ValueError, TypeError, KeyError):
+                        yield None
