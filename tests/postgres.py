@@ -31,32 +31,61 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+class PostgresCluster:
+    """A throwaway cluster that a test can also stop and start again (a database outage)."""
+
+    def __init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="tokentrail-pg-")
+        self.data = os.path.join(self.root, "data")
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+        sock = free_socket()
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"postgresql+psycopg://tokentrail@127.0.0.1:{self.port}"
+        subprocess.run(
+            _as_postgres([_bin("initdb"), "-D", self.data, "-U", "tokentrail", "--auth=trust", "-E", "UTF8"]),
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = os.path.join(self.root, "log")
+        subprocess.run(
+            _as_postgres([_bin("pg_ctl"), "-D", self.data, "-o", options, "-l", log, "-w", "start"]),
+            check=True,
+            capture_output=True,
+        )
+
+    def stop(self) -> None:
+        subprocess.run(
+            _as_postgres([_bin("pg_ctl"), "-D", self.data, "-m", "fast", "-w", "stop"]),
+            check=False,
+            capture_output=True,
+        )
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A started cluster; stopped and removed afterwards."""
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """Start a cluster; yield ``postgresql+psycopg://tokentrail@127.0.0.1:PORT``; stop and remove it."""
-    root = tempfile.mkdtemp(prefix="tokentrail-pg-")
-    data = os.path.join(root, "data")
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    run = {"check": True, "capture_output": True}
-    subprocess.run(
-        _as_postgres([_bin("initdb"), "-D", data, "-U", "tokentrail", "--auth=trust", "-E", "UTF8"]), **run
-    )
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        _as_postgres(
-            [_bin("pg_ctl"), "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "start"]
-        ),
-        **run,
-    )
-    try:
-        yield f"postgresql+psycopg://tokentrail@127.0.0.1:{port}"
-    finally:
-        subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", data, "-m", "fast", "-w", "stop"]), check=False)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_cluster() as cluster:
+        yield cluster.url
 
 
 def create_database(server_url: str) -> str:

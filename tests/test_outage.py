@@ -1,5 +1,6 @@
-"""Database outage on SQLite: another process holds the write lock. Calls keep flowing, their records
-go to the spool, and once the lock is gone they are replayed into the database exactly once.
+"""Database outages: SQLite whose write lock another process holds, and PostgreSQL stopped and started
+again. Calls keep flowing, their records go to the spool, and once the database is back they are
+replayed into it exactly once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import httpx
 
 from tests.conftest import Proxy, ProxyFactory
 from tests.fake_upstream import FakeUpstream
+from tests.postgres import create_database, postgres_cluster
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
@@ -91,3 +93,27 @@ def test_with_a_full_spool_and_reject_the_proxy_answers_503_until_the_spool_drai
         assert _call(proxy, "r").status_code == 200
         assert _health(proxy)["writer"]["records_replayed"] == answered - 1  # all but the lost one
         assert proxy.rows("SELECT count(*) AS n FROM llm_calls") == [{"n": answered}]
+
+
+def test_postgres_stopped_and_started_again_loses_nothing(
+    fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory
+) -> None:
+    with postgres_cluster() as cluster:
+        db_url = create_database(cluster.url)
+        with proxy_factory(fake[1], db_url=db_url, writer_retries=0) as proxy:
+            _call(proxy, "warm").raise_for_status()
+            proxy.wait_records(1)
+            cluster.stop()
+            answers = [_call(proxy, f"p{i % 3}") for i in range(15)]
+            assert all(a.status_code == 200 for a in answers)
+            _wait_for(lambda: _health(proxy)["writer"]["records_failed"] >= 15)
+            assert _health(proxy)["status"] == "degraded"
+            cluster.start()
+            _call(proxy, "p0").raise_for_status()
+            _wait_for(lambda: _health(proxy)["writer"]["records_replayed"] == 15)
+            assert _health(proxy)["status"] == "ok"
+            rows = proxy.rows("SELECT trajectory_id, seq FROM llm_calls ORDER BY trajectory_id, seq")
+            assert len(rows) == 17
+            for trajectory in ("p0", "p1", "p2"):
+                seqs = [r["seq"] for r in rows if r["trajectory_id"] == trajectory]
+                assert seqs == list(range(len(seqs)))

@@ -55,7 +55,9 @@ def make_engine(url: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engi
     path = sqlite_path(url)
     if path is not None and not path.exists():
         _create_private_file(path)
-    engine = create_engine(url, future=True, json_serializer=dumps_text)
+    # Elsewhere than SQLite, a pooled connection may have died with its server (a restart, a
+    # failover): check it before use, so the first batch after an outage does not fail for nothing.
+    engine = create_engine(url, future=True, json_serializer=dumps_text, pool_pre_ping=path is None)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_setup(busy_timeout_ms))
     return engine
