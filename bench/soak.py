@@ -14,6 +14,10 @@ samples the proxy's RSS while it runs and afterwards checks the database:
   upstream's deterministic IDs; ``integrity = 'ok'``;
 * bytes stored per call and per generated token.
 
+With ``--lock-db-for 30`` another connection holds SQLite's write lock for 30 s from ``--lock-db-at``:
+a database outage. The records of that time go to the spool and are replayed once it ends; the checks
+are the same (every call once, seq gapless, IDs exact).
+
 Exits non-zero when a check fails.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -28,9 +33,12 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -109,6 +117,26 @@ async def _drive(url: str, args: argparse.Namespace, proxy_pid: int) -> dict[str
     }
 
 
+def _hold_write_lock(db_path: Path, args: argparse.Namespace) -> None:
+    """Another process's long write transaction: the proxy's writer cannot write meanwhile."""
+    time.sleep(args.lock_db_at)
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        time.sleep(args.lock_db_for)
+        lock.execute("ROLLBACK")
+
+
+def _settled_writer(url: str, calls: int, limit_s: float = 300) -> dict[str, Any]:
+    """The proxy's writer counters once every call's record is written or replayed."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        writer: dict[str, Any] = httpx.get(url + "/tokentrail/health", timeout=10).json()["writer"]
+        done = writer["records_written"] + writer["records_replayed"] + writer["records_lost"]
+        if done >= calls or time.monotonic() > deadline:
+            return writer
+        time.sleep(0.2)
+
+
 def _check(db_path: Path, result: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     problems: list[str] = []
     db = sqlite3.connect(db_path)
@@ -175,6 +203,12 @@ def main() -> int:
     parser.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="keep the database at this path")
+    parser.add_argument(
+        "--lock-db-at", type=float, default=5.0, help="seconds into the run (with --lock-db-for)"
+    )
+    parser.add_argument(
+        "--lock-db-for", type=float, default=0.0, help="hold SQLite's write lock this long: a database outage"
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -202,7 +236,13 @@ def main() -> int:
         try:
             _wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
             _wait_http(url + "/tokentrail/health", proxy)
+            locker = threading.Thread(target=_hold_write_lock, args=(db_path, args), daemon=True)
+            if args.lock_db_for:
+                locker.start()
             result = asyncio.run(_drive(url, args, proxy.pid))
+            if args.lock_db_for:
+                locker.join()
+            result["writer"] = _settled_writer(url, result["sent"])
         finally:
             proxy.terminate()  # SIGTERM: the proxy drains its writer before it exits
             proxy.wait(120)
@@ -224,6 +264,11 @@ def main() -> int:
     print("RSS samples (s, MiB): " + " ".join(f"{t:.0f}:{m:.0f}" for t, m in result["rss"]))
     print(f"stored: {figures['database_bytes'] / 2**20:.1f} MiB, {figures['bytes_per_call']:.0f} bytes/call, "
           f"{figures['bytes_per_generated_token']:.0f} bytes/generated token")  # fmt: skip
+    writer = result["writer"]
+    print(
+        f"writer: written {writer['records_written']}, spooled {writer['records_failed']}, "
+        f"replayed {writer['records_replayed']}, lost {writer['records_lost']}"
+    )
     print(
         "check: " + ("; ".join(problems) if problems else "every call recorded once, seq gapless, IDs exact")
     )
