@@ -55,6 +55,7 @@ class Spool:
         self._lock = threading.Lock()
         self._bytes = self._size(path)
         self._refused = False  # a record did not fit since the spool last drained
+        self._replay_waiting = self.replaying.exists()  # kept in memory: no stat per call
 
     @staticmethod
     def _size(path: Path) -> int:
@@ -65,7 +66,7 @@ class Spool:
 
     @property
     def bytes(self) -> int:
-        return self._bytes + self._size(self.replaying)
+        return self._bytes + (self._size(self.replaying) if self._replay_waiting else 0)
 
     @property
     def full(self) -> bool:
@@ -75,7 +76,7 @@ class Spool:
 
     @property
     def pending(self) -> bool:
-        return self._bytes > 0 or self.replaying.exists()
+        return self._bytes > 0 or self._replay_waiting
 
     def append(self, lines: list[str]) -> bool:
         """Append ``lines`` (owner-only file); False when they do not fit under the limit."""
@@ -93,18 +94,20 @@ class Spool:
     def take(self) -> Path | None:
         """The file to replay now: an unfinished ``.replaying`` one, or the spool renamed to it."""
         with self._lock:
-            if self.replaying.exists():
+            if self._replay_waiting:
                 return self.replaying
             if self._bytes == 0:
                 return None
             os.replace(self.path, self.replaying)
             self._bytes = 0
+            self._replay_waiting = True
             return self.replaying
 
     def done(self, path: Path) -> None:
         """The replay of ``path`` finished: every record in it is in the database."""
         path.unlink(missing_ok=True)
         with self._lock:
+            self._replay_waiting = False
             self._refused = False
 
     @staticmethod

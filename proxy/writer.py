@@ -22,7 +22,6 @@ import queue
 import threading
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,8 +39,6 @@ _STOP = object()
 _RETRY_BACKOFF_S = (0.05, 0.25, 1.0, 2.0)
 _REPLAY_EVERY_S = 1.0
 GATHER_S = 0.02
-# Values that say nothing is wrong (a check that could not be made is not a problem); the
-# trajectory_summary view counts integrity_problems the same way.
 # The columns a new trajectory row gets from the writer; the others keep their defaults (NULL).
 _TRAJECTORY_INSERT = (
     "trajectories",
@@ -56,6 +53,8 @@ _TRAJECTORY_INSERT = (
         "finished",
     ),
 )
+# Values that say nothing is wrong (a check that could not be made is not a problem); the
+# trajectory_summary view counts integrity_problems the same way.
 _GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS, Integrity.NO_USAGE})
 
 
@@ -68,12 +67,6 @@ class RecordSink(Protocol):
 
     @property
     def accepting(self) -> bool: ...
-
-
-def _utc(epoch: float | None) -> datetime | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, tz=UTC)
 
 
 class RecordWriter:
@@ -99,7 +92,6 @@ class RecordWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._batch_size = batch_size
         self._retries = retries
-        self._fallback_path = fallback_path
         self._fallback_lock = threading.Lock()
         self._ordinals: dict[str, int] = {}
         self._ordinals_lock = threading.Lock()  # next_ordinal (event loop) vs pruning (writer thread)
