@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import statistics
@@ -35,7 +34,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from loadgen import _Connection, build_request, chat_body  # noqa: E402
-from run import _free_port, _wait_http  # noqa: E402
+from run import FAKE_VLLM, TOKENTRAIL_SERVE, _free_port, _wait_http, tokentrail_env  # noqa: E402
 
 
 async def _load_until_killed(
@@ -100,20 +99,16 @@ def _one_mode(durable: bool, args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         db_path = tmp / "crash.db"
         upstream_port, proxy_port = _free_port(), _free_port()
-        upstream = subprocess.Popen(
-            [sys.executable, str(BENCH / "fake_vllm.py"), "--port", str(upstream_port)]
-        )
-        env = dict(
-            os.environ,
-            TOKENTRAIL_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
-            TOKENTRAIL_DB=f"sqlite:///{db_path}",
-            TOKENTRAIL_PORT=str(proxy_port),
-            TOKENTRAIL_LOG_LEVEL="warning",
-            TOKENTRAIL_FALLBACK_PATH=str(tmp / "fallback.jsonl"),
+        upstream = subprocess.Popen([*FAKE_VLLM, str(upstream_port)])
+        env = tokentrail_env(
+            f"http://127.0.0.1:{upstream_port}",
+            f"sqlite:///{db_path}",
+            proxy_port,
+            tmp,
             TOKENTRAIL_DURABLE="true" if durable else "false",
         )
         url = f"http://127.0.0.1:{proxy_port}"
-        command = [sys.executable, "-m", "tokentrail.proxy.cli", "serve"]
+        command = TOKENTRAIL_SERVE
         try:
             _wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
             proxy = subprocess.Popen(command, env=env)

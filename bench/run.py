@@ -117,6 +117,23 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], limit_s: float = 60) 
     raise SystemExit(f"{url} did not answer")
 
 
+FAKE_VLLM = [sys.executable, str(BENCH / "fake_vllm.py"), "--port"]
+TOKENTRAIL_SERVE = [sys.executable, "-m", "tokentrail.proxy.cli", "serve"]
+
+
+def tokentrail_env(upstream: str, db_url: str, port: int, tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a benchmarked ``tokentrail serve``: quiet, its spool in ``tmp``."""
+    return dict(
+        os.environ,
+        TOKENTRAIL_UPSTREAM=upstream,
+        TOKENTRAIL_DB=db_url,
+        TOKENTRAIL_PORT=str(port),
+        TOKENTRAIL_LOG_LEVEL="warning",
+        TOKENTRAIL_FALLBACK_PATH=str(tmp / "fallback.jsonl"),
+        **extra,
+    )
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -178,9 +195,7 @@ class Targets:
         else:
             port = _free_port()
             upstream = f"http://127.0.0.1:{port}"
-            process = self._pinned(
-                args.other_core, [sys.executable, str(BENCH / "fake_vllm.py"), "--port", str(port)]
-            )
+            process = self._pinned(args.other_core, [*FAKE_VLLM, str(port)])
             _wait_http(upstream + "/health", process)
         self.urls["direct"] = upstream
         wanted = args.targets.split(",")
@@ -229,17 +244,8 @@ class Targets:
             _wait_http(self.urls["naive"] + "/health", process)
         if "tokentrail" in wanted:
             port = _free_port()
-            env = dict(
-                os.environ,
-                TOKENTRAIL_UPSTREAM=upstream,
-                TOKENTRAIL_DB=self.db_url,
-                TOKENTRAIL_PORT=str(port),
-                TOKENTRAIL_LOG_LEVEL="warning",
-                TOKENTRAIL_FALLBACK_PATH=str(self.tmp / "fallback.jsonl"),
-            )
-            process = self._pinned(
-                args.proxy_core, [sys.executable, "-m", "tokentrail.proxy.cli", "serve"], env=env
-            )
+            env = tokentrail_env(upstream, self.db_url, port, self.tmp)
+            process = self._pinned(args.proxy_core, TOKENTRAIL_SERVE, env=env)
             self.urls["tokentrail"] = f"http://127.0.0.1:{port}"
             _wait_http(self.urls["tokentrail"] + "/tokentrail/health", process)
             self.tokentrail_pid = process.pid

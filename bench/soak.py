@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import sqlite3
 import subprocess
@@ -44,7 +43,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from fake_vllm import generated_id  # noqa: E402
 from loadgen import _Connection, build_request, chat_body, completion_body  # noqa: E402
-from run import _free_port, _rss_mib, _wait_http  # noqa: E402
+from run import FAKE_VLLM, TOKENTRAIL_SERVE, _free_port, _rss_mib, _wait_http, tokentrail_env  # noqa: E402
 
 KINDS = ("chat", "chat_stream", "chat_n2", "text_stream", "refused")
 
@@ -220,18 +219,9 @@ def main() -> int:
         tmp = Path(tmp_name)
         db_path = tmp / "soak.db"
         upstream_port, proxy_port = _free_port(), _free_port()
-        upstream = subprocess.Popen(
-            [sys.executable, str(BENCH / "fake_vllm.py"), "--port", str(upstream_port)]
-        )
-        env = dict(
-            os.environ,
-            TOKENTRAIL_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
-            TOKENTRAIL_DB=f"sqlite:///{db_path}",
-            TOKENTRAIL_PORT=str(proxy_port),
-            TOKENTRAIL_LOG_LEVEL="warning",
-            TOKENTRAIL_FALLBACK_PATH=str(tmp / "fallback.jsonl"),
-        )
-        proxy = subprocess.Popen([sys.executable, "-m", "tokentrail.proxy.cli", "serve"], env=env)
+        upstream = subprocess.Popen([*FAKE_VLLM, str(upstream_port)])
+        env = tokentrail_env(f"http://127.0.0.1:{upstream_port}", f"sqlite:///{db_path}", proxy_port, tmp)
+        proxy = subprocess.Popen(TOKENTRAIL_SERVE, env=env)
         url = f"http://127.0.0.1:{proxy_port}"
         try:
             _wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
