@@ -5,6 +5,10 @@ a restart. The spool is bounded in bytes (``TOKENTRAIL_SPOOL_MAX_BYTES``); what 
 as lost and logged, or, with ``TOKENTRAIL_SPOOL_FULL=reject``, the proxy stops accepting recorded calls
 (503) until the spool drains.
 
+A record the database refused on its own (its batch went in without it) is spooled with a reason
+starting ``refused:``; replay sets it aside in ``<spool>.refused`` instead of trying it again, so one bad
+record cannot hold back the others.
+
 Replay is exactly-once: the writer renames the spool to ``<spool>.replaying`` (new spills start a fresh
 file), writes its records skipping any ``call_id`` the database already holds (a crash in the middle of a
 replay leaves the renamed file; the next replay picks it up and skips what was written), then deletes it.
@@ -33,7 +37,11 @@ def record_to_line(record: CallRecord, reason: str) -> str:
     return json.dumps(row, default=str)
 
 
-def record_from_line(line: str) -> CallRecord:
+REFUSED = "refused:"
+
+
+def record_from_line(line: str) -> tuple[CallRecord, str]:
+    """The record of a spool line and the reason it was spooled."""
     row: dict[str, Any] = json.loads(line)
     fields = {k: v for k, v in row.items() if k in _RECORD_FIELDS}
     fields["choices"] = [
@@ -42,7 +50,7 @@ def record_from_line(line: str) -> CallRecord:
     ]
     fields["outcome"] = Outcome(fields.get("outcome", Outcome.OK))
     fields["integrity"] = str(fields.get("integrity", Integrity.NOT_CHECKED))
-    return CallRecord(**fields)
+    return CallRecord(**fields), str(row.get("fallback_reason", ""))
 
 
 class Spool:
@@ -51,6 +59,7 @@ class Spool:
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
         self.replaying = path.with_name(path.name + ".replaying")
+        self.refused = path.with_name(path.name + ".refused")
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._bytes = self._size(path)
@@ -111,12 +120,24 @@ class Spool:
             self._refused = False
 
     @staticmethod
-    def read(path: Path) -> Iterator[CallRecord | None]:
-        """The records in ``path``; None for a line a crash cut short (it cannot be replayed)."""
+    def read(path: Path) -> Iterator[tuple[CallRecord | None, str, str]]:
+        """(record, reason it was spooled, line) for each line of ``path``; the record is None for a
+        line a crash cut short."""
         with path.open(encoding="utf-8") as handle:
             for line in handle:
                 if line.strip():
                     try:
-                        yield record_from_line(line)
+                        record, reason = record_from_line(line)
                     except (ValueError, TypeError, KeyError):
-                        yield None
+                        yield None, "", line
+                    else:
+                        yield record, reason, line
+
+    def set_aside(self, lines: list[str]) -> None:
+        """Keep lines that must not be replayed (records the database refused on their own) in
+        ``<spool>.refused``, owner-only, for a person to look at."""
+        if not lines:
+            return
+        fd = os.open(self.refused, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            handle.write("".join(line if line.endswith("\n") else line + "\n" for line in lines))

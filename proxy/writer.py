@@ -29,7 +29,7 @@ from sqlalchemy import Engine, select
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.records import CallRecord, Integrity
-from tokentrail.proxy.spool import Spool, record_to_line
+from tokentrail.proxy.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
 
@@ -107,6 +107,7 @@ class RecordWriter:
         self.failed = 0  # records that went to the spool (or were lost when it was full)
         self.lost = 0  # records the spool could not take
         self.replayed = 0  # spooled records written to the database later
+        self.refused = 0  # spooled records the database refused on their own: set aside, not replayed
         self.failure_reasons: Counter[str] = Counter()
         self.integrity_problems = 0
         self.integrity_counts: Counter[str] = Counter()
@@ -231,14 +232,14 @@ class RecordWriter:
             if type(exc) is type(error) and _describe(exc) == _describe(error):
                 self._spill(batch, reason)
                 return False
-            self._spill(batch[:1], f"db_error:{type(exc).__name__}")
+            self._spill(batch[:1], f"{REFUSED}{type(exc).__name__}")
         else:
             self._count_written(batch[:1])
         for record in batch[1:]:
             try:
                 self._write_batch([record])
-            except Exception as exc:  # this record cannot be stored: keep it in the spool
-                self._spill([record], f"db_error:{type(exc).__name__}")
+            except Exception as exc:  # the database refuses this record: spooled, never replayed
+                self._spill([record], f"{REFUSED}{type(exc).__name__}")
             else:
                 self._count_written([record])
         return False
@@ -252,13 +253,16 @@ class RecordWriter:
         if path is None:
             return
         replayed = cut = 0
+        refused: list[str] = []
         try:
             chunk: list[CallRecord] = []
-            for record in Spool.read(path):
+            for record, reason, line in Spool.read(path):
                 if record is None:
                     cut += 1
-                    continue
-                chunk.append(record)
+                elif reason.startswith(REFUSED):
+                    refused.append(line)
+                else:
+                    chunk.append(record)
                 if len(chunk) >= self._batch_size:
                     replayed += self._replay_chunk(chunk)
                     chunk = []
@@ -267,7 +271,15 @@ class RecordWriter:
         except Exception as exc:  # the database is still unwell: the file stays for the next try
             logger.warning("path=<%s>, error=<%s> | spool replay postponed", path, type(exc).__name__)
             return
+        self._spool.set_aside(refused)
         self._spool.done(path)
+        self.refused += len(refused)
+        if refused:
+            logger.error(
+                "records=<%d>, path=<%s> | records the database refused are kept aside, not replayed",
+                len(refused),
+                self._spool.refused,
+            )
         if cut:
             self.lost += cut
             self.failure_reasons["spool_line_cut"] += cut
@@ -390,25 +402,16 @@ class RecordWriter:
         """Put records in the spool (owner-only file), count and log them; when it is full, count them
         as lost."""
         lines = [record_to_line(record, reason) for record in records]
+        lost_because = "spool_full"
         try:
             kept = self._spool.append(lines)
         except OSError as exc:
-            logger.error(
-                "records=<%d>, reason=<%s>, error=<%s> | spool not writable; records lost",
-                len(records),
-                reason,
-                type(exc).__name__,
-            )
-            kept, reason = False, f"{reason}+spool_failed"
+            kept, lost_because = False, f"spool_unwritable:{type(exc).__name__}"
         with self._fallback_lock:
             self.failed += len(records)
-            if kept:
-                self.failure_reasons[reason] += len(records)
-            else:
+            if not kept:
                 self.lost += len(records)
-                self.failure_reasons["spool_full" if not reason.endswith("spool_failed") else reason] += len(
-                    records
-                )
+            self.failure_reasons[reason if kept else lost_because] += len(records)
         for record in records:
             if record.on_stored is not None:
                 record.on_stored(kept)
@@ -423,10 +426,10 @@ class RecordWriter:
             )
         else:
             logger.error(
-                "records=<%d>, reason=<%s>, limit_bytes=<%d> | spool full; records lost",
+                "records=<%d>, reason=<%s>, lost_because=<%s> | records lost",
                 len(records),
                 reason,
-                self._spool.max_bytes,
+                lost_because,
             )
 
 

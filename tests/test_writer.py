@@ -140,3 +140,31 @@ def test_records_the_database_refuses_go_to_the_fallback_file_and_health_says_so
     (line,) = (tmp_path / "fallback.jsonl").read_text().splitlines()
     assert json.loads(line)["trajectory_id"] == "lost?"
     assert fake_proxy.rows("SELECT count(*) AS n FROM llm_calls") == [{"n": 0}]
+
+
+def test_a_record_the_database_refuses_is_set_aside_and_does_not_block_the_replay(
+    tmp_path: Path, db_url: str
+) -> None:
+    """One bad record among good ones: the good ones are written, the bad one is spooled as refused,
+    and the replay that follows keeps it aside instead of failing on it forever."""
+    upgrade_database(db_url)
+    fallback = tmp_path / "fallback.jsonl"
+    writer = RecordWriter(
+        make_engine(db_url), queue_size=100, batch_size=50, retries=0, fallback_path=fallback
+    )
+    bad = _record(writer, "poison")
+    bad.choices = [ChoiceRecord(index=0, token_ids=[1]), ChoiceRecord(index=0, token_ids=[2])]  # same key
+    for record in (_record(writer, "good"), bad, _record(writer, "good")):
+        writer.submit(record)
+    writer.start()  # all three in the first batch, which fails; then one by one
+    assert writer.wait_settled(3, timeout=30)
+    assert (writer.written, writer.failed) == (2, 1)
+    assert writer.spool.pending
+    writer.submit(_record(writer, "good"))  # a write that works, after which the spool is replayed
+    writer.close()
+    writer._engine.dispose()
+    assert not writer.spool.pending
+    assert (writer.refused, writer.replayed, writer.lost) == (1, 0, 0)
+    (kept,) = (tmp_path / "fallback.jsonl.refused").read_text().splitlines()
+    assert json.loads(kept)["call_id"] == bad.call_id
+    assert (tmp_path / "fallback.jsonl.refused").stat().st_mode & 0o777 == 0o600

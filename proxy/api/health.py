@@ -21,6 +21,9 @@ class WriterHealth(BaseModel):
     )
     records_replayed: int = Field(description="Spooled records written to the database later.")
     records_lost: int = Field(description="Records the full spool could not take (see failure_reasons).")
+    records_refused: int = Field(
+        description="Records the database refused on their own: kept in '<spool>.refused', not replayed."
+    )
     spool_bytes: int = Field(description="Bytes of records waiting in the spool for the database.")
     spool_full: bool = Field(description="Whether the spool reached TOKENTRAIL_SPOOL_MAX_BYTES.")
     failure_reasons: dict[str, int] = Field(description="records_failed by reason.")
@@ -41,7 +44,7 @@ class Health(BaseModel):
     """The proxy's health."""
 
     status: str = Field(
-        description="'ok', or 'degraded' while records wait in the spool or after records were lost."
+        description="'ok', or 'degraded' while records wait in the spool, or after any was lost or refused."
     )
     upstream: str
     upstreams: list[UpstreamHealth]
@@ -55,7 +58,7 @@ def health(request: Request) -> Any:
     runtime = request.app.state.runtime
     writer = runtime.writer
     return Health(
-        status="degraded" if writer.spool.pending or writer.lost else "ok",
+        status="degraded" if writer.spool.pending or writer.lost or writer.refused else "ok",
         upstream=runtime.settings.upstream,
         upstreams=[
             UpstreamHealth(url=u.url, healthy=u.healthy, in_flight=u.in_flight)
@@ -69,6 +72,7 @@ def health(request: Request) -> Any:
             records_failed=writer.failed,
             records_replayed=writer.replayed,
             records_lost=writer.lost,
+            records_refused=writer.refused,
             spool_bytes=writer.spool.bytes,
             spool_full=writer.spool.full,
             failure_reasons=dict(writer.failure_reasons),
