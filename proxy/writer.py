@@ -179,7 +179,7 @@ class RecordWriter:
                 # With records in the spool, wake up now and then to replay them even when idle.
                 first = self._queue.get(timeout=_REPLAY_EVERY_S if self._spool.pending else None)
             except queue.Empty:
-                self._maybe_replay()
+                self._maybe_replay(database_works=False)
                 continue
             batch: list[CallRecord] = []
             if first is _STOP:
@@ -202,7 +202,7 @@ class RecordWriter:
                 batch.append(item)
             ready = self._in_arrival_order(batch, flush=stopping)
             if ready and self._write_with_retries(ready):
-                self._maybe_replay()
+                self._maybe_replay(database_works=True)
             with self._progress:
                 self._progress.notify_all()
 
@@ -244,8 +244,12 @@ class RecordWriter:
                 self._count_written([record])
         return False
 
-    def _maybe_replay(self) -> None:
-        """Write the spooled records to the database, at most every ``_REPLAY_EVERY_S``."""
+    def _maybe_replay(self, *, database_works: bool) -> None:
+        """Write the spooled records to the database, at most every ``_REPLAY_EVERY_S``.
+
+        ``database_works``: a write has just succeeded, so a record the database refuses now is
+        refused for its own sake (it is set aside); otherwise a failure postpones the whole replay.
+        """
         if not self._spool.pending or time.monotonic() - self._last_replay < _REPLAY_EVERY_S:
             return
         self._last_replay = time.monotonic()
@@ -255,19 +259,19 @@ class RecordWriter:
         replayed = cut = 0
         refused: list[str] = []
         try:
-            chunk: list[CallRecord] = []
+            chunk: list[tuple[CallRecord, str]] = []
             for record, reason, line in Spool.read(path):
                 if record is None:
                     cut += 1
                 elif reason.startswith(REFUSED):
                     refused.append(line)
                 else:
-                    chunk.append(record)
+                    chunk.append((record, line))
                 if len(chunk) >= self._batch_size:
-                    replayed += self._replay_chunk(chunk)
+                    replayed += self._replay_chunk(chunk, refused, database_works=database_works)
                     chunk = []
             if chunk:
-                replayed += self._replay_chunk(chunk)
+                replayed += self._replay_chunk(chunk, refused, database_works=database_works)
         except Exception as exc:  # the database is still unwell: the file stays for the next try
             logger.warning("path=<%s>, error=<%s> | spool replay postponed", path, type(exc).__name__)
             return
@@ -286,24 +290,39 @@ class RecordWriter:
             logger.error("records=<%d> | spool lines cut short by a crash could not be replayed", cut)
         logger.warning("records=<%d> | spooled records replayed into the database", replayed)
 
-    def _replay_chunk(self, chunk: list[CallRecord]) -> int:
-        """Write the records of ``chunk`` the database does not hold yet (exactly once)."""
+    def _replay_chunk(
+        self, chunk: list[tuple[CallRecord, str]], refused: list[str], *, database_works: bool
+    ) -> int:
+        """Write the records of ``chunk`` the database does not hold yet (exactly once); the lines of
+        records it refuses on their own go to ``refused``."""
         with self._engine.connect() as connection:
             encoder = self._encoder(connection)
             marks = ", ".join([encoder.mark] * len(chunk))
             present = set(
                 connection.exec_driver_sql(
-                    f"SELECT id FROM llm_calls WHERE id IN ({marks})", tuple(r.call_id for r in chunk)
+                    f"SELECT id FROM llm_calls WHERE id IN ({marks})", tuple(r.call_id for r, _ in chunk)
                 ).scalars()
             )
-        todo = [r for r in chunk if r.call_id not in present]
-        for record in todo:
+        todo = [(record, line) for record, line in chunk if record.call_id not in present]
+        for record, _line in todo:
             if record.seq is not None:
                 record.seq = 0  # a named trajectory: numbered after what the database holds
-        if todo:
-            self._write_batch(todo)
-            self.replayed += len(todo)
-        return len(todo)
+        try:
+            if todo:
+                self._write_batch([record for record, _line in todo])
+            written = len(todo)
+        except Exception:
+            if not database_works:
+                raise
+            written = 0
+            for record, line in todo:
+                try:
+                    self._write_batch([record])
+                    written += 1
+                except Exception:  # the database works, so this record is the problem
+                    refused.append(line)
+        self.replayed += written
+        return written
 
     def _count_written(self, batch: list[CallRecord]) -> None:
         self.written += len(batch)
