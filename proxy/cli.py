@@ -177,7 +177,6 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
 def _serve(settings: Settings) -> int:
@@ -188,9 +187,6 @@ def _serve(settings: Settings) -> int:
     from tokentrail.proxy.storage.migrate import upgrade_database
 
     _configure_logging(settings.log_level)
-    import os as _os
-
-    sys.setswitchinterval(float(_os.environ.get("TT_SWITCH", "0.005")))
     before, after = upgrade_database(settings.db)
     if before != after:
         logger.info("from=<%s>, to=<%s> | database migrated", before, after)

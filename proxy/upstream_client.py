@@ -1,24 +1,37 @@
 """The one HTTP client to vLLM, behind a small interface: send a request, read raw chunks, close.
 
-Why aiohttp and not httpx: measured on this project's benchmark (one core, fake vLLM upstream,
-non-streaming calls), httpx 0.28 served 108 calls/s at 64 concurrent calls and aiohttp 3.14 served
-8,627; at concurrency 1, 802 against 1,095. A py-spy profile of the proxy on httpx showed 37% of the
-process in httpcore's pool assigning requests: on every request it asks each pooled connection whether
-it has expired (a socket poll each), which grows with the number of connections. aiohttp's pool and
-its C HTTP parser do not have that cost.
+A keep-alive HTTP/1.1 client written for this hot path: one ``asyncio.Protocol`` per connection and
+httptools' C response parser (the parser uvicorn uses on the other side). Why not a library:
 
-The relay sees only ``UpstreamResponse`` and the ``UpstreamError`` family, so the client library
-can be changed here without touching the hot path's logic. Redirects are never followed; bodies are
-never decompressed; no header is added beyond Host and Content-Length.
+- httpx 0.28 (tuned: no keep-alive cap) served 108 calls/s at 64 concurrent calls on this project's
+  benchmark; py-spy showed 37% of the proxy in httpcore's pool asking every pooled connection whether
+  it expired (a socket poll each) on every request.
+- aiohttp 3.14 served 8,627 calls/s client-only and carried the proxy to about 2,250 calls/s, but a
+  profile of the proxy at 64 concurrent calls still put 30% of its event-loop thread in aiohttp's
+  request path (building a ``ClientRequest``, its auto headers, payload and stream reader objects).
+
+This client does only what a reverse proxy needs: the request goes out in one write, the status and
+headers come back as the byte pairs the relay forwards, body chunks are handed over as they arrive
+(de-chunked, never decompressed; everything buffered is joined into one chunk per read), and a
+connection read to the end of its response goes back to the pool. The relay sees only
+``UpstreamResponse`` and the ``UpstreamError`` family.
+
+Timeouts: connecting (``connect_timeout_s``) and silence (``read_timeout_s``: before the headers and
+between body chunks). Backpressure: reading from vLLM pauses while more than 256 KiB wait for a slow
+client. ``max_connections`` caps open connections; callers beyond it wait for one.
 """
 
 from __future__ import annotations
 
-import io
+import asyncio
+import collections
+import socket
+import ssl
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import cast
 
-import aiohttp
-from yarl import URL
+import httptools
 
 
 class UpstreamError(Exception):
@@ -41,53 +54,234 @@ class UpstreamBrokenError(UpstreamError):
     """The answer was cut off or was not valid HTTP."""
 
 
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_READ_HIGH_WATER = 256 * 1024  # bytes buffered for the relay before reading from vLLM pauses
+_ONE_WRITE_LIMIT = 256 * 1024  # smaller bodies go out joined to the head, in one write
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
-def _mapped(exc: BaseException, *, answered: bool) -> UpstreamError:
-    """One of our errors for an aiohttp (or timeout) error; ``answered``: the status line had come."""
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
-        return UpstreamConnectError(text)
-    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return UpstreamReadTimeout(text)
-    if not answered and isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return UpstreamClosedError(text)
-    return UpstreamBrokenError(text)
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where to connect, and the Host header to send."""
+
+    key: str
+    host: str
+    port: int
+    host_header: bytes
+    tls: ssl.SSLContext | None
+
+
+def _parse_origin(key: str) -> _Origin:
+    """``http://host:port`` (or https) as an origin; ``UpstreamConnectError`` when unusable."""
+    scheme, _, netloc = key.partition("://")
+    scheme = scheme.lower()
+    if scheme not in ("http", "https") or not netloc:
+        raise UpstreamConnectError(f"not an http(s) URL: {key!r}")
+    host, port = netloc, 443 if scheme == "https" else 80
+    if netloc.startswith("["):  # an IPv6 literal
+        end = netloc.find("]")
+        host = netloc[1:end]
+        if netloc[end + 1 : end + 2] == ":":
+            port = int(netloc[end + 2 :])
+    elif ":" in netloc:
+        host, _, port_text = netloc.rpartition(":")
+        port = int(port_text)
+    tls = ssl.create_default_context() if scheme == "https" else None
+    return _Origin(key, host, port, netloc.encode("idna"), tls)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamReadTimeout("the upstream sent nothing within the read timeout"))
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; it carries one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, origin: _Origin) -> None:
+        self.loop = loop
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.active = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._begin(b"")
+
+    def _begin(self, method: bytes) -> None:
+        """Forget the previous exchange; the next response answers ``method``."""
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.message_done = False
+        self.reusable = False
+        self.close_delimited = False
+        self.head_only = method == b"HEAD"
+        self.error: UpstreamError | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.reading_paused = False
+        self.informational = False
+
+    # ---- asyncio.Protocol ----
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active or self.message_done:  # bytes nobody asked for: the stream is out of step
+            self.reusable = False
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBrokenError(f"the upstream's answer is not valid HTTP: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.active or self.message_done:
+            return
+        if self.headers_done and self.close_delimited:
+            self.message_done = True  # a body without a length ends with the connection
+            self._wake()
+        elif not self.headers_done:
+            self._fail(UpstreamClosedError("the upstream closed the connection before answering"))
+        else:
+            self._fail(UpstreamBrokenError("the upstream closed the connection mid-response"))
+
+    # ---- httptools callbacks ----
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (103 Early Hints ...): wait for the real one
+            self.headers = []
+            self.informational = True
+            return
+        self.status = status
+        self.headers_done = True
+        framed = False
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+                framed = True
+                break
+        self.close_delimited = not framed and status not in (204, 304)
+        if self.head_only:
+            self.message_done = True  # the parser would wait for a body a HEAD answer never has
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _READ_HIGH_WATER and not self.reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        self.reusable = not self.head_only and self._parser.should_keep_alive()
+        self.message_done = True
+        self._wake()
+
+    # ---- used by the client and the response ----
+
+    def start(self, method: bytes, request: bytes, body: bytes) -> None:
+        self._begin(method)
+        self.active = True
+        assert self.transport is not None
+        if len(body) <= _ONE_WRITE_LIMIT:
+            self.transport.write(request + body)
+        else:
+            self.transport.write(request)
+            self.transport.write(body)
+
+    def take(self) -> bytes:
+        """Everything buffered, as one chunk."""
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        self.buffered = 0
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def wait(self, timeout_s: float | None) -> None:
+        """Until the parser or the connection has news, or ``timeout_s`` of silence."""
+        waiter = self.loop.create_future()
+        self.waiter = waiter
+        timer = None if timeout_s is None else self.loop.call_later(timeout_s, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
 
 
 class UpstreamResponse:
     """A response whose status and headers have arrived; the body is read with ``iter_raw``."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status_code = response.status
-        self.raw_headers: list[tuple[bytes, bytes]] = list(response.raw_headers)
-        self.content_type = response.headers.get("Content-Type", "")
-        self._finished = False
+    def __init__(self, client: UpstreamClient, connection: _Connection) -> None:
+        self._client = client
+        self._connection = connection
+        self._released = False
+        self.status_code = connection.status
+        self.raw_headers = connection.headers
+        self.content_type = ""
+        for name, value in self.raw_headers:
+            if name.lower() == b"content-type":
+                self.content_type = value.decode("latin-1")
+                break
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
         """The body as it arrives (de-chunked, never decompressed)."""
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _mapped(exc, answered=True) from None
-        self._finished = True
+        connection = self._connection
+        while True:
+            if connection.chunks:
+                yield connection.take()
+            elif connection.message_done:
+                return
+            elif connection.error is not None:
+                raise connection.error
+            else:
+                try:
+                    await connection.wait(self._client.read_timeout_s)
+                except UpstreamReadTimeout:
+                    connection.close()
+                    raise
 
     async def aclose(self) -> None:
-        """Give the connection back when the body was read to its end, else close it."""
-        if self._finished:
-            self._response.release()
-        else:
-            self._response.close()
-
-
-def _payload(body: bytes) -> bytes | io.BytesIO | None:
-    """aiohttp sends bytes in one write; above 1 MiB it asks for a file-like body, written in chunks."""
-    if not body:
-        return None
-    return io.BytesIO(body) if len(body) > aiohttp.payload.TOO_LARGE_BYTES_BODY else body
+        """Give the connection back when the response was read to its end, else close it."""
+        if not self._released:
+            self._released = True
+            self._client.release(self._connection)
 
 
 class UpstreamClient:
@@ -101,25 +295,21 @@ class UpstreamClient:
         max_connections: int | None,
         keepalive_s: float,
     ) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=max_connections or 0,
-            limit_per_host=0,
-            keepalive_timeout=keepalive_s,
-            use_dns_cache=True,
-            ttl_dns_cache=None,
-        )
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            raise_for_status=False,
-        )
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.max_connections = max_connections
+        self.keepalive_s = keepalive_s
+        self._loop = asyncio.get_running_loop()
+        self._origins: dict[str, _Origin] = {}
+        self._idle: dict[str, list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._connecting = 0  # connections being made: they count against the cap already
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
 
     async def send(
         self,
@@ -130,21 +320,153 @@ class UpstreamClient:
         *,
         timeout_s: float | None = None,
     ) -> UpstreamResponse:
-        """Send one request; returns once the status line and headers are in."""
-        pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+        """Send one request; returns once the status line and headers are in.
+
+        ``timeout_s`` bounds the whole wait for the headers (health probes); otherwise only the
+        connect and read timeouts apply.
+        """
+        if timeout_s is None:
+            return await self._send(method, url, headers, body)
         try:
-            response = await self._session.request(
-                method,
-                URL(url, encoded=True),
-                headers=pairs,
-                data=_payload(body),
-                allow_redirects=False,
-                compress=None,
-                timeout=self._timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s),
-            )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _mapped(exc, answered=False) from None
-        return UpstreamResponse(response)
+            async with asyncio.timeout(timeout_s):
+                return await self._send(method, url, headers, body)
+        except TimeoutError:
+            raise UpstreamReadTimeout(f"no answer within {timeout_s:g} s") from None
+
+    async def _send(
+        self, method: str, url: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> UpstreamResponse:
+        scheme_end = url.find("://")
+        path_start = url.find("/", scheme_end + 3) if scheme_end >= 0 else -1
+        key = url if path_start < 0 else url[:path_start]
+        target = b"/" if path_start < 0 else url[path_start:].encode("latin-1")
+        origin = self._origins.get(key)
+        if origin is None:
+            try:
+                origin = _parse_origin(key)
+            except ValueError:
+                raise UpstreamConnectError(f"not a usable URL: {key!r}") from None
+            self._origins[key] = origin
+        method_bytes = method.encode("ascii")
+        lines = [method_bytes, b" ", target, b" HTTP/1.1\r\nhost: ", origin.host_header, b"\r\n"]
+        for name, value in headers:
+            if name != b"content-length":
+                lines += (name, b": ", value, b"\r\n")
+        if body or method_bytes in _BODY_METHODS:
+            lines += (b"content-length: ", str(len(body)).encode(), b"\r\n")
+        lines.append(b"\r\n")
+        connection = await self._acquire(origin)
+        try:
+            connection.start(method_bytes, b"".join(lines), body)
+            while not connection.headers_done:
+                if connection.error is not None:
+                    raise connection.error
+                await connection.wait(self.read_timeout_s)
+        except BaseException:
+            connection.close()
+            self.release(connection)
+            raise
+        return UpstreamResponse(self, connection)
+
+    async def _acquire(self, origin: _Origin) -> _Connection:
+        """An idle connection to ``origin``, or a new one (waiting for a slot under a cap)."""
+        idle = self._idle.get(origin.key)
+        now = self._loop.time()
+        while idle:
+            connection = idle.pop()  # the most recently used: the least likely to have been dropped
+            if not connection.closed and now - connection.idle_since < self.keepalive_s:
+                return connection
+            self._forget(connection)
+        while self.max_connections is not None and len(self._open) + self._connecting >= self.max_connections:
+            if self._close_one_idle():  # an idle connection to another origin makes room
+                break
+            waiter = self._loop.create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_slot_waiter()  # pass the slot this caller was given to the next
+                raise
+            if self._idle.get(origin.key):
+                return await self._acquire(origin)
+        return await self._connect(origin)
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        loop = self._loop
+        self._connecting += 1
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop, origin),
+                    origin.host,
+                    origin.port,
+                    ssl=origin.tls,
+                    server_hostname=origin.host if origin.tls else None,
+                )
+        except TimeoutError:
+            raise UpstreamConnectError(
+                f"no connection to {origin.key} within {self.connect_timeout_s:g} s"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self._connecting -= 1
+            if self.max_connections is not None:
+                self._wake_slot_waiter()  # a failed connect frees its slot (a made one is in _open)
+        self._open.add(connection)
+        return connection
+
+    def release(self, connection: _Connection) -> None:
+        """After an exchange: back to the pool when it ended cleanly and may be reused, else closed."""
+        connection.active = False
+        if connection.closed or not (connection.message_done and connection.reusable):
+            connection.close()
+            self._forget(connection)
+            return
+        connection.idle_since = self._loop.time()
+        self._idle.setdefault(connection.origin.key, []).append(connection)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self.keepalive_s, self._sweep)
+        self._wake_slot_waiter()
+
+    def _forget(self, connection: _Connection) -> None:
+        connection.close()
+        if connection in self._open:
+            self._open.discard(connection)
+            self._wake_slot_waiter()
+
+    def _wake_slot_waiter(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _close_one_idle(self) -> bool:
+        """Close the oldest idle connection, if there is one (under the cap, to make room)."""
+        for idle in self._idle.values():
+            if idle:
+                self._forget(idle.pop(0))
+                return True
+        return False
+
+    def _sweep(self) -> None:
+        """Close connections idle for the keep-alive time (before vLLM drops them under a request)."""
+        self._sweeper = None
+        limit = self._loop.time() - self.keepalive_s
+        remaining = False
+        for idle in self._idle.values():
+            while idle and (idle[0].closed or idle[0].idle_since <= limit):
+                self._forget(idle.pop(0))
+            remaining = remaining or bool(idle)
+        if remaining:
+            self._sweeper = self._loop.call_later(self.keepalive_s / 2, self._sweep)
 
     async def aclose(self) -> None:
-        await self._session.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for connection in list(self._open):
+            self._forget(connection)
+        self._idle.clear()

@@ -1,0 +1,314 @@
+"""The HTTP/1.1 client to vLLM against scripted upstreams on real sockets.
+
+Each upstream here is a raw asyncio server that answers with exactly the bytes a test gives it, so
+the cases a real vLLM never shows on demand can be made: bodies ended by the connection closing,
+HEAD answers, interim 1xx answers, broken HTTP, answers cut off, silence, many connections, a
+reader slower than the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from tokentrail.proxy.upstream_client import (
+    UpstreamBrokenError,
+    UpstreamClient,
+    UpstreamClosedError,
+    UpstreamConnectError,
+    UpstreamReadTimeout,
+    UpstreamResponse,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Upstream"], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+@dataclass
+class Upstream:
+    """A scripted server: counts connections, keeps what it was sent."""
+
+    handler: Handler
+    url: str = ""
+    connections: int = 0
+    open_now: int = 0
+    most_open: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            await self.handler(reader, writer, self)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+            self.closed.set()
+
+
+async def read_request(reader: asyncio.StreamReader, upstream: Upstream) -> bytes:
+    """One request (head and Content-Length body) as sent; b"" when the connection ended."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    request = head + await reader.readexactly(length)
+    upstream.requests.append(request)
+    return request
+
+
+def answering(*answers: bytes) -> Handler:
+    """Each request on a connection gets the next answer; then the connection stays open."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        for answer in answers:
+            if not await read_request(reader, upstream):
+                return
+            writer.write(answer)
+            await writer.drain()
+        await reader.read()
+
+    return handler
+
+
+def keep_answering(answer: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        while await read_request(reader, upstream):
+            writer.write(answer)
+            await writer.drain()
+
+    return handler
+
+
+async def with_upstream(
+    handler: Handler, test: Callable[[Upstream, UpstreamClient], Awaitable[None]], **client_options: float
+) -> Upstream:
+    upstream = Upstream(handler)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    options: dict[str, float | None] = {
+        "connect_timeout_s": 5.0,
+        "read_timeout_s": 10.0,
+        "max_connections": None,
+        "keepalive_s": 30.0,
+    }
+    options.update(client_options)
+    client = UpstreamClient(**options)  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(test(upstream, client), 30)
+    finally:
+        await client.aclose()
+        server.close()
+    return upstream
+
+
+async def body_of(response: UpstreamResponse) -> bytes:
+    chunks = [chunk async for chunk in response.iter_raw()]
+    await response.aclose()
+    return b"".join(chunks)
+
+
+def run(coroutine: Awaitable[Upstream]) -> Upstream:
+    return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+
+def test_request_goes_out_with_host_and_its_own_length_and_connections_are_reused() -> None:
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        for body in (b'{"a":1}', b"x" * 300_000):  # one write, and a head and body written apart
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"999")]
+            response = await client.send("POST", upstream.url + "/v1/chat/completions?x=1", headers, body)
+            assert response.status_code == 200
+            assert response.content_type == "application/json"
+            assert await body_of(response) == b"{}"
+        get = await client.send("GET", upstream.url + "/health", [], b"")
+        assert await body_of(get) == b"{}"
+
+    upstream = run(with_upstream(keep_answering(OK), test))
+    first, second, third = upstream.requests
+    assert first.startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:")
+    assert b"content-length: 7\r\n" in first
+    assert b"999" not in first
+    assert first.endswith(b'{"a":1}')
+    assert b"content-length: 300000\r\n" in second
+    assert second.endswith(b"x" * 300_000)
+    assert third.startswith(b"GET /health HTTP/1.1\r\n")
+    assert b"content-length" not in third
+    assert upstream.connections == 1, "keep-alive connections are reused"
+
+
+def test_a_body_ended_by_the_connection_closing_is_read_whole_and_not_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await read_request(reader, upstream)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npart one, ")
+        await writer.drain()
+        writer.write(b"part two")
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        for _ in range(2):
+            response = await client.send("GET", upstream.url + "/", [], b"")
+            assert await body_of(response) == b"part one, part two"
+
+    assert run(with_upstream(handler, test)).connections == 2
+
+
+def test_head_and_interim_answers() -> None:
+    head_answer = b"HTTP/1.1 200 OK\r\ncontent-length: 12345\r\n\r\n"
+    interim = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" + OK
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        head = await client.send("HEAD", upstream.url + "/", [], b"")
+        assert head.status_code == 200
+        assert await body_of(head) == b""
+        response = await client.send("GET", upstream.url + "/", [], b"")
+        assert response.status_code == 200
+        assert (b"link", b"</a>") not in response.raw_headers
+        assert await body_of(response) == b"{}"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        # A HEAD answer leaves the connection unusable for the client: the GET comes on a new one.
+        await read_request(reader, upstream)
+        writer.write(head_answer if upstream.connections == 1 else interim)
+        await writer.drain()
+        await reader.read()
+
+    assert run(with_upstream(handler, test)).connections == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"", UpstreamClosedError),  # closes without a word: a dropped keep-alive connection
+        (b"NOT HTTP AT ALL\r\n\r\n", UpstreamBrokenError),
+    ],
+)
+def test_no_answer_or_a_broken_one_is_an_error_at_send(answer: bytes, error: type[Exception]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await read_request(reader, upstream)
+        writer.write(answer)
+        await writer.drain()
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        with pytest.raises(error):
+            await client.send("POST", upstream.url + "/v1/completions", [], b"{}")
+        assert client.open_connections == 0
+
+    run(with_upstream(handler, test))
+
+
+def test_an_answer_cut_off_mid_body_is_broken() -> None:
+    cut = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b"
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        response = await client.send("GET", upstream.url + "/", [], b"")
+        with pytest.raises(UpstreamBrokenError):
+            await body_of(response)
+        await response.aclose()
+        assert client.open_connections == 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await read_request(reader, upstream)
+        writer.write(cut)
+        await writer.drain()
+
+    run(with_upstream(handler, test))
+
+
+def test_silence_before_the_headers_or_between_chunks_is_a_read_timeout() -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await read_request(reader, upstream)
+        if upstream.connections == 2:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+        await release.wait()
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        with pytest.raises(UpstreamReadTimeout):
+            await client.send("GET", upstream.url + "/", [], b"")
+        response = await client.send("GET", upstream.url + "/", [], b"")
+        chunks = response.iter_raw()
+        assert await chunks.__anext__() == b"hello"
+        with pytest.raises(UpstreamReadTimeout):
+            await chunks.__anext__()
+        await response.aclose()
+        assert client.open_connections == 0, "a timed-out connection is closed, not reused"
+        with pytest.raises(UpstreamReadTimeout):  # a whole-exchange deadline (health probes)
+            await client.send("GET", upstream.url + "/", [], b"", timeout_s=0.1)
+        release.set()
+
+    run(with_upstream(handler, test, read_timeout_s=0.3))
+
+
+def test_a_refused_connection_is_a_connect_error() -> None:
+    async def test() -> None:
+        client = UpstreamClient(connect_timeout_s=2, read_timeout_s=2, max_connections=None, keepalive_s=4)
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(UpstreamConnectError):
+            await client.send("GET", f"http://127.0.0.1:{port}/", [], b"")
+        with pytest.raises(UpstreamConnectError):
+            await client.send("GET", "ftp://127.0.0.1/", [], b"")
+        await client.aclose()
+
+    asyncio.run(test())
+
+
+def test_the_connection_cap_makes_callers_wait_for_a_free_connection() -> None:
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        async def one() -> bytes:
+            return await body_of(await client.send("GET", upstream.url + "/", [], b""))
+
+        assert await asyncio.gather(*(one() for _ in range(12))) == [b"{}"] * 12
+
+    upstream = run(with_upstream(keep_answering(OK), test, max_connections=2))
+    assert upstream.most_open <= 2
+    assert len(upstream.requests) == 12
+
+
+def test_idle_connections_are_closed_after_the_keepalive_time() -> None:
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        await body_of(await client.send("GET", upstream.url + "/", [], b""))
+        assert client.open_connections == 1
+        await asyncio.wait_for(upstream.closed.wait(), 5)  # the client's sweep closed it
+        assert client.open_connections == 0
+
+    run(with_upstream(answering(OK), test, keepalive_s=0.2))
+
+
+def test_reading_pauses_while_the_reader_is_behind() -> None:
+    size = 64 * 2**20
+    written = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await read_request(reader, upstream)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"z" * size)
+        written.set()
+        await writer.drain()
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        response = await client.send("GET", upstream.url + "/", [], b"")
+        await written.wait()
+        for _ in range(300):  # let the event loop deliver whatever the client reads (no reader yet)
+            await asyncio.sleep(0)
+        assert response._connection.buffered <= 2**20, "the client buffered past its high-water mark"
+        received = 0
+        async for chunk in response.iter_raw():
+            received += len(chunk)
+        await response.aclose()
+        assert received == size
+
+    run(with_upstream(handler, test))
