@@ -8,14 +8,19 @@ a slow one 408, both in the OpenAI error shape, and the connection is closed.
 
 The slow *body* is limited in the relay instead (``client_body_timeout_s`` between reads), where the
 body is read.
+
+It also hands each request's uvicorn cycle to the app (``direct_body``), so the relay can write a
+stream's chunks to the client without a task switch per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from tokentrail.proxy.direct_body import CYCLE_EXTENSION
 from tokentrail.proxy.errors import ClientTooSlowError, HeadersTooLargeError, ProxyRequestError
 
 _LINGER_S = 1.0
@@ -67,6 +72,10 @@ class _Limited(HttpToolsProtocol):
         self._in_head = False
         self._stop_head_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # a request cycle was made for this head
+            scope = cast(dict[str, Any], self.scope)
+            scope.setdefault("extensions", {})[CYCLE_EXTENSION] = cycle
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -27,6 +27,7 @@ from tokentrail.proxy.capture import (
     prepare_request,
     strip_token_ids,
 )
+from tokentrail.proxy.direct_body import DirectBody
 from tokentrail.proxy.errors import (
     BodyTooLargeError,
     ClientTooSlowError,
@@ -428,7 +429,7 @@ class Relay:
         record.status_code = upstream.status_code
         content_type = upstream.content_type
         if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
-            return await self._relay_stream(send, upstream, capture, state, strip=changed)
+            return await self._relay_stream(scope, send, upstream, capture, state, strip=changed)
         return await self._relay_body(send, upstream, capture, state, strip=changed)
 
     async def _relay_body(
@@ -474,6 +475,7 @@ class Relay:
 
     async def _relay_stream(
         self,
+        scope: Scope,
         send: Any,
         upstream: UpstreamResponse,
         capture: ResponseCapture,
@@ -485,13 +487,24 @@ class Relay:
         headers = strip_hop_by_hop(upstream.raw_headers, frozenset({b"content-length"}))
         state.response_started = True
         await send(_start(upstream.status_code, headers))
+        direct = DirectBody.for_scope(scope)
         try:
-            async for chunk in upstream.iter_raw():
-                if record.upstream_first_byte_at is None:
-                    record.upstream_first_byte_at = time.time()
-                out = tap.feed(chunk)
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            if direct is not None:
+
+                def relay_chunk(chunk: bytes) -> bool:  # runs in the upstream's read callback
+                    if record.upstream_first_byte_at is None:
+                        record.upstream_first_byte_at = time.time()
+                    out = tap.feed(chunk)
+                    return direct.write(out) if out else True
+
+                await upstream.pump(relay_chunk, direct.drain)
+            else:
+                async for chunk in upstream.iter_raw():
+                    if record.upstream_first_byte_at is None:
+                        record.upstream_first_byte_at = time.time()
+                    out = tap.feed(chunk)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
         except UpstreamError as exc:
             # The status is already sent: end the stream abruptly, as vLLM dying would have.
             record.outcome = _transport_outcome(exc, response_started=True)

@@ -27,7 +27,7 @@ import asyncio
 import collections
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -89,9 +89,9 @@ def _parse_origin(key: str) -> _Origin:
     return _Origin(key, host, port, netloc.encode("idna"), tls)
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamReadTimeout("the upstream sent nothing within the read timeout"))
+Sink = Callable[[bytes], bool]
+"""Takes one body chunk inside the connection's read callback; returns False when its reader is
+behind (reading from vLLM then pauses until the pump's ``drain`` returns)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -104,6 +104,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.active = False
+        self.last_read = 0.0  # loop time of the last bytes from vLLM (the read timeout's clock)
+        self._timer: asyncio.TimerHandle | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._begin(b"")
 
@@ -122,6 +124,9 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.reading_paused = False
         self.informational = False
+        self.sink: Sink | None = None
+        self.sink_blocked = False
+        self.sink_error: BaseException | None = None
 
     # ---- asyncio.Protocol ----
 
@@ -132,6 +137,7 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self.loop.time()
         if not self.active or self.message_done:  # bytes nobody asked for: the stream is out of step
             self.reusable = False
             self.close()
@@ -141,6 +147,25 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBrokenError(f"the upstream's answer is not valid HTTP: {exc}"))
             self.close()
+        if self.sink is not None and self.chunks:
+            self._to_sink(self.sink)
+
+    def _to_sink(self, sink: Sink) -> None:
+        """Everything this read brought, in one call: under load one read carries several events,
+        and one write of them all costs the client's socket one system call instead of several."""
+        try:
+            more = sink(self.take())
+        except Exception as exc:  # the relay's own fault: the pump re-raises it in the relay
+            self.sink = None
+            self.sink_error = exc
+            self.reusable = False
+            self.close()
+            self._wake()
+            return
+        if not more and not self.sink_blocked:
+            self.sink_blocked = True
+            self._pause()
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -180,10 +205,11 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
+        if self.sink is not None:
+            return  # data_received hands the whole read to the sink
         self.buffered += len(body)
-        if self.buffered > _READ_HIGH_WATER and not self.reading_paused and self.transport is not None:
-            self.transport.pause_reading()
-            self.reading_paused = True
+        if self.buffered > _READ_HIGH_WATER:
+            self._pause()
         self._wake()
 
     def on_message_complete(self) -> None:
@@ -199,6 +225,7 @@ class _Connection(asyncio.Protocol):
     def start(self, method: bytes, request: bytes, body: bytes) -> None:
         self._begin(method)
         self.active = True
+        self.last_read = self.loop.time()
         assert self.transport is not None
         if len(body) <= _ONE_WRITE_LIMIT:
             self.transport.write(request + body)
@@ -212,22 +239,46 @@ class _Connection(asyncio.Protocol):
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
         self.buffered = 0
-        if self.reading_paused and self.transport is not None and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        self.resume()
         return data
 
+    def resume(self) -> None:
+        if self.reading_paused and not self.sink_blocked and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _pause(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
     async def wait(self, timeout_s: float | None) -> None:
-        """Until the parser or the connection has news, or ``timeout_s`` of silence."""
+        """Until the parser or the connection has news, or ``timeout_s`` of silence from vLLM.
+
+        The timer is checked lazily against ``last_read``: a pumped stream waits once for its whole
+        body, and bytes arriving meanwhile must keep it alive without waking anyone.
+        """
         waiter = self.loop.create_future()
         self.waiter = waiter
-        timer = None if timeout_s is None else self.loop.call_later(timeout_s, _expire, waiter)
+        if timeout_s is not None:
+            self._timer = self.loop.call_later(timeout_s, self._check_silence, waiter, timeout_s)
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _check_silence(self, waiter: asyncio.Future[None], timeout_s: float) -> None:
+        if waiter.done():
+            return
+        silent = self.loop.time() - self.last_read
+        if silent >= timeout_s and not self.reading_paused:  # (paused by us, silence is expected)
+            waiter.set_exception(UpstreamReadTimeout("the upstream sent nothing within the read timeout"))
+            return
+        again = timeout_s if self.reading_paused else timeout_s - silent
+        self._timer = self.loop.call_later(again, self._check_silence, waiter, timeout_s)
 
     def close(self) -> None:
         self.closed = True
@@ -276,6 +327,40 @@ class UpstreamResponse:
                 except UpstreamReadTimeout:
                     connection.close()
                     raise
+
+    async def pump(self, sink: Sink, drain: Callable[[], Awaitable[None]]) -> None:
+        """Hand every body chunk to ``sink`` as it arrives, until the body ends.
+
+        For streams: ``sink`` runs inside the connection's read callback, so a chunk reaches the
+        client without a task switch, a future or a timer of its own. When ``sink`` says its reader
+        is behind, reading from vLLM pauses until ``drain()`` returns. Errors are those of
+        ``iter_raw``; an exception raised by ``sink`` is raised here.
+        """
+        connection = self._connection
+        if connection.chunks and not sink(connection.take()):
+            await drain()
+        connection.resume()
+        connection.sink = sink
+        try:
+            while True:
+                if connection.sink_error is not None:
+                    raise connection.sink_error
+                if connection.sink_blocked:
+                    await drain()
+                    connection.sink_blocked = False
+                    connection.resume()
+                elif connection.message_done:
+                    return
+                elif connection.error is not None:
+                    raise connection.error
+                else:
+                    try:
+                        await connection.wait(self._client.read_timeout_s)
+                    except UpstreamReadTimeout:
+                        connection.close()
+                        raise
+        finally:
+            connection.sink = None
 
     async def aclose(self) -> None:
         """Give the connection back when the response was read to its end, else close it."""

@@ -68,14 +68,26 @@ class Proxy:
 
 @contextmanager
 def running_proxy(
-    upstream: str, tmp_path: Path, tracer_provider: Any = None, db_url: str | None = None, **overrides: Any
+    upstream: str,
+    tmp_path: Path,
+    tracer_provider: Any = None,
+    db_url: str | None = None,
+    *,
+    plain_uvicorn: bool = False,
+    **overrides: Any,
 ) -> Iterator[Proxy]:
+    """The proxy as ``tokentrail serve`` runs it; ``plain_uvicorn``: under uvicorn's own HTTP protocol
+    instead of TokenTrail's (no head limits, streams written through ASGI ``send``)."""
     db_url = db_url or f"sqlite:///{tmp_path / 'tokentrail.db'}"
     upgrade_database(db_url)
     settings = Settings(upstream=upstream, db=db_url, fallback_path=tmp_path / "fallback.jsonl", **overrides)
     app = create_app(settings, tracer_provider=tracer_provider)
-    limits = limited_protocol(settings.max_header_bytes, settings.client_header_timeout_s)
-    with serve_in_thread(app, http=limits) as url:
+    http: Any = (
+        "httptools"
+        if plain_uvicorn
+        else limited_protocol(settings.max_header_bytes, settings.client_header_timeout_s)
+    )
+    with serve_in_thread(app, http=http, proxy_headers=False) as url:
         yield Proxy(url, db_url, app)
 
 

@@ -5,17 +5,55 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from tests.conftest import Proxy, ProxyFactory
+from tests.conftest import Proxy, ProxyFactory, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_socket
+from tokentrail.proxy.direct_body import DirectBody
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(params=["tokentrail-protocol", "plain-uvicorn"])
+def fake_proxy(
+    request: pytest.FixtureRequest, fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> Iterator[Proxy]:
+    """Every test here under both servers: under TokenTrail's own protocol the relay writes stream
+    chunks straight to the client's socket (``direct_body``), under plain uvicorn through ASGI."""
+    with running_proxy(fake[1], tmp_path, plain_uvicorn=request.param == "plain-uvicorn") as proxy:
+        yield proxy
+
+
+def test_streams_take_the_direct_path_only_under_tokentrails_protocol(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bytes] = []
+    original = DirectBody.write
+
+    def counted(self: DirectBody, data: bytes) -> bool:
+        writes.append(data)
+        return original(self, data)
+
+    monkeypatch.setattr(DirectBody, "write", counted)
+    body = dict(BODY, stream=True)
+    expected: list[bytes] = []
+    for plain in (False, True):
+        with running_proxy(fake[1], tmp_path / str(plain), plain_uvicorn=plain) as proxy:
+            response = httpx.post(proxy.url + CHAT, json=body, timeout=30)
+            assert response.status_code == 200
+            assert response.content.endswith(b"data: [DONE]\n\n")
+            if not plain:
+                assert b"".join(writes) == response.content
+                expected = list(writes)
+            else:
+                assert writes == expected, "plain uvicorn must not take the direct path"
 
 
 def test_passthrough_keeps_method_path_query_body_and_drops_hop_by_hop(fake_proxy: Proxy) -> None:
