@@ -9,8 +9,7 @@ a slow one 408, both in the OpenAI error shape, and the connection is closed.
 The slow *body* is limited in the relay instead (``client_body_timeout_s`` between reads), where the
 body is read.
 
-It also hands each request's uvicorn cycle to the app (``direct_body``), so the relay can write a
-stream's chunks to the client without a task switch per chunk.
+It also hands each request's ``RequestHooks`` to the app (``uvicorn_hooks``): the relay's fast path.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from tokentrail.proxy.direct_body import CYCLE_EXTENSION
 from tokentrail.proxy.errors import ClientTooSlowError, HeadersTooLargeError, ProxyRequestError
+from tokentrail.proxy.uvicorn_hooks import HOOKS_EXTENSION, RequestHooks
 
 _LINGER_S = 1.0
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
@@ -47,6 +46,7 @@ class _Limited(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._refused = False
+        self._hooks: RequestHooks | None = None
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.head_timeout_s, self._head_too_slow
         )
@@ -54,6 +54,9 @@ class _Limited(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         super().connection_lost(exc)
+        hooks = self._hooks  # (like uvicorn, only the newest request hears of it)
+        if hooks is not None and hooks.on_disconnect is not None and hooks.cycle.disconnected:
+            hooks.on_disconnect()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -74,8 +77,9 @@ class _Limited(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a request cycle was made for this head
+            self._hooks = RequestHooks(cycle)
             scope = cast(dict[str, Any], self.scope)
-            scope.setdefault("extensions", {})[CYCLE_EXTENSION] = cycle
+            scope.setdefault("extensions", {})[HOOKS_EXTENSION] = self._hooks
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

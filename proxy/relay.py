@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.capture import (
@@ -27,7 +27,6 @@ from tokentrail.proxy.capture import (
     prepare_request,
     strip_token_ids,
 )
-from tokentrail.proxy.direct_body import DirectBody
 from tokentrail.proxy.errors import (
     BodyTooLargeError,
     ClientTooSlowError,
@@ -51,6 +50,7 @@ from tokentrail.proxy.upstream_client import (
     UpstreamResponse,
 )
 from tokentrail.proxy.upstreams import Upstream, UpstreamPool
+from tokentrail.proxy.uvicorn_hooks import RequestHooks, hooks_of
 from tokentrail.proxy.writer import RecordSink
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,12 @@ class _CallState:
         if self.before_end is not None:
             await self.before_end(completed)
 
+    def client_gone(self) -> None:
+        """The client hung up: cancel the call, unless its response is already out."""
+        if not self.response_done and self.task is not None:
+            self.disconnected = True
+            self.task.cancel()
+
     def take_target(self, upstream: Upstream) -> None:
         self.release_target()
         self.target = upstream
@@ -97,6 +103,22 @@ class _CallState:
         if self.target is not None and self.counted:
             self.target.in_flight -= 1
             self.counted = False
+
+
+class _Watch(Protocol):
+    def cancel(self) -> Any: ...
+
+
+class _HookWatch:
+    """Stops listening for the client hanging up (the protocol's callback)."""
+
+    __slots__ = ("_hooks",)
+
+    def __init__(self, hooks: RequestHooks) -> None:
+        self._hooks = hooks
+
+    def cancel(self) -> None:
+        self._hooks.on_disconnect = None
 
 
 class InFlight:
@@ -171,7 +193,9 @@ class Relay:
         try:
             routed = route_path(raw_path, headers)
             tags = parse_tags_header(headers)
-            body = await _read_body(receive, headers, self.max_body_bytes, self.client_body_timeout_s)
+            body = await _read_body(
+                receive, headers, self.max_body_bytes, self.client_body_timeout_s, hooks_of(scope)
+            )
         except ProxyRequestError as exc:
             await _send_error(send, exc)
             return
@@ -227,19 +251,22 @@ class Relay:
                 upstream = self.pool.pick(trajectory_id, exclude=upstream)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _watch(self, receive: Any, state: _CallState) -> asyncio.Task[None]:
-        """Cancel the call when the client hangs up (uvicorn's send() on a gone client is silent)."""
+    def _watch(self, scope: Scope, receive: Any, state: _CallState) -> _Watch:
+        """Cancel the call when the client hangs up (uvicorn's send() on a gone client is silent):
+        told by TokenTrail's protocol where it runs, else by a task blocked in ``receive()``."""
+        state.task = asyncio.current_task()
+        hooks = hooks_of(scope)
+        if hooks is not None:
+            hooks.on_disconnect = state.client_gone
+            return _HookWatch(hooks)
 
         async def watch() -> None:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    if not state.response_done and state.task is not None:
-                        state.disconnected = True
-                        state.task.cancel()
+                    state.client_gone()
                     return
 
-        state.task = asyncio.current_task()
         return asyncio.create_task(watch())
 
     # ---- pass-through ----
@@ -248,7 +275,7 @@ class Relay:
         self, scope: Scope, receive: Any, send: Any, raw_path: bytes, body: bytes, trajectory_id: str | None
     ) -> None:
         state = _CallState()
-        watcher = self._watch(receive, state)
+        watcher = self._watch(scope, receive, state)
         try:
             headers = upstream_request_headers(scope["headers"], recorded=False, body_changed=False)
             try:
@@ -350,7 +377,7 @@ class Relay:
                 await stored
 
             state.before_end = stored_before_end
-        watcher = self._watch(receive, state)
+        watcher = self._watch(scope, receive, state)
         completed = False
         try:
             completed = await self._exchange(scope, send, route, body, prepared.body, capture, state)
@@ -430,10 +457,11 @@ class Relay:
         content_type = upstream.content_type
         if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
             return await self._relay_stream(scope, send, upstream, capture, state, strip=changed)
-        return await self._relay_body(send, upstream, capture, state, strip=changed)
+        return await self._relay_body(scope, send, upstream, capture, state, strip=changed)
 
     async def _relay_body(
         self,
+        scope: Scope,
         send: Any,
         upstream: UpstreamResponse,
         capture: ResponseCapture,
@@ -467,10 +495,18 @@ class Relay:
         headers = strip_hop_by_hop(upstream.raw_headers, frozenset({b"content-length"}))
         headers.append((b"content-length", str(len(body)).encode()))
         state.response_started = True
-        await send(_start(upstream.status_code, headers))
-        await state.end(ok)
-        state.response_done = True
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        async def answer() -> None:
+            await send(_start(upstream.status_code, headers))
+            await state.end(ok)
+            state.response_done = True
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        hooks = hooks_of(scope)
+        if hooks is None:
+            await answer()
+        else:
+            await hooks.whole_response(answer)  # head and body in one write
         return ok
 
     async def _relay_stream(
@@ -487,7 +523,8 @@ class Relay:
         headers = strip_hop_by_hop(upstream.raw_headers, frozenset({b"content-length"}))
         state.response_started = True
         await send(_start(upstream.status_code, headers))
-        direct = DirectBody.for_scope(scope)
+        hooks = hooks_of(scope)
+        direct = None if hooks is None else hooks.direct_body(scope["method"])
         try:
             if direct is not None:
 
@@ -576,7 +613,13 @@ async def _send_error(send: Any, error: ProxyRequestError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _read_body(receive: Any, headers: list[tuple[bytes, bytes]], limit: int, silence_s: float) -> bytes:
+async def _read_body(
+    receive: Any,
+    headers: list[tuple[bytes, bytes]],
+    limit: int,
+    silence_s: float,
+    hooks: RequestHooks | None = None,
+) -> bytes:
     """The whole request body; ``BodyTooLargeError`` as soon as it is known to pass ``limit``,
     ``ClientTooSlowError`` when the client sends nothing for ``silence_s`` seconds."""
     too_large = BodyTooLargeError(f"the request body is larger than the limit of {limit} bytes")
@@ -587,8 +630,11 @@ async def _read_body(receive: Any, headers: list[tuple[bytes, bytes]], limit: in
     size = 0
     while True:
         try:
-            async with asyncio.timeout(silence_s):
-                message = await receive()
+            if hooks is not None and hooks.body_complete:
+                message = await receive()  # all there: it cannot wait, so no timer for it
+            else:
+                async with asyncio.timeout(silence_s):
+                    message = await receive()
         except TimeoutError:
             raise ClientTooSlowError(f"the request body stalled for more than {silence_s:g} s") from None
         if message["type"] == "http.disconnect":

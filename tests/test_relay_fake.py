@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Proxy, ProxyFactory, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_socket
-from tokentrail.proxy.direct_body import DirectBody
+from tokentrail.proxy.uvicorn_hooks import DirectBody
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -26,7 +26,7 @@ def fake_proxy(
     request: pytest.FixtureRequest, fake: tuple[FakeUpstream, str], tmp_path: Path
 ) -> Iterator[Proxy]:
     """Every test here under both servers: under TokenTrail's own protocol the relay writes stream
-    chunks straight to the client's socket (``direct_body``), under plain uvicorn through ASGI."""
+    chunks straight to the client's socket (``uvicorn_hooks``), under plain uvicorn through ASGI."""
     with running_proxy(fake[1], tmp_path, plain_uvicorn=request.param == "plain-uvicorn") as proxy:
         yield proxy
 

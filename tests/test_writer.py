@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import upgrade_database
 from tokentrail.proxy.writer import RecordWriter
@@ -172,3 +176,13 @@ def test_a_record_the_database_refuses_is_set_aside_and_does_not_block_the_repla
         rows = connection.execute(text("SELECT trajectory_id, seq FROM llm_calls ORDER BY seq")).all()
     engine.dispose()
     assert [tuple(r) for r in rows] == [("good", 0), ("good", 1), ("good", 2)]
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False, allow_infinity=False))
+@settings(max_examples=3000, deadline=None)
+def test_sqlite_timestamps_are_the_text_sqlalchemy_would_store(epoch: float) -> None:
+    expected = datetime.fromtimestamp(epoch, tz=UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    encoder = RowEncoder("sqlite", "qmark")
+    assert encoder.time(epoch) == expected
+    assert encoder.time(epoch) == expected  # the cached second gives the same text
+    assert RowEncoder("postgresql", "format").time(epoch) == datetime.fromtimestamp(epoch, tz=UTC)

@@ -28,13 +28,26 @@ class RowEncoder:
     def __init__(self, dialect_name: str, paramstyle: str) -> None:
         self.sqlite = dialect_name == "sqlite"
         self.mark = "?" if paramstyle == "qmark" else "%s"
+        self._second = -1
+        self._second_text = ""
 
     def time(self, epoch: float | None) -> Any:
         if epoch is None:
             return None
-        moment = datetime.fromtimestamp(epoch, tz=UTC)
-        # SQLite: the text SQLAlchemy's DATETIME stores ("2026-01-02 03:04:05.000006").
-        return moment.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite else moment
+        if not self.sqlite:
+            return datetime.fromtimestamp(epoch, tz=UTC)
+        # SQLite: the text SQLAlchemy's DATETIME stores ("2026-01-02 03:04:05.000006"). Built from a
+        # cached whole second and the microseconds, rounded as datetime.fromtimestamp rounds them
+        # (half to even): a third of the writer thread's time went to datetime objects before.
+        second, fraction = divmod(epoch, 1.0)
+        micro = round(fraction * 1e6)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        whole = int(second)
+        if whole != self._second:
+            self._second = whole
+            self._second_text = datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return f"{self._second_text}.{micro:06d}"
 
     @staticmethod
     def json(value: Any) -> str:
