@@ -77,9 +77,10 @@ class _Limited(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a request cycle was made for this head
-            self._hooks = RequestHooks(cycle)
-            scope = cast(dict[str, Any], self.scope)
-            scope.setdefault("extensions", {})[HOOKS_EXTENSION] = self._hooks
+            self._hooks = RequestHooks.for_cycle(cycle)
+            if self._hooks is not None:
+                scope = cast(dict[str, Any], self.scope)
+                scope.setdefault("extensions", {})[HOOKS_EXTENSION] = self._hooks
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

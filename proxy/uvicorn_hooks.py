@@ -21,10 +21,23 @@ constraints, and the relay's tests run under both servers.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 HOOKS_EXTENSION = "tokentrail.hooks"
+_CYCLE_ATTRIBUTES = (
+    "transport",
+    "flow",
+    "more_body",
+    "chunked_encoding",
+    "response_started",
+    "response_complete",
+    "disconnected",
+)
+_usable_cycles: dict[type, bool] = {}
 
 
 class RequestHooks:
@@ -35,6 +48,22 @@ class RequestHooks:
     def __init__(self, cycle: Any) -> None:
         self.cycle = cycle
         self.on_disconnect: Callable[[], None] | None = None
+
+    @classmethod
+    def for_cycle(cls, cycle: Any) -> RequestHooks | None:
+        """Hooks for this cycle, or None when this uvicorn's cycle is not the one they were written
+        for (then the relay uses plain ASGI; checked once per cycle class)."""
+        usable = _usable_cycles.get(type(cycle))
+        if usable is None:
+            usable = all(hasattr(cycle, name) for name in _CYCLE_ATTRIBUTES)
+            _usable_cycles[type(cycle)] = usable
+            if not usable:
+                logger.warning(
+                    "cycle=<%s> | this uvicorn's request cycle is not the one TokenTrail's fast path "
+                    "knows; relaying through plain ASGI",
+                    type(cycle).__qualname__,
+                )
+        return cls(cycle) if usable else None
 
     @property
     def body_complete(self) -> bool:
@@ -76,6 +105,9 @@ class _Gathered:
 
     def write(self, data: bytes) -> None:
         self.parts.append(data)
+
+    def writelines(self, data: Iterable[bytes]) -> None:
+        self.parts.extend(data)
 
     def close(self) -> None:
         self.closed = True

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Proxy, ProxyFactory, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_socket
-from tokentrail.proxy.uvicorn_hooks import DirectBody
+from tokentrail.proxy.uvicorn_hooks import DirectBody, RequestHooks
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -284,3 +284,13 @@ def test_health_reports_writer_counts(fake_proxy: Proxy) -> None:
     assert health["writer"]["records_written"] == 1
     assert health["writer"]["records_failed"] == 0
     assert health["writer"]["integrity"] == {"ok": 1}
+
+
+def test_hooks_stay_off_for_a_uvicorn_cycle_they_do_not_know(caplog: pytest.LogCaptureFixture) -> None:
+    class StrangeCycle:
+        transport = flow = None  # no response_started, chunked_encoding, ...
+
+    with caplog.at_level("WARNING"):
+        assert RequestHooks.for_cycle(StrangeCycle()) is None
+        assert RequestHooks.for_cycle(StrangeCycle()) is None
+    assert len([r for r in caplog.records if "plain ASGI" in r.getMessage()]) == 1
