@@ -613,6 +613,10 @@ async def _send_error(send: Any, error: ProxyRequestError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _too_large(limit: int) -> BodyTooLargeError:
+    return BodyTooLargeError(f"the request body is larger than the limit of {limit} bytes")
+
+
 async def _read_body(
     receive: Any,
     headers: list[tuple[bytes, bytes]],
@@ -622,10 +626,9 @@ async def _read_body(
 ) -> bytes:
     """The whole request body; ``BodyTooLargeError`` as soon as it is known to pass ``limit``,
     ``ClientTooSlowError`` when the client sends nothing for ``silence_s`` seconds."""
-    too_large = BodyTooLargeError(f"the request body is larger than the limit of {limit} bytes")
     for name, value in headers:
         if name.lower() == b"content-length" and value.strip().isdigit() and int(value) > limit:
-            raise too_large
+            raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -642,7 +645,7 @@ async def _read_body(
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
