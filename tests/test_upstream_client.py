@@ -9,8 +9,11 @@ reader slower than the upstream.
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -312,3 +315,62 @@ def test_reading_pauses_while_the_reader_is_behind() -> None:
         assert received == size
 
     run(with_upstream(handler, test))
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (Debian's openssl)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_https_upstreams_are_verified(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, trusted: bool
+) -> None:
+    cert, key = certificate
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the default context's trust store
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+
+    async def test() -> None:
+        upstream = Upstream(keep_answering(OK))
+        server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0, ssl=tls)
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/health"
+        client = UpstreamClient(connect_timeout_s=5, read_timeout_s=5, max_connections=None, keepalive_s=4)
+        try:
+            if trusted:
+                assert await body_of(await client.send("GET", url, [], b"")) == b"{}"
+                assert upstream.requests[0].startswith(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1:")
+            else:
+                with pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await client.send("GET", url, [], b"")
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(test())
