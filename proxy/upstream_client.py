@@ -253,7 +253,8 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     async def wait(self, timeout_s: float | None) -> None:
-        """Until the parser or the connection has news, or ``timeout_s`` of silence from vLLM.
+        """Until the parser or the connection has news, or ``timeout_s`` of silence from vLLM
+        (then ``UpstreamReadTimeout``, and the connection is closed).
 
         The timer is checked lazily against ``last_read``: a pumped stream waits once for its whole
         body, and bytes arriving meanwhile must keep it alive without waking anyone.
@@ -264,6 +265,9 @@ class _Connection(asyncio.Protocol):
             self._timer = self.loop.call_later(timeout_s, self._check_silence, waiter, timeout_s)
         try:
             await waiter
+        except UpstreamReadTimeout:
+            self.close()  # a silent connection is never reused
+            raise
         finally:
             self.waiter = None
             if self._timer is not None:
@@ -322,11 +326,7 @@ class UpstreamResponse:
             elif connection.error is not None:
                 raise connection.error
             else:
-                try:
-                    await connection.wait(self._client.read_timeout_s)
-                except UpstreamReadTimeout:
-                    connection.close()
-                    raise
+                await connection.wait(self._client.read_timeout_s)
 
     async def pump(self, sink: Sink, drain: Callable[[], Awaitable[None]]) -> None:
         """Hand every body chunk to ``sink`` as it arrives, until the body ends.
@@ -354,11 +354,7 @@ class UpstreamResponse:
                 elif connection.error is not None:
                     raise connection.error
                 else:
-                    try:
-                        await connection.wait(self._client.read_timeout_s)
-                    except UpstreamReadTimeout:
-                        connection.close()
-                        raise
+                    await connection.wait(self._client.read_timeout_s)
         finally:
             connection.sink = None
 
