@@ -258,6 +258,8 @@ class Relay:
         hooks = hooks_of(scope)
         if hooks is not None:
             hooks.on_disconnect = state.client_gone
+            if hooks.cycle.disconnected:  # gone already: cancelled at the call's first await
+                state.client_gone()
             return _HookWatch(hooks)
 
         async def watch() -> None:
