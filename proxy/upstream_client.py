@@ -106,6 +106,7 @@ class _Connection(asyncio.Protocol):
         self.active = False
         self.last_read = 0.0  # loop time of the last bytes from vLLM (the read timeout's clock)
         self._timer: asyncio.TimerHandle | None = None
+        self.reading_paused = False  # the transport's state: it outlives an exchange
         self._parser = httptools.HttpResponseParser(self)
         self._begin(b"")
 
@@ -122,11 +123,11 @@ class _Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.waiter: asyncio.Future[None] | None = None
-        self.reading_paused = False
         self.informational = False
         self.sink: Sink | None = None
         self.sink_blocked = False
         self.sink_error: BaseException | None = None
+        self.resume()  # paused for a reader that left after the last answer had all arrived
 
     # ---- asyncio.Protocol ----
 
@@ -148,9 +149,9 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamBrokenError(f"the upstream's answer is not valid HTTP: {exc}"))
             self.close()
         if self.sink is not None and self.chunks:
-            self._to_sink(self.sink)
+            self.to_sink(self.sink)
 
-    def _to_sink(self, sink: Sink) -> None:
+    def to_sink(self, sink: Sink) -> None:
         """Everything this read brought, in one call: under load one read carries several events,
         and one write of them all costs the client's socket one system call instead of several."""
         try:
@@ -252,6 +253,15 @@ class _Connection(asyncio.Protocol):
             self.reading_paused = True
             self.transport.pause_reading()
 
+    async def ended(self, timeout_s: float | None) -> bool:
+        """True once the response has ended; its error, if it failed; else waits for news (False)."""
+        if self.message_done:
+            return True
+        if self.error is not None:
+            raise self.error
+        await self.wait(timeout_s)
+        return False
+
     async def wait(self, timeout_s: float | None) -> None:
         """Until the parser or the connection has news, or ``timeout_s`` of silence from vLLM
         (then ``UpstreamReadTimeout``, and the connection is closed).
@@ -321,12 +331,8 @@ class UpstreamResponse:
         while True:
             if connection.chunks:
                 yield connection.take()
-            elif connection.message_done:
+            elif await connection.ended(self._client.read_timeout_s):
                 return
-            elif connection.error is not None:
-                raise connection.error
-            else:
-                await connection.wait(self._client.read_timeout_s)
 
     async def pump(self, sink: Sink, drain: Callable[[], Awaitable[None]]) -> None:
         """Hand every body chunk to ``sink`` as it arrives, until the body ends.
@@ -337,10 +343,9 @@ class UpstreamResponse:
         ``iter_raw``; an exception raised by ``sink`` is raised here.
         """
         connection = self._connection
-        if connection.chunks and not sink(connection.take()):
-            await drain()
-        connection.resume()
         connection.sink = sink
+        if connection.chunks:  # what came with the headers
+            connection.to_sink(sink)
         try:
             while True:
                 if connection.sink_error is not None:
@@ -349,12 +354,8 @@ class UpstreamResponse:
                     await drain()
                     connection.sink_blocked = False
                     connection.resume()
-                elif connection.message_done:
+                elif await connection.ended(self._client.read_timeout_s):
                     return
-                elif connection.error is not None:
-                    raise connection.error
-                else:
-                    await connection.wait(self._client.read_timeout_s)
         finally:
             connection.sink = None
 

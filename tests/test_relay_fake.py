@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -294,3 +295,37 @@ def test_hooks_stay_off_for_a_uvicorn_cycle_they_do_not_know(caplog: pytest.LogC
         assert RequestHooks.for_cycle(StrangeCycle()) is None
         assert RequestHooks.for_cycle(StrangeCycle()) is None
     assert len([r for r in caplog.records if "plain ASGI" in r.getMessage()]) == 1
+
+
+def test_a_slow_stream_reader_pauses_the_upstream_and_still_gets_every_byte(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    behind = threading.Event()
+    original = DirectBody.write
+
+    def watched(self: DirectBody, data: bytes) -> bool:
+        more = original(self, data)
+        if not more:
+            behind.set()  # the client's socket is full: the relay pauses reading from the upstream
+        return more
+
+    monkeypatch.setattr(DirectBody, "write", watched)
+    size = 20_000_000
+    with running_proxy(fake[1], tmp_path) as proxy:
+        sock = _open_request(proxy.url, dict(BODY, stream=True), {"x-fake": f"big:{size}"})
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        assert behind.wait(30), "the proxy never saw its client fall behind"
+        received = bytearray()
+        with sock:
+            while not received.endswith(b"0\r\n\r\n"):
+                chunk = sock.recv(1 << 20)
+                assert chunk, "the proxy closed the stream early"
+                received += chunk
+        proxy.wait_records(1)
+        (row,) = proxy.rows(
+            "SELECT c.outcome, json_array_length(d.token_ids) AS n "
+            "FROM llm_calls c JOIN completions d ON d.call_id = c.id"
+        )
+    assert len(received) > size
+    assert b"data: [DONE]" in received
+    assert row == {"outcome": "ok", "n": BODY["max_tokens"]}

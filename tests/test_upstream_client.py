@@ -374,3 +374,31 @@ def test_https_upstreams_are_verified(
             server.close()
 
     asyncio.run(test())
+
+
+def test_a_connection_paused_for_a_reader_that_left_reads_again_when_reused() -> None:
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        response = await client.send("GET", upstream.url + "/", [], b"")
+        never = asyncio.get_running_loop().create_future()  # the reader never catches up
+
+        async def drain() -> None:
+            await never
+
+        behind = asyncio.Event()
+
+        def sink(chunk: bytes) -> bool:
+            behind.set()
+            return False  # "my reader is behind": reading from the upstream pauses
+
+        pumping = asyncio.create_task(response.pump(sink, drain))
+        await behind.wait()
+        assert response._connection.reading_paused
+        pumping.cancel()  # the client goes away; the answer had all arrived
+        with pytest.raises(asyncio.CancelledError):
+            await pumping
+        await response.aclose()
+        again = await client.send("GET", upstream.url + "/", [], b"")  # the same, reused connection
+        assert await body_of(again) == b"{}"
+
+    upstream = run(with_upstream(keep_answering(OK), test, read_timeout_s=2))
+    assert upstream.connections == 1
