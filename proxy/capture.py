@@ -17,7 +17,6 @@ streams a chunk with an empty delta only because the flag asked for that token's
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,17 +196,21 @@ class ResponseCapture:
             self.record.total_tokens = usage.get("total_tokens")
 
     def _take_common(self, obj: dict[str, Any]) -> None:
-        if self.record.response_id is None and isinstance(obj.get("id"), str):
-            self.record.response_id = obj["id"]
-        if isinstance(obj.get("model"), str):
-            self.record.model = obj["model"]
+        record = self.record
+        if record.response_id is None and isinstance(obj.get("id"), str):
+            record.response_id = obj["id"]
+        model = obj.get("model")
+        if isinstance(model, str):
+            record.model = model
         prompt_ids = obj.get("prompt_token_ids")
-        if isinstance(prompt_ids, list) and self.record.prompt_token_ids is None:
-            self.record.prompt_token_ids = prompt_ids
-        self._take_usage(obj.get("usage"))
+        if isinstance(prompt_ids, list) and record.prompt_token_ids is None:
+            record.prompt_token_ids = prompt_ids
+        usage = obj.get("usage")
+        if usage is not None:
+            self._take_usage(usage)
         error = obj.get("error")
         if isinstance(error, dict) and "choices" not in obj:
-            self.record.error = str(error.get("message", error))[:2000]
+            record.error = str(error.get("message", error))[:2000]
 
     def _take_logprobs(self, choice: ChoiceRecord, logprobs: Any) -> None:
         if not isinstance(logprobs, dict):
@@ -219,27 +222,29 @@ class ResponseCapture:
             choice.logprobs.extend(entries)
 
     def _take_choice_end(self, choice: ChoiceRecord, raw: dict[str, Any]) -> None:
-        if raw.get("finish_reason") is not None:
-            choice.finish_reason = raw["finish_reason"]
+        finish_reason = raw.get("finish_reason")
+        if finish_reason is not None:
+            choice.finish_reason = finish_reason
             choice.stop_reason = raw.get("stop_reason")
         if not self.chat:
             prompt_ids = raw.get("prompt_token_ids")
             if isinstance(prompt_ids, list):
                 self._completion_prompts.setdefault(choice.index, prompt_ids)
 
-    def _take_choices(self, obj: dict[str, Any]) -> Iterator[tuple[ChoiceRecord, dict[str, Any]]]:
-        """What whole responses and stream chunks share: IDs, logprobs and finish of each choice."""
-        self._take_common(obj)
-        for raw in obj.get("choices") or []:
-            if not isinstance(raw, dict) or not isinstance(raw.get("index"), int):
-                continue
-            choice = self._choice(raw["index"])
-            ids = raw.get("token_ids")
-            if isinstance(ids, list):
-                choice.token_ids.extend(ids)
-            self._take_logprobs(choice, raw.get("logprobs"))
-            self._take_choice_end(choice, raw)
-            yield choice, raw
+    def _take_choice(self, raw: Any) -> ChoiceRecord | None:
+        """What whole responses and stream chunks share: the IDs, logprobs and finish of one choice
+        (None for an entry that is not a choice)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("index"), int):
+            return None
+        choice = self._choice(raw["index"])
+        ids = raw.get("token_ids")
+        if isinstance(ids, list):
+            choice.token_ids.extend(ids)
+        logprobs = raw.get("logprobs")
+        if logprobs is not None:
+            self._take_logprobs(choice, logprobs)
+        self._take_choice_end(choice, raw)
+        return choice
 
     def feed_body(self, body: bytes) -> None:
         """Read a whole (non-streaming) JSON response."""
@@ -249,20 +254,31 @@ class ResponseCapture:
             return
         if not isinstance(obj, dict):
             return
-        for choice, raw in self._take_choices(obj):
+        self._take_common(obj)
+        for raw in obj.get("choices") or ():
+            choice = self._take_choice(raw)
+            if choice is None:
+                continue
             if not self.chat:
                 choice.message = {"text": raw.get("text")}
             elif isinstance(raw.get("message"), dict):
                 choice.message = _normalise_message(raw["message"])
 
     def feed_event(self, obj: dict[str, Any]) -> None:
-        """Read one parsed SSE chunk."""
-        for choice, raw in self._take_choices(obj):
+        """Read one parsed SSE chunk (a loop, not a shared generator: this runs for every token)."""
+        self._take_common(obj)
+        for raw in obj.get("choices") or ():
+            choice = self._take_choice(raw)
+            if choice is None:
+                continue
             if not self.chat:
-                if isinstance(raw.get("text"), str):
-                    choice.message["text"] = choice.message.get("text", "") + raw["text"]
-            elif isinstance(raw.get("delta"), dict) and raw["delta"]:
-                _merge_delta(choice.message, raw["delta"])
+                text = raw.get("text")
+                if isinstance(text, str):
+                    choice.message["text"] = choice.message.get("text", "") + text
+            else:
+                delta = raw.get("delta")
+                if isinstance(delta, dict) and delta:
+                    _merge_delta(choice.message, delta)
 
     def finish(self, completed: bool) -> None:
         """Put the choices on the record and judge its integrity (only for a finished call)."""
@@ -321,9 +337,12 @@ def _normalise_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def _merge_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:
     """Fold one streamed delta into the assembled message (content, reasoning, tool calls)."""
+    content = delta.get("content")
+    if len(delta) == 1 and isinstance(content, str):  # most tokens: a piece of text, nothing else
+        message["content"] = (message.get("content") or "") + content
+        return
     if isinstance(delta.get("role"), str):
         message["role"] = delta["role"]
-    content = delta.get("content")
     if isinstance(content, str):
         message["content"] = (message.get("content") or "") + content
     else:
@@ -402,6 +421,13 @@ class StreamTap:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take one upstream read; return the bytes to send to the client now (maybe empty)."""
+        blank = chunk.find(b"\n\n")
+        if blank >= 0 and blank == len(chunk) - 2 and not self._buffer and b"\r" not in chunk:
+            # The usual read under streaming: exactly one whole event.
+            keep = self._take_event(chunk)
+            if not self.strip:
+                return chunk
+            return strip_token_ids(chunk) if keep else b""
         # Reads usually end at an event boundary: then the read itself is parsed, never copied.
         buffer = self._buffer + chunk if self._buffer else chunk
         out: list[bytes] = []
@@ -440,7 +466,7 @@ class StreamTap:
         data = _event_data(event)
         if data is None:
             return True
-        if data.strip() == b"[DONE]":
+        if not data.startswith(b"{") and data.strip() == b"[DONE]":
             self.saw_done = True
             return True
         try:
