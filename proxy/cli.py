@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from tokentrail.proxy import __version__
 from tokentrail.proxy.errors import DatabaseTooNewError
 from tokentrail.proxy.settings import DEFAULT_DB, Settings
+from tokentrail.proxy.spool import SpoolClaim, SpoolInUseError
 
 logger = logging.getLogger("tokentrail")
 
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "drift":
             return _drift(settings, args.trajectory_id, args.tokenizer, args.json)
         return _sql(settings, args.query, "json" if args.json else "csv" if args.csv else "table")
-    except DatabaseTooNewError as exc:
+    except (DatabaseTooNewError, SpoolInUseError) as exc:
         print(f"tokentrail: {exc}", file=sys.stderr)
         return 2
 
@@ -180,16 +181,26 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(settings: Settings) -> int:
+    from tokentrail.proxy.storage.migrate import upgrade_database
+
+    _configure_logging(settings.log_level)
+    claim = SpoolClaim(settings.fallback_path)  # first: a second proxy on this spool stops here
+    try:
+        before, after = upgrade_database(settings.db)
+        if before != after:
+            logger.info("from=<%s>, to=<%s> | database migrated", before, after)
+        _run_uvicorn(settings)
+    finally:
+        claim.release()
+    return 0
+
+
+def _run_uvicorn(settings: Settings) -> None:
     import uvicorn
 
     from tokentrail.proxy.app import create_app
     from tokentrail.proxy.http_limits import limited_protocol
-    from tokentrail.proxy.storage.migrate import upgrade_database
 
-    _configure_logging(settings.log_level)
-    before, after = upgrade_database(settings.db)
-    if before != after:
-        logger.info("from=<%s>, to=<%s> | database migrated", before, after)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -204,7 +215,6 @@ def _serve(settings: Settings) -> int:
         # calls, for an address nothing in TokenTrail uses.
         proxy_headers=False,
     )
-    return 0
 
 
 def _db_upgrade(settings: Settings) -> int:

@@ -70,7 +70,8 @@ class Settings(BaseSettings):
         Path("tokentrail-fallback.jsonl"),
         description=(
             "The spool: JSON-lines file that keeps records the database could not take; they are "
-            "replayed into the database, exactly once, when it works again."
+            "replayed into the database, exactly once, when it works again. One per proxy process: "
+            "a second process on the same path refuses to start."
         ),
     )
     db_busy_timeout_ms: PositiveInt = Field(

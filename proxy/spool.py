@@ -12,12 +12,20 @@ record cannot hold back the others.
 Replay is exactly-once: the writer renames the spool to ``<spool>.replaying`` (new spills start a fresh
 file), writes its records skipping any ``call_id`` the database already holds (a crash in the middle of a
 replay leaves the renamed file; the next replay picks it up and skips what was written), then deletes it.
+
+One process per spool: two proxies on one host started in the same directory would otherwise share the
+default path, and one's rename and delete of ``.replaying`` could destroy records the other had just
+spooled. ``tokentrail serve`` therefore holds an exclusive lock on ``<spool>.lock`` for its whole life
+(``claim_spool``; the kernel drops it when the process dies, however it dies) and refuses to start when
+another process holds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -25,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity, Outcome
+
+logger = logging.getLogger(__name__)
 
 _RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored"}
 _CHOICE_FIELDS = {f.name for f in dataclasses.fields(ChoiceRecord)}
@@ -141,3 +151,36 @@ class Spool:
         fd = os.open(self.refused, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
             handle.write("".join(line if line.endswith("\n") else line + "\n" for line in lines))
+
+
+class SpoolInUseError(RuntimeError):
+    """Another live process holds the spool's lock."""
+
+
+class SpoolClaim:
+    """This process's exclusive hold on one spool path (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.lock_path = path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+        try:
+            fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError as exc:  # the spool's directory is not writable: spilling will fail and say so
+            logger.warning(
+                "path=<%s>, error=<%s> | could not create the spool's lock file", self.lock_path, exc.strerror
+            )
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolInUseError(
+                f"the spool {path} is in use by another TokenTrail process; give each proxy process "
+                "its own TOKENTRAIL_FALLBACK_PATH"
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the lock
+            self._fd = None

@@ -60,20 +60,39 @@ def test_two_replicas_on_one_postgres_keep_seq_gapless_and_unique(
         proxies = [stack.enter_context(serve_process(fake[1], db_url))[1] for _ in range(2)]
         rate = asyncio.run(_load(proxies, 400, 10, 32))
         _wait_written(proxies, 400)
+    print(f"\ntwo replicas on PostgreSQL: {rate:.0f} calls/s")
+    _assert_gapless(db_url, calls=400, trajectories=10)
+
+
+def _assert_gapless(db_url: str, calls: int, trajectories: int) -> None:
     engine = create_engine(db_url)
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT trajectory_id, seq FROM llm_calls")).all()
         counts = connection.execute(text("SELECT sum(call_count) FROM trajectories")).scalar_one()
     engine.dispose()
-    print(f"\ntwo replicas on PostgreSQL: {rate:.0f} calls/s")
-    assert len(rows) == 400
-    assert counts == 400
+    assert len(rows) == calls
+    assert counts == calls
     by_trajectory: dict[str, list[int]] = {}
     for trajectory_id, seq in rows:
         by_trajectory.setdefault(trajectory_id, []).append(seq)
-    assert len(by_trajectory) == 10
+    assert len(by_trajectory) == trajectories
     for seqs in by_trajectory.values():
-        assert sorted(seqs) == list(range(40)), "seq must be gapless and unique across replicas"
+        assert sorted(seqs) == list(range(calls // trajectories)), "seq must be gapless and unique"
+
+
+def test_two_proxy_processes_on_one_sqlite_file_keep_seq_gapless_and_unique(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """Several processes on one host (one core each) share a SQLite file: each writer numbers its
+    records inside its write transaction, which SQLite serialises, so the same guarantees hold."""
+    db_url = f"sqlite:///{tmp_path / 'shared.db'}"
+    upgrade_database(db_url)
+    with ExitStack() as stack:
+        proxies = [stack.enter_context(serve_process(fake[1], db_url))[1] for _ in range(2)]
+        rate = asyncio.run(_load(proxies, 400, 10, 32))
+        _wait_written(proxies, 400)
+    print(f"\ntwo processes on one SQLite file: {rate:.0f} calls/s")
+    _assert_gapless(db_url, calls=400, trajectories=10)
 
 
 def test_one_replica_on_sqlite_for_comparison(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:

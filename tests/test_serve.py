@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,17 +35,22 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def serve_process(
     upstream: str, db_url: str, **env: str
 ) -> Iterator[tuple[subprocess.Popen[str], str, queue.Queue[str]]]:
-    """``tokentrail serve`` configured only through TOKENTRAIL_* variables; yields (process, url, log)."""
+    """``tokentrail serve`` configured only through TOKENTRAIL_* variables; yields (process, url, log).
+
+    Each process gets a spool of its own in a fresh directory unless ``TOKENTRAIL_FALLBACK_PATH`` is
+    given (two processes cannot share one)."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    environment = dict(
-        os.environ,
-        TOKENTRAIL_UPSTREAM=upstream,
-        TOKENTRAIL_DB=db_url,
-        TOKENTRAIL_PORT=str(port),
+    spool_dir = tempfile.mkdtemp(prefix="tokentrail-spool-")
+    environment = {
+        **os.environ,
+        "TOKENTRAIL_UPSTREAM": upstream,
+        "TOKENTRAIL_DB": db_url,
+        "TOKENTRAIL_PORT": str(port),
+        "TOKENTRAIL_FALLBACK_PATH": str(Path(spool_dir) / "spool.jsonl"),
         **env,
-    )
+    }
     process = subprocess.Popen([*CLI, "serve"], env=environment, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
 
@@ -64,6 +71,7 @@ def serve_process(
         pumper.join(30)
         assert process.stderr is not None
         process.stderr.close()
+        shutil.rmtree(spool_dir, ignore_errors=True)
 
 
 def _wait_for_line(lines: queue.Queue[str], needle: str, timeout: float = 60) -> list[str]:
@@ -114,6 +122,26 @@ def test_sigterm_lets_in_flight_calls_finish_and_records_every_accepted_call(
     for trajectory in ("t0", "t1"):
         seqs = sorted(r.seq for r in rows if r.trajectory_id == trajectory)
         assert seqs == list(range(len(seqs)))
+
+
+def test_a_second_proxy_on_the_same_spool_refuses_to_start_and_the_first_keeps_serving(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """Two processes sharing a spool could lose records (one's replay renames and deletes what the
+    other just spooled): the second must stop at once, with a message naming the setting."""
+    spool = tmp_path / "spool.jsonl"
+    first_db = f"sqlite:///{tmp_path / 'first.db'}"
+    with serve_process(fake[1], first_db, TOKENTRAIL_FALLBACK_PATH=str(spool)) as (_process, proxy, _log):
+        env = dict(os.environ, TOKENTRAIL_FALLBACK_PATH=str(spool), TOKENTRAIL_UPSTREAM=fake[1])
+        second = _run("serve", "--db", f"sqlite:///{tmp_path / 'second.db'}", "--port", "0", env=env)
+        assert second.returncode == 2
+        assert "in use by another TokenTrail process" in second.stderr
+        assert "TOKENTRAIL_FALLBACK_PATH" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert httpx.post(proxy + CHAT, json=BODY, timeout=30).status_code == 200
+    # The lock goes with the process: a new one on the same spool starts.
+    with serve_process(fake[1], first_db, TOKENTRAIL_FALLBACK_PATH=str(spool)) as (_process, proxy, _log):
+        assert httpx.post(proxy + CHAT, json=BODY, timeout=30).status_code == 200
 
 
 def test_serve_refuses_a_database_from_a_newer_version(tmp_path: Path) -> None:
