@@ -16,7 +16,7 @@ replay leaves the renamed file; the next replay picks it up and skips what was w
 One process per spool: two proxies on one host started in the same directory would otherwise share the
 default path, and one's rename and delete of ``.replaying`` could destroy records the other had just
 spooled. ``tokentrail serve`` therefore holds an exclusive lock on ``<spool>.lock`` for its whole life
-(``claim_spool``; the kernel drops it when the process dies, however it dies) and refuses to start when
+(``SpoolClaim``; the kernel drops it when the process dies, however it dies) and refuses to start when
 another process holds it.
 """
 
