@@ -58,6 +58,7 @@ class Runtime:
     engine: Engine
     writer: RecordWriter
     relay: Relay
+    worker: int | None = None  # the worker's slot under ``serve --workers N``
 
 
 class TokenTrailApp:
@@ -116,10 +117,13 @@ async def _not_ready(send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> TokenTrailApp:
+def create_app(
+    settings: Settings, tracer_provider: TracerProvider | None = None, worker: int | None = None
+) -> TokenTrailApp:
     """Build the proxy for ``settings``; the database must already be migrated.
 
     ``tracer_provider`` turns on spans (tests pass one); without it the OTEL_* variables decide.
+    ``worker``: this process's slot when it is one of several (``serve --workers``).
     """
     provider = tracer_provider or tracer_provider_from_environment(os.environ)
 
@@ -156,7 +160,7 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
             if len(pool.upstreams) > 1
             else None
         )
-        app.state.runtime = Runtime(settings, engine, writer, relay)
+        app.state.runtime = Runtime(settings, engine, writer, relay, worker)
         logger.info("upstream=<%s>, db=<%s> | TokenTrail ready", settings.upstream, _safe_url(settings.db))
         try:
             yield

@@ -7,6 +7,7 @@ the command line wins.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -21,12 +22,13 @@ from tokentrail.proxy import __version__
 from tokentrail.proxy.errors import DatabaseTooNewError
 from tokentrail.proxy.settings import DEFAULT_DB, Settings
 from tokentrail.proxy.spool import SpoolClaim, SpoolInUseError
+from tokentrail.proxy.workers import Supervisor, WorkersError, die_with_supervisor, listening_socket
 
 logger = logging.getLogger("tokentrail")
 
 _CELL_WIDTH = 80
 # Command-line options that override the TOKENTRAIL_* variable of the same name.
-_SETTING_OPTIONS = ("upstream", "db", "host", "port")
+_SETTING_OPTIONS = ("upstream", "db", "host", "port", "workers")
 
 
 def _settings_help() -> str:
@@ -65,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_option(serve)
     serve.add_argument("--host", help="listen address [TOKENTRAIL_HOST, default 127.0.0.1]")
     serve.add_argument("--port", type=int, help="listen port [TOKENTRAIL_PORT, default 8000]")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="proxy processes on the port, one core each [TOKENTRAIL_WORKERS, default 1]",
+    )
+    serve.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)  # set by the supervisor
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -157,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
-            return _serve(settings)
+            return _serve(settings, args.worker_slot)
         if args.command == "db":
             return _db_upgrade(settings)
         if args.command == "reward":
@@ -167,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "drift":
             return _drift(settings, args.trajectory_id, args.tokenizer, args.json)
         return _sql(settings, args.query, "json" if args.json else "csv" if args.csv else "table")
-    except (DatabaseTooNewError, SpoolInUseError) as exc:
+    except (DatabaseTooNewError, SpoolInUseError, WorkersError) as exc:
         print(f"tokentrail: {exc}", file=sys.stderr)
         return 2
 
@@ -180,29 +188,40 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _serve(settings: Settings) -> int:
-    from tokentrail.proxy.storage.migrate import upgrade_database
-
+def _serve(settings: Settings, worker_slot: int | None) -> int:
+    """One proxy process; or, with several workers and no slot, the supervisor that starts them."""
     _configure_logging(settings.log_level)
+    if worker_slot is None and settings.workers > 1:
+        _migrate(settings)  # once, before any worker opens the database
+        return Supervisor(settings).run()
+    if worker_slot is not None:
+        die_with_supervisor()
     claim = SpoolClaim(settings.fallback_path)  # first: a second proxy on this spool stops here
     try:
-        before, after = upgrade_database(settings.db)
-        if before != after:
-            logger.info("from=<%s>, to=<%s> | database migrated", before, after)
-        _run_uvicorn(settings)
+        if worker_slot is None:
+            _migrate(settings)
+        _run_uvicorn(settings, worker_slot)
     finally:
         claim.release()
     return 0
 
 
-def _run_uvicorn(settings: Settings) -> None:
+def _migrate(settings: Settings) -> None:
+    from tokentrail.proxy.storage.migrate import upgrade_database
+
+    before, after = upgrade_database(settings.db)
+    if before != after:
+        logger.info("from=<%s>, to=<%s> | database migrated", before, after)
+
+
+def _run_uvicorn(settings: Settings, worker_slot: int | None) -> None:
     import uvicorn
 
     from tokentrail.proxy.app import create_app
     from tokentrail.proxy.http_limits import limited_protocol
 
-    uvicorn.run(
-        create_app(settings),
+    config = uvicorn.Config(
+        create_app(settings, worker=worker_slot),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -215,6 +234,13 @@ def _run_uvicorn(settings: Settings) -> None:
         # calls, for an address nothing in TokenTrail uses.
         proxy_headers=False,
     )
+    server = uvicorn.Server(config)
+    # A worker binds the port shared (SO_REUSEPORT) with its siblings; a single proxy as uvicorn does.
+    sockets = None if worker_slot is None else [listening_socket(settings.host, settings.port, shared=True)]
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=sockets)
+    if not server.started:
+        raise SystemExit(3)  # what uvicorn.run does when startup fails
 
 
 def _db_upgrade(settings: Settings) -> int:

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     db: str = Field(DEFAULT_DB, description="SQLAlchemy database URL for the records.")
     host: str = Field("127.0.0.1", description="Address the proxy listens on.")
     port: Annotated[int, Field(ge=0, le=65535)] = Field(8000, description="Port the proxy listens on.")
+    workers: PositiveInt = Field(
+        1,
+        description=(
+            "Proxy processes serving the port together, one core each (the kernel spreads the "
+            "connections); each has its own spool: the fallback path, then <name>.1<suffix>, ..."
+        ),
+    )
     upstream_connect_timeout: PositiveFloat = Field(
         5.0, description="Seconds to wait for a TCP connection to the upstream."
     )

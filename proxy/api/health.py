@@ -49,6 +49,10 @@ class Health(BaseModel):
     upstream: str
     upstreams: list[UpstreamHealth]
     in_flight: int = Field(description="Calls being relayed now.")
+    worker: int | None = Field(
+        None,
+        description="Under 'serve --workers N': which worker (0 to N-1) answered; the figures are its own.",
+    )
     writer: WriterHealth
 
 
@@ -65,6 +69,7 @@ def health(request: Request) -> Any:
             for u in runtime.relay.pool.upstreams
         ],
         in_flight=runtime.relay.in_flight.count,
+        worker=runtime.worker,
         writer=WriterHealth(
             queue_depth=writer.queue_depth,
             queue_capacity=runtime.settings.writer_queue_size,

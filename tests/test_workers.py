@@ -1,0 +1,193 @@
+"""``tokentrail serve --workers N``: real supervisor and worker processes on one port and one SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.fake_upstream import FakeUpstream
+from tests.servers import free_socket
+from tests.test_serve import BODY, CHAT, _run, serve_process
+
+FRESH = httpx.Limits(max_keepalive_connections=0)  # a new connection per call: the kernel spreads them
+
+
+def _children(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def _workers_seen(proxy: str, want: set[int]) -> set[int]:
+    """Which workers answer /tokentrail/health over fresh connections, until all of ``want`` did (a
+    worker just started answers once it has bound the port) or a minute passed."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + 60
+    with httpx.Client(limits=FRESH, timeout=30) as client:
+        while not seen >= want and time.monotonic() < deadline:
+            seen.add(client.get(proxy + "/tokentrail/health").json()["worker"])
+    return seen
+
+
+def _rows(db_url: str) -> list[tuple[str, int, str]]:
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT trajectory_id, seq, outcome FROM llm_calls")).all()
+    engine.dispose()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _wait_rows(db_url: str, count: int) -> list[tuple[str, int, str]]:
+    deadline = time.monotonic() + 60
+    while True:
+        rows = _rows(db_url)
+        if len(rows) >= count:
+            return rows
+        assert time.monotonic() < deadline, f"only {len(rows)} of {count} records written"
+        time.sleep(0.05)
+
+
+async def _load(proxy: str, calls: int, trajectories: int) -> None:
+    async with httpx.AsyncClient(limits=FRESH, timeout=60) as client:
+
+        async def one(i: int) -> None:
+            body = {**BODY, "stream": i % 2 == 0}
+            headers = {"X-Trajectory-Id": f"w-{i % trajectories}"}
+            response = await client.post(proxy + CHAT, json=body, headers=headers)
+            assert response.status_code == 200, response.text
+
+        await asyncio.gather(*(one(i) for i in range(calls)))
+
+
+def test_two_workers_share_the_port_and_the_database_and_hold_their_own_spools(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    spool = tmp_path / "spool.jsonl"
+    env = {"TOKENTRAIL_WORKERS": "2", "TOKENTRAIL_FALLBACK_PATH": str(spool)}
+    with serve_process(fake[1], db_url, **env) as (process, proxy, _log):
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+        asyncio.run(_load(proxy, 200, 10))
+        rows = _wait_rows(db_url, 200)
+        for lock in (tmp_path / "spool.jsonl.lock", tmp_path / "spool.1.jsonl.lock"):
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+        assert len(_children(process.pid)) == 2
+    assert len(rows) == 200
+    assert {outcome for _t, _s, outcome in rows} == {"ok"}
+    by_trajectory: dict[str, list[int]] = {}
+    for trajectory_id, seq, _outcome in rows:
+        by_trajectory.setdefault(trajectory_id, []).append(seq)
+    assert sorted(by_trajectory) == sorted(f"w-{i}" for i in range(10))
+    for seqs in by_trajectory.values():
+        assert sorted(seqs) == list(range(20)), "seq must be gapless and unique across workers"
+
+
+def test_sigterm_to_the_supervisor_drains_every_worker(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    upstream, url = fake
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    env = {"TOKENTRAIL_WORKERS": "2", "TOKENTRAIL_GRACEFUL_SHUTDOWN_S": "30"}
+    with serve_process(url, db_url, **env) as (process, proxy, _log):
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+        statuses: list[int] = []
+
+        def call() -> None:
+            with httpx.Client(limits=FRESH, timeout=60) as client:
+                response = client.post(proxy + CHAT, json=BODY, headers={"x-fake": "gate"})
+                statuses.append(response.status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            assert upstream.hanging.acquire(timeout=30), "a call did not reach the upstream"
+        process.send_signal(signal.SIGTERM)
+        upstream.gate.set()
+        for thread in threads:
+            thread.join(60)
+        assert process.wait(60) == 0
+    assert statuses == [200] * 12
+    assert len(_rows(db_url)) == 12
+
+
+def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="2") as (process, proxy, _log):
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+        before = _children(process.pid)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(after := _children(process.pid) - {victim}) < 2:
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.05)
+        assert len(after - before) == 1
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+        asyncio.run(_load(proxy, 40, 4))
+        _wait_rows(db_url, 40)
+
+
+def test_workers_need_a_fixed_free_port(tmp_path: Path) -> None:
+    env = {**os.environ, "TOKENTRAIL_WORKERS": "2", "TOKENTRAIL_FALLBACK_PATH": str(tmp_path / "s.jsonl")}
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    zero = _run("serve", "--db", db, "--port", "0", env=env)
+    assert zero.returncode == 2
+    assert "fixed port" in zero.stderr
+    taken = free_socket()
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        busy = _run("serve", "--db", db, "--port", str(port), env=env)
+    finally:
+        taken.close()
+    assert busy.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+    assert "Traceback" not in zero.stderr + busy.stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
+    """Another proxy holds worker 1's spool: worker 1 fails each time, and the supervisor gives up
+    instead of restarting it forever."""
+    spool = tmp_path / "s.jsonl"
+    other = os.open(tmp_path / "s.1.jsonl.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "TOKENTRAIL_WORKERS": "2", "TOKENTRAIL_FALLBACK_PATH": str(spool)}
+    try:
+        result = _run("serve", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--port", str(port), env=env)
+    finally:
+        os.close(other)
+    assert result.returncode == 1
+    assert "s.1.jsonl is in use by another TokenTrail process" in result.stderr
+    assert "worker cannot start; stopping all" in result.stderr
+
+
+def test_workers_end_when_their_supervisor_is_killed(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:
+    """SIGKILL gives the supervisor no chance to pass anything on: the kernel tells the workers."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="2") as (process, proxy, _log):
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+        workers = _children(process.pid)
+        process.kill()
+        process.wait(30)
+        deadline = time.monotonic() + 60
+        while alive := {pid for pid in workers if Path(f"/proc/{pid}").exists()}:
+            assert time.monotonic() < deadline, f"workers {alive} outlived their supervisor"
+            time.sleep(0.05)
