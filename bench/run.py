@@ -5,7 +5,9 @@
     python bench/run.py --upstream URL       # direct vs TokenTrail against a real vLLM
 
 Every proxy under test is pinned to one core (``--proxy-core``), the fake upstream and the load
-generator to the other (``--other-core``), so a proxy can never borrow the load generator's CPU. For
+generator to the other (``--other-core``), so a proxy can never borrow the load generator's CPU. On a
+bigger machine ``--workers 4 --proxy-core 0-3 --other-core 4-7`` gives TokenTrail four worker processes
+(``serve --workers``) and nginx four worker processes on four cores (the naive passthrough stays one). For
 each scenario the targets are measured one after another, so their ratios come from the same minutes
 of the same machine. Cells: non-streaming, streaming with 0 and 2 ms per token; prompts of 40 and
 4,000 tokens; concurrency 1, 16, 64; plus text completions. ``--repeat 3`` prints the median of three.
@@ -135,14 +137,18 @@ def tokentrail_env(upstream: str, db_url: str, port: int, tmp: Path, **extra: st
 
 
 def _rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (the workers, under ``--workers``)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+            total += int(line.split()[1]) / 1024
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        total += _rss_mib(int(child))
+    return total
 
 
 _NGINX_CONF = """
-worker_processes 1;
+worker_processes {workers};
 {user}
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
@@ -182,8 +188,8 @@ class Targets:
         self.db_url = f"sqlite:///{tmp / 'bench.db'}"
         self.tokentrail_pid = 0
 
-    def _pinned(self, core: int, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        prefix = ["taskset", "-c", str(core)] if shutil.which("taskset") and not self.args.no_pin else []
+    def _pinned(self, cores: str, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        prefix = ["taskset", "-c", cores] if shutil.which("taskset") and not self.args.no_pin else []
         process = subprocess.Popen(prefix + command, **kwargs)
         self.processes.append(process)
         return process
@@ -209,7 +215,11 @@ class Targets:
                 user = "user root;" if os.geteuid() == 0 else ""
                 conf.write_text(
                     _NGINX_CONF.format(
-                        tmp=self.tmp, port=port, upstream=upstream.removeprefix("http://"), user=user
+                        tmp=self.tmp,
+                        port=port,
+                        upstream=upstream.removeprefix("http://"),
+                        user=user,
+                        workers=args.workers,
                     )
                 )
                 process = self._pinned(
@@ -244,7 +254,7 @@ class Targets:
             _wait_http(self.urls["naive"] + "/health", process)
         if "tokentrail" in wanted:
             port = _free_port()
-            env = tokentrail_env(upstream, self.db_url, port, self.tmp)
+            env = tokentrail_env(upstream, self.db_url, port, self.tmp, TOKENTRAIL_WORKERS=str(args.workers))
             process = self._pinned(args.proxy_core, TOKENTRAIL_SERVE, env=env)
             self.urls["tokentrail"] = f"http://127.0.0.1:{port}"
             _wait_http(self.urls["tokentrail"] + "/tokentrail/health", process)
@@ -279,7 +289,7 @@ def _load(
     if prefix is not None:
         command += ["--trajectory-prefix", prefix]
     if not args.no_pin and shutil.which("taskset"):
-        command = ["taskset", "-c", str(args.other_core), *command]
+        command = ["taskset", "-c", args.other_core, *command]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result: dict[str, Any] = json.loads(output)
     return result
@@ -323,13 +333,26 @@ def _verify(db_url: str, expected_calls: int, sample: int = 200, *, fake_ids: bo
     return [f"{rows} rows, all ok" + (f"; checked {len(picked)} sampled rows' IDs" if picked else "")]
 
 
-def _wait_written(url: str, expected: int, limit_s: float = 120) -> dict[str, Any]:
+def _wait_written(db_url: str, spool_dir: Path, expected: int, limit_s: float = 120) -> dict[str, Any]:
+    """Records in the database and in the spools (every worker's), once they add up to ``expected``.
+
+    Counted there rather than from ``/tokentrail/health``, which answers for one worker only."""
     deadline = time.monotonic() + limit_s
-    while True:
-        writer: dict[str, Any] = httpx.get(url + "/tokentrail/health", timeout=5).json()["writer"]
-        if writer["records_written"] + writer["records_failed"] >= expected or time.monotonic() > deadline:
-            return writer
-        time.sleep(0.1)
+    engine = create_engine(db_url)
+    try:
+        while True:
+            with engine.connect() as connection:
+                written = connection.execute(text("SELECT count(*) FROM llm_calls")).scalar_one()
+            failed = sum(
+                len(path.read_bytes().splitlines())
+                for path in spool_dir.glob("fallback*.jsonl*")
+                if not path.name.endswith(".lock")
+            )
+            if written + failed >= expected or time.monotonic() > deadline:
+                return {"records_written": written, "records_failed": failed}
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -352,8 +375,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=1, help="runs of the matrix; the median is printed")
     parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per call")
-    parser.add_argument("--proxy-core", type=int, default=0)
-    parser.add_argument("--other-core", type=int, default=1)
+    parser.add_argument("--proxy-core", default="0", help="core(s) of the proxy under test (taskset list)")
+    parser.add_argument("--other-core", default="1", help="core(s) of the upstream and load generator")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="TokenTrail's and nginx's worker processes (one per proxy core)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--json-out", type=Path, help="write every measurement here")
     args = parser.parse_args()
@@ -388,7 +417,9 @@ def main() -> int:
                             file=sys.stderr,
                         )
             writer = (
-                _wait_written(targets.urls["tokentrail"], tokentrail_calls) if "tokentrail" in names else None
+                _wait_written(targets.db_url, targets.tmp, tokentrail_calls)
+                if "tokentrail" in names
+                else None
             )
         finally:
             targets.stop()
@@ -420,7 +451,8 @@ def _print_table(
 ) -> None:
     print(
         f"\n{args.duration:g} s per cell, {args.max_tokens} generated tokens per call, "
-        f"median of {args.repeat} run(s); proxies pinned to core {args.proxy_core}, "
+        f"median of {args.repeat} run(s); proxies pinned to core {args.proxy_core}"
+        f"{f' ({args.workers} workers)' if args.workers > 1 else ''}, "
         f"upstream and load generator to core {args.other_core}"
         if not args.no_pin
         else f"\n{args.duration:g} s per cell, not pinned"
