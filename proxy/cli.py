@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="proxy processes on the port, one core each [TOKENTRAIL_WORKERS, default 1]",
     )
-    serve.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    serve.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)  # both set by the supervisor
+    serve.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -165,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
-            return _serve(settings, args.worker_slot)
+            return _serve(settings, args.worker_slot, args.supervisor_pid)
         if args.command == "db":
             return _db_upgrade(settings)
         if args.command == "reward":
@@ -188,14 +190,14 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _serve(settings: Settings, worker_slot: int | None) -> int:
+def _serve(settings: Settings, worker_slot: int | None, supervisor_pid: int | None = None) -> int:
     """One proxy process; or, with several workers and no slot, the supervisor that starts them."""
     _configure_logging(settings.log_level)
     if worker_slot is None and settings.workers > 1:
         _migrate(settings)  # once, before any worker opens the database
         return Supervisor(settings).run()
     if worker_slot is not None:
-        die_with_supervisor()
+        die_with_supervisor(supervisor_pid or os.getppid())
     claim = SpoolClaim(settings.fallback_path)  # first: a second proxy on this spool stops here
     try:
         if worker_slot is None:
@@ -236,7 +238,13 @@ def _run_uvicorn(settings: Settings, worker_slot: int | None) -> None:
     )
     server = uvicorn.Server(config)
     # A worker binds the port shared (SO_REUSEPORT) with its siblings; a single proxy as uvicorn does.
-    sockets = None if worker_slot is None else [listening_socket(settings.host, settings.port, shared=True)]
+    sockets = None
+    if worker_slot is not None:
+        try:
+            sockets = [listening_socket(settings.host, settings.port, shared=True)]
+        except OSError as exc:
+            logger.error("worker=<%d>, error=<%s> | cannot listen on the port", worker_slot, exc.strerror)
+            raise SystemExit(1) from None
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=sockets)
     if not server.started:

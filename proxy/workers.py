@@ -66,16 +66,18 @@ def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
     return sock
 
 
-def die_with_supervisor() -> None:
+def die_with_supervisor(supervisor_pid: int) -> None:
     """Have the kernel send this worker SIGTERM when its supervisor dies (Linux): a supervisor killed
     with SIGKILL cannot pass a signal on, and a worker left behind would hold the port and its spool.
-    SIGTERM, so the worker still drains its calls first."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        logger.warning("errno=<%d> | could not tie this worker's life to its supervisor", ctypes.get_errno())
-    if os.getppid() == 1:  # the supervisor died before the line above
+    SIGTERM, so the worker still drains its calls first. (The supervisor may itself be PID 1 in a
+    container, so its death is seen as a changed parent, not as a parent of 1.)"""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            logger.warning(
+                "errno=<%d> | could not tie this worker's life to its supervisor", ctypes.get_errno()
+            )
+    if os.getppid() != supervisor_pid:  # the supervisor died before the kernel was told
         raise SystemExit(0)
 
 
@@ -113,10 +115,15 @@ class Supervisor:
         }
 
     def _start(self, slot: int) -> None:
-        command = [sys.executable, "-m", "tokentrail.proxy.cli", "serve", "--worker-slot", str(slot)]
+        command = [
+            *(sys.executable, "-m", "tokentrail.proxy.cli", "serve"),
+            *("--worker-slot", str(slot), "--supervisor-pid", str(os.getpid())),
+        ]
         process = subprocess.Popen(command, env=self._environment(slot), start_new_session=True)
         self.children[slot] = (process, time.monotonic())
         logger.info("worker=<%d>, pid=<%d> | worker started", slot, process.pid)
+        if self.stopping:  # a signal came while it was being started: it missed the SIGTERM
+            process.send_signal(signal.SIGTERM)
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:
         if self.stopping:
