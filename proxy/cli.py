@@ -23,7 +23,13 @@ from tokentrail.proxy import __version__
 from tokentrail.proxy.errors import DatabaseTooNewError
 from tokentrail.proxy.settings import DEFAULT_DB, Settings
 from tokentrail.proxy.spool import SpoolClaim, SpoolInUseError
-from tokentrail.proxy.workers import Supervisor, WorkersError, die_with_supervisor, listening_socket
+from tokentrail.proxy.workers import (
+    Supervisor,
+    WorkersError,
+    die_with_supervisor,
+    listening_socket,
+    stranded_spools,
+)
 
 logger = logging.getLogger("tokentrail")
 
@@ -193,6 +199,14 @@ def _configure_logging(level: str) -> None:
 def _serve(settings: Settings, worker_slot: int | None, supervisor_pid: int | None = None) -> int:
     """One proxy process; or, with several workers and no slot, the supervisor that starts them."""
     _configure_logging(settings.log_level)
+    if worker_slot is None:
+        for spool in stranded_spools(settings.fallback_path, settings.workers):
+            logger.warning(
+                "path=<%s>, workers=<%d> | records wait in the spool of a worker this run does not start; "
+                "run with more workers to replay them",
+                spool,
+                settings.workers,
+            )
     if worker_slot is None and settings.workers > 1:
         _migrate(settings)  # once, before any worker opens the database
         return Supervisor(settings).run()

@@ -19,6 +19,7 @@ drain.
 from __future__ import annotations
 
 import ctypes
+import glob
 import logging
 import os
 import signal
@@ -48,6 +49,18 @@ class WorkersError(RuntimeError):
 def worker_spool_path(path: Path, slot: int) -> Path:
     """Worker 0 keeps the configured spool (a single ``serve`` on the same settings replays it)."""
     return path if slot == 0 else path.with_name(f"{path.stem}.{slot}{path.suffix}")
+
+
+def stranded_spools(path: Path, workers: int) -> list[Path]:
+    """Spools of worker slots this run does not start (an earlier run had more workers) that still hold
+    records: nobody replays them until such a slot runs again, so they must be pointed out."""
+    stranded = []
+    for candidate in sorted(path.parent.glob(f"{glob.escape(path.stem)}.*{glob.escape(path.suffix)}*")):
+        slot, _, rest = candidate.name.removeprefix(path.stem + ".").partition(".")
+        spool_file = "." + rest in (path.suffix, path.suffix + ".replaying")  # not .lock or .refused
+        if slot.isdigit() and int(slot) >= workers and spool_file and candidate.stat().st_size > 0:
+            stranded.append(candidate)
+    return stranded
 
 
 def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
@@ -170,4 +183,11 @@ class Supervisor:
         self._start(slot)
 
 
-__all__ = ["Supervisor", "WorkersError", "die_with_supervisor", "listening_socket", "worker_spool_path"]
+__all__ = [
+    "Supervisor",
+    "WorkersError",
+    "die_with_supervisor",
+    "listening_socket",
+    "stranded_spools",
+    "worker_spool_path",
+]

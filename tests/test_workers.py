@@ -17,6 +17,8 @@ from sqlalchemy import create_engine, text
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_socket
 from tests.test_serve import BODY, CHAT, _run, serve_process
+from tokentrail.proxy.records import CallRecord
+from tokentrail.proxy.spool import record_to_line
 
 FRESH = httpx.Limits(max_keepalive_connections=0)  # a new connection per call: the kernel spreads them
 
@@ -190,4 +192,30 @@ def test_workers_end_when_their_supervisor_is_killed(fake: tuple[FakeUpstream, s
         deadline = time.monotonic() + 60
         while alive := {pid for pid in workers if Path(f"/proc/{pid}").exists()}:
             assert time.monotonic() < deadline, f"workers {alive} outlived their supervisor"
+            time.sleep(0.05)
+
+
+def test_a_spool_of_a_worker_this_run_does_not_start_is_pointed_out_then_replayed(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """A run with fewer workers than the last one leaves worker 2's spool to nobody: say so; a run
+    that starts worker 2 again replays it."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    spool = tmp_path / "spool.jsonl"
+    record = CallRecord("stranded-call", "stranded-trajectory", CHAT, time.time(), seq=0)
+    (tmp_path / "spool.2.jsonl").write_text(record_to_line(record, "database_error") + "\n")
+    env = {"TOKENTRAIL_FALLBACK_PATH": str(spool)}
+    taken = free_socket()  # a single serve on a taken port: it warns first, then stops
+    taken.listen(1)
+    try:
+        port = str(taken.getsockname()[1])
+        single = _run("serve", "--db", db_url, "--port", port, env={**os.environ, **env})
+    finally:
+        taken.close()
+    assert f"path=<{tmp_path / 'spool.2.jsonl'}>" in single.stderr
+    assert "records wait in the spool of a worker this run does not start" in single.stderr
+    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="3", **env) as (_process, _proxy, _log):
+        deadline = time.monotonic() + 60
+        while ("stranded-trajectory", 0, "ok") not in _rows(db_url):
+            assert time.monotonic() < deadline, "worker 2 did not replay its spool"
             time.sleep(0.05)
