@@ -346,7 +346,7 @@ def _wait_written(db_url: str, spool_dir: Path, expected: int, limit_s: float = 
             failed = sum(
                 len(path.read_bytes().splitlines())
                 for path in spool_dir.glob("fallback*.jsonl*")
-                if not path.name.endswith(".lock")
+                if path.name.endswith((".jsonl", ".replaying", ".refused"))
             )
             if written + failed >= expected or time.monotonic() > deadline:
                 return {"records_written": written, "records_failed": failed}

@@ -160,7 +160,8 @@ def create_app(
             if len(pool.upstreams) > 1
             else None
         )
-        app.state.runtime = Runtime(settings, engine, writer, relay, worker)
+        app.state.runtime = runtime = Runtime(settings, engine, writer, relay, worker)
+        publisher = None if worker is None else asyncio.create_task(health.publish_every(runtime))
         logger.info("upstream=<%s>, db=<%s> | TokenTrail ready", settings.upstream, _safe_url(settings.db))
         try:
             yield
@@ -168,8 +169,9 @@ def create_app(
             if not await relay.in_flight.wait_idle(_DRAIN_AFTER_SHUTDOWN_S):
                 logger.error("in_flight=<%d> | calls still open at shutdown", relay.in_flight.count)
             app.state.runtime = None
-            if watcher is not None:
-                watcher.cancel()
+            for task in (watcher, publisher):
+                if task is not None:
+                    task.cancel()
             await client.aclose()
             writer.close()
             engine.dispose()

@@ -219,3 +219,52 @@ def test_a_spool_of_a_worker_this_run_does_not_start_is_pointed_out_then_replaye
         while ("stranded-trajectory", 0, "ok") not in _rows(db_url):
             assert time.monotonic() < deadline, "worker 2 did not replay its spool"
             time.sleep(0.05)
+
+
+def test_health_under_workers_sums_every_worker(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:
+    """Whichever worker answers, the figures cover all of them (each publishes its own every second)."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="2") as (_process, proxy, _log):
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+        asyncio.run(_load(proxy, 60, 6))
+        _wait_rows(db_url, 60)
+        answered: set[int] = set()
+        deadline = time.monotonic() + 60
+        with httpx.Client(limits=FRESH, timeout=30) as client:
+            while answered != {0, 1}:  # a total of 60 from each worker's point of view
+                assert time.monotonic() < deadline, f"health never summed to 60 from {answered}"
+                health = client.get(proxy + "/tokentrail/health").json()
+                if health["writer"]["records_written"] == 60:
+                    answered.add(health["worker"])
+                    workers = health["workers"]
+                    assert [w["worker"] for w in workers] == [0, 1]
+                    assert sum(w["records_written"] for w in workers) == 60
+                    assert all(w["records_written"] > 0 for w in workers), "both workers took calls"
+                    assert health["status"] == "ok"
+
+
+def test_health_says_degraded_when_a_worker_stops_reporting(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """A hung worker (SIGSTOP) publishes nothing: after STALE_S its siblings report it."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="2") as (process, proxy, _log):
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+        hung = min(_children(process.pid))
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            with httpx.Client(limits=FRESH, timeout=1) as client:
+                while True:
+                    assert time.monotonic() < deadline, "a hung worker never showed in health"
+                    try:  # a connection the kernel gives the hung worker waits: try another
+                        health = client.get(proxy + "/tokentrail/health").json()
+                    except httpx.TimeoutException:
+                        continue
+                    states = {w["worker"]: w["status"] for w in health["workers"]}
+                    if "not_reporting" in states.values():
+                        break
+            assert health["status"] == "degraded"
+            assert sorted(states.values()) == ["not_reporting", "ok"]
+        finally:
+            os.kill(hung, signal.SIGCONT)

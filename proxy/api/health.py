@@ -1,11 +1,31 @@
-"""``GET /tokentrail/health``: is the proxy up, and is the writer keeping up with the traffic."""
+"""``GET /tokentrail/health``: is the proxy up, and is the writer keeping up with the traffic.
+
+Under ``serve --workers N`` a connection reaches one worker, but a monitor must see them all (a record
+lost in worker 3 must not hide behind worker 0's "ok"). Each worker therefore writes its own figures to
+``<its spool>.health.json`` every second, and the one that answers adds its siblings' latest reports to
+its own: the top-level figures are sums, ``workers`` lists each one, and a worker whose report is
+missing or older than ``STALE_S`` makes the status ``degraded``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+
+from tokentrail.proxy.workers import worker_spool_path
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_EVERY_S = 1.0
+STALE_S = 5.0
 
 router = APIRouter(prefix="/tokentrail", tags=["health"])
 
@@ -40,6 +60,20 @@ class UpstreamHealth(BaseModel):
     in_flight: int
 
 
+class WorkerSummary(BaseModel):
+    """One worker's figures under ``serve --workers``."""
+
+    worker: int
+    status: str = Field(description="The worker's own status, or 'not_reporting' (no report for 5 s).")
+    in_flight: int
+    records_written: int
+    records_failed: int
+    records_lost: int
+    report_age_s: float | None = Field(
+        description="Seconds since the worker wrote these figures (0: the one answering; null: never)."
+    )
+
+
 class Health(BaseModel):
     """The proxy's health."""
 
@@ -54,12 +88,24 @@ class Health(BaseModel):
         description="Under 'serve --workers N': which worker (0 to N-1) answered; the figures are its own.",
     )
     writer: WriterHealth
+    workers: list[WorkerSummary] | None = Field(
+        None,
+        description="Under 'serve --workers N': every worker; the figures above are then their sums.",
+    )
 
 
 @router.get("/health", response_model=Health)
 def health(request: Request) -> Any:
-    """Writer queue depth and counts of records written and failed."""
+    """Writer queue depth and counts of records written and failed (of all workers)."""
     runtime = request.app.state.runtime
+    own = own_health(runtime)
+    if runtime.worker is None:
+        return own
+    return combined(own, _sibling_reports(runtime))
+
+
+def own_health(runtime: Any) -> Health:
+    """This process's figures."""
     writer = runtime.writer
     return Health(
         status="degraded" if writer.spool.pending or writer.lost or writer.refused else "ok",
@@ -85,4 +131,121 @@ def health(request: Request) -> Any:
             integrity_problems=writer.integrity_problems,
             integrity=dict(writer.integrity_counts),
         ),
+    )
+
+
+def state_path(spool: Path) -> Path:
+    return spool.with_name(spool.name + ".health.json")
+
+
+def _base_spool(runtime: Any) -> Path:
+    """Worker 0's spool, from which every worker's path follows (see ``worker_spool_path``)."""
+    own: Path = runtime.settings.fallback_path
+    suffix = f".{runtime.worker}"
+    if runtime.worker == 0 or not own.stem.endswith(suffix):
+        return own
+    return own.with_name(own.stem.removesuffix(suffix) + own.suffix)
+
+
+def publish(runtime: Any) -> None:
+    """Write this worker's figures for its siblings (replace, so a reader never sees half a file)."""
+    path = state_path(runtime.settings.fallback_path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(own_health(runtime).model_dump_json())
+        os.replace(temporary, path)
+    except OSError as exc:  # its siblings will report it as not reporting
+        logger.warning("path=<%s>, error=<%s> | could not publish this worker's health", path, exc.strerror)
+
+
+async def publish_every(runtime: Any) -> None:
+    while True:
+        publish(runtime)
+        await asyncio.sleep(PUBLISH_EVERY_S)
+
+
+def _sibling_reports(runtime: Any) -> list[tuple[int, Health | None, float]]:
+    """(worker, its last report or None, the report's age) for every other worker."""
+    base = _base_spool(runtime)
+    reports: list[tuple[int, Health | None, float]] = []
+    for slot in range(runtime.settings.workers):
+        if slot == runtime.worker:
+            continue
+        path = state_path(worker_spool_path(base, slot))
+        report: Health | None = None
+        age = float("inf")
+        with contextlib.suppress(OSError, ValidationError):
+            age = max(0.0, time.time() - path.stat().st_mtime)
+            report = Health.model_validate_json(path.read_bytes())
+        reports.append((slot, report if age <= STALE_S else None, age))
+    return reports
+
+
+def combined(own: Health, others: list[tuple[int, Health | None, float]]) -> Health:
+    """``own`` plus the siblings' reports: sums, every worker listed, degraded if any is."""
+    assert own.worker is not None
+    summaries = [_summary(own.worker, own, 0.0)]
+    writer = own.writer.model_copy(deep=True)
+    in_flight = own.in_flight
+    degraded = own.status != "ok"
+    for slot, report, age in others:
+        summaries.append(_summary(slot, report, age))
+        if report is None:
+            degraded = True
+            continue
+        degraded = degraded or report.status != "ok"
+        in_flight += report.in_flight
+        _add_writer(writer, report.writer)
+    summaries.sort(key=lambda summary: summary.worker)
+    return own.model_copy(
+        update={
+            "status": "degraded" if degraded else "ok",
+            "in_flight": in_flight,
+            "writer": writer,
+            "workers": summaries,
+        }
+    )
+
+
+_SUMMED = (
+    "queue_depth",
+    "queue_capacity",
+    "records_written",
+    "records_failed",
+    "records_replayed",
+    "records_lost",
+    "records_refused",
+    "spool_bytes",
+    "integrity_problems",
+)
+
+
+def _add_writer(total: WriterHealth, other: WriterHealth) -> None:
+    for name in _SUMMED:
+        setattr(total, name, getattr(total, name) + getattr(other, name))
+    total.spool_full = total.spool_full or other.spool_full
+    for counts, more in ((total.failure_reasons, other.failure_reasons), (total.integrity, other.integrity)):
+        for key, value in more.items():
+            counts[key] = counts.get(key, 0) + value
+
+
+def _summary(slot: int, report: Health | None, age: float) -> WorkerSummary:
+    if report is None:
+        return WorkerSummary(
+            worker=slot,
+            status="not_reporting",
+            in_flight=0,
+            records_written=0,
+            records_failed=0,
+            records_lost=0,
+            report_age_s=None if age == float("inf") else round(age, 3),
+        )
+    return WorkerSummary(
+        worker=slot,
+        status=report.status,
+        in_flight=report.in_flight,
+        records_written=report.writer.records_written,
+        records_failed=report.writer.records_failed,
+        records_lost=report.writer.records_lost,
+        report_age_s=round(age, 3),
     )
