@@ -31,6 +31,7 @@ from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.telemetry import CallSpans, tracer_provider_from_environment
 from tokentrail.proxy.upstream_client import UpstreamClient
 from tokentrail.proxy.upstreams import UpstreamPool
+from tokentrail.proxy.workers import worker_spool_path
 from tokentrail.proxy.writer import GATHER_S, RecordWriter
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def create_app(
             queue_size=settings.writer_queue_size,
             batch_size=settings.writer_batch_size,
             retries=settings.writer_retries,
-            fallback_path=settings.fallback_path,
+            fallback_path=worker_spool_path(settings.fallback_path, worker or 0),
             # Durable calls wait for their commit: write what is queued at once (records that arrive
             # meanwhile form the next batch) instead of gathering for a moment first.
             gather_s=0.0 if settings.durable else GATHER_S,

@@ -29,6 +29,7 @@ from tokentrail.proxy.workers import (
     die_with_supervisor,
     listening_socket,
     stranded_spools,
+    worker_spool_path,
 )
 
 logger = logging.getLogger("tokentrail")
@@ -212,7 +213,8 @@ def _serve(settings: Settings, worker_slot: int | None, supervisor_pid: int | No
         return Supervisor(settings).run()
     if worker_slot is not None:
         die_with_supervisor(supervisor_pid or os.getppid())
-    claim = SpoolClaim(settings.fallback_path)  # first: a second proxy on this spool stops here
+    # First: a second proxy on this spool stops here.
+    claim = SpoolClaim(worker_spool_path(settings.fallback_path, worker_slot or 0))
     try:
         if worker_slot is None:
             _migrate(settings)

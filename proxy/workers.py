@@ -8,7 +8,8 @@ and PostgreSQL alike, see ``writer.py``).
 
 How: every worker binds the port with ``SO_REUSEPORT``, so the kernel spreads new connections over
 them by hash (one shared accepting socket would let whichever process wakes first take a whole burst).
-Worker ``i`` keeps its spool at ``worker_spool_path(path, i)`` and holds that spool's lock, so a
+Worker ``i`` keeps its spool at ``worker_spool_path(path, i)`` (``path``: the configured spool, which
+every worker is given) and holds that spool's lock, so a
 restarted worker replays what its predecessor spooled. This supervisor starts the workers, restarts
 one that dies, and on SIGTERM or SIGINT passes SIGTERM on once (each worker then drains as a
 single ``serve`` does) and waits for all of them. Workers run in their own session, so a Ctrl-C in a
@@ -55,11 +56,13 @@ def stranded_spools(path: Path, workers: int) -> list[Path]:
     """Spools of worker slots this run does not start (an earlier run had more workers) that still hold
     records: nobody replays them until such a slot runs again, so they must be pointed out."""
     stranded = []
-    for candidate in sorted(path.parent.glob(f"{glob.escape(path.stem)}.*{glob.escape(path.suffix)}*")):
-        slot, _, rest = candidate.name.removeprefix(path.stem + ".").partition(".")
-        spool_file = "." + rest in (path.suffix, path.suffix + ".replaying")  # not .lock or .refused
-        if slot.isdigit() and int(slot) >= workers and spool_file and candidate.stat().st_size > 0:
-            stranded.append(candidate)
+    for candidate in sorted(path.parent.glob(glob.escape(path.stem) + ".*")):
+        slot = candidate.name.removeprefix(path.stem + ".").partition(".")[0]
+        if not slot.isdigit() or int(slot) < workers:
+            continue
+        spool = worker_spool_path(path, int(slot)).name
+        if candidate.name in (spool, spool + ".replaying") and candidate.stat().st_size > 0:
+            stranded.append(candidate)  # (not its .lock, .refused or .health.json)
     return stranded
 
 
@@ -124,7 +127,7 @@ class Supervisor:
             "TOKENTRAIL_HOST": settings.host,
             "TOKENTRAIL_PORT": str(settings.port),
             "TOKENTRAIL_WORKERS": str(settings.workers),
-            "TOKENTRAIL_FALLBACK_PATH": str(worker_spool_path(settings.fallback_path, slot)),
+            "TOKENTRAIL_FALLBACK_PATH": str(settings.fallback_path),  # the worker derives its own
         }
 
     def _start(self, slot: int) -> None:

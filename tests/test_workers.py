@@ -222,9 +222,11 @@ def test_a_spool_of_a_worker_this_run_does_not_start_is_pointed_out_then_replaye
 
 
 def test_health_under_workers_sums_every_worker(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:
-    """Whichever worker answers, the figures cover all of them (each publishes its own every second)."""
+    """Whichever worker answers, the figures cover all of them (each publishes its own every second).
+    The spool's name has no suffix here: the workers' paths must still follow from it."""
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="2") as (_process, proxy, _log):
+    env = {"TOKENTRAIL_WORKERS": "2", "TOKENTRAIL_FALLBACK_PATH": str(tmp_path / "spool")}
+    with serve_process(fake[1], db_url, **env) as (_process, proxy, _log):
         assert _workers_seen(proxy, {0, 1}) == {0, 1}
         asyncio.run(_load(proxy, 60, 6))
         _wait_rows(db_url, 60)
@@ -241,6 +243,9 @@ def test_health_under_workers_sums_every_worker(fake: tuple[FakeUpstream, str], 
                     assert sum(w["records_written"] for w in workers) == 60
                     assert all(w["records_written"] > 0 for w in workers), "both workers took calls"
                     assert health["status"] == "ok"
+                    assert health["writer"]["fallback_path"] == str(
+                        tmp_path / ("spool" if health["worker"] == 0 else "spool.1")
+                    )
 
 
 def test_health_says_degraded_when_a_worker_stops_reporting(

@@ -127,7 +127,7 @@ def own_health(runtime: Any) -> Health:
             spool_bytes=writer.spool.bytes,
             spool_full=writer.spool.full,
             failure_reasons=dict(writer.failure_reasons),
-            fallback_path=str(runtime.settings.fallback_path),
+            fallback_path=str(runtime.writer.spool.path),
             integrity_problems=writer.integrity_problems,
             integrity=dict(writer.integrity_counts),
         ),
@@ -138,18 +138,9 @@ def state_path(spool: Path) -> Path:
     return spool.with_name(spool.name + ".health.json")
 
 
-def _base_spool(runtime: Any) -> Path:
-    """Worker 0's spool, from which every worker's path follows (see ``worker_spool_path``)."""
-    own: Path = runtime.settings.fallback_path
-    suffix = f".{runtime.worker}"
-    if runtime.worker == 0 or not own.stem.endswith(suffix):
-        return own
-    return own.with_name(own.stem.removesuffix(suffix) + own.suffix)
-
-
 def publish(runtime: Any) -> None:
     """Write this worker's figures for its siblings (replace, so a reader never sees half a file)."""
-    path = state_path(runtime.settings.fallback_path)
+    path = state_path(runtime.writer.spool.path)
     temporary = path.with_name(path.name + ".tmp")
     try:
         temporary.write_text(own_health(runtime).model_dump_json())
@@ -166,7 +157,7 @@ async def publish_every(runtime: Any) -> None:
 
 def _sibling_reports(runtime: Any) -> list[tuple[int, Health | None, float]]:
     """(worker, its last report or None, the report's age) for every other worker."""
-    base = _base_spool(runtime)
+    base: Path = runtime.settings.fallback_path  # every worker's spool follows from it
     reports: list[tuple[int, Health | None, float]] = []
     for slot in range(runtime.settings.workers):
         if slot == runtime.worker:
