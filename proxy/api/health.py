@@ -85,12 +85,15 @@ class Health(BaseModel):
     in_flight: int = Field(description="Calls being relayed now.")
     worker: int | None = Field(
         None,
-        description="Under 'serve --workers N': which worker (0 to N-1) answered; the figures are its own.",
+        description="Under 'serve --workers N': which worker (0 to N-1) answered.",
     )
     writer: WriterHealth
     workers: list[WorkerSummary] | None = Field(
         None,
-        description="Under 'serve --workers N': every worker; the figures above are then their sums.",
+        description=(
+            "Under 'serve --workers N': every worker; the figures above are then their sums (each "
+            "worker's counts start at its own start, so a restarted worker's begin again at 0)."
+        ),
     )
 
 
