@@ -54,13 +54,17 @@ def _wait_written(proxies: list[str], count: int) -> None:
 def test_two_replicas_on_one_postgres_keep_seq_gapless_and_unique(
     fake: tuple[FakeUpstream, str], postgres_url: str, tmp_path: Path
 ) -> None:
-    db_url = create_database(postgres_url)
+    _two_proxies_keep_seq_gapless(fake[1], create_database(postgres_url), "two replicas on PostgreSQL")
+
+
+def _two_proxies_keep_seq_gapless(upstream: str, db_url: str, label: str) -> None:
+    """400 calls in 10 trajectories, spread over two ``serve`` processes on ``db_url``."""
     upgrade_database(db_url)
     with ExitStack() as stack:
-        proxies = [stack.enter_context(serve_process(fake[1], db_url))[1] for _ in range(2)]
+        proxies = [stack.enter_context(serve_process(upstream, db_url))[1] for _ in range(2)]
         rate = asyncio.run(_load(proxies, 400, 10, 32))
         _wait_written(proxies, 400)
-    print(f"\ntwo replicas on PostgreSQL: {rate:.0f} calls/s")
+    print(f"\n{label}: {rate:.0f} calls/s")
     _assert_gapless(db_url, calls=400, trajectories=10)
 
 
@@ -85,14 +89,9 @@ def test_two_proxy_processes_on_one_sqlite_file_keep_seq_gapless_and_unique(
 ) -> None:
     """Several processes on one host (one core each) share a SQLite file: each writer numbers its
     records inside its write transaction, which SQLite serialises, so the same guarantees hold."""
-    db_url = f"sqlite:///{tmp_path / 'shared.db'}"
-    upgrade_database(db_url)
-    with ExitStack() as stack:
-        proxies = [stack.enter_context(serve_process(fake[1], db_url))[1] for _ in range(2)]
-        rate = asyncio.run(_load(proxies, 400, 10, 32))
-        _wait_written(proxies, 400)
-    print(f"\ntwo processes on one SQLite file: {rate:.0f} calls/s")
-    _assert_gapless(db_url, calls=400, trajectories=10)
+    _two_proxies_keep_seq_gapless(
+        fake[1], f"sqlite:///{tmp_path / 'shared.db'}", "two processes on one SQLite file"
+    )
 
 
 def test_one_replica_on_sqlite_for_comparison(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:

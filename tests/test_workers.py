@@ -6,8 +6,11 @@ import asyncio
 import fcntl
 import os
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -36,6 +39,14 @@ def _workers_seen(proxy: str, want: set[int]) -> set[int]:
         while not seen >= want and time.monotonic() < deadline:
             seen.add(client.get(proxy + "/tokentrail/health").json()["worker"])
     return seen
+
+
+@contextmanager
+def _two_workers(upstream: str, db_url: str, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``serve --workers 2`` (the supervisor and its URL), once both workers answer."""
+    with serve_process(upstream, db_url, TOKENTRAIL_WORKERS="2", **env) as (process, proxy, _log):
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+        yield process, proxy
 
 
 def _rows(db_url: str) -> list[tuple[str, int, str]]:
@@ -73,9 +84,7 @@ def test_two_workers_share_the_port_and_the_database_and_hold_their_own_spools(
 ) -> None:
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     spool = tmp_path / "spool.jsonl"
-    env = {"TOKENTRAIL_WORKERS": "2", "TOKENTRAIL_FALLBACK_PATH": str(spool)}
-    with serve_process(fake[1], db_url, **env) as (process, proxy, _log):
-        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+    with _two_workers(fake[1], db_url, TOKENTRAIL_FALLBACK_PATH=str(spool)) as (process, proxy):
         asyncio.run(_load(proxy, 200, 10))
         rows = _wait_rows(db_url, 200)
         for lock in (tmp_path / "spool.jsonl.lock", tmp_path / "spool.1.jsonl.lock"):
@@ -101,9 +110,7 @@ def test_sigterm_to_the_supervisor_drains_every_worker(
 ) -> None:
     upstream, url = fake
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    env = {"TOKENTRAIL_WORKERS": "2", "TOKENTRAIL_GRACEFUL_SHUTDOWN_S": "30"}
-    with serve_process(url, db_url, **env) as (process, proxy, _log):
-        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+    with _two_workers(url, db_url, TOKENTRAIL_GRACEFUL_SHUTDOWN_S="30") as (process, proxy):
         statuses: list[int] = []
 
         def call() -> None:
@@ -129,8 +136,7 @@ def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving(
     fake: tuple[FakeUpstream, str], tmp_path: Path
 ) -> None:
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="2") as (process, proxy, _log):
-        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+    with _two_workers(fake[1], db_url) as (process, proxy):
         before = _children(process.pid)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
@@ -184,8 +190,7 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None
 def test_workers_end_when_their_supervisor_is_killed(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:
     """SIGKILL gives the supervisor no chance to pass anything on: the kernel tells the workers."""
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="2") as (process, proxy, _log):
-        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+    with _two_workers(fake[1], db_url) as (process, _proxy):
         workers = _children(process.pid)
         process.kill()
         process.wait(30)
@@ -225,9 +230,7 @@ def test_health_under_workers_sums_every_worker(fake: tuple[FakeUpstream, str], 
     """Whichever worker answers, the figures cover all of them (each publishes its own every second).
     The spool's name has no suffix here: the workers' paths must still follow from it."""
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    env = {"TOKENTRAIL_WORKERS": "2", "TOKENTRAIL_FALLBACK_PATH": str(tmp_path / "spool")}
-    with serve_process(fake[1], db_url, **env) as (_process, proxy, _log):
-        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+    with _two_workers(fake[1], db_url, TOKENTRAIL_FALLBACK_PATH=str(tmp_path / "spool")) as (_process, proxy):
         asyncio.run(_load(proxy, 60, 6))
         _wait_rows(db_url, 60)
         answered: set[int] = set()
@@ -253,8 +256,7 @@ def test_health_says_degraded_when_a_worker_stops_reporting(
 ) -> None:
     """A hung worker (SIGSTOP) publishes nothing: after STALE_S its siblings report it."""
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    with serve_process(fake[1], db_url, TOKENTRAIL_WORKERS="2") as (process, proxy, _log):
-        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+    with _two_workers(fake[1], db_url) as (process, proxy):
         hung = min(_children(process.pid))
         os.kill(hung, signal.SIGSTOP)
         try:
