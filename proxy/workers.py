@@ -9,10 +9,10 @@ and PostgreSQL alike, see ``writer.py``).
 How: every worker binds the port with ``SO_REUSEPORT``, so the kernel spreads new connections over
 them by hash (one shared accepting socket would let whichever process wakes first take a whole burst).
 Worker ``i`` keeps its spool at ``worker_spool_path(path, i)`` (``path``: the configured spool, which
-every worker is given) and holds that spool's lock, so a
-restarted worker replays what its predecessor spooled. This supervisor starts the workers, restarts
-one that dies, and on SIGTERM or SIGINT passes SIGTERM on once (each worker then drains as a
-single ``serve`` does) and waits for all of them. Workers run in their own session, so a Ctrl-C in a
+every worker is given) and holds that spool's lock, so a restarted worker replays what its
+predecessor spooled. This supervisor starts the workers, restarts one that dies, and on SIGTERM or
+SIGINT passes SIGTERM on once (each worker then drains as a single ``serve`` does) and waits for
+all of them. Workers run in their own session, so a Ctrl-C in a
 terminal reaches them only through the supervisor, once: a second signal would make uvicorn skip the
 drain.
 """

@@ -153,8 +153,10 @@ def publish(runtime: Any) -> None:
 
 
 async def publish_every(runtime: Any) -> None:
+    """Publish now and every second after; the file write runs off the event loop (as the health
+    endpoint itself does, in FastAPI's thread pool), so a slow disk never stalls a relayed call."""
     while True:
-        publish(runtime)
+        await asyncio.to_thread(publish, runtime)
         await asyncio.sleep(PUBLISH_EVERY_S)
 
 
