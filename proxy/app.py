@@ -25,14 +25,14 @@ from tokentrail.proxy import __version__
 from tokentrail.proxy.api import health, trajectories
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
-from tokentrail.proxy.relay import Relay
+from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from_environment
+from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
+from tokentrail.proxy.relay.asgi import Relay
+from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
-from tokentrail.proxy.telemetry import CallSpans, tracer_provider_from_environment
-from tokentrail.proxy.upstream_client import UpstreamClient
-from tokentrail.proxy.upstreams import UpstreamPool
-from tokentrail.proxy.workers import worker_spool_path
-from tokentrail.proxy.writer import GATHER_S, RecordWriter
+from tokentrail.proxy.upstream.balancer import UpstreamPool
+from tokentrail.proxy.upstream.client import UpstreamClient
 
 logger = logging.getLogger(__name__)
 

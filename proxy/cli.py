@@ -21,9 +21,8 @@ from pydantic import ValidationError
 
 from tokentrail.proxy import __version__
 from tokentrail.proxy.errors import DatabaseTooNewError
-from tokentrail.proxy.settings import DEFAULT_DB, Settings
-from tokentrail.proxy.spool import SpoolClaim, SpoolInUseError
-from tokentrail.proxy.workers import (
+from tokentrail.proxy.recording.spool import SpoolClaim, SpoolInUseError
+from tokentrail.proxy.server.workers import (
     Supervisor,
     WorkersError,
     die_with_supervisor,
@@ -31,6 +30,7 @@ from tokentrail.proxy.workers import (
     stranded_spools,
     worker_spool_path,
 )
+from tokentrail.proxy.settings import DEFAULT_DB, Settings
 
 logger = logging.getLogger("tokentrail")
 
@@ -236,7 +236,7 @@ def _run_uvicorn(settings: Settings, worker_slot: int | None) -> None:
     import uvicorn
 
     from tokentrail.proxy.app import create_app
-    from tokentrail.proxy.http_limits import limited_protocol
+    from tokentrail.proxy.server.http_limits import limited_protocol
 
     config = uvicorn.Config(
         create_app(settings, worker=worker_slot),
@@ -320,9 +320,9 @@ def _reward(
     import math
 
     from tokentrail.proxy.errors import ProxyRequestError
+    from tokentrail.proxy.relay.routing import validate_trajectory_id
     from tokentrail.proxy.storage import queries
     from tokentrail.proxy.storage.engine import make_engine
-    from tokentrail.proxy.trajectory import validate_trajectory_id
 
     if not math.isfinite(value):
         print("tokentrail: the reward must be a finite number", file=sys.stderr)
@@ -353,10 +353,10 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from tokentrail.proxy.export import count_trajectories, export, open_sink
-    from tokentrail.proxy.sequences import SequenceMode
     from tokentrail.proxy.storage.engine import make_engine
     from tokentrail.proxy.storage.queries import TrajectoryFilter
+    from tokentrail.proxy.training.export import count_trajectories, export, open_sink
+    from tokentrail.proxy.training.sequences import SequenceMode
 
     tags: dict[str, str] = {}
     for item in args.tag:

@@ -23,7 +23,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.postgres import create_database, postgres_server
 from tests.servers import free_socket, serve_in_thread
 from tokentrail.proxy.app import Runtime, TokenTrailApp, create_app
-from tokentrail.proxy.http_limits import limited_protocol
+from tokentrail.proxy.server.http_limits import limited_protocol
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.migrate import upgrade_database
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fake_upstream import load_sample, sample_names, sse_events
-from tokentrail.proxy.capture import (
+from tokentrail.proxy.recording.capture import (
     CHAT_ROUTE,
     COMPLETIONS_ROUTE,
     ClientAsk,
@@ -20,7 +20,7 @@ from tokentrail.proxy.capture import (
     prepare_request,
     strip_token_ids,
 )
-from tokentrail.proxy.records import CallRecord, Integrity
+from tokentrail.proxy.recording.records import CallRecord, Integrity
 
 STREAM_SAMPLES = [
     n

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
-from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import upgrade_database
-from tokentrail.proxy.writer import RecordWriter
 
 PROMPT = list(range(1000, 1020))
 FIRST = list(range(2000, 2010))

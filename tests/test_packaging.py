@@ -31,7 +31,7 @@ def test_wheel_installs_and_runs_its_migrations_from_another_folder(tmp_path: Pa
     (wheel,) = tmp_path.glob("tokentrail-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in (
-        "tokentrail/proxy/relay.py",
+        "tokentrail/proxy/relay/asgi.py",
         "tokentrail/proxy/py.typed",
         "tokentrail/proxy/storage/models.py",
         "tokentrail/proxy/api/health.py",

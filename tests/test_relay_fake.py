@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Proxy, ProxyFactory, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_socket
-from tokentrail.proxy.uvicorn_hooks import DirectBody, RequestHooks
+from tokentrail.proxy.server.uvicorn_hooks import DirectBody, RequestHooks
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from tests.conftest import Proxy, ProxyFactory
 from tests.fake_upstream import PROMPT_IDS, FakeUpstream
 from tokentrail.proxy.errors import ConfigurationError
-from tokentrail.proxy.telemetry import tracer_provider_from_environment
+from tokentrail.proxy.recording.telemetry import tracer_provider_from_environment
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}

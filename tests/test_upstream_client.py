@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tokentrail.proxy.upstream_client import (
+from tokentrail.proxy.upstream.client import (
     UpstreamBrokenError,
     UpstreamClient,
     UpstreamClosedError,

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve_in_thread
-from tokentrail.proxy.upstreams import UpstreamPool, rendezvous_score
+from tokentrail.proxy.upstream.balancer import UpstreamPool, rendezvous_score
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}

@@ -20,8 +20,8 @@ from sqlalchemy import create_engine, text
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_socket
 from tests.test_serve import BODY, CHAT, _run, serve_process
-from tokentrail.proxy.records import CallRecord
-from tokentrail.proxy.spool import record_to_line
+from tokentrail.proxy.recording.records import CallRecord
+from tokentrail.proxy.recording.spool import record_to_line
 
 FRESH = httpx.Limits(max_keepalive_connections=0)  # a new connection per call: the kernel spreads them
 

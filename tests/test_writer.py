@@ -16,11 +16,11 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
-from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import upgrade_database
-from tokentrail.proxy.writer import RecordWriter
 
 CHAT = "/v1/chat/completions"
 

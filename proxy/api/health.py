@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 
-from tokentrail.proxy.workers import worker_spool_path
+from tokentrail.proxy.server.workers import worker_spool_path
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
 from tokentrail.proxy.errors import ProxyRequestError
-from tokentrail.proxy.sequences import SequenceMode, build_sequences
+from tokentrail.proxy.relay.routing import validate_tags, validate_trajectory_id
 from tokentrail.proxy.storage import queries
-from tokentrail.proxy.trajectory import validate_tags, validate_trajectory_id
+from tokentrail.proxy.training.sequences import SequenceMode, build_sequences
 
 MAX_PAGE = 1000
 

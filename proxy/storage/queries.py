@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy import Connection, Select, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from tokentrail.proxy.sequences import CallTokens, ChoiceTokens, logprob_values
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
+from tokentrail.proxy.training.sequences import CallTokens, ChoiceTokens, logprob_values
 
 TRAJECTORIES = Trajectory.__table__  # type: ignore[attr-defined]
 CALLS = LlmCall.__table__  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity, Outcome
+from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity, Outcome
 
 logger = logging.getLogger(__name__)
 

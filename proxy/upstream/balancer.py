@@ -15,7 +15,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from tokentrail.proxy.upstream_client import UpstreamClient, UpstreamError
+from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 

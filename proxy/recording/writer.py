@@ -28,8 +28,8 @@ from typing import Any, Protocol
 from sqlalchemy import Engine, select
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.records import CallRecord, Integrity
-from tokentrail.proxy.spool import REFUSED, Spool, record_to_line
+from tokentrail.proxy.recording.records import CallRecord, Integrity
+from tokentrail.proxy.recording.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"

@@ -19,14 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.capture import (
-    CHAT_ROUTE,
-    RECORDED_ROUTES,
-    ResponseCapture,
-    StreamTap,
-    prepare_request,
-    strip_token_ids,
-)
 from tokentrail.proxy.errors import (
     BodyTooLargeError,
     ClientTooSlowError,
@@ -36,12 +28,23 @@ from tokentrail.proxy.errors import (
     UpstreamUnreachableError,
     openai_error_body,
 )
-from tokentrail.proxy.headers import strip_hop_by_hop, upstream_request_headers
 from tokentrail.proxy.ids import new_id
-from tokentrail.proxy.records import CallRecord, Outcome
-from tokentrail.proxy.telemetry import CallSpans
-from tokentrail.proxy.trajectory import generated_trajectory_id, parse_tags_header, route_path
-from tokentrail.proxy.upstream_client import (
+from tokentrail.proxy.recording.capture import (
+    CHAT_ROUTE,
+    RECORDED_ROUTES,
+    ResponseCapture,
+    StreamTap,
+    prepare_request,
+    strip_token_ids,
+)
+from tokentrail.proxy.recording.records import CallRecord, Outcome
+from tokentrail.proxy.recording.telemetry import CallSpans
+from tokentrail.proxy.recording.writer import RecordSink
+from tokentrail.proxy.relay.headers import strip_hop_by_hop, upstream_request_headers
+from tokentrail.proxy.relay.routing import generated_trajectory_id, parse_tags_header, route_path
+from tokentrail.proxy.server.uvicorn_hooks import RequestHooks, hooks_of
+from tokentrail.proxy.upstream.balancer import Upstream, UpstreamPool
+from tokentrail.proxy.upstream.client import (
     UpstreamClient,
     UpstreamClosedError,
     UpstreamConnectError,
@@ -49,9 +52,6 @@ from tokentrail.proxy.upstream_client import (
     UpstreamReadTimeout,
     UpstreamResponse,
 )
-from tokentrail.proxy.upstreams import Upstream, UpstreamPool
-from tokentrail.proxy.uvicorn_hooks import RequestHooks, hooks_of
-from tokentrail.proxy.writer import RecordSink
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, cast
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokentrail.proxy.errors import ClientTooSlowError, HeadersTooLargeError, ProxyRequestError
-from tokentrail.proxy.uvicorn_hooks import HOOKS_EXTENSION, RequestHooks
+from tokentrail.proxy.server.uvicorn_hooks import HOOKS_EXTENSION, RequestHooks
 
 _LINGER_S = 1.0
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from tokentrail.proxy.errors import BadTrajectoryIdError, BadTrajectoryTagsError
-from tokentrail.proxy.headers import TAGS_HEADER, TRAJECTORY_HEADER
 from tokentrail.proxy.ids import new_id
+from tokentrail.proxy.relay.headers import TAGS_HEADER, TRAJECTORY_HEADER
 
 MAX_TRAJECTORY_ID_LENGTH = 256
 MAX_TAGS = 32

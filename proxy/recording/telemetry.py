@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 
 from tokentrail.proxy import __version__
 from tokentrail.proxy.errors import ConfigurationError
-from tokentrail.proxy.records import CallRecord
+from tokentrail.proxy.recording.records import CallRecord
 
 SPAN_NAME = "tokentrail.call"
 

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine, func, select
 
-from tokentrail.proxy.sequences import SequenceMode, TrainingSequence, build_sequences
 from tokentrail.proxy.storage import queries
+from tokentrail.proxy.training.sequences import SequenceMode, TrainingSequence, build_sequences
 
 DEFAULT_BATCH = 500
 

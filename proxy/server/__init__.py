@@ -1,0 +1,3 @@
+"""How TokenTrail serves HTTP: uvicorn's protocol with head limits, the hot-path hooks it hands the relay,
+and ``--workers`` processes.
+"""
