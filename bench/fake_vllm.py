@@ -3,7 +3,7 @@
 Why raw asyncio: the upstream must never be what a benchmark measures. A Starlette app serves about
 6,000 calls/s on one core here; this serves several times that, so the proxy under test is the limit.
 
-What it speaks (byte layout copied from ``../shared/vllm/samples/``):
+What it speaks (byte layout as in ``tests/vllm_samples/``, captured from the real vLLM):
 
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``, streaming (chunked SSE, ``[DONE]``) and
   not; ``return_token_ids`` gives ID lists where vLLM gives them and ``null`` otherwise;

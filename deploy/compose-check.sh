@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prove the container path end to end, as a user runs it:
-#   1. a Docker engine and a local Debian base image (../shared/docker/make-base-image.sh; no registry is
+#   1. a Docker engine and a local Debian base image (deploy/docker/make-base-image.sh; no registry is
 #      reachable here, so the local base is tagged as the image the Dockerfile names);
 #   2. build the image, `docker compose up` with deploy/docker-compose.ci.yml swapping vLLM for the
 #      project's fake vLLM, wait until both services are healthy;
@@ -10,14 +10,13 @@
 # Prints the image size and the time from `up` to healthy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED="${TOKENTRAIL_SHARED:-$(cd .. && pwd)/shared}"
 WORK="${WORK:-/tmp/dk}"
 export WORK COMPOSE_V2=1
 BASE_TAG="debian:bookworm-slim"
 
 started_dockerd=0
 if ! docker info >/dev/null 2>&1; then started_dockerd=1; fi
-bash "$SHARED/docker/make-base-image.sh" >/tmp/tokentrail-make-base-image.log 2>&1 \
+bash deploy/docker/make-base-image.sh >/tmp/tokentrail-make-base-image.log 2>&1 \
   || { tail -n 30 /tmp/tokentrail-make-base-image.log; exit 1; }
 docker image inspect "$BASE_TAG" >/dev/null 2>&1 || docker tag local/debian:slim "$BASE_TAG"
 
@@ -27,7 +26,7 @@ export TOKENTRAIL_PORT="$PORT"
 compose() { docker compose -p "$PROJECT" -f docker-compose.yml -f deploy/docker-compose.ci.yml "$@"; }
 cleanup() {
   compose down -v --remove-orphans >/dev/null 2>&1 || true
-  if [ "$started_dockerd" = 1 ]; then WORK="$WORK" bash "$SHARED/docker/stop-dockerd.sh" >/dev/null || true; fi
+  if [ "$started_dockerd" = 1 ]; then WORK="$WORK" bash deploy/docker/stop-dockerd.sh >/dev/null || true; fi
 }
 trap cleanup EXIT
 

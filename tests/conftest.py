@@ -1,7 +1,7 @@
 """Fixtures: a fake upstream, the proxy under uvicorn with a real SQLite file, and the real CPU vLLM.
 
-The real vLLM is started once per test session with the kit in ``../shared/vllm`` (or reused from
-``TOKENTRAIL_TEST_VLLM_URL``, as ``.ci/run`` does). Tests that need it carry ``@pytest.mark.vllm``.
+The real vLLM is started once per test session with the project's CPU kit in ``deploy/vllm-cpu/`` (or
+reused from ``TOKENTRAIL_TEST_VLLM_URL``). Tests that need it carry ``@pytest.mark.vllm``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.migrate import upgrade_database
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TOKENTRAIL_SHARED", REPO.parent / "shared"))
-VLLM_KIT = SHARED / "vllm"
+VLLM_KIT = REPO / "deploy" / "vllm-cpu"
 
 
 @dataclass

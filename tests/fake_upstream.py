@@ -1,6 +1,7 @@
 """A fast fake vLLM for the faults a real vLLM cannot be made to show on demand.
 
-It speaks vLLM 0.32's wire format (field order and compact JSON as in ``../shared/vllm/samples``).
+It speaks vLLM 0.32's wire format (field order and compact JSON as in ``tests/vllm_samples/``, which
+``tests/vllm_samples/capture.py`` captures from the real vLLM).
 The ``x-fake`` request header picks a behaviour:
 
 * (none): a normal completion; ``max_tokens`` tokens, ``return_token_ids`` and ``include_usage``
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "vllm" / "samples"
+SAMPLES = Path(__file__).resolve().parent / "vllm_samples"
 PROMPT_IDS = [1, 2673, 205, 63, 1129, 567, 273, 271, 2, 205, 1, 3633, 621, 797, 205]
 
 

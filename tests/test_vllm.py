@@ -1,6 +1,6 @@
 """Against the real CPU vLLM: the client sees exactly what vLLM gives, and the stored IDs are vLLM's.
 
-Every request kind of ``../shared/vllm/samples`` is sent twice, straight to vLLM and through the
+Every request kind of ``tests/vllm_samples`` is sent twice, straight to vLLM and through the
 proxy, in the same run, and the two answers are compared byte for byte (ids and timestamps aside).
 """
 
