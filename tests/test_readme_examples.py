@@ -23,7 +23,15 @@ def examples() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
 
-def run_example(code: str, proxy: Proxy, tmp_path: Path) -> str:
+# Each example runs as written and with a budget of 4 tokens, which every rollout reaches: where the
+# tiny model stops by itself differs between machines, so both endings must be handled and recorded.
+BUDGETS = ["as-written", "budget-4"]
+
+
+def run_example(code: str, proxy: Proxy, tmp_path: Path, budget: str = "as-written") -> str:
+    if budget == "budget-4":
+        assert '"max_tokens": 256' in code
+        code = code.replace('"max_tokens": 256', '"max_tokens": 4')
     script = tmp_path / "example.py"
     script.write_text(code)
     env = dict(os.environ, VLLM_BASE_URL=proxy.url + "/v1", VLLM_MODEL_ID="tiny")
@@ -48,8 +56,9 @@ def _generated(proxy: Proxy, trajectory_id: str) -> list[int]:
     return [len(json.loads(r["token_ids"])) for r in rows]
 
 
-def test_basic_example_records_its_trajectory(vllm_proxy: Proxy, tmp_path: Path) -> None:
-    out = run_example(examples()[0], vllm_proxy, tmp_path)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_basic_example_records_its_trajectory(vllm_proxy: Proxy, tmp_path: Path, budget: str) -> None:
+    out = run_example(examples()[0], vllm_proxy, tmp_path, budget)
     trajectory_id = re.search(r"Trajectory: (\w+)", out).group(1)  # type: ignore[union-attr]
     response_tokens = int(re.search(r"Response tokens: (\d+)", out).group(1))  # type: ignore[union-attr]
     vllm_proxy.wait_records(1)
@@ -57,19 +66,24 @@ def test_basic_example_records_its_trajectory(vllm_proxy: Proxy, tmp_path: Path)
     assert response_tokens > 0
 
 
+@pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("index", [1, 2], ids=["tool-validation", "spans"])
-def test_examples_run_and_are_recorded(vllm_proxy: Proxy, tmp_path: Path, index: int) -> None:
-    run_example(examples()[index], vllm_proxy, tmp_path)
-    vllm_proxy.wait_records(1)
-    (row,) = vllm_proxy.rows("SELECT outcome, integrity FROM llm_calls")
-    assert row == {"outcome": "ok", "integrity": "ok"}
+def test_examples_run_and_are_recorded(vllm_proxy: Proxy, tmp_path: Path, index: int, budget: str) -> None:
+    out = run_example(examples()[index], vllm_proxy, tmp_path, budget)
+    if budget == "budget-4":
+        assert "stopped at max_tokens" in out
+    vllm_proxy.wait_all_records()
+    rows = vllm_proxy.rows("SELECT outcome, integrity FROM llm_calls")
+    assert rows
+    assert all(row == {"outcome": "ok", "integrity": "ok"} for row in rows)
 
 
-def test_loss_mask_example_builds_one_sequence_from_the_recorded_calls(
-    vllm_proxy: Proxy, tmp_path: Path
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_loss_mask_example_masks_exactly_the_recorded_generated_tokens(
+    vllm_proxy: Proxy, tmp_path: Path, budget: str
 ) -> None:
-    out = run_example(examples()[3], vllm_proxy, tmp_path)
-    trajectory_id = re.search(r"Trajectory: (\w+), sequences: 1", out).group(1)  # type: ignore[union-attr]
+    out = run_example(examples()[3], vllm_proxy, tmp_path, budget)
+    trajectory_id = re.search(r"Trajectory: (\w+), sequences: \d+", out).group(1)  # type: ignore[union-attr]
     response_tokens = int(re.search(r"Response tokens: (\d+)", out).group(1))  # type: ignore[union-attr]
     vllm_proxy.wait_all_records()
     assert sum(_generated(vllm_proxy, trajectory_id)) == response_tokens
