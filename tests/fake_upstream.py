@@ -76,6 +76,9 @@ class FakeUpstream:
     cancelled: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     hanging: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     gate: threading.Event = field(default_factory=threading.Event)
+    # what the streamed completions handed to the server so far, and whether one was handed whole
+    streamed_bytes: int = 0
+    stream_finished: threading.Event = field(default_factory=threading.Event)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -143,7 +146,13 @@ class FakeUpstream:
         else:
             await _respond(send, sample.status, sample.content_type.encode(), sample.response)
 
-    async def _complete(self, path: str, body: bytes, mode: str, send: Any, receive: Any) -> None:
+    async def _complete(self, path: str, body: bytes, mode: str, plain_send: Any, receive: Any) -> None:
+        async def send(message: dict[str, Any]) -> None:
+            # uvicorn's send waits while the proxy does not read (flow control), so this counts what
+            # the proxy has been able to take, not what this app would like to send
+            await plain_send(message)
+            self.streamed_bytes += len(message.get("body", b""))
+
         try:
             request = json.loads(body)
             count = int(request.get("max_tokens") or 4)
@@ -244,6 +253,7 @@ class FakeUpstream:
             await _event(send, dict(base, choices=[], usage=usage))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+        self.stream_finished.set()
 
 
 async def _event(send: Any, obj: dict[str, Any]) -> None:

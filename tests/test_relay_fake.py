@@ -310,11 +310,18 @@ def test_a_slow_stream_reader_pauses_the_upstream_and_still_gets_every_byte(
         return more
 
     monkeypatch.setattr(DirectBody, "write", watched)
-    size = 20_000_000
+    size = 40_000_000
     with running_proxy(fake[1], tmp_path) as proxy:
-        sock = _open_request(proxy.url, dict(BODY, stream=True), {"x-fake": f"big:{size}"})
+        # 64 tokens of about 300 KB each: small enough steps for the pause to show
+        sock = _open_request(proxy.url, dict(BODY, stream=True, max_tokens=64), {"x-fake": f"big:{size}"})
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         assert behind.wait(30), "the proxy never saw its client fall behind"
+        # While the client reads nothing, the upstream cannot hand over the whole answer: the relay
+        # stopped reading it (a relay that ignored backpressure would buffer all 40 MB in memory).
+        assert not fake[0].stream_finished.wait(2), "the upstream sent everything to a client that reads nothing"
+        held = fake[0].streamed_bytes
+        print(f"held back: upstream had sent {held} of {size} bytes")
+        assert held < size // 2
         received = bytearray()
         with sock:
             while not received.endswith(b"0\r\n\r\n"):
@@ -328,4 +335,4 @@ def test_a_slow_stream_reader_pauses_the_upstream_and_still_gets_every_byte(
         )
     assert len(received) > size
     assert b"data: [DONE]" in received
-    assert row == {"outcome": "ok", "n": BODY["max_tokens"]}
+    assert row == {"outcome": "ok", "n": 64}
