@@ -57,6 +57,25 @@ def test_streams_take_the_direct_path_only_under_tokentrails_protocol(
                 assert writes == expected, "plain uvicorn must not take the direct path"
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "body"])
+def test_a_client_that_did_not_ask_for_token_ids_gets_the_bytes_vllm_sends_without_the_flag(
+    fake_proxy: Proxy, fake: tuple[FakeUpstream, str], stream: bool
+) -> None:
+    """The proxy adds ``return_token_ids`` upstream; the client must not see what that added (token
+    IDs in every chunk, prompt IDs in the first), while the record keeps them."""
+    body = dict(BODY, stream=stream, stream_options={"include_usage": True}) if stream else BODY
+    direct = httpx.post(fake[1] + CHAT, json=body, timeout=30).content
+    proxied = httpx.post(fake_proxy.url + CHAT, json=body, timeout=30).content
+    assert b'"token_ids":[' in httpx.post(fake[1] + CHAT, json=dict(body, return_token_ids=True)).content
+    assert proxied == direct
+    fake_proxy.wait_records(1)
+    (row,) = fake_proxy.rows(
+        "SELECT c.integrity, d.token_ids FROM llm_calls c JOIN completions d ON d.call_id = c.id"
+    )
+    assert row["integrity"] == "ok"
+    assert json.loads(row["token_ids"]) == [100, 107, 114, 121]
+
+
 def test_passthrough_keeps_method_path_query_body_and_drops_hop_by_hop(fake_proxy: Proxy) -> None:
     response = httpx.request(
         "PUT",
@@ -318,7 +337,9 @@ def test_a_slow_stream_reader_pauses_the_upstream_and_still_gets_every_byte(
         assert behind.wait(30), "the proxy never saw its client fall behind"
         # While the client reads nothing, the upstream cannot hand over the whole answer: the relay
         # stopped reading it (a relay that ignored backpressure would buffer all 40 MB in memory).
-        assert not fake[0].stream_finished.wait(2), "the upstream sent everything to a client that reads nothing"
+        assert not fake[0].stream_finished.wait(2), (
+            "the upstream sent everything to a client that reads nothing"
+        )
         held = fake[0].streamed_bytes
         print(f"held back: upstream had sent {held} of {size} bytes")
         assert held < size // 2

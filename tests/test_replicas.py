@@ -92,12 +92,3 @@ def test_two_proxy_processes_on_one_sqlite_file_keep_seq_gapless_and_unique(
     _two_proxies_keep_seq_gapless(
         fake[1], f"sqlite:///{tmp_path / 'shared.db'}", "two processes on one SQLite file"
     )
-
-
-def test_one_replica_on_sqlite_for_comparison(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:
-    """The same load through one proxy on SQLite, for the throughput ratio in the closing note."""
-    db_url = f"sqlite:///{tmp_path / 'one.db'}"
-    with serve_process(fake[1], db_url) as (_process, proxy, _log):
-        rate = asyncio.run(_load([proxy], 400, 10, 32))
-        _wait_written([proxy], 400)
-    print(f"\none replica on SQLite: {rate:.0f} calls/s")

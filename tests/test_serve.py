@@ -7,13 +7,16 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -74,6 +77,20 @@ def serve_process(
         shutil.rmtree(spool_dir, ignore_errors=True)
 
 
+def _refuses_new_connections(url: str, timeout: float = 10) -> bool:
+    """Whether a new TCP connection to ``url`` is refused within ``timeout`` (uvicorn closes its
+    listening socket right after it logs that it is shutting down)."""
+    parts = urlsplit(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((parts.hostname, parts.port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _wait_for_line(lines: queue.Queue[str], needle: str, timeout: float = 60) -> list[str]:
     seen = []
     while True:
@@ -107,6 +124,7 @@ def test_sigterm_lets_in_flight_calls_finish_and_records_every_accepted_call(
             assert upstream.hanging.acquire(timeout=30), "a call did not reach the upstream"
         process.send_signal(signal.SIGTERM)
         _wait_for_line(log, "Shutting down")
+        assert _refuses_new_connections(proxy), "a draining proxy still accepts connections"
         upstream.gate.set()
         for thread in threads:
             thread.join(60)

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.spool import record_to_line
 from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.engine import make_engine
@@ -186,3 +187,37 @@ def test_sqlite_timestamps_are_the_text_sqlalchemy_would_store(epoch: float) -> 
     assert encoder.time(epoch) == expected
     assert encoder.time(epoch) == expected  # the cached second gives the same text
     assert RowEncoder("postgresql", "format").time(epoch) == datetime.fromtimestamp(epoch, tz=UTC)
+
+
+def test_a_replay_cut_by_a_crash_is_finished_by_the_next_writer_exactly_once(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A ``.replaying`` file left by a crash after part of it reached the database: the next writer
+    replays it, skips the calls the database already holds, and writes the rest once."""
+    upgrade_database(db_url)
+    fallback = tmp_path / "fallback.jsonl"
+    first = _writer(db_url, fallback)
+    records = [_record(first, "crashed") for _ in range(3)]
+    first.start()
+    first.submit(records[0])  # the part of the replay that was written before the crash
+    first.close()
+    first._engine.dispose()
+    lines = [record_to_line(record, "database_unavailable") for record in records]
+    fallback.with_name(fallback.name + ".replaying").write_text("".join(line + "\n" for line in lines))
+
+    second = _writer(db_url, fallback)
+    assert second.spool.pending
+    second.start()
+    second.submit(_record(second, "fresh"))  # a write that works, after which the spool is replayed
+    second.close()
+    second._engine.dispose()
+    assert not second.spool.pending
+    assert not fallback.with_name(fallback.name + ".replaying").exists()
+    assert (second.replayed, second.refused, second.lost) == (2, 0, 0)
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        ids = connection.execute(
+            text("SELECT id FROM llm_calls WHERE trajectory_id = 'crashed' ORDER BY seq")
+        ).scalars()
+        assert sorted(ids) == sorted(record.call_id for record in records)
+    engine.dispose()
