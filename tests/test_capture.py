@@ -218,3 +218,23 @@ def test_every_sample_request_has_its_captured_response() -> None:
         sample = load_sample(name)
         assert sample.status in (200, 400, 404), name
         assert sample.response or sample.path == "/health", name
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("completion_tokens", Integrity.COMPLETION_IDS_MISMATCH),
+        ("prompt_tokens", Integrity.PROMPT_IDS_MISMATCH),
+    ],
+)
+def test_ids_that_disagree_with_vllms_usage_are_flagged(field: str, expected: str) -> None:
+    """A token lost or added on the way (usage counts one more than the IDs) is never judged ok."""
+    sample = load_sample("01_chat_nonstream_token_ids")
+    body = json.loads(sample.response)
+    assert _capture(sample.name)[0].integrity == Integrity.OK
+    body["usage"][field] += 1
+    record = CallRecord("c", "t", sample.path, 0.0)
+    capture = ResponseCapture(record, prepare_request(sample.path, sample.request).ask, chat=True)
+    capture.feed_body(json.dumps(body).encode())
+    capture.finish(True)
+    assert record.integrity == expected
