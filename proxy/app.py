@@ -22,12 +22,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import Engine
 
 from tokentrail.proxy import __version__
-from tokentrail.proxy.api import health, trajectories
+from tokentrail.proxy.api import control, health, trajectories
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
 from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from_environment
 from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
 from tokentrail.proxy.relay.asgi import Relay
+from tokentrail.proxy.rl.loop import RlLoop
 from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
@@ -146,6 +147,7 @@ def create_app(
         writer.start()
         client = upstream_client(settings)
         pool = UpstreamPool(settings.upstreams)
+        rl_loop = RlLoop(pool, client, settings.pause_max_wait_s)
         relay = Relay(
             pool,
             client,
@@ -155,7 +157,9 @@ def create_app(
             max_concurrent_calls=settings.max_concurrent_calls,
             durable=settings.durable,
             client_body_timeout_s=settings.client_body_timeout_s,
+            rl=rl_loop,
         )
+        versions = asyncio.create_task(rl_loop.learn_versions())  # a restarted proxy knows the version
         watcher = (
             asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))
             if len(pool.upstreams) > 1
@@ -170,7 +174,7 @@ def create_app(
             if not await relay.in_flight.wait_idle(_DRAIN_AFTER_SHUTDOWN_S):
                 logger.error("in_flight=<%d> | calls still open at shutdown", relay.in_flight.count)
             app.state.runtime = None
-            for task in (watcher, publisher):
+            for task in (watcher, publisher, versions):
                 if task is not None:
                     task.cancel()
             await client.aclose()
@@ -191,6 +195,7 @@ def create_app(
     )
     api.include_router(health.router)
     api.include_router(trajectories.router)
+    api.include_router(control.router)
     api.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, _internal_error)

@@ -8,6 +8,7 @@
         ├── BadTrajectoryTagsError 400: X-Trajectory-Tags not key=value pairs of the allowed form
         ├── BodyTooLargeError     413: the request body is over TOKENTRAIL_MAX_BODY_BYTES
         ├── TooManyCallsError     503: TOKENTRAIL_MAX_CONCURRENT_CALLS calls are already open
+        ├── PausedTooLongError    503 + Retry-After: held past TOKENTRAIL_PAUSE_MAX_WAIT_S (training pause)
         ├── UpstreamUnreachableError 502: no connection to vLLM
         └── UpstreamTimeoutError  504: vLLM stayed silent past the read timeout
 
@@ -37,6 +38,7 @@ class ProxyRequestError(TokenTrailError):
 
     status_code = 500
     error_type = "InternalServerError"
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # sent besides content-type and content-length
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -76,6 +78,20 @@ class ClientTooSlowError(ProxyRequestError):
 class TooManyCallsError(ProxyRequestError):
     status_code = 503
     error_type = "ServiceUnavailableError"
+
+
+class PausedTooLongError(ProxyRequestError):
+    """A recorded call held at the proxy while training paused the fleet, for longer than allowed."""
+
+    status_code = 503
+    error_type = "ServiceUnavailableError"
+    headers = ((b"retry-after", b"5"),)
+
+    def __init__(self, max_wait_s: float) -> None:
+        super().__init__(
+            f"training paused the model for more than {max_wait_s:g} s "
+            "(TOKENTRAIL_PAUSE_MAX_WAIT_S); retry shortly"
+        )
 
 
 class UpstreamUnreachableError(ProxyRequestError):

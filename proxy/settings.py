@@ -120,6 +120,13 @@ class Settings(BaseSettings):
             "the pass-through routes never do."
         ),
     )
+    pause_max_wait_s: PositiveFloat = Field(
+        600.0,
+        description=(
+            "Seconds a recorded call may wait at the proxy while training has paused the fleet "
+            "(POST /tokentrail/v1/pause); then 503 with Retry-After."
+        ),
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @field_validator("upstream")

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_socket
+from tokentrail.proxy.storage.migrate import head_revision
 
 CLI = [sys.executable, "-m", "tokentrail.proxy.cli"]
 CHAT = "/v1/chat/completions"
@@ -181,8 +182,9 @@ def test_db_upgrade_creates_an_owner_only_file_and_is_idempotent(tmp_path: Path)
     first = _run("db", "upgrade", "--db", f"sqlite:///{path}")
     second = _run("db", "upgrade", "--db", f"sqlite:///{path}")
     assert first.returncode == 0
-    assert "migrated from empty to 0003_upstream" in first.stdout
-    assert "already at 0003_upstream" in second.stdout
+    head = head_revision(f"sqlite:///{path}")
+    assert f"migrated from empty to {head}" in first.stdout
+    assert f"already at {head}" in second.stdout
     assert path.stat().st_mode & 0o777 == 0o600
 
 

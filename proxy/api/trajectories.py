@@ -71,6 +71,7 @@ class TrajectoryOut(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     id_generated: bool = False
+    group_id: str | None = None
 
 
 class TrajectoryPage(BaseModel):
@@ -105,6 +106,12 @@ class CallOut(BaseModel):
     prompt_token_ids: list[int] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    weight_version: str | None = Field(None, description="The policy version vLLM ran the call under.")
+    weight_versions: list[dict[str, Any]] | None = Field(
+        None,
+        description="When the version changed during the call: [{version, start, end}] over its "
+        "generated tokens (start/end null where the boundary is not known).",
+    )
     completions: list[CompletionOut]
 
 

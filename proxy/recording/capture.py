@@ -280,6 +280,10 @@ class ResponseCapture:
                 if isinstance(delta, dict) and delta:
                     _merge_delta(choice.message, delta)
 
+    def generated_so_far(self) -> int:
+        """Tokens generated so far (the longest choice): where a policy version change falls."""
+        return max((len(c.token_ids) for c in self._choices.values()), default=0)
+
     def finish(self, completed: bool) -> None:
         """Put the choices on the record and judge its integrity (only for a finished call)."""
         record = self.record

@@ -23,6 +23,8 @@ class Outcome(enum.StrEnum):
     CLIENT_DISCONNECTED = "client_disconnected"  # the client hung up; the upstream call was cancelled
     PROXY_SHUTDOWN = "proxy_shutdown"  # the grace period after SIGTERM ran out with the call open
     PROXY_ERROR = "proxy_error"  # a bug in the proxy; the client got a 502 without details
+    ABORTED = "aborted"  # vLLM aborted it for a pause (POST /tokentrail/v1/pause?mode=abort)
+    PAUSED = "paused"  # held at the proxy past TOKENTRAIL_PAUSE_MAX_WAIT_S (answered 503, never sent)
 
 
 class Integrity(enum.StrEnum):
@@ -75,6 +77,12 @@ class CallRecord:
     upstream_first_byte_at: float | None = None
     finished_at: float | None = None
     choices: list[ChoiceRecord] = field(default_factory=list)
+    # The RL loop: the trajectory's GRPO group (X-Trajectory-Group), the policy version when vLLM
+    # started the call (X-Policy-Version or the upstream's), and spans over the generated tokens when
+    # the version changed while the call ran: [{"version", "start", "end"}].
+    group_id: str | None = None
+    weight_version: str | None = None
+    weight_versions: list[dict[str, Any]] | None = None
     # Durable mode: called (from the writer thread) once the record is committed (True) or kept in
     # the fallback file (False). Not stored.
     on_stored: Callable[[bool], None] | None = field(default=None, repr=False, compare=False)

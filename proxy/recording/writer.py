@@ -51,8 +51,10 @@ _TRAJECTORY_INSERT = (
         "completion_tokens",
         "id_generated",
         "finished",
+        "group_id",
     ),
 )
+_WEIGHT_VERSION_INSERT = ("weight_versions", ("version", "first_seen_at"))
 # Values that say nothing is wrong (a check that could not be made is not a problem); the
 # trajectory_summary view counts integrity_problems the same way.
 _GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS, Integrity.NO_USAGE})
@@ -410,6 +412,7 @@ class RecordWriter:
                     tagged.setdefault(record.trajectory_id, {}).update(record.tags)
             if tagged:
                 merge_tags(connection, tagged)
+            _note_weight_versions(connection, batch, encoder)
             encoder.insert(connection, LlmCall.__table__, calls)  # type: ignore[attr-defined]
             encoder.insert(connection, Completion.__table__, completions)  # type: ignore[attr-defined]
 
@@ -516,7 +519,23 @@ def _call_row(record: CallRecord, seq: int, encoder: RowEncoder) -> dict[str, An
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "total_tokens": record.total_tokens,
+        "weight_version": record.weight_version,
+        "weight_versions": encoder.json(record.weight_versions),
     }
+
+
+def _note_weight_versions(connection: Any, batch: list[CallRecord], encoder: RowEncoder) -> None:
+    """Add the policy versions this batch saw first to ``weight_versions`` (their order is what
+    staleness is counted in); a version already there keeps its first sighting."""
+    first_seen: dict[str, float] = {}
+    for record in batch:
+        versions = [record.weight_version] + [s["version"] for s in record.weight_versions or []]
+        for version in versions:
+            if version is not None:
+                first_seen[version] = min(first_seen.get(version, record.received_at), record.received_at)
+    if first_seen:
+        rows = [{"version": v, "first_seen_at": encoder.time(at)} for v, at in sorted(first_seen.items())]
+        encoder.insert(connection, _WEIGHT_VERSION_INSERT, rows, suffix="ON CONFLICT (version) DO NOTHING")
 
 
 def _completion_rows(record: CallRecord, encoder: RowEncoder) -> list[dict[str, Any]]:
@@ -548,8 +567,11 @@ def _add_to_trajectory(per_trajectory: dict[str, dict[str, Any]], record: CallRe
             "completion_tokens": 0,
             "id_generated": record.seq is None,
             "finished": False,
+            "group_id": None,
         }
         per_trajectory[record.trajectory_id] = row
+    if record.group_id is not None:
+        row["group_id"] = record.group_id
     row["created_at"] = min(row["created_at"], record.received_at)
     row["updated_at"] = max(row["updated_at"], when)
     row["call_count"] += 1
@@ -577,7 +599,8 @@ def _upsert_trajectories(connection: Any, rows: list[dict[str, Any]], encoder: R
         f"updated_at = {latest}(trajectories.updated_at, excluded.updated_at), "
         "call_count = trajectories.call_count + excluded.call_count, "
         "prompt_tokens = trajectories.prompt_tokens + excluded.prompt_tokens, "
-        "completion_tokens = trajectories.completion_tokens + excluded.completion_tokens"
+        "completion_tokens = trajectories.completion_tokens + excluded.completion_tokens, "
+        "group_id = coalesce(excluded.group_id, trajectories.group_id)"
     )
     for row in rows:
         row["created_at"] = encoder.time(row["created_at"])

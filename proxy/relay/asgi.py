@@ -22,6 +22,7 @@ from tokentrail.proxy import jsonio
 from tokentrail.proxy.errors import (
     BodyTooLargeError,
     ClientTooSlowError,
+    PausedTooLongError,
     ProxyRequestError,
     TooManyCallsError,
     UpstreamTimeoutError,
@@ -41,7 +42,15 @@ from tokentrail.proxy.recording.records import CallRecord, Outcome
 from tokentrail.proxy.recording.telemetry import CallSpans
 from tokentrail.proxy.recording.writer import RecordSink
 from tokentrail.proxy.relay.headers import strip_hop_by_hop, upstream_request_headers
-from tokentrail.proxy.relay.routing import generated_trajectory_id, parse_tags_header, route_path
+from tokentrail.proxy.relay.routing import (
+    RlHeaders,
+    generated_trajectory_id,
+    parse_rl_headers,
+    parse_tags_header,
+    route_path,
+)
+from tokentrail.proxy.rl.loop import RlLoop
+from tokentrail.proxy.rl.weights import RunningCall, is_control_path
 from tokentrail.proxy.server.uvicorn_hooks import RequestHooks, hooks_of
 from tokentrail.proxy.upstream.balancer import Upstream, UpstreamPool
 from tokentrail.proxy.upstream.client import (
@@ -78,6 +87,7 @@ class _CallState:
     upstream: UpstreamResponse | None = None
     target: Upstream | None = None  # the upstream this call uses (or last tried)
     counted: bool = False  # whether target.in_flight counts this call
+    on_target: Callable[[Upstream], None] | None = None  # told which upstream each attempt goes to
     # Durable mode: awaited right before the response's last bytes go out (the flag: the call
     # completed normally); it hands the record to the writer and waits until it is stored.
     before_end: Callable[[bool], Awaitable[None]] | None = None
@@ -97,6 +107,8 @@ class _CallState:
         self.target = upstream
         upstream.in_flight += 1
         self.counted = True
+        if self.on_target is not None:
+            self.on_target(upstream)
 
     def release_target(self) -> None:
         """Lower the in-flight count of the upstream this call used (once)."""
@@ -160,7 +172,9 @@ class Relay:
         max_concurrent_calls: int | None = None,
         durable: bool = False,
         client_body_timeout_s: float = 60.0,
+        rl: RlLoop | None = None,
     ) -> None:
+        self.rl = rl
         self.durable = durable
         self.client_body_timeout_s = client_body_timeout_s
         self.max_body_bytes = max_body_bytes
@@ -193,6 +207,7 @@ class Relay:
         try:
             routed = route_path(raw_path, headers)
             tags = parse_tags_header(headers)
+            rl_headers = parse_rl_headers(headers)
             body = await _read_body(
                 receive, headers, self.max_body_bytes, self.client_body_timeout_s, hooks_of(scope)
             )
@@ -209,7 +224,7 @@ class Relay:
                 )
                 return
             await self._recorded_call(
-                scope, receive, send, routed.trajectory_id, path, body, received_at, tags
+                scope, receive, send, routed.trajectory_id, path, body, received_at, tags, rl_headers
             )
         else:
             await self._passthrough_call(scope, receive, send, routed.raw_path, body, routed.trajectory_id)
@@ -287,12 +302,21 @@ class Relay:
             except UpstreamError as exc:
                 await _send_error(send, _transport_error(exc))
                 return
+            # a control call that changes or tells the policy version: keep its answer to learn it
+            path = raw_path.decode("latin-1")
+            answer: list[bytes] | None = [] if self.rl is not None and is_control_path(path) else None
             try:
                 state.response_started = True
                 await send(_start(upstream.status_code, strip_hop_by_hop(upstream.raw_headers)))
                 async for chunk in upstream.iter_raw():
+                    if answer is not None:
+                        answer.append(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 state.response_done = True
+                if answer is not None and self.rl is not None and state.target is not None:
+                    self.rl.weights.observe(
+                        state.target.url, scope["method"], path, body, upstream.status_code, b"".join(answer)
+                    )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except UpstreamError as exc:
                 logger.warning(
@@ -326,6 +350,7 @@ class Relay:
         body: bytes,
         received_at: float,
         tags: dict[str, str] | None,
+        rl_headers: RlHeaders,
     ) -> None:
         prepared = prepare_request(route, body)
         if trajectory_id is None:
@@ -334,12 +359,26 @@ class Relay:
             ordinal = self.sink.next_ordinal(trajectory_id)
             record = CallRecord(new_id(), trajectory_id, route, received_at, seq=ordinal)
         record.tags = tags
+        record.group_id = rl_headers.group_id
         record.request = prepared.request
         record.model = prepared.model
         record.stream = prepared.ask.stream
         capture = ResponseCapture(record, prepared.ask, chat=route == CHAT_ROUTE)
         state = _CallState()
         sealed = False
+        running: RunningCall | None = None
+        rl = self.rl
+        if rl is not None:
+
+            def sent_to(upstream: Upstream) -> None:
+                nonlocal running
+                if running is not None:
+                    rl.end(running, 0)
+                running = rl.begin(record, upstream.url, rl_headers.policy_version, capture.generated_so_far)
+
+            state.on_target = sent_to
+        elif rl_headers.policy_version is not None:
+            record.weight_version = rl_headers.policy_version
 
         def seal(completed: bool) -> None:
             """Finish the record and hand it to the writer (once)."""
@@ -351,6 +390,8 @@ class Relay:
                 record.upstream = state.target.url
             record.finished_at = time.time()
             capture.finish(completed and record.outcome == Outcome.OK)
+            if running is not None and rl is not None:
+                rl.end(running, capture.generated_so_far())
             self.sink.submit(record)
             if self.spans is not None:
                 self.spans.record(record, scope["headers"])
@@ -382,6 +423,12 @@ class Relay:
         watcher = self._watch(scope, receive, state)
         completed = False
         try:
+            if rl is not None and not await rl.admit():
+                record.outcome = Outcome.PAUSED
+                record.status_code = 503
+                record.error = "held past TOKENTRAIL_PAUSE_MAX_WAIT_S while training was paused"
+                await _send_error(send, PausedTooLongError(rl.pause_max_wait_s))
+                return
             completed = await self._exchange(scope, send, route, body, prepared.body, capture, state)
         except asyncio.CancelledError:
             if _absorb_disconnect(state):
@@ -611,7 +658,8 @@ def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
 
 async def _send_error(send: Any, error: ProxyRequestError) -> None:
     body = error.body()
-    await send(_start(error.status_code, [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]))
+    head = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *error.headers]
+    await send(_start(error.status_code, head))
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

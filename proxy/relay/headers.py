@@ -23,6 +23,8 @@ HOP_BY_HOP = frozenset(
 )
 TRAJECTORY_HEADER = b"x-trajectory-id"
 TAGS_HEADER = b"x-trajectory-tags"
+GROUP_HEADER = b"x-trajectory-group"
+POLICY_VERSION_HEADER = b"x-policy-version"
 OWN_HEADER_PREFIX = b"x-trajectory-"
 
 

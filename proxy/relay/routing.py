@@ -12,7 +12,12 @@ from urllib.parse import unquote_to_bytes
 
 from tokentrail.proxy.errors import BadTrajectoryIdError, BadTrajectoryTagsError
 from tokentrail.proxy.ids import new_id
-from tokentrail.proxy.relay.headers import TAGS_HEADER, TRAJECTORY_HEADER
+from tokentrail.proxy.relay.headers import (
+    GROUP_HEADER,
+    POLICY_VERSION_HEADER,
+    TAGS_HEADER,
+    TRAJECTORY_HEADER,
+)
 
 MAX_TRAJECTORY_ID_LENGTH = 256
 MAX_TAGS = 32
@@ -104,3 +109,23 @@ def parse_tags_header(headers: list[tuple[bytes, bytes]]) -> dict[str, str] | No
             )
         pairs[key.strip()] = value.strip()
     return validate_tags(pairs, "X-Trajectory-Tags")
+
+
+@dataclass(frozen=True, slots=True)
+class RlHeaders:
+    """``X-Trajectory-Group`` (the trajectory's GRPO group) and ``X-Policy-Version`` (the policy
+    version the client says it sampled with), validated like trajectory ids; None when absent."""
+
+    group_id: str | None
+    policy_version: str | None
+
+
+def parse_rl_headers(headers: list[tuple[bytes, bytes]]) -> RlHeaders:
+    group = policy = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == GROUP_HEADER:
+            group = validate_trajectory_id(value, "X-Trajectory-Group")
+        elif lowered == POLICY_VERSION_HEADER:
+            policy = validate_trajectory_id(value, "X-Policy-Version")
+    return RlHeaders(group, policy)

@@ -32,6 +32,7 @@ class Trajectory(SQLModel, table=True):
     finished: bool = False
     finished_at: datetime | None = None
     rewarded_at: datetime | None = None
+    group_id: str | None = Field(default=None, max_length=256, index=True)
 
 
 class LlmCall(SQLModel, table=True):
@@ -65,6 +66,18 @@ class LlmCall(SQLModel, table=True):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    weight_version: str | None = None
+    weight_versions: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class WeightVersionSeen(SQLModel, table=True):
+    """Each policy version the proxy has seen, with when it first saw it: the order of versions,
+    which staleness ("versions behind the newest") is counted in, whatever the versions are called."""
+
+    __tablename__ = "weight_versions"
+
+    version: str = Field(primary_key=True, max_length=256)
+    first_seen_at: datetime
 
 
 class Completion(SQLModel, table=True):

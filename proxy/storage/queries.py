@@ -185,3 +185,23 @@ def finish(connection: Connection, trajectory_id: str) -> None:
         .where(TRAJECTORIES.c.id == trajectory_id)
         .values(finished=True, finished_at=now, updated_at=now)
     )
+
+
+def group_trajectories(connection: Connection, group_id: str) -> list[dict[str, Any]]:
+    """The trajectories of a GRPO group, oldest first."""
+    query = (
+        select(TRAJECTORIES)
+        .where(TRAJECTORIES.c.group_id == group_id)
+        .order_by(TRAJECTORIES.c.created_at, TRAJECTORIES.c.id)
+    )
+    return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def set_group(connection: Connection, trajectory_id: str, group_id: str) -> None:
+    now = datetime.now(UTC)
+    _ensure_trajectory(connection, trajectory_id, now)
+    connection.execute(
+        TRAJECTORIES.update()
+        .where(TRAJECTORIES.c.id == trajectory_id)
+        .values(group_id=group_id, updated_at=now)
+    )
