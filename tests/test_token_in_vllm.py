@@ -20,6 +20,9 @@ import pytest
 
 from tests.conftest import Proxy, running_proxy
 from tests.token_in_helpers import TOOLS, Conversation, Turn, calls_of, chat, converse, one_sequence_problems
+from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.storage.queries import TrajectoryFilter
+from tokentrail.proxy.training.export import export
 
 pytestmark = pytest.mark.vllm
 
@@ -117,6 +120,14 @@ def test_a_tool_loop_is_one_exact_sequence_and_the_tool_call_still_comes_back_pa
     assert [c["drift"] for c in calls_of(token_in_proxy.url, "forced-again")] == ["first", "token_in"]
 
 
+class NullSink:
+    def write(self, sequences: list[Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _body(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {
         "model": "tiny",
@@ -173,6 +184,9 @@ def test_edited_history_falls_back_with_its_reason_and_the_call_goes_on(
     assert [c["token_in_fallback"] for c in calls] == ["first_call", None, "history_edited", "system_changed"]
     assert [c["drift"] for c in calls] == ["first", "token_in", "edited", "edited"]
     assert all(c["outcome"] == "ok" for c in calls)
+    summary = export(make_engine(token_in_proxy.db_url), NullSink(), TrajectoryFilter())
+    assert summary.breaks == {"edited": 2}
+    assert "2 prefix mismatches (edited 2), 0 trajectories as one sequence" in summary.line()
     assert calls[3]["drift_position"] is not None
     assert calls[3]["drift_position"] < 8
 

@@ -8,6 +8,7 @@ sends the whole history again.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ class Turn:
     generated_ids: list[list[int]]  # per choice
     messages: list[dict[str, Any]]  # per choice: the assistant message as the client assembled it
     finish_reasons: list[str | None]
-    status: int = 200
+    seconds: float = 0.0  # from sending the request to the end of the answer
 
 
 @dataclass
@@ -58,6 +59,13 @@ def chat(
 ) -> Turn:
     """One chat call through the proxy (streamed when ``body["stream"]``), as the client sees it."""
     sent = {"X-Trajectory-Id": trajectory_id, **(headers or {})}
+    started = time.perf_counter()
+    turn = _chat(client, base, body, sent)
+    turn.seconds = time.perf_counter() - started
+    return turn
+
+
+def _chat(client: httpx.Client, base: str, body: dict[str, Any], sent: dict[str, str]) -> Turn:
     if not body.get("stream"):
         response = client.post(base + "/v1/chat/completions", json=body, headers=sent)
         response.raise_for_status()
@@ -122,6 +130,7 @@ def converse(
     tool_first: bool = False,
     headers: dict[str, str] | None = None,
     system: str = "You are terse.",
+    extra_body: dict[str, Any] | None = None,
 ) -> Conversation:
     """A multi-turn chat; with ``tool_first`` the first call is a forced tool call and the second
     message after it is the tool's result."""
@@ -136,6 +145,7 @@ def converse(
             "temperature": 0,
             "return_token_ids": True,
             "stream": stream,
+            **(extra_body or {}),
         }
         if tool_first:
             body["tools"] = TOOLS
