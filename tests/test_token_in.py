@@ -4,7 +4,9 @@ SQLite and PostgreSQL, the migration, and the fallbacks against a fake vLLM (a 4
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +179,9 @@ def test_calls_that_do_not_continue_are_first_or_edited() -> None:
     latest = past([USER], REPLY)
     assert classify([1, 2], Reason.FIRST_CALL, None, False) == (Drift.FIRST, None)
     assert classify([1, 2, 9], Reason.HISTORY_EDITED, latest, False) == (Drift.EDITED, 2)
+    # A text completion with a prompt of token IDs: only the IDs can say.
+    assert classify([1, 2, 3, 10, 11, 5], Reason.NOT_CHAT, latest, False) == (Drift.EXTENDS, None)
+    assert classify([1, 2, 4], Reason.NOT_CHAT, latest, False) == (Drift.EDITED, 2)
 
 
 def test_common_prefix() -> None:
@@ -297,6 +302,9 @@ class TokenInFake:
         self.headers: list[dict[str, str]] = []
         self.refuse = False
         self.tokenize_status = 200
+        self.hold_next = False  # the next chat request waits until ``release`` is set
+        self.held = threading.Event()
+        self.release = threading.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -320,6 +328,10 @@ class TokenInFake:
             await _answer(send, 200, {"count": len(tokens), "max_model_len": 99, "tokens": tokens})
             return
         self.chats.append(parsed)
+        if self.hold_next:
+            self.hold_next = False
+            self.held.set()
+            await asyncio.to_thread(self.release.wait, 30)
         self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         kv = parsed.get("kv_transfer_params")
         if kv is not None and self.refuse:
@@ -415,3 +427,72 @@ def test_without_a_refusal_the_ids_are_used_and_the_call_is_token_in(
 def _rows(proxy: Proxy) -> list[dict[str, Any]]:
     proxy.wait_all_records()
     return proxy.rows("SELECT seq, drift, token_in_fallback FROM llm_calls ORDER BY seq")
+
+
+def _post(proxy: Proxy, messages: list[dict[str, Any]], answers: list[Any]) -> None:
+    response = httpx.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "m", "messages": messages},
+        headers={"X-Trajectory-Id": "fake"},
+        timeout=30,
+    )
+    answers.append(response.status_code)
+
+
+def _wait_open_calls(proxy: Proxy, count: int) -> None:
+    token_in = proxy.runtime.relay.token_in
+    assert token_in is not None
+    deadline = time.monotonic() + 30
+    while len(token_in._open) < count:
+        assert time.monotonic() < deadline, "the call did not arrive"
+        time.sleep(0.01)
+
+
+def test_two_open_calls_are_never_built_on_the_same_previous_call(
+    token_in_fake: tuple[TokenInFake, Proxy],
+) -> None:
+    fake, proxy = token_in_fake
+    statuses: list[int] = []
+    _post(proxy, [USER], statuses)
+    follow_up = [USER, {"role": "assistant", "content": "ok"}, USER]
+    fake.hold_next = True
+    first = threading.Thread(target=_post, args=(proxy, follow_up, statuses))
+    first.start()
+    assert fake.held.wait(30)  # the first follow-up, built on call 0, is at vLLM
+    _post(proxy, follow_up, statuses)  # a parallel sub-agent with the same history
+    fake.release.set()
+    first.join(30)
+    assert statuses == [200, 200, 200]
+    assert [("kv_transfer_params" in c) for c in fake.chats] == [False, True, False]
+    assert [r["token_in_fallback"] for r in _rows(proxy)] == ["first_call", None, "concurrent_same_base"]
+
+
+def test_a_call_sent_before_its_predecessor_is_recorded_waits_for_it_and_continues_it(
+    token_in_fake: tuple[TokenInFake, Proxy],
+) -> None:
+    fake, proxy = token_in_fake
+    statuses: list[int] = []
+    _post(proxy, [USER], statuses)
+    second = [USER, {"role": "assistant", "content": "ok"}, USER]
+    fake.hold_next = True
+    held = threading.Thread(target=_post, args=(proxy, second, statuses))
+    held.start()
+    assert fake.held.wait(30)
+    # The client already "has" the second answer and sends the third call while the second is open.
+    third = threading.Thread(
+        target=_post, args=(proxy, [*second, {"role": "assistant", "content": "ok"}, USER], statuses)
+    )
+    third.start()
+    _wait_open_calls(proxy, 2)
+    fake.release.set()
+    held.join(30)
+    third.join(30)
+    assert statuses == [200, 200, 200]
+    second_prompt = fake.chats[1]["kv_transfer_params"]["prompt_token_ids"]
+    assert fake.chats[2]["kv_transfer_params"]["prompt_token_ids"] == [*second_prompt, 300, 301, 2, 50, 7]
+    rows = _rows(proxy)
+    assert [(r["drift"], r["token_in_fallback"]) for r in rows] == [
+        ("first", "first_call"),
+        ("token_in", None),
+        ("token_in", None),
+    ]

@@ -9,6 +9,7 @@ never texts.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from strands.types.exceptions import MaxTokensReachedException
 
 from tests.conftest import Proxy, running_proxy
 from tests.token_in_helpers import TOOLS, Conversation, Turn, calls_of, chat, converse, one_sequence_problems
@@ -287,3 +289,52 @@ def test_the_openai_sdk_sending_back_its_message_objects_gets_one_exact_sequence
             messages.append({"role": "tool", "tool_call_id": call.id, "content": "sunny"})
         messages.append({"role": "user", "content": "And now?"})
     assert_token_in_trajectory(token_in_proxy, Conversation("sdk", turns), text_replies=False)
+
+
+def test_a_strands_agent_with_a_tool_through_tokentrail_client_stays_one_sequence(
+    token_in_proxy: Proxy,
+) -> None:
+    from strands import Agent, tool
+    from strands.hooks import BeforeModelCallEvent
+
+    from tokentrail.client import TokenManager, VLLMModel, VLLMTokenRecorder, trajectory
+
+    @tool
+    def get_weather(city: str = "Paris") -> str:
+        """Get the current weather for a city."""
+        return f"sunny in {city}"
+
+    greedy = {"temperature": 0, "max_tokens": 12}
+    model = VLLMModel(
+        base_url=token_in_proxy.url + "/v1",
+        model_id="tiny",
+        return_token_ids=True,
+        params={**greedy, "max_tokens": 64, "tool_choice": "required"},
+    )
+    calls = {"n": 0}
+
+    def free_after_first(event: BeforeModelCallEvent) -> None:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            model.update_config(params=greedy)
+
+    recorder = VLLMTokenRecorder()
+    agent = Agent(model=model, tools=[get_weather], callback_handler=recorder)
+    agent.hooks.add_callback(BeforeModelCallEvent, free_after_first)
+    with trajectory() as run:
+        for prompt in ("What is the weather in Paris?", "And tomorrow?"):
+            with contextlib.suppress(MaxTokensReachedException):
+                agent(prompt)
+    token_in_proxy.wait_all_records()
+    stored = calls_of(token_in_proxy.url, run.id)
+    assert len(stored) >= 3
+    assert stored[0]["completions"][0]["message"]["tool_calls"]
+    # The recorder saw exactly the IDs that were stored (Strands raises on a reply cut at
+    # max_tokens before its callback, so those calls are not in its history).
+    seen = [(c["prompt_token_ids"], c["completions"][0]["token_ids"]) for c in stored]
+    assert recorder.history
+    assert all((e["prompt_token_ids"], e["token_ids"]) in seen for e in recorder.history)
+    turns = [Turn(prompt, [generated], [{}], [None]) for prompt, generated in seen]
+    manager = TokenManager()
+    assert all(manager.add_turn(t.prompt_ids, t.generated_ids[0]) for t in turns)
+    assert_token_in_trajectory(token_in_proxy, Conversation(run.id, turns), text_replies=False)

@@ -68,7 +68,10 @@ def classify(
         if found == Reason.FIRST_CALL or latest is None:
             return Drift.FIRST, None
         before = [*latest.prompt_ids, *(latest.choices[0].token_ids if latest.choices else ())]
-        return Drift.EDITED, common_prefix(prompt_ids, before)
+        position = common_prefix(prompt_ids, before)
+        if found == Reason.NOT_CHAT and position == len(before):  # a prompt of token IDs: they tell
+            return Drift.EXTENDS, None
+        return Drift.EDITED, position
     previous = found.previous_ids
     position = common_prefix(prompt_ids, previous)
     if position == len(previous):
