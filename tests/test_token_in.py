@@ -18,6 +18,7 @@ from alembic import command
 from sqlalchemy import create_engine, inspect, text
 
 from tests.conftest import Proxy, running_proxy
+from tests.fake_upstream import read_body
 from tests.servers import serve_in_thread
 from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
 from tokentrail.proxy.recording.writer import RecordWriter
@@ -309,13 +310,7 @@ class TokenInFake:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        parsed = json.loads(body)
+        parsed = json.loads(await read_body(receive))
         if scope["path"] == "/tokenize":
             if self.tokenize_status != 200:
                 await _answer(send, self.tokenize_status, {"error": {"message": "no"}})
@@ -448,17 +443,25 @@ def _wait_open_calls(proxy: Proxy, count: int) -> None:
         time.sleep(0.01)
 
 
+def _first_then_held_follow_up(
+    fake: TokenInFake, proxy: Proxy, statuses: list[int]
+) -> tuple[list[dict[str, Any]], threading.Thread]:
+    """Call 0, then its follow-up in a thread, held at the fake vLLM (built on call 0) until released."""
+    _post(proxy, [USER], statuses)
+    follow_up = [USER, {"role": "assistant", "content": "ok"}, USER]
+    fake.hold_next = True
+    thread = threading.Thread(target=_post, args=(proxy, follow_up, statuses))
+    thread.start()
+    assert fake.held.wait(30)
+    return follow_up, thread
+
+
 def test_two_open_calls_are_never_built_on_the_same_previous_call(
     token_in_fake: tuple[TokenInFake, Proxy],
 ) -> None:
     fake, proxy = token_in_fake
     statuses: list[int] = []
-    _post(proxy, [USER], statuses)
-    follow_up = [USER, {"role": "assistant", "content": "ok"}, USER]
-    fake.hold_next = True
-    first = threading.Thread(target=_post, args=(proxy, follow_up, statuses))
-    first.start()
-    assert fake.held.wait(30)  # the first follow-up, built on call 0, is at vLLM
+    follow_up, first = _first_then_held_follow_up(fake, proxy, statuses)
     _post(proxy, follow_up, statuses)  # a parallel sub-agent with the same history
     fake.release.set()
     first.join(30)
@@ -472,12 +475,7 @@ def test_a_call_sent_before_its_predecessor_is_recorded_waits_for_it_and_continu
 ) -> None:
     fake, proxy = token_in_fake
     statuses: list[int] = []
-    _post(proxy, [USER], statuses)
-    second = [USER, {"role": "assistant", "content": "ok"}, USER]
-    fake.hold_next = True
-    held = threading.Thread(target=_post, args=(proxy, second, statuses))
-    held.start()
-    assert fake.held.wait(30)
+    second, held = _first_then_held_follow_up(fake, proxy, statuses)
     # The client already "has" the second answer and sends the third call while the second is open.
     third = threading.Thread(
         target=_post, args=(proxy, [*second, {"role": "assistant", "content": "ok"}, USER], statuses)

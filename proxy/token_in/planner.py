@@ -165,7 +165,12 @@ class TokenIn:
             await self._load(trajectory_id)
         waiting = self._memory.predecessors(trajectory_id, opened)
         if waiting:  # the client may already hold their answers while their records are being made
-            await asyncio.wait([asyncio.ensure_future(o.done.wait()) for o in waiting], timeout=self._wait_s)
+            waits = [asyncio.ensure_future(o.done.wait()) for o in waiting]
+            try:
+                await asyncio.wait(waits, timeout=self._wait_s)
+            finally:
+                for wait in waits:
+                    wait.cancel()
         found = best_continuation(self._memory.calls(trajectory_id), request)
         if suffix_has_reply(found, request):
             await self._load(trajectory_id)
