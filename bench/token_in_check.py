@@ -3,18 +3,21 @@
     python bench/token_in_check.py --upstream http://127.0.0.1:8001
 
 Drives the same multi-turn conversations (plain, streamed, cut at ``max_tokens``, tool loops that
-begin with a forced tool call) through ``tokentrail serve`` twice, without and with
-``TOKENTRAIL_TOKEN_IN``, each run with its own database and its own ``cache_salt`` (so the second run
-does not hit the first one's prefix cache). Prints, per run: trajectories, calls, merged sequences,
-prefix mismatches by cause (the drift of the call where the sequence broke), trajectories that are
-one sequence, vLLM's prefix-cache hit rate over the run (``vllm:prefix_cache_hits_total`` /
-``vllm:prefix_cache_queries_total`` from ``/metrics``), the token-in fallback reasons, the mean and
-median latency of the follow-up calls, and the extra upstream requests (``/tokenize``, re-sends).
+begin with a forced tool call; ``ignore_eos``, so replies have the same length in both modes) through
+two ``tokentrail serve``, without and with ``TOKENTRAIL_TOKEN_IN``, each with its own database and its
+own ``cache_salt`` (no prefix cache shared); each conversation runs in one mode, then in the other.
+
+Prints, per mode: trajectories, calls, merged sequences, prefix mismatches by cause (the drift of the
+call where the sequence broke), trajectories that are one sequence, vLLM's prefix-cache hit rate
+(``vllm:prefix_cache_hits_total`` / ``vllm:prefix_cache_queries_total`` from ``/metrics``, read around
+each conversation), the token-in fallback reasons, the mean and median latency of the follow-up
+calls, the extra ``/tokenize`` requests, and the time those take, replayed alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import subprocess
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +73,7 @@ class Run:
     hit_rate: float = 0.0
     tokenize_requests: float = 0.0
     follow_up_ms: list[float] = field(default_factory=list)
+    renders_ms: list[float] = field(default_factory=list)  # token-in's two /tokenize, timed alone
 
 
 def metrics(upstream: str) -> dict[str, float]:
@@ -86,36 +91,89 @@ def metrics(upstream: str) -> dict[str, float]:
     return found
 
 
-def drive(upstream: str, mode: str, turns: int, tmp: Path) -> Run:
-    run = Run(mode)
-    db_url = f"sqlite:///{tmp / f'{mode}.db'}"
-    port = _free_port()
-    env = tokentrail_env(
-        upstream, db_url, port, tmp / mode, TOKENTRAIL_TOKEN_IN=str(mode == "token-in").lower()
-    )
-    (tmp / mode).mkdir()
-    process = subprocess.Popen(TOKENTRAIL_SERVE, env=env)
-    base = f"http://127.0.0.1:{port}"
+MODES = ("off", "token-in")
+
+
+def drive(upstream: str, turns: int, scale: int, tmp: Path) -> list[Run]:
+    """Both proxies up at once; each conversation runs without, then with token-in, so that both modes
+    see the same minutes of a shared machine. vLLM's counters are read around each conversation."""
+    runs = {mode: Run(mode) for mode in MODES}
+    bases: dict[str, str] = {}
+    processes = []
     try:
-        _wait_http(base + "/tokentrail/health", process)
-        before = metrics(upstream)
-        salt = f"token-in-check-{mode}-{time.time_ns()}"  # no prefix cache shared between runs
+        for mode in MODES:
+            port = _free_port()
+            (tmp / mode).mkdir()
+            env = tokentrail_env(
+                upstream, _db_url(tmp, mode), port, tmp / mode, TOKENTRAIL_TOKEN_IN=str(mode != "off").lower()
+            )
+            processes.append(subprocess.Popen(TOKENTRAIL_SERVE, env=env))
+            bases[mode] = f"http://127.0.0.1:{port}"
+            _wait_http(bases[mode] + "/tokentrail/health", processes[-1])
+        salt = str(time.time_ns())  # a cache salt per mode: no prefix cache shared between them
+        totals: dict[str, Counter[str]] = {mode: Counter() for mode in MODES}
         with httpx.Client(timeout=300) as client:
-            for name, options in CONVERSATIONS:
-                conversation = converse(
-                    client, base, f"{mode}-{name}", turns=turns, extra_body={"cache_salt": salt}, **options
-                )
-                run.follow_up_ms.extend(t.seconds * 1000 for t in conversation.turns[1:])
-        after = metrics(upstream)
+            for name, given in CONVERSATIONS:
+                options = {**given, "max_tokens": given["max_tokens"] * scale}
+                for mode in MODES:
+                    before = metrics(upstream)
+                    conversation = converse(
+                        client,
+                        bases[mode],
+                        f"{mode}-{name}",
+                        turns=turns,
+                        extra_body={"cache_salt": f"{mode}-{salt}", "ignore_eos": True},  # same lengths
+                        **options,
+                    )
+                    totals[mode].update({k: v - before[k] for k, v in metrics(upstream).items()})
+                    runs[mode].follow_up_ms.extend(t.seconds * 1000 for t in conversation.turns[1:])
     finally:
-        process.terminate()
-        process.wait(60)
-    queries_delta = after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"]
-    hits_delta = after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
-    run.hit_rate = hits_delta / queries_delta if queries_delta else 0.0
-    run.tokenize_requests = after["tokenize"] - before["tokenize"]
-    _read_records(run, db_url)
-    return run
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(60)
+    for mode, run in runs.items():
+        queries_total = totals[mode]["vllm:prefix_cache_queries_total"]
+        run.hit_rate = totals[mode]["vllm:prefix_cache_hits_total"] / queries_total if queries_total else 0.0
+        run.tokenize_requests = totals[mode]["tokenize"]
+        _read_records(run, _db_url(tmp, mode))
+    runs["token-in"].renders_ms = time_renders(upstream, _db_url(tmp, "token-in"))
+    return list(runs.values())
+
+
+def _db_url(tmp: Path, mode: str) -> str:
+    return f"sqlite:///{tmp / f'{mode}.db'}"
+
+
+def time_renders(upstream: str, db_url: str) -> list[float]:
+    """Milliseconds for the two /tokenize requests token-in sends (at once) before each follow-up
+    call, replayed on the recorded requests: the latency token-in adds to a call."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            requests = [
+                json.loads(r) if isinstance(r, str) else r
+                for r in connection.execute(
+                    text("SELECT request FROM llm_calls WHERE drift = 'token_in'")
+                ).scalars()
+            ]
+    finally:
+        engine.dispose()
+    timings = []
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(2) as pool:
+        for request in requests:
+            messages = request["messages"]
+            bodies = [
+                {"model": request["model"], "messages": messages[:-1], "add_generation_prompt": False},
+                {"model": request["model"], "messages": messages, "add_generation_prompt": True},
+            ]
+            for body in bodies:
+                if request.get("tools"):
+                    body["tools"] = request["tools"]
+            started = time.perf_counter()
+            list(pool.map(lambda b: client.post(upstream + "/tokenize", json=b).raise_for_status(), bodies))
+            timings.append((time.perf_counter() - started) * 1000)
+    return timings
 
 
 def _read_records(run: Run, db_url: str) -> None:
@@ -161,6 +219,12 @@ def report(runs: list[Run]) -> str:
         )
     for run in runs:
         lines.append(f"{run.mode}: drift {causes(run.drift)}; token-in fallbacks {causes(run.fallbacks)}")
+        if run.renders_ms:
+            lines.append(
+                f"{run.mode}: the two /tokenize requests per continuing call take "
+                f"{statistics.mean(run.renders_ms):.1f} / {statistics.median(run.renders_ms):.1f} ms "
+                f"(mean / median of {len(run.renders_ms)}), sent at once before the call"
+            )
     return "\n".join(lines)
 
 
@@ -168,10 +232,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upstream", required=True, help="the vLLM base URL, e.g. http://127.0.0.1:8001")
     parser.add_argument("--turns", type=int, default=5, help="calls per conversation")
+    parser.add_argument(
+        "--scale", type=int, default=1, help="multiply every max_tokens (longer replies, longer prompts)"
+    )
     args = parser.parse_args()
     upstream = args.upstream.rstrip("/").removesuffix("/v1")
     with tempfile.TemporaryDirectory(prefix="token-in-check-") as tmp:
-        runs = [drive(upstream, mode, args.turns, Path(tmp)) for mode in ("off", "token-in")]
+        runs = drive(upstream, args.turns, args.scale, Path(tmp))
     print(report(runs))
     return 0
 

@@ -152,6 +152,7 @@ def converse(
             if number == 0:
                 body["tool_choice"] = "required"
                 body["max_tokens"] = 64
+                body.pop("ignore_eos", None)  # the forced call must end after its one tool call
         turn = chat(client, base, trajectory_id, body, headers)
         conversation.turns.append(turn)
         reply = turn.messages[0]

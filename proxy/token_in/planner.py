@@ -113,8 +113,6 @@ class TokenIn:
         self._builder = PromptBuilder(client, tokenize_timeout_s)
         self._wait_s = wait_s
         self._open: dict[str, tuple[OpenCall, list[int] | None]] = {}
-        self.built = 0
-        self.fell_back = 0
 
     async def rewrite(
         self, headers: list[tuple[bytes, bytes]], record: CallRecord, body: bytes
@@ -141,13 +139,11 @@ class TokenIn:
         opened, _ = self._open[record.call_id]
         self._open[record.call_id] = (opened, prompt_ids)
         record.token_in = True
-        self.built += 1
         return with_prompt_ids(body, prompt_ids)
 
     def _fall_back(self, record: CallRecord, reason: str) -> None:
         record.token_in = False
         record.token_in_fallback = reason
-        self.fell_back += 1
 
     async def _plan(self, headers: list[tuple[bytes, bytes]], record: CallRecord) -> list[int]:
         request = record.request
@@ -192,7 +188,6 @@ class TokenIn:
     def refused(self, record: CallRecord, status: int) -> None:
         """vLLM answered the token-in body with ``status`` (a 4xx); the call goes on without it."""
         logger.warning("call_id=<%s>, status=<%s> | vLLM refused the token-in prompt", record.call_id, status)
-        self.built -= 1
         self._fall_back(record, Fallback.UPSTREAM_REFUSED)
 
     def finished(self, record: CallRecord) -> None:
