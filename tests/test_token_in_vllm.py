@@ -10,6 +10,8 @@ never texts.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -338,3 +340,28 @@ def test_a_strands_agent_with_a_tool_through_tokentrail_client_stays_one_sequenc
     manager = TokenManager()
     assert all(manager.add_turn(t.prompt_ids, t.generated_ids[0]) for t in turns)
     assert_token_in_trajectory(token_in_proxy, Conversation(run.id, turns), text_replies=False)
+
+
+def test_the_token_in_check_script_runs_and_token_in_makes_every_trajectory_one_sequence(
+    vllm_url: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/token_in_check.py", "--upstream", vllm_url, "--turns", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in done.stdout.splitlines()
+        if line.startswith("| ")
+    }
+    token_in = rows["token-in"]
+    assert token_in[4].strip() == "10"  # merged sequences: one per trajectory
+    assert token_in[5].strip() == "10/10"
+    assert token_in[6].strip() == "0 (-)"
+    assert int(rows["off"][3]) == int(token_in[3]) == 20  # the same calls in both modes
+    assert "token-in fallbacks first_call 10" in done.stdout
