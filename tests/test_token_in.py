@@ -16,6 +16,7 @@ import httpx
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import OperationalError
 
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import read_body
@@ -24,6 +25,7 @@ from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integri
 from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import alembic_config, upgrade_database
+from tokentrail.proxy.token_in import planner
 from tokentrail.proxy.token_in.drift import Drift, classify, common_prefix
 from tokentrail.proxy.token_in.messages import (
     Continuation,
@@ -494,3 +496,18 @@ def test_a_call_sent_before_its_predecessor_is_recorded_waits_for_it_and_continu
         ("token_in", None),
         ("token_in", None),
     ]
+
+
+def test_a_database_that_cannot_be_read_falls_back_and_the_call_goes_on(
+    token_in_fake: tuple[TokenInFake, Proxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, proxy = token_in_fake
+
+    def unreadable(*args: Any) -> Any:
+        raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(planner, "load_recent_calls", unreadable)
+    _two_calls(proxy.url)  # a new trajectory: its first call already reads the database
+    # The second call continues the first, which this proxy relayed: memory suffices.
+    assert [("kv_transfer_params" in c) for c in fake.chats] == [False, True]
+    assert [r["token_in_fallback"] for r in _rows(proxy)] == ["database_error", None]

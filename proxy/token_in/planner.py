@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.capture import CHAT_ROUTE
@@ -54,6 +55,7 @@ class Fallback:
     CONCURRENT = "concurrent_same_base"  # another open call is built on the same previous call
     UPSTREAM_REFUSED = "upstream_refused"  # vLLM answered the token-in request with a 4xx
     UPSTREAM_IGNORED = "upstream_ignored_ids"  # vLLM's prompt IDs are not the ones sent
+    DATABASE_ERROR = "database_error"  # the trajectory's previous calls could not be read
     PROXY_ERROR = "proxy_error"
 
 
@@ -183,7 +185,11 @@ class TokenIn:
             with self._engine.connect() as connection:
                 return load_recent_calls(connection, trajectory_id, CALLS_PER_TRAJECTORY)
 
-        self._memory.merge_loaded(trajectory_id, await asyncio.to_thread(read))
+        try:
+            loaded = await asyncio.to_thread(read)
+        except SQLAlchemyError as exc:
+            raise BuildFailed(Fallback.DATABASE_ERROR, type(exc).__name__) from exc
+        self._memory.merge_loaded(trajectory_id, loaded)
 
     def refused(self, record: CallRecord, status: int) -> None:
         """vLLM answered the token-in body with ``status`` (a 4xx); the call goes on without it."""
