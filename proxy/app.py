@@ -31,6 +31,7 @@ from tokentrail.proxy.relay.asgi import Relay
 from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.token_in.planner import TokenIn
 from tokentrail.proxy.upstream.balancer import UpstreamPool
 from tokentrail.proxy.upstream.client import UpstreamClient
 
@@ -146,6 +147,15 @@ def create_app(
         writer.start()
         client = upstream_client(settings)
         pool = UpstreamPool(settings.upstreams)
+        token_in = TokenIn(
+            enabled=settings.token_in,
+            engine=engine,
+            client=client,
+            upstream_of=lambda trajectory_id: pool.pick(trajectory_id).url,
+            memory_trajectories=settings.token_in_memory_trajectories,
+            wait_s=settings.token_in_wait_s,
+            tokenize_timeout_s=settings.token_in_tokenize_timeout_s,
+        )
         relay = Relay(
             pool,
             client,
@@ -155,6 +165,7 @@ def create_app(
             max_concurrent_calls=settings.max_concurrent_calls,
             durable=settings.durable,
             client_body_timeout_s=settings.client_body_timeout_s,
+            token_in=token_in,
         )
         watcher = (
             asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))

@@ -181,8 +181,8 @@ def test_db_upgrade_creates_an_owner_only_file_and_is_idempotent(tmp_path: Path)
     first = _run("db", "upgrade", "--db", f"sqlite:///{path}")
     second = _run("db", "upgrade", "--db", f"sqlite:///{path}")
     assert first.returncode == 0
-    assert "migrated from empty to 0003_upstream" in first.stdout
-    assert "already at 0003_upstream" in second.stdout
+    assert "migrated from empty to 0004_drift" in first.stdout
+    assert "already at 0004_drift" in second.stdout
     assert path.stat().st_mode & 0o777 == 0o600
 
 

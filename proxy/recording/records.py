@@ -75,6 +75,12 @@ class CallRecord:
     upstream_first_byte_at: float | None = None
     finished_at: float | None = None
     choices: list[ChoiceRecord] = field(default_factory=list)
+    # Token-in (proxy/token_in/): the proxy sent the prompt IDs, or why it did not (None: off).
+    token_in: bool = False
+    token_in_fallback: str | None = None
+    # How the prompt relates to the trajectory's previous call; set by the writer (token_in/drift.py).
+    drift: str | None = None
+    drift_position: int | None = None
     # Durable mode: called (from the writer thread) once the record is committed (True) or kept in
     # the fallback file (False). Not stored.
     on_stored: Callable[[bool], None] | None = field(default=None, repr=False, compare=False)

@@ -65,6 +65,10 @@ class LlmCall(SQLModel, table=True):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    # How the prompt relates to the trajectory's previous call (proxy/token_in/drift.py).
+    drift: str | None = None
+    drift_position: int | None = None
+    token_in_fallback: str | None = None  # why token-in did not build this prompt (NULL: built, or off)
 
 
 class Completion(SQLModel, table=True):
