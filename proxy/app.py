@@ -32,6 +32,7 @@ from tokentrail.proxy.rl.loop import RlLoop
 from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.token_in.planner import TokenIn
 from tokentrail.proxy.upstream.balancer import UpstreamPool
 from tokentrail.proxy.upstream.client import UpstreamClient
 
@@ -148,6 +149,15 @@ def create_app(
         client = upstream_client(settings)
         pool = UpstreamPool(settings.upstreams)
         rl_loop = RlLoop(pool, client, settings.pause_max_wait_s)
+        token_in = TokenIn(
+            enabled=settings.token_in,
+            engine=engine,
+            client=client,
+            upstream_of=lambda trajectory_id: pool.pick(trajectory_id).url,
+            memory_trajectories=settings.token_in_memory_trajectories,
+            wait_s=settings.token_in_wait_s,
+            tokenize_timeout_s=settings.token_in_tokenize_timeout_s,
+        )
         relay = Relay(
             pool,
             client,
@@ -158,6 +168,7 @@ def create_app(
             durable=settings.durable,
             client_body_timeout_s=settings.client_body_timeout_s,
             rl=rl_loop,
+            token_in=token_in,
         )
         versions = asyncio.create_task(rl_loop.learn_versions())  # a restarted proxy knows the version
         watcher = (

@@ -36,7 +36,7 @@ logger = logging.getLogger("tokentrail")
 
 _CELL_WIDTH = 80
 # Command-line options that override the TOKENTRAIL_* variable of the same name.
-_SETTING_OPTIONS = ("upstream", "db", "host", "port", "workers")
+_SETTING_OPTIONS = ("upstream", "db", "host", "port", "workers", "token_in")
 
 
 def _settings_help() -> str:
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         help="proxy processes on the port, one core each [TOKENTRAIL_WORKERS, default 1]",
+    )
+    serve.add_argument(
+        "--token-in",
+        action="store_true",
+        default=None,
+        help="send continuing chat calls with their trajectory's exact token IDs [TOKENTRAIL_TOKEN_IN]",
     )
     serve.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)  # both set by the supervisor
     serve.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)

@@ -127,6 +127,32 @@ class Settings(BaseSettings):
             "(POST /tokentrail/v1/pause); then 503 with Retry-After."
         ),
     )
+    token_in: bool = Field(
+        False,
+        description=(
+            "Token-in: a chat call that continues the previous call of its trajectory is sent to vLLM "
+            "with that call's exact prompt + generated token IDs (kv_transfer_params.prompt_token_ids), "
+            "so the trajectory stays one exact training sequence; a request header "
+            "'X-TokenTrail-Token-In: true|false' decides per call."
+        ),
+    )
+    token_in_memory_trajectories: PositiveInt = Field(
+        10_000,
+        description=(
+            "Token-in: trajectories whose recent calls are kept in memory (the others are read from "
+            "the database)."
+        ),
+    )
+    token_in_wait_s: PositiveFloat = Field(
+        5.0,
+        description=(
+            "Token-in: seconds a call waits for the still-open call it continues to be recorded "
+            "(the client may send it the moment it has the answer)."
+        ),
+    )
+    token_in_tokenize_timeout_s: PositiveFloat = Field(
+        10.0, description="Token-in: seconds for vLLM's /tokenize to answer; then the call falls back."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @field_validator("upstream")

@@ -55,6 +55,16 @@ def load_sample(name: str) -> Sample:
     return Sample(name, method, path, request.rstrip(b"\n"), int(status), content_type, response)
 
 
+async def read_body(receive: Any) -> bytes:
+    """A request's whole body, as an ASGI app receives it."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def sample_names() -> list[str]:
     return sorted(p.stem for p in SAMPLES.glob("[0-9]*.txt"))
 
@@ -87,12 +97,7 @@ class FakeUpstream:
                 await send({"type": message["type"] + ".complete"})
                 if message["type"] == "lifespan.shutdown":
                     return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
         self.requests.append({"path": scope["path"], "headers": headers, "body": body})
         mode = headers.get("x-fake", "")

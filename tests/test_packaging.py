@@ -66,7 +66,7 @@ def test_wheel_installs_and_runs_its_migrations_from_another_folder(tmp_path: Pa
         check=False,
     )
     assert upgrade.returncode == 0, upgrade.stderr
-    assert "0003_upstream" in upgrade.stdout
+    assert "0004_drift" in upgrade.stdout
 
 
 def test_bare_proxy_package_is_not_importable() -> None:

@@ -112,6 +112,19 @@ class CallOut(BaseModel):
         description="When the version changed during the call: [{version, start, end}] over its "
         "generated tokens (start/end null where the boundary is not known).",
     )
+    drift: str | None = Field(
+        None,
+        description=(
+            "How the prompt relates to the trajectory's previous call: first, extends, token_in, "
+            "retokenized, template or edited."
+        ),
+    )
+    drift_position: int | None = Field(
+        None, description="First prompt token that differs from the previous call's prompt + generated IDs."
+    )
+    token_in_fallback: str | None = Field(
+        None, description="Why token-in did not build this call's prompt (null: it did, or it was off)."
+    )
     completions: list[CompletionOut]
 
 

@@ -83,6 +83,12 @@ class CallRecord:
     group_id: str | None = None
     weight_version: str | None = None
     weight_versions: list[dict[str, Any]] | None = None
+    # Token-in (proxy/token_in/): the proxy sent the prompt IDs, or why it did not (None: off).
+    token_in: bool = False
+    token_in_fallback: str | None = None
+    # How the prompt relates to the trajectory's previous call; set by the writer (token_in/drift.py).
+    drift: str | None = None
+    drift_position: int | None = None
     # Durable mode: called (from the writer thread) once the record is committed (True) or kept in
     # the fallback file (False). Not stored.
     on_stored: Callable[[bool], None] | None = field(default=None, repr=False, compare=False)

@@ -32,6 +32,7 @@ from tokentrail.proxy.recording.records import CallRecord, Integrity
 from tokentrail.proxy.recording.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
+from tokentrail.proxy.token_in.drift import DriftJudge
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class RecordWriter:
         self._skipped: set[tuple[str, int]] = set()  # ordinals that went to the fallback file
         self._skipped_lock = threading.Lock()
         self._row_encoder: RowEncoder | None = None  # made on first write, for the engine's dialect
+        self._drift = DriftJudge()  # writer thread only
         self._thread = threading.Thread(target=self._run, name="tokentrail-writer", daemon=True)
         self._progress = threading.Condition()
         self.submitted = 0
@@ -309,6 +311,7 @@ class RecordWriter:
                 ).scalars()
             )
         todo = [(record, line) for record, line in chunk if record.call_id not in present]
+        self._drift.forget({record.trajectory_id for record, _line in todo})
         for record, _line in todo:
             if record.seq is not None:
                 record.seq = 0  # a named trajectory: numbered after what the database holds
@@ -396,16 +399,17 @@ class RecordWriter:
             # The upsert locks the trajectories' rows until commit (see the module docstring).
             _upsert_trajectories(connection, list(per_trajectory.values()), encoder)
             next_seq = _next_seqs(connection, {r.trajectory_id for r in batch if r.seq is not None}, encoder)
-            calls: list[dict[str, Any]] = []
-            completions: list[dict[str, Any]] = []
+            numbered: list[tuple[CallRecord, int]] = []
             for record in batch:
                 if record.seq is None:
                     seq = 0
                 else:
                     seq = next_seq[record.trajectory_id]
                     next_seq[record.trajectory_id] = seq + 1
-                calls.append(_call_row(record, seq, encoder))
-                completions.extend(_completion_rows(record, encoder))
+                numbered.append((record, seq))
+            judged = self._drift.judge(connection, numbered)
+            calls = [_call_row(record, seq, encoder) for record, seq in numbered]
+            completions = [row for record in batch for row in _completion_rows(record, encoder)]
             tagged: dict[str, dict[str, str]] = {}
             for record in batch:
                 if record.tags:
@@ -415,6 +419,7 @@ class RecordWriter:
             _note_weight_versions(connection, batch, encoder)
             encoder.insert(connection, LlmCall.__table__, calls)  # type: ignore[attr-defined]
             encoder.insert(connection, Completion.__table__, completions)  # type: ignore[attr-defined]
+        self._drift.remember(judged)  # committed
 
     def _encoder(self, connection: Any) -> RowEncoder:
         if self._row_encoder is None:
@@ -521,6 +526,9 @@ def _call_row(record: CallRecord, seq: int, encoder: RowEncoder) -> dict[str, An
         "total_tokens": record.total_tokens,
         "weight_version": record.weight_version,
         "weight_versions": encoder.json(record.weight_versions),
+        "drift": record.drift,
+        "drift_position": record.drift_position,
+        "token_in_fallback": record.token_in_fallback,
     }
 
 

@@ -52,6 +52,7 @@ from tokentrail.proxy.relay.routing import (
 from tokentrail.proxy.rl.loop import RlLoop
 from tokentrail.proxy.rl.weights import RunningCall, is_control_path
 from tokentrail.proxy.server.uvicorn_hooks import RequestHooks, hooks_of
+from tokentrail.proxy.token_in.planner import TokenIn
 from tokentrail.proxy.upstream.balancer import Upstream, UpstreamPool
 from tokentrail.proxy.upstream.client import (
     UpstreamClient,
@@ -173,8 +174,10 @@ class Relay:
         durable: bool = False,
         client_body_timeout_s: float = 60.0,
         rl: RlLoop | None = None,
+        token_in: TokenIn | None = None,
     ) -> None:
         self.rl = rl
+        self.token_in = token_in
         self.durable = durable
         self.client_body_timeout_s = client_body_timeout_s
         self.max_body_bytes = max_body_bytes
@@ -392,6 +395,8 @@ class Relay:
             capture.finish(completed and record.outcome == Outcome.OK)
             if running is not None and rl is not None:
                 rl.end(running, capture.generated_so_far())
+            if self.token_in is not None:  # token-in: keep the call for its trajectory's next one
+                self.token_in.finished(record)
             self.sink.submit(record)
             if self.spans is not None:
                 self.spans.record(record, scope["headers"])
@@ -468,6 +473,24 @@ class Relay:
         state.upstream = response
         return response
 
+    async def _open_token_in(
+        self, scope: Scope, route: str, body: bytes, record: CallRecord, state: _CallState
+    ) -> UpstreamResponse | None:
+        """Token-in (``proxy/token_in/``): send the body with the trajectory's exact prompt IDs when
+        the call continues it; None when it does not, or when vLLM refused that body (4xx: refused
+        before running, so the caller sends its own body once)."""
+        if self.token_in is None:
+            return None
+        rewritten = await self.token_in.rewrite(scope["headers"], record, body)
+        if rewritten is None:
+            return None
+        upstream = await self._open_upstream(scope, route, rewritten, record, state, body_changed=True)
+        if 400 <= upstream.status_code < 500:
+            await upstream.aclose()
+            self.token_in.refused(record, upstream.status_code)
+            return None
+        return upstream
+
     async def _exchange(
         self,
         scope: Scope,
@@ -487,7 +510,9 @@ class Relay:
         record = capture.record
         changed = body is not original
         try:
-            upstream = await self._open_upstream(scope, route, body, record, state, body_changed=changed)
+            upstream = await self._open_token_in(scope, route, body, record, state)
+            if upstream is None:
+                upstream = await self._open_upstream(scope, route, body, record, state, body_changed=changed)
             if changed and upstream.status_code in _VALIDATION_STATUSES:
                 await upstream.aclose()
                 upstream = await self._open_upstream(

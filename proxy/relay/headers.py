@@ -25,7 +25,7 @@ TRAJECTORY_HEADER = b"x-trajectory-id"
 TAGS_HEADER = b"x-trajectory-tags"
 GROUP_HEADER = b"x-trajectory-group"
 POLICY_VERSION_HEADER = b"x-policy-version"
-OWN_HEADER_PREFIX = b"x-trajectory-"
+OWN_HEADER_PREFIXES = (b"x-trajectory-", b"x-tokentrail-")  # TokenTrail's own: never forwarded
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -54,7 +54,8 @@ def strip_hop_by_hop(
 def upstream_request_headers(
     headers: Iterable[tuple[bytes, bytes]], *, recorded: bool, body_changed: bool
 ) -> list[tuple[bytes, bytes]]:
-    """The client's headers as vLLM should get them: no hop-by-hop, no Host, no X-Trajectory-*.
+    """The client's headers as vLLM should get them: no hop-by-hop, no Host, no X-Trajectory-* or
+    X-TokenTrail-*.
 
     On recorded routes the proxy reads the response, so it asks for identity encoding, and when it
     rewrote the body the length is left for the upstream client to set.
@@ -67,7 +68,7 @@ def upstream_request_headers(
     kept = [
         (name, value)
         for name, value in strip_hop_by_hop(headers, frozenset(drop))
-        if not name.startswith(OWN_HEADER_PREFIX)
+        if not name.startswith(OWN_HEADER_PREFIXES)
     ]
     if recorded:
         kept.append((b"accept-encoding", b"identity"))

@@ -69,6 +69,11 @@ class LlmCall(SQLModel, table=True):
     weight_version: str | None = None
     weight_versions: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
+    # How the prompt relates to the trajectory's previous call (proxy/token_in/drift.py).
+    drift: str | None = None
+    drift_position: int | None = None
+    token_in_fallback: str | None = None  # why token-in did not build this prompt (NULL: built, or off)
+
 
 class WeightVersionSeen(SQLModel, table=True):
     """Each policy version the proxy has seen, with when it first saw it: the order of versions,

@@ -143,6 +143,15 @@ def load_call_tokens(connection: Connection, trajectory_ids: Iterable[str]) -> d
     return result
 
 
+def drift_of_calls(connection: Connection, call_ids: list[str]) -> list[str]:
+    """The drift of each of these calls ("unknown" where it was not judged)."""
+    drifts: list[str] = []
+    for start in range(0, len(call_ids), 500):
+        rows = connection.execute(select(CALLS.c.drift).where(CALLS.c.id.in_(call_ids[start : start + 500])))
+        drifts.extend(drift or "unknown" for (drift,) in rows)
+    return drifts
+
+
 def _ensure_trajectory(connection: Connection, trajectory_id: str, now: datetime) -> None:
     """Create the trajectory row if it is not there yet (a reward may come before the writer's batch)."""
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite

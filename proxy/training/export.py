@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,12 +32,16 @@ class ExportSummary:
     generated_tokens: int = 0
     prefix_mismatches: int = 0
     seconds: float = 0.0
+    one_sequence: int = 0  # trajectories whose calls all merged into one sequence without a break
+    breaks: Counter[str] = field(default_factory=Counter)  # prefix mismatches by the call's drift
 
     def line(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
+        causes = ", ".join(f"{cause} {count}" for cause, count in sorted(self.breaks.items()))
         return (
             f"{self.trajectories} trajectories, {self.sequences} sequences, {self.tokens} tokens "
-            f"({self.generated_tokens} generated), {self.prefix_mismatches} prefix mismatches, "
+            f"({self.generated_tokens} generated), {self.prefix_mismatches} prefix mismatches"
+            f"{f' ({causes})' if causes else ''}, {self.one_sequence} trajectories as one sequence, "
             f"{self.seconds:.1f} s ({rate:,.0f} tokens/s)"
         )
 
@@ -142,10 +147,17 @@ def export(
             with engine.connect() as connection:
                 calls = queries.load_call_tokens(connection, [r["id"] for r in rows])
             out: list[TrainingSequence] = []
+            broken: list[str] = []
             for row in rows:
                 built = build_sequences(row["id"], calls[row["id"]], row["reward"], mode)
                 out.extend(built.sequences)
                 summary.prefix_mismatches += len(built.mismatches)
+                broken.extend(m.call_id for m in built.mismatches)
+                if len(built.sequences) == 1 and not built.mismatches and mode is SequenceMode.MERGED:
+                    summary.one_sequence += 1
+            if broken:
+                with engine.connect() as connection:
+                    summary.breaks.update(queries.drift_of_calls(connection, broken))
             sink.write(out)
             summary.trajectories += len(rows)
             summary.sequences += len(out)

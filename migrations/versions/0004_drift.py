@@ -1,17 +1,24 @@
-"""The RL loop: each call's policy version (and spans when it changed mid-call), the versions seen in
-order, and trajectory groups (GRPO); the turns and trajectory_summary views show them.
+"""Drift diagnosis and token-in per call; the views show them.
 
-Revision ID: 0004_rl_loop
+``llm_calls.drift`` (first, extends, token_in, retokenized, template, edited), ``drift_position``
+(the first prompt token that differs from the previous call's prompt + generated IDs) and
+``token_in_fallback`` (why token-in did not build the prompt). ``turns`` gains the three;
+``trajectory_summary`` gains the counts of token-in calls and of breaks by cause, and
+``one_sequence``: the trajectory's finished calls form one exact training sequence.
+
+Revision ID: 0004_drift
 Revises: 0003_upstream
 Create Date: 2026-12-03
 """
 
 from __future__ import annotations
 
+import importlib
+
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_rl_loop"
+revision = "0004_drift"
 down_revision = "0003_upstream"
 branch_labels = None
 depends_on = None
@@ -32,7 +39,9 @@ SELECT
     d.finish_reason AS finish_reason,
     c.latency_ms AS latency_ms,
     c.received_at AS received_at,
-    c.weight_version AS weight_version
+    c.drift AS drift,
+    c.drift_position AS drift_position,
+    c.token_in_fallback AS token_in_fallback
 FROM llm_calls c
 LEFT JOIN completions d ON d.call_id = c.id
 """
@@ -54,9 +63,12 @@ SELECT
     coalesce(c.upstream_failed_calls, 0) AS upstream_failed_calls,
     coalesce(c.disconnected_calls, 0) AS disconnected_calls,
     coalesce(c.integrity_problems, 0) AS integrity_problems,
-    t.group_id AS group_id,
-    coalesce(c.weight_versions_seen, 0) AS weight_versions_seen,
-    coalesce(c.aborted_calls, 0) AS aborted_calls
+    coalesce(c.token_in_calls, 0) AS token_in_calls,
+    coalesce(c.retokenized_breaks, 0) AS retokenized_breaks,
+    coalesce(c.template_breaks, 0) AS template_breaks,
+    coalesce(c.edited_breaks, 0) AS edited_breaks,
+    CASE WHEN coalesce(c.ok_calls, 0) > 0 AND coalesce(c.sequence_breaks, 0) = 0
+        THEN 1 ELSE 0 END AS one_sequence
 FROM trajectories t
 LEFT JOIN (
     SELECT
@@ -73,8 +85,12 @@ LEFT JOIN (
         sum(CASE WHEN outcome = 'client_disconnected' THEN 1 ELSE 0 END) AS disconnected_calls,
         sum(CASE WHEN integrity NOT IN ('ok', 'not_checked', 'no_usage', 'no_token_ids')
             THEN 1 ELSE 0 END) AS integrity_problems,
-        count(DISTINCT weight_version) AS weight_versions_seen,
-        sum(CASE WHEN outcome = 'aborted' THEN 1 ELSE 0 END) AS aborted_calls
+        sum(CASE WHEN drift = 'token_in' THEN 1 ELSE 0 END) AS token_in_calls,
+        sum(CASE WHEN outcome = 'ok' AND drift = 'retokenized' THEN 1 ELSE 0 END) AS retokenized_breaks,
+        sum(CASE WHEN outcome = 'ok' AND drift = 'template' THEN 1 ELSE 0 END) AS template_breaks,
+        sum(CASE WHEN outcome = 'ok' AND drift = 'edited' THEN 1 ELSE 0 END) AS edited_breaks,
+        sum(CASE WHEN outcome = 'ok' AND drift IN ('retokenized', 'template', 'edited')
+            THEN 1 ELSE 0 END) AS sequence_breaks
     FROM llm_calls
     GROUP BY trajectory_id
 ) c ON c.trajectory_id = t.id
@@ -82,35 +98,23 @@ LEFT JOIN (
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("llm_calls") as batch:
+        batch.add_column(sa.Column("drift", sa.String(), nullable=True))
+        batch.add_column(sa.Column("drift_position", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("token_in_fallback", sa.String(), nullable=True))
     op.execute("DROP VIEW trajectory_summary")
     op.execute("DROP VIEW turns")
-    with op.batch_alter_table("llm_calls") as batch:
-        batch.add_column(sa.Column("weight_version", sa.String(), nullable=True))
-        batch.add_column(sa.Column("weight_versions", sa.JSON(), nullable=True))
-    with op.batch_alter_table("trajectories") as batch:
-        batch.add_column(sa.Column("group_id", sa.String(length=256), nullable=True))
-    op.create_index("ix_trajectories_group_id", "trajectories", ["group_id"])
-    op.create_table(
-        "weight_versions",
-        sa.Column("version", sa.String(length=256), primary_key=True),
-        sa.Column("first_seen_at", sa.DateTime(), nullable=False),
-    )
     op.execute(TURNS)
     op.execute(TRAJECTORY_SUMMARY)
 
 
 def downgrade() -> None:
-    from importlib import import_module
-
-    previous = import_module("tokentrail.migrations.versions.0002_trainers")
+    views = importlib.import_module("tokentrail.migrations.versions.0002_trainers")
     op.execute("DROP VIEW trajectory_summary")
     op.execute("DROP VIEW turns")
-    op.drop_table("weight_versions")
-    op.drop_index("ix_trajectories_group_id", table_name="trajectories")
-    with op.batch_alter_table("trajectories") as batch:
-        batch.drop_column("group_id")
     with op.batch_alter_table("llm_calls") as batch:
-        batch.drop_column("weight_versions")
-        batch.drop_column("weight_version")
-    op.execute(previous.TURNS)
-    op.execute(previous.TRAJECTORY_SUMMARY)
+        batch.drop_column("token_in_fallback")
+        batch.drop_column("drift_position")
+        batch.drop_column("drift")
+    op.execute(views.TURNS)
+    op.execute(views.TRAJECTORY_SUMMARY)

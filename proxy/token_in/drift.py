@@ -1,0 +1,180 @@
+"""Drift: how a call's prompt IDs relate to the previous call of its trajectory, for every call.
+
+Decided by the writer thread when it writes a record (``llm_calls.drift``, ``drift_position``):
+
+* ``first``: the trajectory has no earlier finished call.
+* ``extends``: the messages continue an earlier call and the prompt IDs start with that call's prompt
+  + generated IDs: one exact training sequence goes on.
+* ``token_in``: the same, with the prompt IDs built by the proxy (token-in mode).
+* ``retokenized``: the messages continue, but the prompt differs inside the previous generated
+  tokens (the reply re-encoded from text, an end-of-turn token the model never sampled).
+* ``template``: the messages continue, but the prompt differs inside the previous prompt (the chat
+  template renders earlier turns differently once the conversation goes on).
+* ``edited``: the messages do not continue any recent call (history edited or trimmed, system prompt
+  or tools changed).
+
+``drift_position`` is the index of the first prompt token that differs from the previous prompt +
+generated IDs (NULL for ``first``, ``extends`` and ``token_in``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Any
+
+from tokentrail.proxy.recording.records import CallRecord, Outcome
+from tokentrail.proxy.token_in.messages import Continuation, PastCall, PastChoice, Reason, best_continuation
+from tokentrail.proxy.token_in.state import CALLS_PER_TRAJECTORY, load_recent_calls
+
+logger = logging.getLogger(__name__)
+
+
+class Drift(enum.StrEnum):
+    FIRST = "first"
+    EXTENDS = "extends"
+    TOKEN_IN = "token_in"  # noqa: S105 - a drift value, not a secret
+    RETOKENIZED = "retokenized"
+    TEMPLATE = "template"
+    EDITED = "edited"
+
+
+BREAKS = (Drift.RETOKENIZED, Drift.TEMPLATE, Drift.EDITED)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two ID sequences."""
+    a, b = list(a), list(b)
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low] and a[:high] != b[:high]: bisect on slices (C speed)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def classify(
+    prompt_ids: Sequence[int], found: Continuation | str, latest: PastCall | None, built: bool
+) -> tuple[Drift, int | None]:
+    """The drift of a call whose prompt is ``prompt_ids`` (``found``: what it continues, or why not)."""
+    if not isinstance(found, Continuation):
+        if found == Reason.FIRST_CALL or latest is None:
+            return Drift.FIRST, None
+        before = [*latest.prompt_ids, *(latest.choices[0].token_ids if latest.choices else ())]
+        position = common_prefix(prompt_ids, before)
+        if found == Reason.NOT_CHAT and position == len(before):  # a prompt of token IDs: they tell
+            return Drift.EXTENDS, None
+        return Drift.EDITED, position
+    previous = found.previous_ids
+    position = common_prefix(prompt_ids, previous)
+    if position == len(previous):
+        return (Drift.TOKEN_IN if built else Drift.EXTENDS), None
+    if position < len(found.past.prompt_ids):
+        return Drift.TEMPLATE, position
+    return Drift.RETOKENIZED, position
+
+
+def past_call(record: CallRecord) -> PastCall | None:
+    """The record as a candidate for later calls to continue (only finished calls with IDs)."""
+    if record.outcome != Outcome.OK or record.prompt_token_ids is None or record.request is None:
+        return None
+    choices = tuple(
+        PastChoice(c.index, c.token_ids, c.message, c.finish_reason) for c in record.choices if c.token_ids
+    )
+    if not choices:
+        return None
+    return PastCall(record.call_id, record.route, record.request, record.prompt_token_ids, choices)
+
+
+def suffix_has_reply(found: Continuation | str, request: dict[str, Any]) -> bool:
+    """Whether the new messages after the continued reply hold another assistant reply: then a call
+    this process does not know of (another worker or replica) came in between, and what it knows
+    of the trajectory is stale."""
+    if not isinstance(found, Continuation) or found.kept == 0:
+        return False
+    messages = request.get("messages") or []
+    return any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages[found.kept :])
+
+
+class DriftJudge:
+    """The writer thread's view of each trajectory's recent calls, and the drift of new ones.
+
+    Bounded: the ``max_trajectories`` most recently written trajectories are kept; another one's
+    calls are read from the database (in the writer's transaction) when it is written again.
+    """
+
+    def __init__(self, max_trajectories: int = 4096) -> None:
+        self._max = max_trajectories
+        self._recent: OrderedDict[str, deque[PastCall]] = OrderedDict()
+
+    def judge(self, connection: Any, records: list[tuple[CallRecord, int]]) -> dict[str, deque[PastCall]]:
+        """Set ``drift``/``drift_position`` on each record (given with its seq, in write order).
+
+        Returns the trajectories' candidates as they will be once the batch is committed: pass them
+        to ``remember`` then (a batch that fails leaves this judge as it was).
+        """
+        overlay: dict[str, deque[PastCall]] = {}
+        for record, seq in records:
+            try:
+                self._judge_one(connection, record, seq, overlay)
+            except Exception as exc:  # never lose a batch over a diagnosis
+                logger.warning(
+                    "call_id=<%s>, error=<%s> | drift not judged", record.call_id, type(exc).__name__
+                )
+                record.drift, record.drift_position = None, None
+        return overlay
+
+    def _judge_one(
+        self, connection: Any, record: CallRecord, seq: int, overlay: dict[str, deque[PastCall]]
+    ) -> None:
+        if record.seq is None:  # a call without a trajectory id is a trajectory of its own
+            if record.prompt_token_ids is not None:
+                record.drift = Drift.FIRST
+            return
+        trajectory_id = record.trajectory_id
+        candidates = overlay.get(trajectory_id)
+        if candidates is None:
+            cached = self._recent.get(trajectory_id)
+            if seq == 0:
+                candidates = deque(maxlen=CALLS_PER_TRAJECTORY)
+            elif cached is not None:
+                candidates = deque(cached, CALLS_PER_TRAJECTORY)
+            else:
+                candidates = self._load(connection, trajectory_id)
+            overlay[trajectory_id] = candidates
+        if record.prompt_token_ids is not None and record.request is not None:
+            found = best_continuation(list(candidates), record.request)
+            if suffix_has_reply(found, record.request) and trajectory_id in self._recent:
+                candidates = self._load(connection, trajectory_id)
+                overlay[trajectory_id] = candidates
+                found = best_continuation(list(candidates), record.request)
+            latest = candidates[-1] if candidates else None
+            record.drift, record.drift_position = classify(
+                record.prompt_token_ids, found, latest, record.token_in
+            )
+        past = past_call(record)
+        if past is not None:
+            candidates.append(past)
+
+    def _load(self, connection: Any, trajectory_id: str) -> deque[PastCall]:
+        return deque(load_recent_calls(connection, trajectory_id, CALLS_PER_TRAJECTORY), CALLS_PER_TRAJECTORY)
+
+    def remember(self, overlay: dict[str, deque[PastCall]]) -> None:
+        """After a commit: keep the written calls as candidates for the next ones."""
+        for trajectory_id, candidates in overlay.items():
+            self._recent.pop(trajectory_id, None)
+            self._recent[trajectory_id] = candidates
+        while len(self._recent) > self._max:
+            self._recent.popitem(last=False)
+
+    def forget(self, trajectory_ids: set[str]) -> None:
+        """Records were written outside ``remember`` (spool replay): read these from the database."""
+        for trajectory_id in trajectory_ids:
+            self._recent.pop(trajectory_id, None)

@@ -1,0 +1,190 @@
+"""Whether a request continues an earlier call of its trajectory, compared by meaning, not by bytes.
+
+A chat call continues an earlier one when its ``messages`` are that call's messages, then the
+assistant reply the client received (its content and/or tool calls), then at least one new message,
+and everything that shapes the chat template's rendering (tools, template, template arguments) is
+unchanged. Clients re-serialise what they send back: the openai SDK adds ``"refusal": null``, an
+agent turns a string content into a list of text parts, tool-call arguments come back with other
+spacing. So messages are compared after ``normalise_message``: empty values dropped, text parts
+joined, tool-call arguments parsed, ids and reasoning (which clients drop) ignored.
+
+A text completion continues an earlier one when its prompt starts with that prompt + its text.
+
+Pure functions, no I/O: the token-in planner (event loop) and the drift judge (writer thread) both
+use them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokentrail.proxy.recording.capture import CHAT_ROUTE
+
+# Request fields that change how the chat template renders the messages.
+RENDER_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "documents", "add_special_tokens")
+# Message keys that do not change the meaning of a message the client sends back.
+_IGNORED_KEYS = frozenset(
+    {"reasoning", "reasoning_content", "refusal", "annotations", "audio", "function_call"}
+)
+
+
+class Reason:
+    """Why a call does not continue a previous one (``llm_calls.token_in_fallback`` holds these too)."""
+
+    FIRST_CALL = "first_call"  # no earlier finished call in the trajectory
+    NOT_CHAT = "not_chat"  # not a chat call with a messages list
+    TOOLS_CHANGED = "tools_changed"
+    OPTIONS_CHANGED = "options_changed"  # chat_template, chat_template_kwargs, documents, ...
+    SYSTEM_CHANGED = "system_changed"
+    HISTORY_EDITED = "history_edited"  # an earlier message differs
+    HISTORY_TRIMMED = "history_trimmed"  # fewer messages than the previous call + its reply
+    REPLY_EDITED = "reply_edited"  # the assistant reply differs from what the client received
+    CHOICE_UNIDENTIFIED = "choice_unidentified"  # n > 1: no choice, or several different ones, match
+    NO_NEW_MESSAGE = "no_new_message"  # the history ends with the reply
+
+
+@dataclass(frozen=True, slots=True)
+class PastChoice:
+    index: int
+    token_ids: Sequence[int]
+    message: dict[str, Any]
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PastCall:
+    """What later calls of a trajectory are compared with: a finished (``ok``) call."""
+
+    call_id: str
+    route: str
+    request: dict[str, Any]
+    prompt_ids: Sequence[int]
+    choices: tuple[PastChoice, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """``past``'s choice ``choice`` is continued; the request's first ``kept`` messages repeat it."""
+
+    past: PastCall
+    choice: PastChoice
+    kept: int
+
+    @property
+    def previous_ids(self) -> list[int]:
+        """The previous prompt + the continued choice's generated IDs."""
+        return [*self.past.prompt_ids, *self.choice.token_ids]
+
+
+def _text_of(content: Any) -> Any:
+    """A content as one string when it is text (a string, or a list of text parts); else as is."""
+    if content is None:
+        return ""
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    return content
+
+
+def _arguments(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _tool_call(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
+    function = call.get("function")
+    if not isinstance(function, dict):
+        return call
+    return (function.get("name"), _arguments(function.get("arguments")))
+
+
+def normalise_message(message: Any) -> Any:
+    """A message reduced to its meaning (see the module docstring)."""
+    if not isinstance(message, dict):
+        return message
+    kept: dict[str, Any] = {}
+    for key, value in message.items():
+        if key in _IGNORED_KEYS or value is None or value == [] or value == {}:
+            continue
+        if key == "content":
+            value = _text_of(value)
+            if value == "":
+                continue
+        elif key == "tool_calls" and isinstance(value, list):
+            value = [_tool_call(c) for c in value]
+        kept[key] = value
+    kept.setdefault("role", "assistant")
+    return kept
+
+
+def has_non_text_content(messages: Sequence[Any]) -> bool:
+    """Whether a message carries media (images, audio, files): vLLM then renders, never reuses IDs."""
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and not isinstance(_text_of(content), str):
+            return True
+    return False
+
+
+def _render_options(request: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(request.get(name) for name in RENDER_FIELDS)
+
+
+def continuation(past: PastCall, request: dict[str, Any]) -> Continuation | str:
+    """How ``request`` continues ``past``: a ``Continuation``, or the ``Reason`` it does not."""
+    if past.route != CHAT_ROUTE:
+        return _completion_continuation(past, request)
+    previous, current = past.request.get("messages"), request.get("messages")
+    if not isinstance(previous, list) or not isinstance(current, list):
+        return Reason.NOT_CHAT
+    if request.get("tools") != past.request.get("tools"):
+        return Reason.TOOLS_CHANGED
+    if _render_options(request) != _render_options(past.request):
+        return Reason.OPTIONS_CHANGED
+    for position, (before, now) in enumerate(zip(previous, current, strict=False)):
+        if normalise_message(before) != normalise_message(now):
+            roles = {m.get("role") for m in (before, now) if isinstance(m, dict)}
+            return Reason.SYSTEM_CHANGED if position == 0 and "system" in roles else Reason.HISTORY_EDITED
+    if len(current) <= len(previous):
+        return Reason.HISTORY_TRIMMED
+    reply = normalise_message(current[len(previous)])
+    matching = [c for c in past.choices if normalise_message(c.message) == reply]
+    if len({tuple(c.token_ids) for c in matching}) != 1:
+        return Reason.CHOICE_UNIDENTIFIED if len(past.choices) > 1 else Reason.REPLY_EDITED
+    if len(current) == len(previous) + 1:
+        return Reason.NO_NEW_MESSAGE
+    return Continuation(past, matching[0], len(previous) + 1)
+
+
+def _completion_continuation(past: PastCall, request: dict[str, Any]) -> Continuation | str:
+    previous, current = past.request.get("prompt"), request.get("prompt")
+    if not isinstance(previous, str) or not isinstance(current, str) or len(past.choices) != 1:
+        return Reason.NOT_CHAT
+    choice = past.choices[0]
+    text = choice.message.get("text")
+    if not isinstance(text, str) or not current.startswith(previous + text):
+        return Reason.HISTORY_EDITED
+    return Continuation(past, choice, 0)
+
+
+def best_continuation(candidates: Sequence[PastCall], request: dict[str, Any]) -> Continuation | str:
+    """The latest of ``candidates`` (oldest first) that ``request`` continues, else the reason the
+    latest one is not continued (``first_call`` when there is none)."""
+    reason: str = Reason.FIRST_CALL
+    for past in reversed(candidates):
+        found = continuation(past, request)
+        if isinstance(found, Continuation):
+            return found
+        if reason == Reason.FIRST_CALL:
+            reason = found
+    return reason

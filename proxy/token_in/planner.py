@@ -1,0 +1,212 @@
+"""Token-in: a chat call that continues the previous call of its trajectory gets that call's exact IDs.
+
+The relay asks ``TokenIn.rewrite`` for the body to send (``None``: send its own), tells
+``refused`` when vLLM answered the rewritten body with a 4xx (the relay then sends its own body once;
+vLLM refused before running anything, so nothing ran twice), and hands every finished record to
+``finished``. The body carries ``"kv_transfer_params": {"prompt_token_ids": [...]}``: vLLM 0.32 then
+uses exactly those IDs as the prompt, while ``messages`` still drive tool and reasoning parsing
+(``vllm/renderers/online_renderer.py::_reused_prompt_token_ids``). The answer vLLM gives has the same
+shape either way (``kv_transfer_params`` is ``null`` in both), so nothing is changed on the way back.
+
+On by default with ``TOKENTRAIL_TOKEN_IN=true``; a request header ``X-TokenTrail-Token-In: true|false``
+decides for one call. Whenever the call cannot be continued exactly, it goes upstream as it would
+without token-in and ``llm_calls.token_in_fallback`` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from tokentrail.proxy import jsonio
+from tokentrail.proxy.recording.capture import CHAT_ROUTE
+from tokentrail.proxy.recording.records import CallRecord
+from tokentrail.proxy.token_in.drift import past_call, suffix_has_reply
+from tokentrail.proxy.token_in.messages import Continuation, Reason, best_continuation, has_non_text_content
+from tokentrail.proxy.token_in.prompt import BuildFailed, PromptBuilder
+from tokentrail.proxy.token_in.state import (
+    CALLS_PER_TRAJECTORY,
+    OpenCall,
+    TrajectoryMemory,
+    load_recent_calls,
+)
+from tokentrail.proxy.upstream.client import UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+TOKEN_IN_HEADER = b"x-tokentrail-token-in"
+_YES = frozenset({b"true", b"1", b"yes", b"on"})
+_NO = frozenset({b"false", b"0", b"no", b"off"})
+
+
+class Fallback:
+    """Reasons beyond ``messages.Reason`` (the request or vLLM stands in the way)."""
+
+    NO_TRAJECTORY = "no_trajectory_id"
+    ECHO = "echo"
+    CLIENT_KV_PARAMS = "client_kv_transfer_params"
+    NON_TEXT = "non_text_content"
+    OPTIONS_UNSUPPORTED = "options_unsupported"  # continue_final_message, add_generation_prompt false
+    CONCURRENT = "concurrent_same_base"  # another open call is built on the same previous call
+    UPSTREAM_REFUSED = "upstream_refused"  # vLLM answered the token-in request with a 4xx
+    UPSTREAM_IGNORED = "upstream_ignored_ids"  # vLLM's prompt IDs are not the ones sent
+    DATABASE_ERROR = "database_error"  # the trajectory's previous calls could not be read
+    PROXY_ERROR = "proxy_error"
+
+
+def token_in_wanted(headers: list[tuple[bytes, bytes]], default: bool) -> bool:
+    """The call's ``X-TokenTrail-Token-In`` header, else ``default``."""
+    for name, value in headers:
+        if name.lower() == TOKEN_IN_HEADER:
+            lowered = value.strip().lower()
+            if lowered in _YES:
+                return True
+            if lowered in _NO:
+                return False
+    return default
+
+
+def _unsupported(request: dict[str, Any]) -> str | None:
+    if request.get("echo"):
+        return Fallback.ECHO
+    if request.get("kv_transfer_params") is not None:
+        return Fallback.CLIENT_KV_PARAMS
+    if has_non_text_content(request["messages"]):
+        return Fallback.NON_TEXT
+    if request.get("continue_final_message") or request.get("add_generation_prompt") is False:
+        return Fallback.OPTIONS_UNSUPPORTED
+    if request.get("documents") is not None:
+        return Fallback.OPTIONS_UNSUPPORTED
+    return None
+
+
+def with_prompt_ids(body: bytes, prompt_ids: list[int]) -> bytes:
+    """``body`` (a JSON object without ``kv_transfer_params``) with the prompt IDs added first."""
+    start = body.find(b"{")
+    field = b'"kv_transfer_params":{"prompt_token_ids":' + jsonio.dumps_text(prompt_ids).encode() + b"}"
+    rest = body[start + 1 :]
+    separator = b"," if rest.strip() != b"}" else b""
+    return body[: start + 1] + field + separator + rest
+
+
+class TokenIn:
+    """Plans each chat call's prompt; holds the trajectories' recent calls (see ``state``)."""
+
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        engine: Engine,
+        client: UpstreamClient,
+        upstream_of: Callable[[str], str],
+        memory_trajectories: int,
+        wait_s: float,
+        tokenize_timeout_s: float,
+    ) -> None:
+        self.enabled = enabled
+        self._engine = engine
+        self._upstream_of = upstream_of
+        self._memory = TrajectoryMemory(memory_trajectories)
+        self._builder = PromptBuilder(client, tokenize_timeout_s)
+        self._wait_s = wait_s
+        self._open: dict[str, tuple[OpenCall, list[int] | None]] = {}
+
+    async def rewrite(
+        self, headers: list[tuple[bytes, bytes]], record: CallRecord, body: bytes
+    ) -> bytes | None:
+        """The body to send upstream in token-in mode, or None to send ``body`` as it is."""
+        if not token_in_wanted(headers, self.enabled):
+            return None
+        try:
+            prompt_ids = await self._plan(headers, record)
+        except BuildFailed as exc:
+            logger.info(
+                "call_id=<%s>, reason=<%s>, detail=<%s> | token-in fell back",
+                record.call_id,
+                exc.reason,
+                exc.detail,
+            )
+            self._fall_back(record, exc.reason)
+            return None
+        except Exception as exc:  # a bug of ours must not fail the call: it goes on without token-in
+            logger.error("call_id=<%s>, error=<%s> | token-in failed", record.call_id, type(exc).__name__)
+            logger.debug("call_id=<%s> | token-in failure details", record.call_id, exc_info=exc)
+            self._fall_back(record, Fallback.PROXY_ERROR)
+            return None
+        opened, _ = self._open[record.call_id]
+        self._open[record.call_id] = (opened, prompt_ids)
+        record.token_in = True
+        return with_prompt_ids(body, prompt_ids)
+
+    def _fall_back(self, record: CallRecord, reason: str) -> None:
+        record.token_in = False
+        record.token_in_fallback = reason
+
+    async def _plan(self, headers: list[tuple[bytes, bytes]], record: CallRecord) -> list[int]:
+        request = record.request
+        if record.route != CHAT_ROUTE or request is None or not isinstance(request.get("messages"), list):
+            raise BuildFailed(Reason.NOT_CHAT)
+        if record.seq is None:
+            raise BuildFailed(Fallback.NO_TRAJECTORY)
+        trajectory_id = record.trajectory_id
+        opened = self._memory.open_call(trajectory_id, request["messages"])
+        self._open[record.call_id] = (opened, None)
+        unsupported = _unsupported(request)
+        if unsupported is not None:
+            raise BuildFailed(unsupported)
+        if not self._memory.holds(trajectory_id):
+            await self._load(trajectory_id)
+        waiting = self._memory.predecessors(trajectory_id, opened)
+        if waiting:  # the client may already hold their answers while their records are being made
+            waits = [asyncio.ensure_future(o.done.wait()) for o in waiting]
+            try:
+                await asyncio.wait(waits, timeout=self._wait_s)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        found = best_continuation(self._memory.calls(trajectory_id), request)
+        if suffix_has_reply(found, request):
+            await self._load(trajectory_id)
+            found = best_continuation(self._memory.calls(trajectory_id), request)
+        if not isinstance(found, Continuation):
+            raise BuildFailed(found)
+        if not self._memory.claim_base(trajectory_id, opened, found.past.call_id):
+            raise BuildFailed(Fallback.CONCURRENT)
+        auth = [(n, v) for n, v in headers if n.lower() == b"authorization"]
+        return await self._builder.build(self._upstream_of(trajectory_id), auth, request, found)
+
+    async def _load(self, trajectory_id: str) -> None:
+        def read() -> list[Any]:
+            with self._engine.connect() as connection:
+                return load_recent_calls(connection, trajectory_id, CALLS_PER_TRAJECTORY)
+
+        try:
+            loaded = await asyncio.to_thread(read)
+        except SQLAlchemyError as exc:
+            raise BuildFailed(Fallback.DATABASE_ERROR, type(exc).__name__) from exc
+        self._memory.merge_loaded(trajectory_id, loaded)
+
+    def refused(self, record: CallRecord, status: int) -> None:
+        """vLLM answered the token-in body with ``status`` (a 4xx); the call goes on without it."""
+        logger.warning("call_id=<%s>, status=<%s> | vLLM refused the token-in prompt", record.call_id, status)
+        self._fall_back(record, Fallback.UPSTREAM_REFUSED)
+
+    def finished(self, record: CallRecord) -> None:
+        """The call ended (its record is final): keep it for the next call of its trajectory."""
+        entry = self._open.pop(record.call_id, None)
+        if entry is None:
+            if record.seq is not None and self._memory.holds(record.trajectory_id):
+                past = past_call(record)
+                if past is not None:
+                    self._memory.add(record.trajectory_id, past)
+            return
+        opened, prompt_ids = entry
+        if record.token_in and record.prompt_token_ids is not None and record.prompt_token_ids != prompt_ids:
+            logger.warning("call_id=<%s> | vLLM did not use the token-in prompt IDs", record.call_id)
+            self._fall_back(record, Fallback.UPSTREAM_IGNORED)
+        self._memory.close_call(record.trajectory_id, opened, past_call(record))
