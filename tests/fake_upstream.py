@@ -15,6 +15,10 @@ The ``x-fake`` request header picks a behaviour:
 * ``redirect``: a 307 to another host.
 * ``gate``: wait until the test opens ``FakeUpstream.gate``, then answer normally.
 * ``big:<bytes>``: a normal completion whose token texts are padded to about that many bytes in all.
+* ``gate-stream``: a stream that sends two tokens, then waits until the test opens ``gate``.
+
+vLLM's RL control plane is there too: ``GET /weight_info``, ``POST /update_weight_version``,
+``POST /pause`` and ``POST /resume`` (recorded in ``control``).
 Any other path answers with the headers and body it received, as JSON (``/echo``).
 """
 
@@ -88,6 +92,8 @@ class FakeUpstream:
     gate: threading.Event = field(default_factory=threading.Event)
     # what the streamed completions handed to the server so far, and whether one was handed whole
     streamed_bytes: int = 0
+    weight_version: str = "default"
+    control: list[str] = field(default_factory=list)
     stream_finished: threading.Event = field(default_factory=threading.Event)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -123,6 +129,8 @@ class FakeUpstream:
                 }
             )
             await send({"type": "http.response.body", "body": b""})
+        elif scope["path"] in ("/weight_info", "/update_weight_version", "/pause", "/resume"):
+            await self._control(scope, body, send)
         elif scope["path"] in ("/v1/chat/completions", "/v1/completions"):
             await self._complete(scope["path"], body, mode, send, receive)
         else:
@@ -134,6 +142,19 @@ class FakeUpstream:
                 "body": body.decode("latin-1"),
             }
             await _respond(send, 200, b"application/json", _dump(echo))
+
+    async def _control(self, scope: dict[str, Any], body: bytes, send: Any) -> None:
+        query = scope["query_string"].decode()
+        self.control.append(scope["path"] + ("?" + query if query else ""))
+        answer: dict[str, Any]
+        if scope["path"] == "/weight_info":
+            answer = {"weight_version": self.weight_version}
+        elif scope["path"] == "/update_weight_version":
+            self.weight_version = json.loads(body)["new_version"]
+            answer = {"success": True, "new_version": self.weight_version}
+        else:
+            answer = {"status": "paused" if scope["path"] == "/pause" else "resumed"}
+        await _respond(send, 200, b"application/json", _dump(answer))
 
     async def _hang(self, receive: Any) -> None:
         self.hanging.release()
@@ -236,6 +257,9 @@ class FakeUpstream:
             await self._hang(receive)
             return
         for i in range(count):
+            if mode == "gate-stream" and i == 2:
+                self.hanging.release()
+                await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 60)
             for c in range(n):
                 last = i == count - 1
                 chunk = dict(

@@ -525,7 +525,7 @@ def _call_row(record: CallRecord, seq: int, encoder: RowEncoder) -> dict[str, An
         "completion_tokens": record.completion_tokens,
         "total_tokens": record.total_tokens,
         "weight_version": record.weight_version,
-        "weight_versions": encoder.json(record.weight_versions),
+        "weight_versions": None if record.weight_versions is None else encoder.json(record.weight_versions),
         "drift": record.drift,
         "drift_position": record.drift_position,
         "token_in_fallback": record.token_in_fallback,

@@ -1,0 +1,176 @@
+"""The RL loop against the fake vLLM's control plane: policy versions per call (and spans when the
+version changes mid-stream), pause and resume through TokenTrail, GRPO groups and their advantages.
+
+The same behaviour against the real vLLM (started with VLLM_SERVER_DEV_MODE=1) is in
+``test_rl_vllm.py``; here the fake makes the orderings deterministic (a stream held at token 2).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Proxy, running_proxy
+from tests.fake_upstream import FakeUpstream
+
+CHAT = "/v1/chat/completions"
+BODY: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+
+
+def _until(condition: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def _versions(proxy: Proxy) -> dict[str, str | None]:
+    versions: dict[str, str | None] = httpx.get(proxy.url + "/tokentrail/v1/pause").json()["weight_versions"]
+    return versions
+
+
+@pytest.fixture
+def rl_proxy(fake: tuple[FakeUpstream, str], tmp_path: Path) -> Iterator[Proxy]:
+    with running_proxy(fake[1], tmp_path, pause_max_wait_s=30) as proxy:
+        _until(lambda: _versions(proxy) == {fake[1]: "default"})  # learned from GET /weight_info at start
+        yield proxy
+
+
+def _call(proxy: Proxy, trajectory: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(
+        proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": trajectory, **(headers or {})}, timeout=60
+    )
+
+
+def test_each_call_records_the_version_the_upstream_ran_and_versions_keep_their_order(
+    rl_proxy: Proxy, fake: tuple[FakeUpstream, str]
+) -> None:
+    assert _call(rl_proxy, "t").status_code == 200
+    update = httpx.post(rl_proxy.url + "/update_weight_version", json={"new_version": "step-7"})
+    assert update.status_code == 200
+    assert fake[0].weight_version == "step-7"  # passed through unchanged
+    assert _call(rl_proxy, "t").status_code == 200
+    assert _call(rl_proxy, "t", {"X-Policy-Version": "trainer-says-8"}).status_code == 200  # the header wins
+    rl_proxy.wait_all_records()
+    rows = rl_proxy.rows("SELECT seq, weight_version, weight_versions FROM llm_calls ORDER BY seq")
+    assert [(r["weight_version"], r["weight_versions"]) for r in rows] == [
+        ("default", None),
+        ("step-7", None),
+        ("trainer-says-8", None),
+    ]
+    order = rl_proxy.rows("SELECT version FROM weight_versions ORDER BY first_seen_at, version")
+    assert [r["version"] for r in order] == ["default", "step-7", "trainer-says-8"]
+    call = httpx.get(rl_proxy.url + "/tokentrail/v1/trajectories/t").json()["calls"][1]
+    assert call["weight_version"] == "step-7"
+
+
+def test_a_version_change_during_a_stream_splits_its_tokens_into_spans(
+    rl_proxy: Proxy, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream = fake[0]
+    lines: list[str] = []
+    two_tokens = threading.Event()
+
+    def stream() -> None:
+        body = dict(BODY, stream=True)
+        headers = {"X-Trajectory-Id": "s", "x-fake": "gate-stream"}
+        with httpx.stream("POST", rl_proxy.url + CHAT, json=body, headers=headers, timeout=60) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if sum('"content":"t' in x for x in lines) == 2:
+                    two_tokens.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    try:
+        assert two_tokens.wait(30), "the first two tokens never reached the client"
+        assert upstream.hanging.acquire(timeout=30)  # the upstream holds the rest
+        httpx.post(rl_proxy.url + "/update_weight_version", json={"new_version": "v2"}).raise_for_status()
+        assert _versions(rl_proxy) == {fake[1]: "v2"}
+    finally:
+        upstream.gate.set()
+        reader.join(60)
+    rl_proxy.wait_all_records()
+    (row,) = rl_proxy.rows("SELECT weight_version, weight_versions FROM llm_calls")
+    assert row["weight_version"] == "default"
+    assert json.loads(row["weight_versions"]) == [
+        {"version": "default", "start": 0, "end": 2},
+        {"version": "v2", "start": 2, "end": 6},
+    ]
+
+
+def test_calls_wait_at_the_proxy_while_paused_and_none_is_lost(
+    rl_proxy: Proxy, fake: tuple[FakeUpstream, str]
+) -> None:
+    paused = httpx.post(rl_proxy.url + "/tokentrail/v1/pause", timeout=60).json()  # mode=wait by default
+    assert paused["paused"] is True
+    assert paused["mode"] == "wait"
+    assert paused["upstreams"] == [{"upstream": fake[1], "status": 200, "body": '{"status":"paused"}'}]
+    statuses: list[int] = []
+    callers = [
+        threading.Thread(target=lambda i=i: statuses.append(_call(rl_proxy, f"a{i}").status_code))
+        for i in range(8)
+    ]
+    for caller in callers:
+        caller.start()
+    _until(lambda: httpx.get(rl_proxy.url + "/tokentrail/v1/pause").json()["held_now"] == 8)
+    assert not any(r["path"] == CHAT for r in fake[0].requests)  # nothing reached vLLM while paused
+    resumed = httpx.post(rl_proxy.url + "/tokentrail/v1/resume", timeout=60).json()
+    assert resumed["paused"] is False
+    assert resumed["held_total"] == 8
+    for caller in callers:
+        caller.join(60)
+    assert statuses == [200] * 8
+    assert fake[0].control == ["/weight_info", "/pause?mode=wait", "/resume"]
+    rl_proxy.wait_all_records()
+    assert rl_proxy.rows("SELECT count(*) AS n FROM llm_calls WHERE outcome = 'ok'") == [{"n": 8}]
+
+
+def test_a_call_held_past_the_limit_gets_503_with_retry_after_and_is_recorded(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    with running_proxy(fake[1], tmp_path, pause_max_wait_s=0.2) as proxy:
+        httpx.post(proxy.url + "/tokentrail/v1/pause?mode=keep", timeout=60).raise_for_status()
+        response = _call(proxy, "late")
+        httpx.post(proxy.url + "/tokentrail/v1/resume", timeout=60).raise_for_status()
+        proxy.wait_all_records()
+        (row,) = proxy.rows("SELECT outcome, status_code FROM llm_calls")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["error"]["type"] == "ServiceUnavailableError"
+    assert "TOKENTRAIL_PAUSE_MAX_WAIT_S" in response.json()["error"]["message"]
+    assert row == {"outcome": "paused", "status_code": 503}
+
+
+def test_group_advantages_are_normalised_over_the_rewarded_trajectories(rl_proxy: Proxy) -> None:
+    for trajectory in ("g-a", "g-b", "g-c"):
+        assert _call(rl_proxy, trajectory, {"X-Trajectory-Group": "task-1"}).status_code == 200
+    assert _call(rl_proxy, "g-d").status_code == 200
+    rl_proxy.wait_all_records()
+    api = rl_proxy.url + "/tokentrail/v1"
+    httpx.post(api + "/trajectories/g-d/group", json={"group_id": "task-1"}).raise_for_status()
+    for trajectory, reward in (("g-a", 1.0), ("g-b", 0.0), ("g-d", 0.5)):
+        httpx.post(api + f"/trajectories/{trajectory}/reward", json={"reward": reward}).raise_for_status()
+    group = httpx.get(api + "/groups/task-1").json()
+    by_id = {t["trajectory_id"]: t["advantage"] for t in group["trajectories"]}
+    # rewards 1, 0, 0.5: mean 0.5, population std sqrt(1/6); g-c has no reward
+    std = (1 / 6) ** 0.5
+    assert by_id == pytest.approx({"g-a": 0.5 / std, "g-b": -0.5 / std, "g-c": None, "g-d": 0.0})
+    summary = rl_proxy.rows("SELECT trajectory_id, group_id FROM trajectory_summary ORDER BY trajectory_id")
+    assert [r["group_id"] for r in summary] == ["task-1"] * 4
+
+
+def test_group_and_pause_input_errors(rl_proxy: Proxy) -> None:
+    api = rl_proxy.url + "/tokentrail/v1"
+    assert httpx.get(api + "/groups/nobody").status_code == 404
+    assert httpx.post(api + "/pause?mode=sideways").status_code == 400  # OpenAI error shape
+    bad = _call(rl_proxy, "x", {"X-Trajectory-Group": "bad\tgroup"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "X-Trajectory-Group"
