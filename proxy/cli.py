@@ -140,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
         "per_call: one per call and choice; last_turn: only each trajectory's last call",
     )
     export.add_argument("--batch", type=int, default=500, help="trajectories read per batch (memory bound)")
+    export.add_argument(
+        "--by-group",
+        action="store_true",
+        help="only trajectories in a GRPO group (X-Trajectory-Group), each group's sequences together, "
+        "with the group's normalised advantage",
+    )
+    export.add_argument(
+        "--min-weight-version", help="leave out sequences with tokens from an older policy version than this"
+    )
+    export.add_argument(
+        "--max-staleness",
+        type=int,
+        help="leave out sequences more than N policy versions behind the newest one seen",
+    )
     _add_db_option(export)
 
     drift = commands.add_parser(
@@ -362,6 +376,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     from tokentrail.proxy.storage.engine import make_engine
     from tokentrail.proxy.storage.queries import TrajectoryFilter
     from tokentrail.proxy.training.export import count_trajectories, export, open_sink
+    from tokentrail.proxy.training.policy import PolicyFilter, UnknownWeightVersionError
     from tokentrail.proxy.training.sequences import SequenceMode
 
     tags: dict[str, str] = {}
@@ -387,8 +402,18 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
         total = count_trajectories(engine, filters)
         with tqdm(total=total, unit="traj", file=sys.stderr, disable=None) as bar:
             summary = export(
-                engine, sink, filters, SequenceMode(args.mode), max(1, args.batch), lambda n: bar.update(n)
+                engine,
+                sink,
+                filters,
+                SequenceMode(args.mode),
+                max(1, args.batch),
+                lambda n: bar.update(n),
+                by_group=args.by_group,
+                policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness),
             )
+    except UnknownWeightVersionError as exc:
+        print(f"tokentrail: --min-weight-version: {exc}", file=sys.stderr)
+        return 2
     finally:
         engine.dispose()
     print(f"wrote {args.out}: {summary.line()}")

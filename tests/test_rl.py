@@ -8,6 +8,8 @@ The same behaviour against the real vLLM (started with VLLM_SERVER_DEV_MODE=1) i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -174,3 +176,46 @@ def test_group_and_pause_input_errors(rl_proxy: Proxy) -> None:
     bad = _call(rl_proxy, "x", {"X-Trajectory-Group": "bad\tgroup"})
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "X-Trajectory-Group"
+
+
+def _export(
+    proxy: Proxy, tmp_path: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    out = tmp_path / f"export-{len(list(tmp_path.glob('export-*')))}.jsonl"
+    command = [sys.executable, "-m", "tokentrail.proxy.cli", "export", "--format", "jsonl"]
+    done = subprocess.run(
+        [*command, "--out", str(out), "--db", proxy.db_url, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return done, rows
+
+
+def test_the_export_gives_versions_staleness_and_group_advantages_and_filters_on_them(
+    rl_proxy: Proxy, tmp_path: Path
+) -> None:
+    assert _call(rl_proxy, "old", {"X-Trajectory-Group": "g"}).status_code == 200
+    httpx.post(rl_proxy.url + "/update_weight_version", json={"new_version": "v2"}).raise_for_status()
+    assert _call(rl_proxy, "new", {"X-Trajectory-Group": "g"}).status_code == 200
+    assert _call(rl_proxy, "alone").status_code == 200
+    rl_proxy.wait_all_records()
+    for trajectory, reward in (("old", 1.0), ("new", 0.0)):
+        httpx.post(f"{rl_proxy.url}/tokentrail/v1/trajectories/{trajectory}/reward", json={"reward": reward})
+
+    done, rows = _export(rl_proxy, tmp_path, "--by-group")
+    assert done.returncode == 0, done.stderr
+    columns = ("trajectory_id", "group_id", "advantage", "weight_version", "staleness")
+    assert [tuple(r[c] for c in columns) for r in rows] == [
+        ("old", "g", 1.0, "default", 1),
+        ("new", "g", -1.0, "v2", 0),
+    ]
+    done, rows = _export(rl_proxy, tmp_path, "--max-staleness", "0")
+    assert sorted(r["trajectory_id"] for r in rows) == ["alone", "new"]
+    assert "1 stale sequences left out" in done.stdout
+    done, rows = _export(rl_proxy, tmp_path, "--min-weight-version", "default")
+    assert len(rows) == 3
+    done, _ = _export(rl_proxy, tmp_path, "--min-weight-version", "v9")
+    assert done.returncode == 2
+    assert "no call ran under weight version 'v9'" in done.stderr

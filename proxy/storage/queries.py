@@ -196,14 +196,23 @@ def finish(connection: Connection, trajectory_id: str) -> None:
     )
 
 
-def group_trajectories(connection: Connection, group_id: str) -> list[dict[str, Any]]:
-    """The trajectories of a GRPO group, oldest first."""
+def group_trajectories(
+    connection: Connection, group_id: str, filters: TrajectoryFilter | None = None
+) -> list[dict[str, Any]]:
+    """The trajectories of a GRPO group (those matching ``filters``), oldest first."""
     query = (
-        select(TRAJECTORIES)
+        filtered_trajectories(filters or TrajectoryFilter())
         .where(TRAJECTORIES.c.group_id == group_id)
         .order_by(TRAJECTORIES.c.created_at, TRAJECTORIES.c.id)
     )
     return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def group_ids(connection: Connection, filters: TrajectoryFilter) -> list[str]:
+    """The groups of the trajectories matching ``filters``, in order."""
+    matching = filtered_trajectories(filters).where(TRAJECTORIES.c.group_id.is_not(None)).subquery()
+    query = select(matching.c.group_id).distinct().order_by(matching.c.group_id)
+    return [group_id for (group_id,) in connection.execute(query)]
 
 
 def set_group(connection: Connection, trajectory_id: str, group_id: str) -> None:

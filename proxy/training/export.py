@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine, func, select
 
 from tokentrail.proxy.storage import queries
+from tokentrail.proxy.training import policy
 from tokentrail.proxy.training.sequences import SequenceMode, TrainingSequence, build_sequences
 
 DEFAULT_BATCH = 500
@@ -33,6 +34,7 @@ class ExportSummary:
     prefix_mismatches: int = 0
     seconds: float = 0.0
     one_sequence: int = 0  # trajectories whose calls all merged into one sequence without a break
+    left_out_by_policy: int = 0  # sequences older than --min-weight-version / --max-staleness allow
     breaks: Counter[str] = field(default_factory=Counter)  # prefix mismatches by the call's drift
 
     def line(self) -> str:
@@ -42,6 +44,7 @@ class ExportSummary:
             f"{self.trajectories} trajectories, {self.sequences} sequences, {self.tokens} tokens "
             f"({self.generated_tokens} generated), {self.prefix_mismatches} prefix mismatches"
             f"{f' ({causes})' if causes else ''}, {self.one_sequence} trajectories as one sequence, "
+            f"{f'{self.left_out_by_policy} stale sequences left out, ' if self.left_out_by_policy else ''}"
             f"{self.seconds:.1f} s ({rate:,.0f} tokens/s)"
         )
 
@@ -80,6 +83,10 @@ def parquet_schema() -> Any:
             ("choice_indexes", pa.list_(pa.int32())),
             ("num_tokens", pa.int32()),
             ("num_generated", pa.int32()),
+            ("weight_version", pa.string()),
+            ("staleness", pa.int32()),
+            ("group_id", pa.string()),
+            ("advantage", pa.float64()),
         ]
     )
 
@@ -125,6 +132,23 @@ def _batches(engine: Engine, filters: queries.TrajectoryFilter, batch: int) -> I
         after = (rows[-1]["created_at"], rows[-1]["id"])
 
 
+def _group_batches(
+    engine: Engine, filters: queries.TrajectoryFilter, batch: int
+) -> Iterator[list[dict[str, Any]]]:
+    """The grouped trajectories, a few whole groups at a time, each group's members together."""
+    with engine.connect() as connection:
+        groups = queries.group_ids(connection, filters)
+    chunk: list[dict[str, Any]] = []
+    for group_id in groups:
+        with engine.connect() as connection:
+            chunk.extend(queries.group_trajectories(connection, group_id, filters))
+        if len(chunk) >= batch:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def count_trajectories(engine: Engine, filters: queries.TrajectoryFilter) -> int:
     query = queries.filtered_trajectories(filters).subquery()
     with engine.connect() as connection:
@@ -138,19 +162,43 @@ def export(
     mode: SequenceMode = SequenceMode.MERGED,
     batch: int = DEFAULT_BATCH,
     progress: Callable[[int], object] | None = None,
+    *,
+    by_group: bool = False,
+    policy_filter: policy.PolicyFilter | None = None,
 ) -> ExportSummary:
-    """Write every matching trajectory's sequences to ``sink``; ``progress(n)`` after each batch."""
+    """Write every matching trajectory's sequences to ``sink``; ``progress(n)`` after each batch.
+
+    ``by_group``: only trajectories in a GRPO group, each group's together, with ``advantage``;
+    ``policy_filter``: leave out sequences older than a policy version or more versions behind.
+    """
     summary = ExportSummary()
     started = time.perf_counter()
+    wanted = policy_filter or policy.PolicyFilter()
+    batches = _group_batches(engine, filters, batch) if by_group else _batches(engine, filters, batch)
     try:
-        for rows in _batches(engine, filters, batch):
+        with engine.connect() as connection:
+            ranks = policy.version_ranks(connection)
+        policy.check_known(wanted, ranks)
+        for rows in batches:
             with engine.connect() as connection:
                 calls = queries.load_call_tokens(connection, [r["id"] for r in rows])
+                call_ids = [call.call_id for chain in calls.values() for call in chain]
+                versions = policy.call_versions(connection, call_ids)
+                advantages = policy.group_advantage_of(
+                    connection, {r["group_id"] for r in rows if r["group_id"]}
+                )
             out: list[TrainingSequence] = []
             broken: list[str] = []
             for row in rows:
                 built = build_sequences(row["id"], calls[row["id"]], row["reward"], mode)
-                out.extend(built.sequences)
+                policy.annotate(built.sequences, versions, ranks)
+                for sequence in built.sequences:
+                    sequence.group_id = row["group_id"]
+                    sequence.advantage = advantages.get(row["id"])
+                    if policy.keep(sequence, wanted, ranks):
+                        out.append(sequence)
+                    else:
+                        summary.left_out_by_policy += 1
                 summary.prefix_mismatches += len(built.mismatches)
                 broken.extend(m.call_id for m in built.mismatches)
                 if len(built.sequences) == 1 and not built.mismatches and mode is SequenceMode.MERGED:

@@ -60,6 +60,12 @@ class TrainingSequence:
     reward: float | None
     call_ids: list[str]
     choice_indexes: list[int]
+    # Filled by the export (proxy/training/policy.py): the oldest policy version among the sequence's
+    # calls, how many versions it is behind the newest seen, and its trajectory's GRPO group.
+    weight_version: str | None = None
+    staleness: int | None = None
+    group_id: str | None = None
+    advantage: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +79,10 @@ class TrainingSequence:
             "choice_indexes": self.choice_indexes,
             "num_tokens": len(self.input_ids),
             "num_generated": sum(self.loss_mask),
+            "weight_version": self.weight_version,
+            "staleness": self.staleness,
+            "group_id": self.group_id,
+            "advantage": self.advantage,
         }
 
 
