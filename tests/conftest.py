@@ -174,6 +174,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         PORT=port,
         VLLM_PIDFILE=f"/tmp/tokentrail-test-vllm-{port}.pid",
         VLLM_LOG=f"/tmp/tokentrail-test-vllm-{port}.log",
+        VLLM_SERVER_DEV_MODE="1",  # the RL control plane (/pause, /resume, weight versions), as RL runs it
     )
     subprocess.run(["bash", str(VLLM_KIT / "start.sh"), str(model_dir)], check=True, env=env)
     try:

@@ -1,0 +1,189 @@
+"""The RL loop on the real CPU vLLM (started with VLLM_SERVER_DEV_MODE=1): versions learned from the
+control calls and from /weight_info, a fleet paused and resumed through TokenTrail with agents
+running, an abort pause, and several upstreams paused together.
+
+Every test leaves vLLM resumed. Orderings are made by the test (agents wait for the pause before
+their next call), never by timing; where vLLM's own timing decides (whether an abort reaches a call
+before it ends) the test checks that the record agrees with what the client saw.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import running_proxy
+from tests.fake_upstream import FakeUpstream
+
+pytestmark = pytest.mark.vllm
+
+CHAT = "/v1/chat/completions"
+
+
+def _body(**extra: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+
+
+def _until(condition: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def _version(vllm_url: str) -> str:
+    version: str = httpx.get(vllm_url + "/weight_info").json()["weight_version"]
+    return version
+
+
+@pytest.fixture
+def resumed(vllm_url: str) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        httpx.post(vllm_url + "/resume", timeout=60)
+
+
+def test_versions_follow_updates_through_the_proxy_and_a_new_proxy_asks_vllm(
+    vllm_url: str, tmp_path: Path
+) -> None:
+    before = _version(vllm_url)
+    with running_proxy(vllm_url, tmp_path) as proxy:
+        _until(
+            lambda: (
+                httpx.get(proxy.url + "/tokentrail/v1/pause").json()["weight_versions"][vllm_url] == before
+            )
+        )
+        headers = {"X-Trajectory-Id": "versions"}
+        assert httpx.post(proxy.url + CHAT, json=_body(), headers=headers, timeout=60).status_code == 200
+        after = f"{before}+1"
+        update = httpx.post(proxy.url + "/update_weight_version", json={"new_version": after}, timeout=60)
+        assert update.status_code == 200
+        assert _version(vllm_url) == after
+        assert httpx.post(proxy.url + CHAT, json=_body(), headers=headers, timeout=60).status_code == 200
+        proxy.wait_all_records()
+        rows = proxy.rows("SELECT weight_version FROM llm_calls ORDER BY seq")
+    assert [r["weight_version"] for r in rows] == [before, after]
+    with running_proxy(vllm_url, tmp_path / "restarted") as restarted:  # never saw the update
+        _until(
+            lambda: (
+                httpx.get(restarted.url + "/tokentrail/v1/pause").json()["weight_versions"][vllm_url] == after
+            )
+        )
+
+
+def test_sixteen_agents_run_through_a_pause_an_update_and_a_resume_and_none_is_lost(
+    vllm_url: str, tmp_path: Path, resumed: None
+) -> None:
+    agents = 16
+    with running_proxy(vllm_url, tmp_path, pause_max_wait_s=120) as proxy:
+        _until(
+            lambda: (
+                httpx.get(proxy.url + "/tokentrail/v1/pause").json()["weight_versions"][vllm_url] is not None
+            )
+        )
+        old = _version(vllm_url)
+        first_done = threading.Barrier(agents + 1)
+        paused = threading.Event()
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def agent(i: int) -> None:
+            headers = {"X-Trajectory-Id": f"agent-{i}"}
+            for turn in range(3):
+                if turn == 1:
+                    first_done.wait(120)
+                    assert paused.wait(120)
+                response = httpx.post(
+                    proxy.url + CHAT, json=_body(stream=i % 2 == 0), headers=headers, timeout=120
+                )
+                with lock:
+                    statuses.append(response.status_code)
+
+        threads = [threading.Thread(target=agent, args=(i,)) for i in range(agents)]
+        for thread in threads:
+            thread.start()
+        first_done.wait(120)  # every agent has made its first call
+        pause = httpx.post(proxy.url + "/tokentrail/v1/pause?mode=wait", timeout=120).json()
+        assert pause["paused"] is True
+        assert httpx.get(vllm_url + "/is_paused").json() == {"is_paused": True}
+        paused.set()
+        _until(lambda: httpx.get(proxy.url + "/tokentrail/v1/pause").json()["held_now"] == agents)
+        new = f"{old}+pause"
+        httpx.post(
+            proxy.url + "/update_weight_version", json={"new_version": new}, timeout=60
+        ).raise_for_status()
+        state = httpx.post(proxy.url + "/tokentrail/v1/resume", timeout=120).json()
+        for thread in threads:
+            thread.join(120)
+        state = httpx.get(proxy.url + "/tokentrail/v1/pause").json()  # the waits, now that they ended
+        proxy.wait_all_records()
+        rows = proxy.rows(
+            "SELECT trajectory_id, seq, outcome, weight_version FROM llm_calls ORDER BY trajectory_id, seq"
+        )
+    assert httpx.get(vllm_url + "/is_paused").json() == {"is_paused": False}
+    assert statuses == [200] * (3 * agents)
+    assert len(rows) == 3 * agents
+    assert all(r["outcome"] == "ok" for r in rows)
+    assert [r["weight_version"] for r in rows if r["seq"] == 0] == [old] * agents
+    assert [r["weight_version"] for r in rows if r["seq"] > 0] == [new] * (2 * agents)
+    assert state["held_total"] == agents
+    print(
+        f"\npause: {state['held_total']} calls held, longest wait {state['longest_wait_s']:.2f} s, none lost"
+    )
+
+
+def test_a_call_an_abort_pause_cuts_is_recorded_as_aborted(
+    vllm_url: str, tmp_path: Path, resumed: None
+) -> None:
+    body = _body(max_tokens=1900, ignore_eos=True, stream=True, return_token_ids=True)
+    lines: list[str] = []
+    first = threading.Event()
+    with running_proxy(vllm_url, tmp_path) as proxy:
+
+        def stream() -> None:
+            headers = {"X-Trajectory-Id": "aborted"}
+            with httpx.stream("POST", proxy.url + CHAT, json=body, headers=headers, timeout=120) as response:
+                for line in response.iter_lines():
+                    lines.append(line)
+                    first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(120)
+        httpx.post(proxy.url + "/tokentrail/v1/pause?mode=abort", timeout=120).raise_for_status()
+        reader.join(120)
+        httpx.post(proxy.url + "/tokentrail/v1/resume", timeout=120).raise_for_status()
+        proxy.wait_all_records()
+        (row,) = proxy.rows("SELECT outcome FROM llm_calls")
+    finishes = [
+        choice.get("finish_reason")
+        for line in lines
+        if line.startswith("data: {")
+        for choice in json.loads(line[6:])["choices"]
+    ]
+    cut = "length" not in finishes  # vLLM ended it before its 1,900 tokens
+    print(f"\nabort pause: the stream {'was cut' if cut else 'had finished'}; recorded {row['outcome']}")
+    assert row["outcome"] == ("aborted" if cut else "ok"), (finishes[-3:], row)
+
+
+def test_several_upstreams_are_paused_and_resumed_together(
+    vllm_url: str, fake: tuple[FakeUpstream, str], tmp_path: Path, resumed: None
+) -> None:
+    with running_proxy(f"{vllm_url},{fake[1]}", tmp_path) as proxy:
+        paused = httpx.post(proxy.url + "/tokentrail/v1/pause?mode=keep", timeout=120).json()
+        assert sorted((a["upstream"], a["status"]) for a in paused["upstreams"]) == sorted(
+            [(vllm_url, 200), (fake[1], 200)]
+        )
+        assert httpx.get(vllm_url + "/is_paused").json() == {"is_paused": True}
+        resumed_state = httpx.post(proxy.url + "/tokentrail/v1/resume", timeout=120).json()
+    assert resumed_state["paused"] is False
+    assert httpx.get(vllm_url + "/is_paused").json() == {"is_paused": False}
+    assert fake[0].control[-2:] == ["/pause?mode=keep", "/resume"]
