@@ -147,8 +147,11 @@ class VLLMModel(OpenAIModel):
         disable_tools: bool = False,
         client: Any | None = None,
         trajectory_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self._disable_tools = disable_tools
+        # sent with every request, e.g. X-Trajectory-Group (a GRPO group) or X-Policy-Version
+        self.headers = dict(headers or {})
         self.trajectory_id: str = trajectory_id or new_trajectory_id()
         merged = _merge_params(params, return_token_ids, disable_tools)
         if client is not None:
@@ -221,7 +224,11 @@ class VLLMModel(OpenAIModel):
             request.pop("tools", None)
             request.pop("tool_choice", None)
         trajectory_id = self._trajectory_for(kwargs.get("invocation_state"))
-        request["extra_headers"] = {**(request.get("extra_headers") or {}), TRAJECTORY_HEADER: trajectory_id}
+        request["extra_headers"] = {
+            **self.headers,
+            **(request.get("extra_headers") or {}),
+            TRAJECTORY_HEADER: trajectory_id,
+        }
         async with self._get_client() as client:
             try:
                 response = await client.chat.completions.create(**request)
