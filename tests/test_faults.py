@@ -55,7 +55,9 @@ def served(fake: tuple[FakeUpstream, str], tmp_path: Path) -> Iterator[tuple[str
         TOKENTRAIL_DB=f"sqlite:///{tmp_path / 'faults.db'}",
         TOKENTRAIL_PORT=str(port),
         TOKENTRAIL_FALLBACK_PATH=str(tmp_path / "fallback.jsonl"),
-        TOKENTRAIL_UPSTREAM_READ_TIMEOUT="1",
+        # Silence long enough to time the hanging upstreams out, yet far longer than the fake needs to
+        # start a 30 MB answer on a loaded machine (1 s was not: a busy CI machine saw a 504 there).
+        TOKENTRAIL_UPSTREAM_READ_TIMEOUT="4",
         TOKENTRAIL_UPSTREAM_KEEPALIVE_EXPIRY="0.5",
         TOKENTRAIL_LOG_LEVEL="warning",
     )
