@@ -19,12 +19,16 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 from tokentrail.proxy import __version__
-from tokentrail.proxy.api import health, trajectories
+from tokentrail.proxy.api import health, metrics, trajectories, worker_state
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
+from tokentrail.proxy.metrics import snapshot
+from tokentrail.proxy.metrics.calls import CallCounters
+from tokentrail.proxy.metrics.exposition import make_registry
 from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from_environment
 from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
 from tokentrail.proxy.relay.asgi import Relay
@@ -59,7 +63,9 @@ class Runtime:
     engine: Engine
     writer: RecordWriter
     relay: Relay
+    call_counters: CallCounters
     worker: int | None = None  # the worker's slot under ``serve --workers N``
+    metrics_registry: CollectorRegistry | None = None
 
 
 class TokenTrailApp:
@@ -131,6 +137,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.db, settings.db_busy_timeout_ms)
+        call_counters = CallCounters()
         writer = RecordWriter(
             engine,
             queue_size=settings.writer_queue_size,
@@ -142,6 +149,7 @@ def create_app(
             gather_s=0.0 if settings.durable else GATHER_S,
             spool_max_bytes=settings.spool_max_bytes,
             reject_when_spool_full=settings.spool_full == "reject",
+            observer=call_counters.observe,
         )
         writer.start()
         client = upstream_client(settings)
@@ -161,8 +169,14 @@ def create_app(
             if len(pool.upstreams) > 1
             else None
         )
-        app.state.runtime = runtime = Runtime(settings, engine, writer, relay, worker)
-        publisher = None if worker is None else asyncio.create_task(health.publish_every(runtime))
+        runtime = Runtime(settings, engine, writer, relay, call_counters, worker)
+        runtime.metrics_registry = make_registry(lambda: snapshot.all_values(runtime))
+        app.state.runtime = runtime
+        publisher = (
+            None
+            if worker is None
+            else asyncio.create_task(worker_state.publish_every(runtime, (health.publish, snapshot.publish)))
+        )
         logger.info("upstream=<%s>, db=<%s> | TokenTrail ready", settings.upstream, _safe_url(settings.db))
         try:
             yield
@@ -190,6 +204,7 @@ def create_app(
         lifespan=lifespan,
     )
     api.include_router(health.router)
+    api.include_router(metrics.router)
     api.include_router(trajectories.router)
     api.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

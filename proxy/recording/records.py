@@ -74,6 +74,10 @@ class CallRecord:
     total_tokens: int | None = None
     upstream_first_byte_at: float | None = None
     finished_at: float | None = None
+    # When the request went to the upstream and its last byte came back: with both, the metrics
+    # tell the proxy's own time from the upstream's (the relay sets them where it knows them).
+    upstream_sent_at: float | None = None
+    upstream_last_byte_at: float | None = None
     choices: list[ChoiceRecord] = field(default_factory=list)
     # Durable mode: called (from the writer thread) once the record is committed (True) or kept in
     # the fallback file (False). Not stored.
