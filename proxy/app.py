@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 from tokentrail.proxy import __version__
-from tokentrail.proxy.api import health, metrics, trajectories, worker_state
+from tokentrail.proxy.api import detokenize, health, metrics, trajectories, worker_state
+from tokentrail.proxy.api.detokenize import TokenPieces
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
 from tokentrail.proxy.metrics import snapshot
@@ -66,6 +67,7 @@ class Runtime:
     call_counters: CallCounters
     worker: int | None = None  # the worker's slot under ``serve --workers N``
     metrics_registry: CollectorRegistry | None = None
+    token_pieces: TokenPieces = field(default_factory=TokenPieces)  # the viewer's decoded tokens
 
 
 class TokenTrailApp:
@@ -206,6 +208,7 @@ def create_app(
     api.include_router(health.router)
     api.include_router(metrics.router)
     api.include_router(trajectories.router)
+    api.include_router(detokenize.router)
     api.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, _internal_error)
