@@ -36,6 +36,7 @@ from tokentrail.proxy.relay.asgi import Relay
 from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.ui import routes as ui
 from tokentrail.proxy.upstream.balancer import UpstreamPool
 from tokentrail.proxy.upstream.client import UpstreamClient
 
@@ -209,6 +210,7 @@ def create_app(
     api.include_router(metrics.router)
     api.include_router(trajectories.router)
     api.include_router(detokenize.router)
+    api.include_router(ui.router)
     api.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, _internal_error)
