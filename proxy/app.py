@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 OWN_PREFIX = "/tokentrail/"
 API_PREFIX = "/tokentrail/v1"
+METRICS_PATH = "/tokentrail/metrics"
 _DRAIN_AFTER_SHUTDOWN_S = 10.0
 
 
@@ -68,14 +69,15 @@ class Runtime:
     call_counters: CallCounters
     worker: int | None = None  # the worker's slot under ``serve --workers N``
     metrics_registry: CollectorRegistry | None = None
-    token_pieces: TokenPieces = field(default_factory=TokenPieces)  # the viewer's decoded tokens
+    token_pieces: TokenPieces | None = None  # the viewer's decoded tokens
 
 
 class TokenTrailApp:
     """Sends ``/tokentrail/...`` and lifespan events to FastAPI, everything else to the relay."""
 
-    def __init__(self, api: FastAPI) -> None:
+    def __init__(self, api: FastAPI, *, metrics_require_key: bool = False) -> None:
         self.api = api
+        self.metrics_require_key = metrics_require_key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(OWN_PREFIX):
@@ -85,7 +87,7 @@ class TokenTrailApp:
                 return
             await runtime.relay(scope, receive, send)
             return
-        if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+        if scope["type"] == "http" and self._guarded(scope["path"]):
             runtime = getattr(self.api.state, "runtime", None)
             key = None if runtime is None else runtime.settings.api_key
             # Before FastAPI reads anything: a caller without the key learns nothing, not even
@@ -100,6 +102,13 @@ class TokenTrailApp:
                 "path=<%s>, error=<%s> | TokenTrail route failed", scope.get("path"), type(exc).__name__
             )
             logger.debug("path=<%s> | TokenTrail route failure details", scope.get("path"), exc_info=exc)
+
+    def _guarded(self, path: str) -> bool:
+        """Whether ``path`` needs the API key (when one is set): the trajectory API, and the metrics
+        when TOKENTRAIL_METRICS_REQUIRE_KEY says so."""
+        if path.startswith(API_PREFIX):
+            return True
+        return path == METRICS_PATH and self.metrics_require_key
 
 
 async def _unauthorized(send: Any) -> None:
@@ -173,6 +182,7 @@ def create_app(
             else None
         )
         runtime = Runtime(settings, engine, writer, relay, call_counters, worker)
+        runtime.token_pieces = TokenPieces(settings.detokenize_concurrency)
         runtime.metrics_registry = make_registry(lambda: snapshot.all_values(runtime))
         app.state.runtime = runtime
         publisher = (
@@ -210,7 +220,8 @@ def create_app(
     api.include_router(metrics.router)
     api.include_router(trajectories.router)
     api.include_router(detokenize.router)
-    api.include_router(ui.router)
+    if settings.viewer:
+        api.include_router(ui.router)
     api.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, _internal_error)
@@ -218,7 +229,7 @@ def create_app(
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         FastAPIInstrumentor.instrument_app(api, tracer_provider=provider)
-    return TokenTrailApp(api)
+    return TokenTrailApp(api, metrics_require_key=settings.metrics_require_key)
 
 
 _ERROR_TYPES = {

@@ -120,6 +120,19 @@ class Settings(BaseSettings):
             "the pass-through routes never do."
         ),
     )
+    viewer: bool = Field(
+        True, description="Serve the trajectory viewer at /tokentrail/ui/ (its data needs the API key)."
+    )
+    metrics_require_key: bool = Field(
+        False,
+        description=(
+            "With TOKENTRAIL_API_KEY set, /tokentrail/metrics requires the key too (Prometheus: "
+            "authorization.credentials); otherwise it is open, like /tokentrail/health."
+        ),
+    )
+    detokenize_concurrency: PositiveInt = Field(
+        64, description="Requests to the upstream's /detokenize at once while the viewer decodes a sequence."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @field_validator("upstream")

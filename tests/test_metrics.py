@@ -183,3 +183,15 @@ def test_metrics_of_two_workers_add_up_whichever_answers(
     assert samples[("tokentrail_records_written_total", frozenset())] == 60
     assert samples[("tokentrail_prompt_tokens_total", frozenset({("route", CHAT)}))] == prompt_tokens
     assert samples[("tokentrail_workers_reporting", frozenset())] == 2
+
+
+def test_metrics_are_open_unless_told_to_require_the_key(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    with running_proxy(fake[1], tmp_path, api_key="k") as proxy:
+        assert httpx.get(proxy.url + "/tokentrail/metrics").status_code == 200
+    with running_proxy(fake[1], tmp_path, api_key="k", metrics_require_key=True) as proxy:
+        assert httpx.get(proxy.url + "/tokentrail/metrics").status_code == 401
+        response = httpx.get(proxy.url + "/tokentrail/metrics", headers={"Authorization": "Bearer k"})
+        assert response.status_code == 200
+        assert "# TYPE tokentrail_calls counter" in response.text

@@ -96,3 +96,27 @@ def test_detokenize_needs_the_api_key_and_says_null_for_what_the_upstream_cannot
         response = httpx.post(url, json={"token_ids": [1, 1]}, headers={"Authorization": "Bearer k"})
         assert response.status_code == 200
         assert response.json() == {"pieces": {"1": None}}
+
+
+def test_detail_without_token_ids_leaves_out_only_the_token_arrays(recorded: Proxy) -> None:
+    full = httpx.get(recorded.url + API + "/one").json()
+    light = httpx.get(recorded.url + API + "/one", params={"token_ids": "false"}).json()
+    assert all(call["prompt_token_ids"] for call in full["calls"])
+    assert [c["prompt_token_ids"] for c in light["calls"]] == [None, None, None]
+    assert [c["completions"][0]["token_ids"] for c in light["calls"]] == [[], [], []]
+    for call in full["calls"]:
+        call["prompt_token_ids"] = None
+        for completion in call["completions"]:
+            completion.update(token_ids=[], logprobs=None)
+    assert light == full
+
+
+def test_the_viewer_can_be_turned_off(tmp_path: Path) -> None:
+    with running_proxy("http://127.0.0.1:9", tmp_path, viewer=False) as proxy:
+        assert httpx.get(proxy.url + "/tokentrail/ui/").status_code == 404
+    with running_proxy("http://127.0.0.1:9", tmp_path) as proxy:
+        page = httpx.get(proxy.url + "/tokentrail/ui/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        for name in ("viewer.js", "viewer.css"):
+            assert httpx.get(proxy.url + "/tokentrail/ui/" + name).status_code == 200

@@ -1,10 +1,11 @@
 """``POST /tokentrail/v1/detokenize``: the text of each token ID, through the upstream's ``/detokenize``.
 
 The viewer shows a training sequence token by token. vLLM's ``/detokenize`` turns a list of IDs into
-one string, so each distinct ID is asked for on its own, and the answer is cached by (model, ID) for
-the life of the process: a trajectory of 20,000 tokens has a few thousand distinct IDs, and the next
-trajectory of the same model mostly reuses them. An ID the upstream cannot decode comes back as
-``null`` (and is not cached, so it is tried again next time).
+one string, so each distinct ID is asked for on its own, ``TOKENTRAIL_DETOKENIZE_CONCURRENCY`` at once
+(3,066 IDs from the fake upstream: 8.9 s 16 at a time, 2.2 s 64 at a time), and the answer is cached
+by (model, ID) for the life of the process: a trajectory of 20,000 tokens has a few thousand distinct
+IDs, and the next trajectory of the same model mostly reuses them. An ID the upstream cannot decode
+comes back as ``null`` (and is not cached, so it is tried again next time).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamError
 logger = logging.getLogger(__name__)
 
 MAX_IDS = 100_000
-CONCURRENCY = 16  # requests to the upstream at once for one call of this route
 CACHE_SIZE = 500_000  # (model, ID) pairs kept; a piece is a few bytes
 TIMEOUT_S = 10.0
 
@@ -43,7 +43,8 @@ class DetokenizeOut(BaseModel):
 class TokenPieces:
     """An LRU cache of token texts by (model, ID), filled from the upstream on a miss."""
 
-    def __init__(self, size: int = CACHE_SIZE) -> None:
+    def __init__(self, concurrency: int, size: int = CACHE_SIZE) -> None:
+        self._concurrency = concurrency  # requests to the upstream at once, per call of the route
         self._size = size
         self._cache: OrderedDict[tuple[str | None, int], str] = OrderedDict()
 
@@ -59,7 +60,7 @@ class TokenPieces:
             else:
                 self._cache.move_to_end((model, token_id))
                 found[token_id] = text
-        gate = asyncio.Semaphore(CONCURRENCY)
+        gate = asyncio.Semaphore(self._concurrency)
 
         async def one(token_id: int) -> None:
             async with gate:

@@ -268,11 +268,29 @@ def _existing(connection: Any, trajectory_id: str) -> dict[str, Any]:
 
 
 @router.get("/trajectories/{trajectory_id}", response_model=TrajectoryDetail)
-def get_trajectory(request: Request, trajectory_id: TrajectoryId) -> TrajectoryDetail:
+def get_trajectory(
+    request: Request,
+    trajectory_id: TrajectoryId,
+    token_ids: Annotated[
+        bool,
+        Query(
+            description=(
+                "false: prompt_token_ids null and each completion's token_ids empty and logprobs null, "
+                "for readers that take the tokens from /sequences (a long trajectory's answer shrinks "
+                "several times)."
+            )
+        ),
+    ] = True,
+) -> TrajectoryDetail:
     """One trajectory with its calls and their completions, in seq order."""
     with _engine(request).connect() as connection:
         row = _existing(connection, trajectory_id)
         calls = queries.get_calls(connection, trajectory_id)
+    if not token_ids:
+        for call in calls:
+            call["prompt_token_ids"] = None
+            for completion in call["completions"]:
+                completion.update(token_ids=[], logprobs=None)
     return TrajectoryDetail(trajectory=_out(row), calls=[CallOut.model_validate(c) for c in calls])
 
 

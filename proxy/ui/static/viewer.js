@@ -335,12 +335,11 @@
 
   function callNode(call) {
     const failed = call.outcome !== "ok";
-    const generated = call.completions.reduce((n, c) => n + c.token_ids.length, 0);
     const details = el("details", { class: failed ? "call failed" : "call", id: `call-${call.seq}` },
       el("summary", {}, el("h4", { text: `Call ${call.seq}` }),
         el("span", { class: "meta" },
           `${call.outcome} · ${call.latency_ms == null ? NONE : `${Math.round(call.latency_ms)} ms`} · ` +
-          `${show(call.prompt_tokens)} prompt → ${generated} generated tokens · ${show(call.model)}`)));
+          `${show(call.prompt_tokens)} prompt → ${show(call.completion_tokens)} generated tokens · ${show(call.model)}`)));
     let filled = false;
     details.addEventListener("toggle", () => {  // the messages of 50 calls are large: built when opened
       if (details.open && !filled) {
@@ -420,7 +419,8 @@
     const h2 = heading(`Trajectory ${id}`);
     setStatus("Loading the trajectory…");
     const path = `/trajectories/${encodeURIComponent(id)}`;
-    const [detail, built] = await Promise.all([api(path), api(`${path}/sequences?mode=merged`)]);
+    // the calls without their token arrays: the tokens come from /sequences, once
+    const [detail, built] = await Promise.all([api(`${path}?token_ids=false`), api(`${path}/sequences?mode=merged`)]);
     const back = el("p", {}, el("a", { href: "#/", text: "← All trajectories" }));
     let current = summary(detail.trajectory);
     const refresh = (t) => {
@@ -431,7 +431,7 @@
     const callsById = Object.fromEntries(detail.calls.map((c) => [c.id, c]));
     const breaks = built.prefix_mismatches.map((m) => {
       const call = callsById[m.call_id];
-      const text = breakCause(m, call && call.prompt_token_ids ? call.prompt_token_ids.length : undefined);
+      const text = breakCause(m, call && call.prompt_tokens != null ? call.prompt_tokens : undefined);
       return { ...m, text, short: `call ${m.seq}, token ${m.position}` };
     });
     const breakList = breaks.length
