@@ -194,4 +194,4 @@ def test_metrics_are_open_unless_told_to_require_the_key(
         assert httpx.get(proxy.url + "/tokentrail/metrics").status_code == 401
         response = httpx.get(proxy.url + "/tokentrail/metrics", headers={"Authorization": "Bearer k"})
         assert response.status_code == 200
-        assert "# TYPE tokentrail_calls counter" in response.text
+        assert "# TYPE tokentrail_calls_total counter" in response.text
