@@ -138,8 +138,7 @@ class RecordWriter:
             if record.seq is not None:
                 with self._skipped_lock:
                     self._skipped.add((record.trajectory_id, record.seq))
-            if self._observer is not None:
-                self._observer(record)
+            self._observe([record])
             self._spill([record], "queue_full")
 
     @property
@@ -210,14 +209,22 @@ class RecordWriter:
                     stopping = True
                     continue
                 batch.append(item)
-            if self._observer is not None:
-                for record in batch:
-                    self._observer(record)
+            self._observe(batch)
             ready = self._in_arrival_order(batch, flush=stopping)
             if ready and self._write_with_retries(ready):
                 self._maybe_replay(database_works=True)
             with self._progress:
                 self._progress.notify_all()
+
+    def _observe(self, records: list[CallRecord]) -> None:
+        """Show the records to the observer; a failure there must never stop the recording."""
+        if self._observer is None:
+            return
+        try:
+            for record in records:
+                self._observer(record)
+        except Exception as exc:  # a bug in the metrics: counted wrong, but every record is written
+            logger.error("error=<%s> | the record observer failed", type(exc).__name__)
 
     def _write_with_retries(self, batch: list[CallRecord]) -> bool:
         """Write ``batch``; True when it is in the database. Otherwise its records are in the spool."""
