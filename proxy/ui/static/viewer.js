@@ -243,7 +243,7 @@
     const items = [
       ["Created", when(t.created_at)], ["Finished", t.finished ? `yes, ${when(t.finished_at)}` : "no"],
       ["Reward", show(t.reward)], ["Tags", tagsText(t.tags)], ["Calls", t.call_count],
-      ["Tokens", `${t.prompt_tokens} prompt + ${t.completion_tokens} generated`],
+      ["Tokens", `${t.prompt_tokens} prompt + ${t.completion_tokens} generated, summed over the calls`],
     ];
     return el("dl", { class: "summary", id: "summary" },
       items.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { "data-field": k.toLowerCase(), text: v })]));
@@ -421,7 +421,12 @@
     const path = `/trajectories/${encodeURIComponent(id)}`;
     // the calls without their token arrays: the tokens come from /sequences, once
     const [detail, built] = await Promise.all([api(`${path}?token_ids=false`), api(`${path}/sequences?mode=merged`)]);
-    const back = el("p", {}, el("a", { href: "#/", text: "← All trajectories" }));
+    const jump = (target, label) => el("button", {
+      type: "button", class: "link", text: label,
+      onclick: () => { const h = document.getElementById(target); h.scrollIntoView(); h.focus(); },
+    });
+    const back = el("nav", { class: "jump", "aria-label": "On this page" },
+      el("a", { href: "#/", text: "← All trajectories" }), jump("calls-h", "Calls"), jump("tokens-h", "Training sequence"));
     let current = summary(detail.trajectory);
     const refresh = (t) => {
       const next = summary(t);
@@ -446,11 +451,11 @@
           }), `: ${b.text}`)))
       : el("p", { class: "empty", text: "No prefix break: every call extended the sequence before." });
     const tokensSection = el("section", { "aria-labelledby": "tokens-h" },
-      el("h3", { id: "tokens-h", text: "Training sequence (merged), token by token" }), legend(), breakList,
+      el("h3", { id: "tokens-h", tabindex: "-1", text: "Training sequence (merged), token by token" }), legend(), breakList,
       el("p", { id: "tokens-pending", class: "empty", text: "Decoding tokens…" }));
     main.append(back, current, editForms(id, refresh),
       el("section", { "aria-labelledby": "calls-h" },
-        el("h3", { id: "calls-h", text: `Calls (${detail.calls.length}, in order)` }), detail.calls.map(callNode)),
+        el("h3", { id: "calls-h", tabindex: "-1", text: `Calls (${detail.calls.length}, in order)` }), detail.calls.map(callNode)),
       tokensSection);
     h2.focus();
     setStatus("Decoding tokens…");
