@@ -1,8 +1,9 @@
 """``create_app(settings)``: TokenTrail's own FastAPI routes in front of the relay, and their lifespan.
 
-Paths under ``/tokentrail/`` go to FastAPI (health, docs); every other path goes to the plain-ASGI
-relay, which forwards it to vLLM. The lifespan opens the database, the writer and the one shared
-upstream client, and on shutdown waits for open calls, then drains the writer.
+Paths under ``/tokentrail/`` go to FastAPI (health, metrics, the trajectory API, the viewer, docs); every
+other path goes to the plain-ASGI relay, which forwards it to vLLM. The lifespan opens the database, the
+writer (with the metrics' call counters watching its records) and the one shared upstream client, and
+on shutdown waits for open calls, then drains the writer.
 """
 
 from __future__ import annotations
