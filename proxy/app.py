@@ -1,8 +1,9 @@
 """``create_app(settings)``: TokenTrail's own FastAPI routes in front of the relay, and their lifespan.
 
-Paths under ``/tokentrail/`` go to FastAPI (health, docs); every other path goes to the plain-ASGI
-relay, which forwards it to vLLM. The lifespan opens the database, the writer and the one shared
-upstream client, and on shutdown waits for open calls, then drains the writer.
+Paths under ``/tokentrail/`` go to FastAPI (health, metrics, the trajectory API, the viewer, docs); every
+other path goes to the plain-ASGI relay, which forwards it to vLLM. The lifespan opens the database, the
+writer (with the metrics' call counters watching its records) and the one shared upstream client, and
+on shutdown waits for open calls, then drains the writer.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 from tokentrail.proxy import __version__
-from tokentrail.proxy.api import control, health, trajectories
+from tokentrail.proxy.api import control, detokenize, health, metrics, trajectories, worker_state
+from tokentrail.proxy.api.detokenize import TokenPieces
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
+from tokentrail.proxy.metrics import snapshot
+from tokentrail.proxy.metrics.calls import CallCounters
+from tokentrail.proxy.metrics.exposition import make_registry
 from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from_environment
 from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
 from tokentrail.proxy.relay.asgi import Relay
@@ -33,6 +39,7 @@ from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.token_in.planner import TokenIn
+from tokentrail.proxy.ui import routes as ui
 from tokentrail.proxy.upstream.balancer import UpstreamPool
 from tokentrail.proxy.upstream.client import UpstreamClient
 
@@ -40,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 OWN_PREFIX = "/tokentrail/"
 API_PREFIX = "/tokentrail/v1"
+METRICS_PATH = "/tokentrail/metrics"
 _DRAIN_AFTER_SHUTDOWN_S = 10.0
 
 
@@ -61,14 +69,18 @@ class Runtime:
     engine: Engine
     writer: RecordWriter
     relay: Relay
+    call_counters: CallCounters
     worker: int | None = None  # the worker's slot under ``serve --workers N``
+    metrics_registry: CollectorRegistry | None = None
+    token_pieces: TokenPieces | None = None  # the viewer's decoded tokens
 
 
 class TokenTrailApp:
     """Sends ``/tokentrail/...`` and lifespan events to FastAPI, everything else to the relay."""
 
-    def __init__(self, api: FastAPI) -> None:
+    def __init__(self, api: FastAPI, *, metrics_require_key: bool = False) -> None:
         self.api = api
+        self.metrics_require_key = metrics_require_key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(OWN_PREFIX):
@@ -78,7 +90,7 @@ class TokenTrailApp:
                 return
             await runtime.relay(scope, receive, send)
             return
-        if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+        if scope["type"] == "http" and self._guarded(scope["path"]):
             runtime = getattr(self.api.state, "runtime", None)
             key = None if runtime is None else runtime.settings.api_key
             # Before FastAPI reads anything: a caller without the key learns nothing, not even
@@ -93,6 +105,13 @@ class TokenTrailApp:
                 "path=<%s>, error=<%s> | TokenTrail route failed", scope.get("path"), type(exc).__name__
             )
             logger.debug("path=<%s> | TokenTrail route failure details", scope.get("path"), exc_info=exc)
+
+    def _guarded(self, path: str) -> bool:
+        """Whether ``path`` needs the API key (when one is set): the trajectory API, and the metrics
+        when TOKENTRAIL_METRICS_REQUIRE_KEY says so."""
+        if path.startswith(API_PREFIX):
+            return True
+        return path == METRICS_PATH and self.metrics_require_key
 
 
 async def _unauthorized(send: Any) -> None:
@@ -133,6 +152,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.db, settings.db_busy_timeout_ms)
+        call_counters = CallCounters()
         writer = RecordWriter(
             engine,
             queue_size=settings.writer_queue_size,
@@ -144,6 +164,7 @@ def create_app(
             gather_s=0.0 if settings.durable else GATHER_S,
             spool_max_bytes=settings.spool_max_bytes,
             reject_when_spool_full=settings.spool_full == "reject",
+            observer=call_counters.observe,
         )
         writer.start()
         client = upstream_client(settings)
@@ -176,8 +197,15 @@ def create_app(
             if len(pool.upstreams) > 1
             else None
         )
-        app.state.runtime = runtime = Runtime(settings, engine, writer, relay, worker)
-        publisher = None if worker is None else asyncio.create_task(health.publish_every(runtime))
+        runtime = Runtime(settings, engine, writer, relay, call_counters, worker)
+        runtime.token_pieces = TokenPieces(settings.detokenize_concurrency)
+        runtime.metrics_registry = make_registry(lambda: snapshot.all_values(runtime))
+        app.state.runtime = runtime
+        publisher = (
+            None
+            if worker is None
+            else asyncio.create_task(worker_state.publish_every(runtime, (health.publish, snapshot.publish)))
+        )
         logger.info("upstream=<%s>, db=<%s> | TokenTrail ready", settings.upstream, _safe_url(settings.db))
         try:
             yield
@@ -205,8 +233,12 @@ def create_app(
         lifespan=lifespan,
     )
     api.include_router(health.router)
+    api.include_router(metrics.router)
     api.include_router(trajectories.router)
     api.include_router(control.router)
+    api.include_router(detokenize.router)
+    if settings.viewer:
+        api.include_router(ui.router)
     api.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, _internal_error)
@@ -214,7 +246,7 @@ def create_app(
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         FastAPIInstrumentor.instrument_app(api, tracer_provider=provider)
-    return TokenTrailApp(api)
+    return TokenTrailApp(api, metrics_require_key=settings.metrics_require_key)
 
 
 _ERROR_TYPES = {

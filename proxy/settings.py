@@ -153,6 +153,19 @@ class Settings(BaseSettings):
     token_in_tokenize_timeout_s: PositiveFloat = Field(
         10.0, description="Token-in: seconds for vLLM's /tokenize to answer; then the call falls back."
     )
+    viewer: bool = Field(
+        True, description="Serve the trajectory viewer at /tokentrail/ui/ (its data needs the API key)."
+    )
+    metrics_require_key: bool = Field(
+        False,
+        description=(
+            "With TOKENTRAIL_API_KEY set, /tokentrail/metrics requires the key too (Prometheus: "
+            "authorization.credentials); otherwise it is open, like /tokentrail/health."
+        ),
+    )
+    detokenize_concurrency: PositiveInt = Field(
+        64, description="Requests to the upstream's /detokenize at once while the viewer decodes a sequence."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @field_validator("upstream")

@@ -19,6 +19,10 @@ The ``x-fake`` request header picks a behaviour:
 
 vLLM's RL control plane is there too: ``GET /weight_info``, ``POST /update_weight_version``,
 ``POST /pause`` and ``POST /resume`` (recorded in ``control``).
+* ``render``: a normal completion whose prompt IDs are rendered from the request (``render_prompt``),
+  so a later call whose messages repeat an earlier one's extend its IDs exactly, and one that changes
+  the history breaks the prefix; with ``logprobs`` it returns one logprob per generated token.
+``POST /detokenize`` answers ``{"prompt": piece(id)}`` for one ID (``token_piece``).
 Any other path answers with the headers and body it received, as JSON (``/echo``).
 """
 
@@ -33,6 +37,43 @@ from typing import Any
 
 SAMPLES = Path(__file__).resolve().parent / "vllm_samples"
 PROMPT_IDS = [1, 2673, 205, 63, 1129, 567, 273, 271, 2, 205, 1, 3633, 621, 797, 205]
+ROLE_IDS = {"system": 3, "user": 4, "assistant": 5, "tool": 6}
+CHAR_BASE = 1000  # render mode: a character c is token CHAR_BASE + ord(c)
+
+
+def _text_ids(text: str) -> list[int]:
+    """A generated answer ("t100t107...") back into its IDs; any other text one ID per character."""
+    parts = text.split("t")[1:] if text.startswith("t") else []
+    if parts and all(p.isdigit() for p in parts):
+        return [int(p) for p in parts]
+    return [CHAR_BASE + min(ord(c), 0xFFFF) for c in text]
+
+
+def render_prompt(request: dict[str, Any]) -> list[int]:
+    """A toy chat template: each message is its role's ID and its content's IDs, then the assistant's
+    role ID (the generation prompt); a text completion's prompt is its characters."""
+    if "messages" not in request:
+        return _text_ids(str(request.get("prompt", "")))
+    ids: list[int] = []
+    for message in request["messages"]:
+        ids.append(ROLE_IDS.get(message.get("role"), 7))
+        content = message.get("content")
+        ids += _text_ids(content if isinstance(content, str) else json.dumps(content))
+    return [*ids, ROLE_IDS["assistant"]]
+
+
+def token_piece(token_id: int) -> str:
+    """What the fake's /detokenize says one ID is."""
+    roles = {v: k for k, v in ROLE_IDS.items()}
+    if token_id in roles:
+        return f"<|{roles[token_id]}|>"
+    if token_id >= CHAR_BASE:
+        return chr(token_id - CHAR_BASE)
+    return f"t{token_id}" if token_id >= 100 else f"<{token_id}>"
+
+
+def fake_logprob(token_id: int) -> float:
+    return -round((token_id % 13) * 0.4, 3)
 
 
 @dataclass
@@ -131,6 +172,9 @@ class FakeUpstream:
             await send({"type": "http.response.body", "body": b""})
         elif scope["path"] in ("/weight_info", "/update_weight_version", "/pause", "/resume"):
             await self._control(scope, body, send)
+        elif scope["path"] == "/detokenize":
+            (token_id,) = json.loads(body)["tokens"]
+            await _respond(send, 200, b"application/json", _dump({"prompt": token_piece(token_id)}))
         elif scope["path"] in ("/v1/chat/completions", "/v1/completions"):
             await self._complete(scope["path"], body, mode, send, receive)
         else:
@@ -192,9 +236,11 @@ class FakeUpstream:
         count, n = max(0, min(count, 64)), max(1, min(n, 4))
         chat = path == "/v1/chat/completions"
         ids = bool(request.get("return_token_ids"))
+        prompt_ids = render_prompt(request) if mode == "render" else PROMPT_IDS
+        with_logprobs = mode == "render" and chat and bool(request.get("logprobs"))
         usage = {
-            "prompt_tokens": len(PROMPT_IDS),
-            "total_tokens": len(PROMPT_IDS) + count * n,
+            "prompt_tokens": len(prompt_ids),
+            "total_tokens": len(prompt_ids) + count * n,
             "completion_tokens": count * n,
         }
         tokens = [[100 + i * 7 + c for i in range(count)] for c in range(n)]
@@ -209,16 +255,19 @@ class FakeUpstream:
                     choice["message"] = {"role": "assistant", "content": text}
                 else:
                     choice["text"] = text
+                logprobs = None
+                if with_logprobs:
+                    logprobs = {"content": [_logprob_entry(t) for t in tokens[c]]}
                 choice.update(
                     {
-                        "logprobs": None,
+                        "logprobs": logprobs,
                         "finish_reason": "length",
                         "stop_reason": None,
                         "token_ids": tokens[c] if ids else None,
                     }
                 )
                 if not chat:
-                    choice["prompt_token_ids"] = PROMPT_IDS if ids else None
+                    choice["prompt_token_ids"] = prompt_ids if ids else None
                 choices.append(choice)
             response = {
                 "id": "fake-1",
@@ -229,7 +278,7 @@ class FakeUpstream:
                 "usage": usage,
             }
             if chat:
-                response["prompt_token_ids"] = PROMPT_IDS if ids else None
+                response["prompt_token_ids"] = prompt_ids if ids else None
             await _respond(send, 200, b"application/json", _dump(response))
             return
         await send(
@@ -250,7 +299,7 @@ class FakeUpstream:
                     "finish_reason": None,
                 }
             ],
-            prompt_token_ids=PROMPT_IDS if ids else None,
+            prompt_token_ids=prompt_ids if ids else None,
         )
         await _event(send, first)
         if mode == "hang-stream":
@@ -268,7 +317,9 @@ class FakeUpstream:
                         {
                             "index": c,
                             "delta": {"content": f"t{tokens[c][i]}{pad}"},
-                            "logprobs": None,
+                            "logprobs": {"content": [_logprob_entry(tokens[c][i])]}
+                            if with_logprobs
+                            else None,
                             "finish_reason": "length" if last else None,
                             "token_ids": [tokens[c][i]] if ids else None,
                         }
@@ -283,6 +334,16 @@ class FakeUpstream:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         self.stream_finished.set()
+
+
+def _logprob_entry(token_id: int) -> dict[str, Any]:
+    piece = token_piece(token_id)
+    return {
+        "token": piece,
+        "logprob": fake_logprob(token_id),
+        "bytes": list(piece.encode()),
+        "top_logprobs": [],
+    }
 
 
 async def _event(send: Any, obj: dict[str, Any]) -> None:

@@ -38,8 +38,9 @@ def test_the_api_never_answers_5xx_or_a_stack_trace(api_proxy: Proxy) -> None:
     """schemathesis' pytest plugin does not load under this pytest, so its strategies are driven here."""
     loaded = schemathesis.openapi.from_url(api_proxy.url + "/tokentrail/openapi.json")
     operations = [result.ok() for result in loaded.get_all_operations()]
-    # health, list, detail, sequences, reward, tags, finish; pause, pause state, resume, group, set group
-    assert len(operations) == 12
+    # health, metrics, list, detail, sequences, reward, tags, finish, detokenize;
+    # pause, pause state, resume, group, set group
+    assert len(operations) == 14
     for operation, mode in itertools.product(operations, list(schemathesis.GenerationMode)):
 
         @given(case=operation.as_strategy(mode))  # valid inputs, then inputs that break the schema

@@ -37,6 +37,10 @@ def test_wheel_installs_and_runs_its_migrations_from_another_folder(tmp_path: Pa
         "tokentrail/proxy/py.typed",
         "tokentrail/proxy/storage/models.py",
         "tokentrail/proxy/api/health.py",
+        "tokentrail/proxy/metrics/catalog.py",
+        "tokentrail/proxy/ui/static/index.html",  # the viewer ships inside the package
+        "tokentrail/proxy/ui/static/viewer.js",
+        "tokentrail/proxy/ui/static/viewer.css",
         "tokentrail/migrations/env.py",
         "tokentrail/migrations/script.py.mako",
         "tokentrail/migrations/versions/0001_initial.py",

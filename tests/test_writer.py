@@ -223,3 +223,34 @@ def test_a_replay_cut_by_a_crash_is_finished_by_the_next_writer_exactly_once(
         ).scalars()
         assert sorted(ids) == sorted(record.call_id for record in records)
     engine.dispose()
+
+
+def test_a_failing_observer_never_stops_the_writer(tmp_path: Path) -> None:
+    """The metrics see each record on the writer thread; a bug there must not cost a record."""
+    seen: list[str] = []
+
+    def observer(record: CallRecord) -> None:
+        seen.append(record.call_id)
+        raise RuntimeError("a metrics bug")
+
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    engine = make_engine(db_url, 5000)
+    writer = RecordWriter(
+        engine,
+        queue_size=10,
+        batch_size=5,
+        retries=0,
+        fallback_path=tmp_path / "spool.jsonl",
+        observer=observer,
+    )
+    writer.start()
+    try:
+        for i in range(3):
+            writer.submit(CallRecord(f"c{i}", f"t{i}", "/v1/chat/completions", time.time()))
+        assert writer.wait_settled(3, 10)
+    finally:
+        writer.close()
+        engine.dispose()
+    assert writer.written == 3
+    assert len(seen) >= 1

@@ -3,29 +3,24 @@
 Under ``serve --workers N`` a connection reaches one worker, but a monitor must see them all (a record
 lost in worker 3 must not hide behind worker 0's "ok"). Each worker therefore writes its own figures to
 ``<its spool>.health.json`` every second, and the one that answers adds its siblings' latest reports to
-its own: the top-level figures are sums, ``workers`` lists each one, and a worker whose report is
-missing or older than ``STALE_S`` makes the status ``degraded``.
+its own (``worker_state``): the top-level figures are sums, ``workers`` lists each one, and a worker whose
+report is missing or older than ``STALE_S`` makes the status ``degraded``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import os
-import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 
-from tokentrail.proxy.server.workers import worker_spool_path
+from tokentrail.proxy.api.worker_state import STALE_S, sibling_states, state_path, write_state
 
 logger = logging.getLogger(__name__)
 
-PUBLISH_EVERY_S = 1.0
-STALE_S = 5.0
+KIND = "health"
 
 router = APIRouter(prefix="/tokentrail", tags=["health"])
 
@@ -137,43 +132,20 @@ def own_health(runtime: Any) -> Health:
     )
 
 
-def state_path(spool: Path) -> Path:
-    return spool.with_name(spool.name + ".health.json")
-
-
 def publish(runtime: Any) -> None:
-    """Write this worker's figures for its siblings (replace, so a reader never sees half a file)."""
-    path = state_path(runtime.writer.spool.path)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        temporary.write_text(own_health(runtime).model_dump_json())
-        os.replace(temporary, path)
-    except OSError as exc:  # its siblings will report it as not reporting
-        logger.warning("path=<%s>, error=<%s> | could not publish this worker's health", path, exc.strerror)
-
-
-async def publish_every(runtime: Any) -> None:
-    """Publish now and every second after; the file write runs off the event loop (as the health
-    endpoint itself does, in FastAPI's thread pool), so a slow disk never stalls a relayed call."""
-    while True:
-        await asyncio.to_thread(publish, runtime)
-        await asyncio.sleep(PUBLISH_EVERY_S)
+    """Write this worker's figures for its siblings."""
+    write_state(state_path(runtime.writer.spool.path, KIND), own_health(runtime).model_dump_json())
 
 
 def _sibling_reports(runtime: Any) -> list[tuple[int, Health | None, float]]:
     """(worker, its last report or None, the report's age) for every other worker."""
-    base: Path = runtime.settings.fallback_path  # every worker's spool follows from it
     reports: list[tuple[int, Health | None, float]] = []
-    for slot in range(runtime.settings.workers):
-        if slot == runtime.worker:
-            continue
-        path = state_path(worker_spool_path(base, slot))
+    for slot, content, age in sibling_states(runtime, KIND):
         report: Health | None = None
-        age = float("inf")
-        with contextlib.suppress(OSError, ValidationError):
-            age = max(0.0, time.time() - path.stat().st_mtime)
-            report = Health.model_validate_json(path.read_bytes())
-        reports.append((slot, report if age <= STALE_S else None, age))
+        if content is not None and age <= STALE_S:
+            with contextlib.suppress(ValidationError):
+                report = Health.model_validate_json(content)
+        reports.append((slot, report, age))
     return reports
 
 

@@ -72,6 +72,15 @@ class TrajectoryOut(BaseModel):
     completion_tokens: int = 0
     id_generated: bool = False
     group_id: str | None = None
+    outcome_problems: int | None = Field(
+        None, description="Calls that did not end 'ok' (in lists; null in a single trajectory's answer)."
+    )
+    sequence_count: int | None = Field(
+        None, description="Merged training sequences (with ?shape=true or ?single_sequence=; else null)."
+    )
+    prefix_breaks: int | None = Field(
+        None, description="Calls whose prompt did not extend the sequence before (as sequence_count)."
+    )
 
 
 class TrajectoryPage(BaseModel):
@@ -205,25 +214,70 @@ def list_trajectories(
     since: Annotated[
         datetime | None, Query(description="Only trajectories created at or after this time.")
     ] = None,
+    until: Annotated[
+        datetime | None, Query(description="Only trajectories created before this time.")
+    ] = None,
     finished: Annotated[bool | None, Query(description="Only finished (true) or open (false) ones.")] = None,
     tag: Annotated[list[str], Query(description="key=value; repeat for several (all must match).")] = [],  # noqa: B006
     has_reward: Annotated[
         bool | None, Query(description="Only with (true) or without (false) a reward.")
     ] = None,
+    single_sequence: Annotated[
+        bool | None,
+        Query(
+            description=(
+                "Only those that merge into exactly one training sequence (true) or not (false); reads "
+                "their tokens, so a page costs more."
+            )
+        ),
+    ] = None,
+    shape: Annotated[
+        bool, Query(description="Fill sequence_count and prefix_breaks (reads the page's tokens).")
+    ] = False,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> TrajectoryPage:
-    """Trajectories, oldest first, a page at a time."""
+    """Trajectories, oldest first, a page at a time, each with its count of calls that failed."""
     try:
         after = queries.decode_cursor(cursor) if cursor else None
     except queries.BadCursorError as exc:
         raise HTTPException(400, str(exc)) from None
-    filters = queries.TrajectoryFilter(since, finished, _parse_tags(tag), has_reward)
+    filters = queries.TrajectoryFilter(since, until, finished, _parse_tags(tag), has_reward)
     with _engine(request).connect() as connection:
-        rows = queries.list_trajectories(connection, filters, after, limit + 1)
-    page, more = rows[:limit], len(rows) > limit
+        rows = _page(connection, filters, after, limit + 1, single_sequence, shape)
+        page, more = rows[:limit], len(rows) > limit
+        problems = queries.outcome_problems(connection, [r["id"] for r in page])
     next_cursor = queries.encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
-    return TrajectoryPage(data=[_out(r) for r in page], next_cursor=next_cursor)
+    return TrajectoryPage(
+        data=[_out({**r, "outcome_problems": problems[r["id"]]}) for r in page], next_cursor=next_cursor
+    )
+
+
+def _page(
+    connection: Any,
+    filters: queries.TrajectoryFilter,
+    after: tuple[datetime, str] | None,
+    want: int,
+    single_sequence: bool | None,
+    shape: bool,
+) -> list[dict[str, Any]]:
+    """``want`` matching rows after the cursor. Whether a trajectory is one sequence is not in SQL: it
+    takes its tokens, so candidates are read in batches and kept or dropped until the page is full."""
+    if single_sequence is None and not shape:
+        return queries.list_trajectories(connection, filters, after, want)
+    rows: list[dict[str, Any]] = []
+    while len(rows) < want:
+        batch = queries.list_trajectories(connection, filters, after, want)
+        shapes = queries.sequence_shapes(connection, [r["id"] for r in batch])
+        for row in batch:
+            found = shapes[row["id"]]
+            row.update(sequence_count=found.sequences, prefix_breaks=found.prefix_breaks)
+            if single_sequence is None or (found.sequences == 1) == single_sequence:
+                rows.append(row)
+        if len(batch) < want:
+            break
+        after = (batch[-1]["created_at"], batch[-1]["id"])
+    return rows[:want]
 
 
 def _existing(connection: Any, trajectory_id: str) -> dict[str, Any]:
@@ -234,11 +288,29 @@ def _existing(connection: Any, trajectory_id: str) -> dict[str, Any]:
 
 
 @router.get("/trajectories/{trajectory_id}", response_model=TrajectoryDetail)
-def get_trajectory(request: Request, trajectory_id: TrajectoryId) -> TrajectoryDetail:
+def get_trajectory(
+    request: Request,
+    trajectory_id: TrajectoryId,
+    token_ids: Annotated[
+        bool,
+        Query(
+            description=(
+                "false: prompt_token_ids null and each completion's token_ids empty and logprobs null, "
+                "for readers that take the tokens from /sequences (a long trajectory's answer shrinks "
+                "several times)."
+            )
+        ),
+    ] = True,
+) -> TrajectoryDetail:
     """One trajectory with its calls and their completions, in seq order."""
     with _engine(request).connect() as connection:
         row = _existing(connection, trajectory_id)
         calls = queries.get_calls(connection, trajectory_id)
+    if not token_ids:
+        for call in calls:
+            call["prompt_token_ids"] = None
+            for completion in call["completions"]:
+                completion.update(token_ids=[], logprobs=None)
     return TrajectoryDetail(trajectory=_out(row), calls=[CallOut.model_validate(c) for c in calls])
 
 

@@ -76,6 +76,10 @@ class CallRecord:
     total_tokens: int | None = None
     upstream_first_byte_at: float | None = None
     finished_at: float | None = None
+    # When the request went to the upstream and its last byte came back: with both, the metrics
+    # tell the proxy's own time from the upstream's (the relay sets them where it knows them).
+    upstream_sent_at: float | None = None
+    upstream_last_byte_at: float | None = None
     choices: list[ChoiceRecord] = field(default_factory=list)
     # The RL loop: the trajectory's GRPO group (X-Trajectory-Group), the policy version when vLLM
     # started the call (X-Policy-Version or the upstream's), and spans over the generated tokens when

@@ -9,11 +9,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, select
+from sqlalchemy import Connection, Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
-from tokentrail.proxy.training.sequences import CallTokens, ChoiceTokens, logprob_values
+from tokentrail.proxy.training.sequences import (
+    CallTokens,
+    ChoiceTokens,
+    SequenceMode,
+    build_sequences,
+    logprob_values,
+)
 
 TRAJECTORIES = Trajectory.__table__  # type: ignore[attr-defined]
 CALLS = LlmCall.__table__  # type: ignore[attr-defined]
@@ -27,6 +33,7 @@ class BadCursorError(ValueError):
 @dataclass(frozen=True)
 class TrajectoryFilter:
     since: datetime | None = None
+    until: datetime | None = None
     finished: bool | None = None
     tags: dict[str, str] | None = None
     has_reward: bool | None = None
@@ -56,6 +63,8 @@ def filtered_trajectories(filters: TrajectoryFilter) -> Select[Any]:
     query = select(TRAJECTORIES)
     if filters.since is not None:
         query = query.where(TRAJECTORIES.c.created_at >= _utc(filters.since))
+    if filters.until is not None:
+        query = query.where(TRAJECTORIES.c.created_at < _utc(filters.until))
     if filters.finished is not None:
         query = query.where(TRAJECTORIES.c.finished == filters.finished)
     if filters.has_reward is not None:
@@ -150,6 +159,37 @@ def drift_of_calls(connection: Connection, call_ids: list[str]) -> list[str]:
         rows = connection.execute(select(CALLS.c.drift).where(CALLS.c.id.in_(call_ids[start : start + 500])))
         drifts.extend(drift or "unknown" for (drift,) in rows)
     return drifts
+
+
+def outcome_problems(connection: Connection, trajectory_ids: list[str]) -> dict[str, int]:
+    """For each trajectory, how many of its calls did not end ``ok``."""
+    found = dict.fromkeys(trajectory_ids, 0)
+    if trajectory_ids:
+        rows = connection.execute(
+            select(CALLS.c.trajectory_id, func.count())
+            .where(CALLS.c.trajectory_id.in_(trajectory_ids), CALLS.c.outcome != "ok")
+            .group_by(CALLS.c.trajectory_id)
+        )
+        found.update({trajectory_id: count for trajectory_id, count in rows})
+    return found
+
+
+@dataclass(frozen=True)
+class SequenceShape:
+    """How a trajectory merges into training sequences (``merged`` mode)."""
+
+    sequences: int
+    prefix_breaks: int
+
+
+def sequence_shapes(connection: Connection, trajectory_ids: list[str]) -> dict[str, SequenceShape]:
+    """For each trajectory, its merged sequences and prefix breaks (reads every token: a page at a time)."""
+    calls = load_call_tokens(connection, trajectory_ids)
+    shapes = {}
+    for trajectory_id in trajectory_ids:
+        built = build_sequences(trajectory_id, calls[trajectory_id], None, SequenceMode.MERGED)
+        shapes[trajectory_id] = SequenceShape(len(built.sequences), len(built.mismatches))
+    return shapes
 
 
 def _ensure_trajectory(connection: Connection, trajectory_id: str, now: datetime) -> None:

@@ -1,0 +1,197 @@
+"""``/tokentrail/metrics``: parsed with prometheus_client's own parser and held against the database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, text
+
+from tests.conftest import Proxy, running_proxy
+from tests.fake_upstream import FakeUpstream
+from tests.test_relay_fake import _open_request
+from tests.test_workers import FRESH, _two_workers, _wait_rows
+from tokentrail.proxy.metrics import catalog
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+BODY = {"model": "tiny", "messages": [{"role": "user", "content": "secret prompt text"}], "max_tokens": 3}
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str, client: httpx.Client | None = None) -> tuple[Samples, dict[str, str]]:
+    """Every sample of a scrape, keyed by (sample name, labels); and each family's type."""
+    response = (client or httpx).get(url + "/tokentrail/metrics", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    kinds: dict[str, str] = {}
+    for family in text_string_to_metric_families(response.text):
+        kinds[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples, kinds
+
+
+def by_label(samples: Samples, name: str, *labels: str) -> dict[tuple[str, ...], float]:
+    """The samples called ``name``, keyed by the values of ``labels`` (summed over the others)."""
+    found: Counter[tuple[str, ...]] = Counter()
+    for (sample, sample_labels), value in samples.items():
+        if sample == name:
+            as_dict = dict(sample_labels)
+            found[tuple(as_dict[label] for label in labels)] += value  # type: ignore[assignment]
+    return dict(found)
+
+
+def db_rows(db_url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def _mixed_load(upstream: FakeUpstream, proxy: Proxy) -> None:
+    """Calls that end every common way: ok (streamed or not, both routes), upstream errors, a stream
+    the upstream cuts, a client that hangs up."""
+    with httpx.Client(timeout=30) as client:
+        for i in range(4):
+            headers = {"X-Trajectory-Id": "metrics-a"}
+            assert client.post(proxy.url + CHAT, json=BODY, headers=headers).status_code == 200, i
+        streamed = dict(BODY, stream=True, stream_options={"include_usage": True})
+        for _ in range(3):
+            assert client.post(proxy.url + CHAT, json=streamed).status_code == 200
+        completion = {"model": "tiny", "prompt": "secret", "max_tokens": 5}
+        assert client.post(proxy.url + COMPLETIONS, json=completion).status_code == 200
+        for _ in range(2):
+            response = client.post(proxy.url + CHAT, json=BODY, headers={"x-fake": "status:500"})
+            assert response.status_code == 500
+        try:
+            with client.stream(
+                "POST", proxy.url + CHAT, json=dict(BODY, stream=True), headers={"x-fake": "die-mid-stream"}
+            ) as response:
+                for _ in response.iter_raw():
+                    pass
+        except httpx.RemoteProtocolError:
+            pass
+    sock = _open_request(proxy.url, BODY, {"x-fake": "hang", "X-Trajectory-Id": "metrics-gone"})
+    assert upstream.hanging.acquire(timeout=10), "the call never reached the upstream"
+    sock.close()
+    assert upstream.cancelled.acquire(timeout=10)
+    proxy.wait_all_records()
+
+
+def test_metrics_agree_with_the_database_after_a_mixed_load(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str
+) -> None:
+    upstream, url = fake
+    with running_proxy(url, tmp_path, db_url=db_url) as proxy:
+        _mixed_load(upstream, proxy)
+        samples, kinds = scrape(proxy.url)
+
+    calls = {
+        (route, outcome, integrity): float(n)
+        for route, outcome, integrity, n in db_rows(
+            db_url, "SELECT route, outcome, integrity, count(*) FROM llm_calls GROUP BY 1, 2, 3"
+        )
+    }
+    assert {o for _r, o, _i in calls} == {"ok", "upstream_error", "upstream_died", "client_disconnected"}
+    assert by_label(samples, "tokentrail_calls_total", "route", "outcome", "integrity") == calls
+    tokens = db_rows(
+        db_url,
+        "SELECT route, sum(coalesce(prompt_tokens, 0)), sum(coalesce(completion_tokens, 0)), "
+        "count(upstream_first_byte_at), count(finished_at) FROM llm_calls GROUP BY route",
+    )
+    assert by_label(samples, "tokentrail_prompt_tokens_total", "route") == {
+        (r,): float(p) for r, p, *_ in tokens
+    }
+    assert by_label(samples, "tokentrail_generated_tokens_total", "route") == {
+        (r,): float(g) for r, _p, g, *_ in tokens
+    }
+    first_token = by_label(samples, "tokentrail_upstream_first_token_seconds_count", "route")
+    assert first_token == {(r,): float(f) for r, _p, _g, f, _d in tokens if f}
+    duration = by_label(samples, "tokentrail_call_duration_seconds_count", "route")
+    assert duration == {(r,): float(d) for r, *_, d in tokens}
+    # a histogram's +Inf bucket holds every observation
+    inf = by_label(samples, "tokentrail_call_duration_seconds_bucket", "route", "le")
+    assert {(r,): v for (r, le), v in inf.items() if le == "+Inf"} == duration
+
+    (count,) = db_rows(db_url, "SELECT count(*) FROM llm_calls")[0]
+    assert samples[("tokentrail_records_written_total", frozenset())] == count == 12
+    for name in ("spooled", "replayed", "lost", "refused"):
+        assert samples[(f"tokentrail_records_{name}_total", frozenset())] == 0
+    assert samples[("tokentrail_writer_queue_depth", frozenset())] == 0
+    assert samples[("tokentrail_in_flight_calls", frozenset())] == 0
+    assert samples[("tokentrail_spool_bytes", frozenset())] == 0
+    assert samples[("tokentrail_upstream_up", frozenset({("upstream", url)}))] == 1
+    assert samples[("tokentrail_upstream_in_flight", frozenset({("upstream", url)}))] == 0
+    # every catalogued metric is there with its declared type, even the ones without samples yet
+    assert kinds == {m.name: str(m.kind) for m in catalog.ALL}
+    # nothing unbounded or private in a label: no trajectory ids, no prompt or response text
+    values = {value for _name, labels in samples for _key, value in labels}
+    assert not values & {"metrics-a", "metrics-gone"}
+    assert not any("secret" in value or "t10" in value for value in values)
+
+
+def test_metrics_of_two_workers_add_up_whichever_answers(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with _two_workers(fake[1], db_url, TOKENTRAIL_FALLBACK_PATH=str(tmp_path / "spool.jsonl")) as (_p, proxy):
+
+        async def load() -> None:
+            async with httpx.AsyncClient(limits=FRESH, timeout=60) as client:
+
+                async def one(i: int) -> None:
+                    headers = {"X-Trajectory-Id": f"w-{i % 5}"}
+                    if i % 10 == 9:
+                        headers["x-fake"] = "status:503"
+                    await client.post(proxy + CHAT, json=dict(BODY, stream=i % 2 == 0), headers=headers)
+
+                await asyncio.gather(*(one(i) for i in range(60)))
+
+        asyncio.run(load())
+        _wait_rows(db_url, 60)
+        calls = {
+            (outcome, integrity): float(n)
+            for outcome, integrity, n in db_rows(
+                db_url, "SELECT outcome, integrity, count(*) FROM llm_calls GROUP BY 1, 2"
+            )
+        }
+        (prompt_tokens,) = db_rows(db_url, "SELECT sum(prompt_tokens) FROM llm_calls")[0]
+        with httpx.Client(limits=FRESH, timeout=30) as client:
+            # each worker publishes every second: wait until both answers include the other's last calls
+            deadline = time.monotonic() + 30
+            agreed = 0
+            while agreed < 6:  # six fresh connections in a row, so both workers answered
+                samples, _kinds = scrape(proxy, client)
+                if by_label(samples, "tokentrail_calls_total", "outcome", "integrity") == calls:
+                    agreed += 1
+                else:
+                    agreed = 0
+                assert time.monotonic() < deadline, "the workers' metrics never added up to the database's"
+            health = client.get(proxy + "/tokentrail/health").json()
+        written = [w["records_written"] for w in health["workers"]]
+    assert all(written), f"one worker recorded nothing ({written}); the test proves nothing"
+    assert samples[("tokentrail_records_written_total", frozenset())] == 60
+    assert samples[("tokentrail_prompt_tokens_total", frozenset({("route", CHAT)}))] == prompt_tokens
+    assert samples[("tokentrail_workers_reporting", frozenset())] == 2
+
+
+def test_metrics_are_open_unless_told_to_require_the_key(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    with running_proxy(fake[1], tmp_path, api_key="k") as proxy:
+        assert httpx.get(proxy.url + "/tokentrail/metrics").status_code == 200
+    with running_proxy(fake[1], tmp_path, api_key="k", metrics_require_key=True) as proxy:
+        assert httpx.get(proxy.url + "/tokentrail/metrics").status_code == 401
+        response = httpx.get(proxy.url + "/tokentrail/metrics", headers={"Authorization": "Bearer k"})
+        assert response.status_code == 200
+        assert "# TYPE tokentrail_calls_total counter" in response.text
