@@ -52,7 +52,10 @@ def test_the_demo_records_an_agent_prints_its_trajectory_and_stops(vllm_url: str
         assert len(rows) >= 3  # three user turns, more calls if the model used the tool
         assert all(row.outcome == "ok" for row in rows)
         assert f"({len(rows)} rows)" in out  # the SQL rows were printed
-        assert re.search(r"sequence 0: \d+ tokens, \d+ generated", out)
+        # the demo runs TokenTrail with --token-in: the agent's turns are one exact training sequence
+        whole = rf"sequence 0: \d+ tokens, \d+ generated \(loss_mask 1\), from {len(rows)} calls"
+        assert re.search(whole, out)
+        assert "sequence 1:" not in out
         assert "Stop:  bash deploy/demo/try-cpu.sh stop" in out
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # TokenTrail is left running for the user's own client

@@ -81,7 +81,7 @@ def show_records(proxy: str, db: str, trajectory_id: str) -> None:
     """The recorded calls (SQL) and the trajectory as one training sequence (the read API)."""
     tokentrail = Path(sys.executable).with_name("tokentrail")
     query = (
-        "SELECT seq, outcome, integrity, prompt_len, response_len, finish_reason, latency_ms "
+        "SELECT seq, outcome, integrity, prompt_len, response_len, finish_reason, drift "
         f"FROM turns WHERE trajectory_id = '{trajectory_id}' ORDER BY seq"
     )
     print(f'\n$ tokentrail sql --db {db} "{query}"')
@@ -101,7 +101,8 @@ def show_records(proxy: str, db: str, trajectory_id: str) -> None:
     if len(sequences) > 1:
         print(
             "(more than one sequence: the agent re-sent the model's replies as text and the chat template "
-            "encoded them into other tokens; see the README's section on drift)"
+            "encoded them into other tokens; `tokentrail serve --token-in` keeps them exact, see the "
+            "README's section on drift and token-in)"
         )
 
 

@@ -66,7 +66,8 @@ if [ -f "$STATE/tokentrail.pid" ] && kill -0 "$(cat "$STATE/tokentrail.pid")" 2>
 else
   step "TokenTrail on port $PORT in front of $VLLM_URL"
   .venv/bin/tokentrail db upgrade --db "$DB" >/dev/null
-  setsid .venv/bin/tokentrail serve --upstream "$VLLM_URL" --port "$PORT" --db "$DB" \
+  # --token-in: the agent re-sends its history as text; TokenTrail sends vLLM the exact tokens instead
+  setsid .venv/bin/tokentrail serve --upstream "$VLLM_URL" --port "$PORT" --db "$DB" --token-in \
     >"$STATE/tokentrail.log" 2>&1 </dev/null &
   echo $! >"$STATE/tokentrail.pid"
   for _ in $(seq 1 300); do
