@@ -7,6 +7,9 @@ groups are exported to Parquet with their advantages and loaded with Hugging Fac
 
     python examples/grpo_rounds.py --proxy http://127.0.0.1:8000 --db sqlite:///tokentrail.db
 
+(next to the no-GPU demo: ``--db sqlite:///$HOME/.cache/tokentrail/demo/tokentrail.db``; it needs the
+``dev`` extra, for Strands and ``datasets``)
+
 vLLM must run with ``VLLM_SERVER_DEV_MODE=1`` (its pause, resume and weight-version routes). With the
 tiny CPU model the answers are gibberish, so the checker gives partial credit (the share of the
 answer's digits the reply contains) and rewards still differ within a group.
@@ -98,9 +101,12 @@ def run_round(proxy: str, model_id: str, round_index: int, samples: int) -> None
 def training_step(proxy: str, version: str) -> None:
     """What a trainer does between rounds: pause the fleet (in-flight calls finish), load new weights
     (here only the version), resume; calls arriving meanwhile wait at TokenTrail."""
-    paused = httpx.post(f"{proxy}/tokentrail/v1/pause?mode=wait", timeout=600).json()
-    httpx.post(f"{proxy}/update_weight_version", json={"new_version": version}, timeout=60).raise_for_status()
-    resumed = httpx.post(f"{proxy}/tokentrail/v1/resume", timeout=600).json()
+    paused = httpx.post(f"{proxy}/tokentrail/v1/pause?mode=wait", timeout=600).raise_for_status().json()
+    try:
+        update = httpx.post(f"{proxy}/update_weight_version", json={"new_version": version}, timeout=60)
+        update.raise_for_status()
+    finally:  # never leave the fleet paused
+        resumed = httpx.post(f"{proxy}/tokentrail/v1/resume", timeout=600).raise_for_status().json()
     print(f"trainer: paused={paused['paused']}, policy version -> {version}, resumed={not resumed['paused']}")
 
 

@@ -88,6 +88,14 @@ class TokenTrailApp:
             if runtime is None:
                 await _not_ready(send)
                 return
+            key = runtime.settings.api_key
+            if (
+                key is not None
+                and _controls_vllm(scope)
+                and not bearer_matches(scope["headers"], key.get_secret_value())
+            ):
+                await _unauthorized(send)  # the RL control plane is as guarded as TokenTrail's own
+                return
             await runtime.relay(scope, receive, send)
             return
         if scope["type"] == "http" and self._guarded(scope["path"]):
@@ -112,6 +120,33 @@ class TokenTrailApp:
         if path.startswith(API_PREFIX):
             return True
         return path == METRICS_PATH and self.metrics_require_key
+
+
+# vLLM's routes that pause, abort or change the served weights (VLLM_SERVER_DEV_MODE=1): with an API key
+# set they need it, like /tokentrail/v1/pause, so an agent or its tools cannot stop the fleet or
+# rewrite the versions that the records carry.
+VLLM_CONTROL_PATHS = frozenset(
+    {
+        "/pause",
+        "/resume",
+        "/update_weight_version",
+        "/finish_weight_update",
+        "/start_weight_update",
+        "/update_weights",
+        "/init_weight_transfer_engine",
+        "/sleep",
+        "/wake_up",
+        "/collective_rpc",
+    }
+)
+
+
+def _controls_vllm(scope: dict[str, Any]) -> bool:
+    path: str = scope["path"]
+    if path.startswith("/t/"):  # the /t/<id> prefix is removed before forwarding
+        rest = path.find("/", 3)
+        path = "/" if rest == -1 else path[rest:]
+    return path in VLLM_CONTROL_PATHS
 
 
 async def _unauthorized(send: Any) -> None:
@@ -191,7 +226,8 @@ def create_app(
             rl=rl_loop,
             token_in=token_in,
         )
-        versions = asyncio.create_task(rl_loop.learn_versions())  # a restarted proxy knows the version
+        # a restarted proxy knows the version (vLLM may come up after it: asked until it answers)
+        versions = asyncio.create_task(rl_loop.learn_versions_until_known())
         watcher = (
             asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))
             if len(pool.upstreams) > 1

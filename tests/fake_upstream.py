@@ -135,6 +135,7 @@ class FakeUpstream:
     streamed_bytes: int = 0
     weight_version: str = "default"
     control: list[str] = field(default_factory=list)
+    dev_mode: bool = True  # False: the control plane answers 404, as vLLM without VLLM_SERVER_DEV_MODE
     stream_finished: threading.Event = field(default_factory=threading.Event)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -190,6 +191,9 @@ class FakeUpstream:
     async def _control(self, scope: dict[str, Any], body: bytes, send: Any) -> None:
         query = scope["query_string"].decode()
         self.control.append(scope["path"] + ("?" + query if query else ""))
+        if not self.dev_mode:
+            await _respond(send, 404, b"application/json", _dump({"detail": "Not Found"}))
+            return
         answer: dict[str, Any]
         if scope["path"] == "/weight_info":
             answer = {"weight_version": self.weight_version}

@@ -35,7 +35,7 @@ def test_two_grpo_rounds_around_a_training_pause_export_their_groups(
     rows = re.findall(
         r"^  (round\d-task\d) +(\S+) +reward ([\d.]+) advantage +(\S+) policy (\S+)$", done.stdout, re.M
     )
-    assert len(rows) == 12  # 2 rounds x 2 tasks x 3 samples, each one sequence
+    assert len({trajectory for _, trajectory, *_ in rows}) == 12  # 2 rounds x 2 tasks x 3 samples
     assert sorted({group for group, *_ in rows}) == [
         "round1-task0",
         "round1-task1",

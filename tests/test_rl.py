@@ -94,18 +94,23 @@ def test_a_version_change_during_a_stream_splits_its_tokens_into_spans(
     try:
         assert two_tokens.wait(30), "the first two tokens never reached the client"
         assert upstream.hanging.acquire(timeout=30)  # the upstream holds the rest
+        assert _call(rl_proxy, "short").status_code == 200  # recorded while the stream is held
+        rl_proxy.wait_records(1)
         httpx.post(rl_proxy.url + "/update_weight_version", json={"new_version": "v2"}).raise_for_status()
         assert _versions(rl_proxy) == {fake[1]: "v2"}
     finally:
         upstream.gate.set()
         reader.join(60)
     rl_proxy.wait_all_records()
-    (row,) = rl_proxy.rows("SELECT weight_version, weight_versions FROM llm_calls")
+    (row,) = rl_proxy.rows("SELECT weight_version, weight_versions FROM llm_calls WHERE trajectory_id = 's'")
     assert row["weight_version"] == "default"
     assert json.loads(row["weight_versions"]) == [
         {"version": "default", "start": 0, "end": 2},
         {"version": "v2", "start": 2, "end": 6},
     ]
+    # the straddling call arrived before the short one, yet v2 stays the newer version
+    order = rl_proxy.rows("SELECT version FROM weight_versions ORDER BY first_seen_at")
+    assert [r["version"] for r in order] == ["default", "v2"]
 
 
 def test_calls_wait_at_the_proxy_while_paused_and_none_is_lost(
@@ -130,7 +135,7 @@ def test_calls_wait_at_the_proxy_while_paused_and_none_is_lost(
     for caller in callers:
         caller.join(60)
     assert statuses == [200] * 8
-    assert fake[0].control == ["/weight_info", "/pause?mode=wait", "/resume"]
+    assert fake[0].control == ["/weight_info", "/pause?mode=wait", "/resume", "/weight_info"]  # re-learned
     rl_proxy.wait_all_records()
     assert rl_proxy.rows("SELECT count(*) AS n FROM llm_calls WHERE outcome = 'ok'") == [{"n": 8}]
 
@@ -219,3 +224,72 @@ def test_the_export_gives_versions_staleness_and_group_advantages_and_filters_on
     done, _ = _export(rl_proxy, tmp_path, "--min-weight-version", "v9")
     assert done.returncode == 2
     assert "no call ran under weight version 'v9'" in done.stderr
+
+
+def test_a_wait_pause_lets_running_calls_finish_before_vllm_is_paused(
+    rl_proxy: Proxy, fake: tuple[FakeUpstream, str]
+) -> None:
+    """vLLM's own wait would hold a request sent a moment after it; TokenTrail drains its calls
+    first, the client's X-Policy-Version ones included, and only then pauses vLLM."""
+    upstream = fake[0]
+    headers = {"X-Trajectory-Id": "held", "x-fake": "gate-stream", "X-Policy-Version": "mine"}
+    results: dict[str, Any] = {}
+
+    def stream() -> None:
+        body = dict(BODY, stream=True)
+        results["call"] = httpx.post(rl_proxy.url + CHAT, json=body, headers=headers, timeout=60).status_code
+
+    def pause() -> None:
+        results["pause"] = httpx.post(rl_proxy.url + "/tokentrail/v1/pause?mode=wait", timeout=60).status_code
+
+    caller = threading.Thread(target=stream)
+    caller.start()
+    assert upstream.hanging.acquire(timeout=30)
+    pauser = threading.Thread(target=pause)
+    try:
+        pauser.start()
+        _until(lambda: httpx.get(rl_proxy.url + "/tokentrail/v1/pause").json()["paused"])
+        assert "/pause?mode=wait" not in upstream.control  # still draining the held stream
+    finally:
+        upstream.gate.set()
+        caller.join(60)
+        pauser.join(60)
+    assert results == {"call": 200, "pause": 200}
+    assert upstream.control[-1] == "/pause?mode=wait"
+    httpx.post(rl_proxy.url + "/tokentrail/v1/resume", timeout=60).raise_for_status()
+
+
+def test_a_pause_no_upstream_accepts_is_a_502_and_leaves_nothing_paused(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    fake[0].dev_mode = False
+    with running_proxy(fake[1], tmp_path) as proxy:
+        refused = httpx.post(proxy.url + "/tokentrail/v1/pause", timeout=60)
+        state = httpx.get(proxy.url + "/tokentrail/v1/pause").json()
+        assert _call(proxy, "goes-through").status_code == 200
+    assert refused.status_code == 502
+    assert "VLLM_SERVER_DEV_MODE" in refused.json()["error"]["message"]
+    assert state["paused"] is False
+
+
+def test_a_version_that_cannot_be_stored_is_ignored_and_recording_goes_on(
+    rl_proxy: Proxy, fake: tuple[FakeUpstream, str]
+) -> None:
+    long_version = "v" * 300
+    httpx.post(rl_proxy.url + "/update_weight_version", json={"new_version": long_version}).raise_for_status()
+    assert fake[0].weight_version == long_version  # vLLM took it; TokenTrail only declines to record it
+    assert _call(rl_proxy, "after-long").status_code == 200
+    rl_proxy.wait_all_records()
+    assert rl_proxy.rows("SELECT weight_version FROM llm_calls") == [{"weight_version": "default"}]
+
+
+def test_with_an_api_key_vllms_control_routes_need_it(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:
+    with running_proxy(fake[1], tmp_path, api_key="secret") as proxy:
+        anonymous = httpx.post(proxy.url + "/pause?mode=abort")
+        prefixed = httpx.post(proxy.url + "/t/x/update_weight_version", json={"new_version": "evil"})
+        keyed = httpx.post(proxy.url + "/resume", headers={"Authorization": "Bearer secret"})
+        models = httpx.get(proxy.url + "/v1/models")  # other routes stay open, as before
+    assert (anonymous.status_code, prefixed.status_code, keyed.status_code) == (401, 401, 200)
+    assert models.status_code == 200
+    assert "/pause?mode=abort" not in fake[0].control
+    assert fake[0].weight_version == "default"

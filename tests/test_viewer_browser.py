@@ -207,7 +207,7 @@ def test_calls_show_messages_as_sent_the_reply_and_tool_calls(
     expect(body.locator(".tool-call").first).to_contain_text("get_weather")
     expect(body).to_contain_text("tool → call-1")
     expect(body.locator(".message.reply .tool-call")).to_have_count(1)  # the reply's own tool call
-    expect(body).to_contain_text("Weight version: —")
+    expect(body).to_contain_text("Weight version: default")
     shoot(page, shots, "05-trajectory-tool-call")
 
     page.goto(viewer.url + "/tokentrail/ui/#/t/agent-failed")

@@ -56,7 +56,8 @@ if [ -z "$VLLM_URL" ]; then
       || { tail -n 30 "$STATE/vllm-install.log"; exit 1; }
     step "the tiny model and vLLM on port $VLLM_PORT (about a minute)"
     "$VLLM_VENV/bin/python" deploy/vllm-cpu/make_tiny_model.py "$STATE/tiny-model" >/dev/null
-    PORT="$VLLM_PORT" VLLM_PIDFILE="$STATE/vllm.pid" VLLM_LOG="$STATE/vllm.log" \
+    # dev mode: vLLM's RL control plane (pause, resume, weight versions), for examples/grpo_rounds.py
+    VLLM_SERVER_DEV_MODE=1 PORT="$VLLM_PORT" VLLM_PIDFILE="$STATE/vllm.pid" VLLM_LOG="$STATE/vllm.log" \
       bash deploy/vllm-cpu/start.sh "$STATE/tiny-model" >/dev/null
   fi
 fi

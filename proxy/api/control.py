@@ -81,17 +81,26 @@ def _state(rl: RlLoop, answers: list[UpstreamAnswer]) -> PauseOut:
     )
 
 
-@router.post("/pause", response_model=PauseOut)
+@router.post("/pause", response_model=PauseOut, responses={502: {}, 504: {}})
 async def pause(
     request: Request,
     mode: Annotated[PauseMode, Query(description="wait (default), keep or abort, as vLLM's /pause")] = (
         PauseMode.WAIT
     ),
 ) -> PauseOut:
-    """Hold new recorded calls at the proxy and pause every upstream; with ``wait``, return once the
-    calls already running are done."""
+    """Hold new recorded calls at the proxy and pause every upstream; with ``wait``, the calls already
+    running finish first. 502 (and everything resumed) when an upstream did not pause, e.g. a vLLM
+    without ``VLLM_SERVER_DEV_MODE=1``; 504 when running calls did not finish in time (still paused)."""
     rl = _rl(request)
-    answers = await rl.pause(mode)
+    try:
+        answers = await rl.pause(mode)
+    except TimeoutError:
+        raise HTTPException(504, "calls still running after the wait limit; the proxy stays paused") from None
+    failed = [a for a in answers if a.status is None or not 200 <= a.status < 300]
+    if failed:
+        await rl.resume()
+        detail = "; ".join(f"{a.upstream}: {a.status} {a.body[:200]}" for a in failed)
+        raise HTTPException(502, f"not every upstream paused (is VLLM_SERVER_DEV_MODE=1 set?): {detail}")
     return _state(rl, answers)
 
 

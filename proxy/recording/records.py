@@ -87,6 +87,8 @@ class CallRecord:
     group_id: str | None = None
     weight_version: str | None = None
     weight_versions: list[dict[str, Any]] | None = None
+    # when this process learned each of those versions (epoch seconds): their order (not a column)
+    version_times: dict[str, float] | None = None
     # Token-in (proxy/token_in/): the proxy sent the prompt IDs, or why it did not (None: off).
     token_in: bool = False
     token_in_fallback: str | None = None

@@ -550,17 +550,23 @@ def _call_row(record: CallRecord, seq: int, encoder: RowEncoder) -> dict[str, An
 
 
 def _note_weight_versions(connection: Any, batch: list[CallRecord], encoder: RowEncoder) -> None:
-    """Add the policy versions this batch saw first to ``weight_versions`` (their order is what
-    staleness is counted in); a version already there keeps its first sighting."""
+    """Add the policy versions of this batch to ``weight_versions`` with when they were first learned
+    (their order is what staleness is counted in); a version already there keeps the earlier time."""
     first_seen: dict[str, float] = {}
     for record in batch:
-        versions = [record.weight_version] + [s["version"] for s in record.weight_versions or []]
-        for version in versions:
+        times = record.version_times or {}
+        for version in [record.weight_version, *(s["version"] for s in record.weight_versions or [])]:
             if version is not None:
-                first_seen[version] = min(first_seen.get(version, record.received_at), record.received_at)
+                at = times.get(version, record.finished_at or record.received_at)
+                first_seen[version] = min(first_seen.get(version, at), at)
     if first_seen:
+        earlier = "min" if encoder.sqlite else "least"
         rows = [{"version": v, "first_seen_at": encoder.time(at)} for v, at in sorted(first_seen.items())]
-        encoder.insert(connection, _WEIGHT_VERSION_INSERT, rows, suffix="ON CONFLICT (version) DO NOTHING")
+        on_conflict = (
+            "ON CONFLICT (version) DO UPDATE SET "
+            f"first_seen_at = {earlier}(weight_versions.first_seen_at, excluded.first_seen_at)"
+        )
+        encoder.insert(connection, _WEIGHT_VERSION_INSERT, rows, suffix=on_conflict)
 
 
 def _completion_rows(record: CallRecord, encoder: RowEncoder) -> list[dict[str, Any]]:

@@ -376,7 +376,7 @@ class Relay:
             def sent_to(upstream: Upstream) -> None:
                 nonlocal running
                 if running is not None:
-                    rl.end(running, 0)
+                    rl.forget(running)
                 running = rl.begin(record, upstream.url, rl_headers.policy_version, capture.generated_so_far)
 
             state.on_target = sent_to

@@ -42,6 +42,7 @@ class RlLoop:
         self.weights = WeightVersions()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._running: set[RunningCall] = set()  # every recorded call sent upstream and not ended
         self._aborting: set[RunningCall] = set()
 
     # ---- the relay's side ----
@@ -55,52 +56,82 @@ class RlLoop:
     ) -> RunningCall:
         """The call's request goes to ``upstream`` now: note its policy version, watch for changes."""
         record.weight_version = policy_header if policy_header is not None else self.weights.current(upstream)
+        record.weight_versions = None
         call = RunningCall(record, upstream, generated, record.stream)
-        if policy_header is None:
+        if policy_header is None:  # the client's own version is not changed by the upstream's
             self.weights.start(call)
+        self._running.add(call)
         self._idle.clear()
         return call
 
-    def end(self, call: RunningCall, total_generated: int) -> None:
-        """The call is over: version spans, and ``aborted`` for a call a pause aborted."""
+    def forget(self, call: RunningCall) -> None:
+        """An attempt that failed before an answer (the call is sent again, or ends)."""
         self.weights.stop(call)
-        call.finish(total_generated)
-        if call in self._aborting:
-            self._aborting.discard(call)
-            record = call.record
-            cut = any(c.finish_reason == "abort" for c in record.choices)
-            if cut or record.outcome != Outcome.OK:
-                record.outcome = Outcome.ABORTED
-        if not self.weights.running():
+        self._running.discard(call)
+        self._aborting.discard(call)
+        if not self._running:
             self._idle.set()
+
+    def end(self, call: RunningCall, total_generated: int) -> None:
+        """The call is over: version spans, and ``aborted`` for a call vLLM aborted (finish reason
+        ``abort``, or its answer broken off while an abort pause was in force)."""
+        aborting = call in self._aborting
+        self.forget(call)
+        call.finish(total_generated)
+        record = call.record
+        broken = record.outcome in (Outcome.UPSTREAM_DIED, Outcome.UPSTREAM_ERROR)
+        if any(c.finish_reason == "abort" for c in record.choices) or (aborting and broken):
+            record.outcome = Outcome.ABORTED
+        record.version_times = {
+            version: self.weights.learned_at[version]
+            for version in [record.weight_version, *(s["version"] for s in record.weight_versions or [])]
+            if version is not None and version in self.weights.learned_at
+        }
 
     # ---- the control plane ----
 
     async def pause(self, mode: PauseMode) -> list[UpstreamAnswer]:
-        """Hold new recorded calls here, pause every upstream, and (``wait``) return once the calls
-        already running are done."""
+        """Hold new recorded calls here, then pause every upstream.
+
+        ``wait``: the calls TokenTrail has already sent finish first, and only then is vLLM paused
+        (vLLM's own ``wait`` would hold a request that arrives a moment after it, and TokenTrail would
+        wait for that one forever). Raises ``TimeoutError`` when they take longer than
+        ``CONTROL_TIMEOUT_S`` (the gate stays closed: resume opens it).
+        """
         self.gate.pause(mode)
-        if mode == PauseMode.ABORT:
-            self._aborting.update(self.weights.running())
-        answers = await self._everywhere("POST", f"/pause?mode={mode}")
         if mode == PauseMode.WAIT:
             await asyncio.wait_for(self._idle.wait(), CONTROL_TIMEOUT_S)
+        if mode == PauseMode.ABORT:
+            self._aborting.update(self._running)
+        answers = await self._everywhere("POST", f"/pause?mode={mode}")
         logger.warning("mode=<%s>, held=<%d> | fleet paused", mode, self.gate.held_now)
         return answers
 
     async def resume(self) -> list[UpstreamAnswer]:
         """Resume every upstream, then let the held calls go."""
         answers = await self._everywhere("POST", "/resume")
+        self._aborting.clear()
+        await self.learn_versions()  # weights may have changed by routes TokenTrail did not see
         held = self.gate.held_now
         self.gate.resume()
         logger.warning("held=<%d> | fleet resumed", held)
         return answers
 
-    async def learn_versions(self) -> None:
-        """Ask every upstream for its policy version (at start; after an upstream comes back)."""
+    async def learn_versions(self) -> bool:
+        """Ask every upstream for its policy version; True when each answered (200, or 404 from a
+        vLLM without ``VLLM_SERVER_DEV_MODE``, which has no versions to tell)."""
+        answered = True
         for answer in await self._everywhere("GET", WEIGHT_INFO_PATH):
             if answer.status == 200:
                 self.weights.learn_weight_info(answer.upstream, answer.body.encode())
+            elif answer.status != 404:
+                answered = False
+        return answered
+
+    async def learn_versions_until_known(self, retry_s: float = 2.0) -> None:
+        """At start (a background task): vLLM may come up after TokenTrail, so ask until it answers."""
+        while not await self.learn_versions():  # noqa: ASYNC110 - nothing to wait on but time
+            await asyncio.sleep(retry_s)
 
     async def _everywhere(self, method: str, path: str) -> list[UpstreamAnswer]:
         return list(await asyncio.gather(*(self._one(u, method, path) for u in self.pool.upstreams)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,18 +68,24 @@ class WeightVersions:
     def __init__(self) -> None:
         self._current: dict[str, str | None] = {}
         self._running: dict[str, set[RunningCall]] = {}
+        # when this process first learned each version: the order staleness is counted in (a call's
+        # own arrival time can precede the version it ends under)
+        self.learned_at: dict[str, float] = {}
 
     def current(self, upstream: str) -> str | None:
         return self._current.get(upstream)
 
     def set(self, upstream: str, version: str | None) -> None:
         """The upstream now runs ``version``; calls running there note where it changed."""
-        if self._current.get(upstream) == version:
-            return
+        if version is not None:
+            self.learned_at.setdefault(version, time.time())
         known = upstream in self._current
+        if known and self._current[upstream] == version:
+            return
         self._current[upstream] = version
-        if known:
-            logger.info("upstream=<%s>, weight_version=<%s> | policy version changed", upstream, version)
+        if not known:  # the first version learned for this upstream: no call saw it change
+            return
+        logger.info("upstream=<%s>, weight_version=<%s> | policy version changed", upstream, version)
         for call in self._running.get(upstream, ()):
             call.version_changed(version)
 
@@ -119,9 +126,22 @@ def is_control_path(path: str) -> bool:
     return path in _VERSION_FIELDS or path == WEIGHT_INFO_PATH
 
 
+MAX_VERSION_LENGTH = 256
+
+
 def _field(body: bytes, name: str) -> str | None:
+    """A version named in a control call's JSON; one that could not be stored (over 256 characters,
+    not printable) is ignored with a warning rather than breaking every record after it."""
     try:
         value = json.loads(body).get(name)
     except (ValueError, AttributeError, UnicodeDecodeError):
         return None
-    return None if value is None else str(value)
+    if value is None:
+        return None
+    version = str(value)
+    if not version or len(version) > MAX_VERSION_LENGTH or not version.isprintable():
+        logger.warning(
+            "length=<%d> | ignored a policy version that is empty, too long or not printable", len(version)
+        )
+        return None
+    return version
