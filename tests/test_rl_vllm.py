@@ -186,4 +186,4 @@ def test_several_upstreams_are_paused_and_resumed_together(
         resumed_state = httpx.post(proxy.url + "/tokentrail/v1/resume", timeout=120).json()
     assert resumed_state["paused"] is False
     assert httpx.get(vllm_url + "/is_paused").json() == {"is_paused": False}
-    assert fake[0].control[-2:] == ["/pause?mode=keep", "/resume"]
+    assert fake[0].control[-3:] == ["/pause?mode=keep", "/resume", "/weight_info"]
