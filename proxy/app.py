@@ -28,11 +28,12 @@ from tokentrail.proxy.errors import openai_error_body
 from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from_environment
 from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
 from tokentrail.proxy.relay.asgi import Relay
+from tokentrail.proxy.server.own_headers import WithOwnHeaders, own_headers
 from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
-from tokentrail.proxy.upstream.balancer import UpstreamPool
-from tokentrail.proxy.upstream.client import UpstreamClient
+from tokentrail.proxy.upstream.balancer import UpstreamBalancer
+from tokentrail.proxy.upstream.client import UpstreamClient, ignored_proxy_variables
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class TokenTrailApp:
 
     def __init__(self, api: FastAPI) -> None:
         self.api = api
+        self._own = WithOwnHeaders(api)  # TokenTrail's own answers carry uvicorn's date and server
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(OWN_PREFIX):
@@ -85,7 +87,7 @@ class TokenTrailApp:
                 await _unauthorized(send)
                 return
         try:
-            await self.api(scope, receive, send)
+            await self._own(scope, receive, send)
         except Exception as exc:  # already answered 500 by Starlette; keep the trace out of the log
             logger.error(
                 "path=<%s>, error=<%s> | TokenTrail route failed", scope.get("path"), type(exc).__name__
@@ -98,6 +100,7 @@ async def _unauthorized(send: Any) -> None:
         "a valid 'Authorization: Bearer <TOKENTRAIL_API_KEY>' header is required", "AuthenticationError", 401
     )
     headers = [
+        *own_headers(),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"www-authenticate", b"Bearer"),
@@ -112,7 +115,7 @@ async def _not_ready(send: Any) -> None:
         {
             "type": "http.response.start",
             "status": 503,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [*own_headers(), (b"content-type", b"application/json")],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -144,10 +147,12 @@ def create_app(
             reject_when_spool_full=settings.spool_full == "reject",
         )
         writer.start()
+        for name in ignored_proxy_variables(os.environ):
+            logger.warning("variable=<%s> | set, but not used: TokenTrail connects to vLLM directly", name)
         client = upstream_client(settings)
-        pool = UpstreamPool(settings.upstreams)
+        balancer = UpstreamBalancer(settings.upstreams)
         relay = Relay(
-            pool,
+            balancer,
             client,
             writer,
             CallSpans(provider) if provider else None,
@@ -155,10 +160,11 @@ def create_app(
             max_concurrent_calls=settings.max_concurrent_calls,
             durable=settings.durable,
             client_body_timeout_s=settings.client_body_timeout_s,
+            client_send_timeout_s=settings.client_send_timeout_s,
         )
         watcher = (
-            asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))
-            if len(pool.upstreams) > 1
+            asyncio.create_task(balancer.watch(client, settings.upstream_health_interval_s))
+            if len(balancer.upstreams) > 1
             else None
         )
         app.state.runtime = runtime = Runtime(settings, engine, writer, relay, worker)

@@ -14,14 +14,14 @@ import pytest
 from tests.conftest import running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve_in_thread
-from tokentrail.proxy.upstream.balancer import UpstreamPool, rendezvous_score
+from tokentrail.proxy.upstream.balancer import UpstreamBalancer, rendezvous_score
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
 def test_rendezvous_moves_only_the_trajectories_of_the_upstream_that_left() -> None:
-    pool = UpstreamPool(["http://a", "http://b", "http://c"])
+    pool = UpstreamBalancer(["http://a", "http://b", "http://c"])
     before = {f"t{i}": pool.pick(f"t{i}").url for i in range(300)}
     assert set(Counter(before.values())) == {"http://a", "http://b", "http://c"}
     pool.mark_down(pool.upstreams[1], "test")
@@ -33,7 +33,7 @@ def test_rendezvous_moves_only_the_trajectories_of_the_upstream_that_left() -> N
 
 
 def test_calls_without_a_trajectory_go_to_the_least_busy_upstream() -> None:
-    pool = UpstreamPool(["http://a", "http://b"])
+    pool = UpstreamBalancer(["http://a", "http://b"])
     pool.upstreams[0].in_flight = 3
     assert pool.pick(None).url == "http://b"
 
@@ -122,7 +122,7 @@ def test_a_refused_call_moves_to_the_live_upstream_and_the_record_names_it(tmp_p
     with ExitStack() as stack:
         dead = stack.enter_context(serve_in_thread(FakeUpstream()))
     with serve_in_thread(FakeUpstream()) as live:
-        pool = UpstreamPool([dead, live])
+        pool = UpstreamBalancer([dead, live])
         trajectory = next(f"t{i}" for i in range(100) if pool.pick(f"t{i}").url == dead)
         with running_proxy(f"{dead},{live}", tmp_path, upstream_health_interval_s=60) as proxy:
             response = httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": trajectory})

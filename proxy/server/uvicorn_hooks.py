@@ -65,6 +65,10 @@ class RequestHooks:
                 )
         return cls(cycle) if usable else None
 
+    def abort(self) -> None:
+        """Close the client's connection now (a client cut off mid-response)."""
+        self.cycle.transport.close()
+
     @property
     def body_complete(self) -> bool:
         """Whether the whole request body has arrived (then ``receive()`` cannot wait)."""

@@ -4,8 +4,10 @@ Calls with a trajectory id go to the healthy upstream with the highest rendezvou
 (highest random weight hashing): every proxy replica picks the same one without talking to the
 others, and when an upstream goes away only its own trajectories move. Calls without an id go to the
 healthy upstream with the fewest calls in flight. Upstreams are probed on ``/health`` in the
-background and are also marked down the moment a connection to them is refused; one that answers its
-probe again is used again.
+background and are also marked down the moment a connection to them is refused (not when this
+machine ran out of its own resources); one that answers its probe again is used again.
+
+(Named a balancer: "pool" in this package means only the client's pool of connections.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamError
+from tokentrail.proxy.upstream.client import UpstreamClient
+from tokentrail.proxy.upstream.errors import UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def rendezvous_score(trajectory_id: str, url: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-class UpstreamPool:
+class UpstreamBalancer:
     """Picks an upstream per call and keeps the health of each."""
 
     def __init__(self, urls: list[str]) -> None:
