@@ -40,18 +40,24 @@ class RawUpstream:
             self.closed.release()
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
-        """One request (head and Content-Length body); b"" when the connection ended first."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return b""
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        request = head + await reader.readexactly(length)
-        self.requests.append(request)
+        """One request, kept in ``requests``; b"" when the connection ended first."""
+        request = await read_request(reader)
+        if request:
+            self.requests.append(request)
         return request
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request (head and Content-Length body) as sent; b"" when the connection ended first."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.raw_upstream import read_request as read_raw_request
 from tokentrail.proxy.upstream.client import (
     UpstreamBrokenError,
     UpstreamClient,
@@ -61,16 +62,9 @@ class Upstream:
 
 async def read_request(reader: asyncio.StreamReader, upstream: Upstream) -> bytes:
     """One request (head and Content-Length body) as sent; b"" when the connection ended."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return b""
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    request = head + await reader.readexactly(length)
-    upstream.requests.append(request)
+    request = await read_raw_request(reader)
+    if request:
+        upstream.requests.append(request)
     return request
 
 
