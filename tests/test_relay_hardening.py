@@ -79,6 +79,21 @@ def test_a_400_that_mentions_the_flag_is_answered_for_the_clients_own_request(tm
         assert b"return_token_ids" not in upstream.requests[1]
 
 
+def test_a_validation_error_that_describes_the_request_is_answered_for_the_clients_own_request(
+    tmp_path: Path,
+) -> None:
+    """vLLM's request-validation errors count the request's fields ('<dict of 2 items>')."""
+    with (
+        raw_upstream(
+            rejecting(b"1 validation error: <dict of 2 items>", b"1 validation error: <dict of 1 items>")
+        ) as upstream,
+        running_proxy(upstream.url, tmp_path) as proxy,
+    ):
+        response = httpx.post(proxy.url + CHAT, json={"model": "tiny"}, timeout=30)
+        assert response.json()["error"]["message"] == "1 validation error: <dict of 1 items>"
+        assert len(upstream.requests) == 2
+
+
 def test_durable_records_keep_the_outcome_they_were_handed_over_with(
     fake: tuple[FakeUpstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

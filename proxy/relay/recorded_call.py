@@ -59,7 +59,8 @@ from tokentrail.proxy.upstream.errors import UpstreamError
 logger = logging.getLogger(__name__)
 
 _VALIDATION_STATUSES = frozenset({400, 422})
-_FLAG = b"return_token_ids"
+# What in a 400/422 says the added flag may have shaped it (see RecordedCall._open).
+_FLAG_SHAPED = (b"return_token_ids", b"validation error")
 _NO_LENGTH = frozenset({b"content-length"})
 
 
@@ -193,15 +194,18 @@ class RecordedCall:
         """Send the call to vLLM; the response, and its body when it had to be read here.
 
         When the proxy added ``return_token_ids`` and vLLM rejects the request as invalid (400/422),
-        the error is read: if it mentions the flag, the client's own bytes are sent instead, so the
-        client gets the error vLLM gives its own request; otherwise vLLM's answer stands as it is
-        (the flag was not what it objected to), and nothing is sent twice.
+        the error is read. If the flag can have shaped it (the error names the flag, or it is a
+        request-validation error, whose message describes the request: "input: '<dict of 2 items>'"),
+        the client's own bytes are sent instead, so the client gets the error vLLM gives its own
+        request, word for word. Any other error (max_tokens too large, prompt too long, unknown tool)
+        comes from the request's meaning, which the flag does not change: it stands as it is, and
+        nothing is sent twice.
         """
         response = await self._send(self.body)
         if not self.strip or response.status_code not in _VALIDATION_STATUSES:
             return response, None
         body = await self._read_whole(response)
-        if _FLAG not in body:
+        if not any(marker in body for marker in _FLAG_SHAPED):
             return response, body
         await self.state.close_upstream()
         self.strip = False
