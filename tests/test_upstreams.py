@@ -135,3 +135,36 @@ def test_a_refused_call_moves_to_the_live_upstream_and_the_record_names_it(tmp_p
                 dead: (False, 0),
                 live: (True, 0),
             }
+
+
+def test_a_probe_begun_before_a_call_found_the_upstream_down_does_not_mark_it_healthy() -> None:
+    class SlowHealthyClient:
+        """Answers every probe 200, once the test lets it."""
+
+        def __init__(self) -> None:
+            self.answer = asyncio.Event()
+            self.asked = asyncio.Event()
+
+        async def send(self, *args: object, **kwargs: object) -> SlowHealthyClient:
+            self.asked.set()
+            await self.answer.wait()
+            return self
+
+        status_code = 200
+
+        async def aclose(self) -> None:
+            pass
+
+    async def test() -> None:
+        balancer = UpstreamBalancer(["http://a", "http://b"])
+        client = SlowHealthyClient()
+        probing = asyncio.create_task(balancer.probe(client))  # type: ignore[arg-type]
+        await client.asked.wait()
+        balancer.mark_down(balancer.upstreams[1], "UpstreamConnectError")  # a call meanwhile
+        client.answer.set()
+        await probing
+        assert [u.healthy for u in balancer.upstreams] == [True, False]
+        await balancer.probe(client)  # type: ignore[arg-type]  # a probe begun after: it counts
+        assert [u.healthy for u in balancer.upstreams] == [True, True]
+
+    asyncio.run(test())

@@ -31,6 +31,7 @@ class Upstream:
     url: str
     healthy: bool = True
     in_flight: int = 0
+    downs: int = 0  # times marked down by a call: a probe begun before the last one is out of date
 
     @property
     def url_bytes(self) -> bytes:
@@ -68,11 +69,13 @@ class UpstreamBalancer:
         if upstream.healthy and len(self.upstreams) > 1:
             logger.warning("upstream=<%s>, reason=<%s> | upstream marked down", upstream.url, reason)
         upstream.healthy = False
+        upstream.downs += 1
 
     async def probe(self, client: UpstreamClient) -> None:
         """Probe every upstream once."""
 
         async def one(upstream: Upstream) -> None:
+            downs = upstream.downs
             try:
                 response = await client.send(
                     "GET", upstream.url + HEALTH_PATH, [], b"", timeout_s=HEALTH_TIMEOUT_S
@@ -81,6 +84,8 @@ class UpstreamBalancer:
                 await response.aclose()
             except UpstreamError:
                 healthy = False
+            if healthy and upstream.downs != downs:  # a call found it down while this probe ran
+                return
             if healthy != upstream.healthy:
                 logger.warning("upstream=<%s>, healthy=<%s> | upstream health changed", upstream.url, healthy)
             upstream.healthy = healthy
