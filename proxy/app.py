@@ -35,13 +35,14 @@ from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from
 from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
 from tokentrail.proxy.relay.asgi import Relay
 from tokentrail.proxy.rl.loop import RlLoop
+from tokentrail.proxy.server.own_headers import WithOwnHeaders, own_headers
 from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.token_in.planner import TokenIn
 from tokentrail.proxy.ui import routes as ui
-from tokentrail.proxy.upstream.balancer import UpstreamPool
-from tokentrail.proxy.upstream.client import UpstreamClient
+from tokentrail.proxy.upstream.balancer import UpstreamBalancer
+from tokentrail.proxy.upstream.client import UpstreamClient, ignored_proxy_variables
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class TokenTrailApp:
     def __init__(self, api: FastAPI, *, metrics_require_key: bool = False) -> None:
         self.api = api
         self.metrics_require_key = metrics_require_key
+        self._own = WithOwnHeaders(api)  # TokenTrail's own answers carry uvicorn's date and server
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(OWN_PREFIX):
@@ -107,7 +109,7 @@ class TokenTrailApp:
                 await _unauthorized(send)
                 return
         try:
-            await self.api(scope, receive, send)
+            await self._own(scope, receive, send)
         except Exception as exc:  # already answered 500 by Starlette; keep the trace out of the log
             logger.error(
                 "path=<%s>, error=<%s> | TokenTrail route failed", scope.get("path"), type(exc).__name__
@@ -154,6 +156,7 @@ async def _unauthorized(send: Any) -> None:
         "a valid 'Authorization: Bearer <TOKENTRAIL_API_KEY>' header is required", "AuthenticationError", 401
     )
     headers = [
+        *own_headers(),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"www-authenticate", b"Bearer"),
@@ -168,7 +171,7 @@ async def _not_ready(send: Any) -> None:
         {
             "type": "http.response.start",
             "status": 503,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [*own_headers(), (b"content-type", b"application/json")],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -202,20 +205,22 @@ def create_app(
             observer=call_counters.observe,
         )
         writer.start()
+        for name in ignored_proxy_variables(os.environ):
+            logger.warning("variable=<%s> | set, but not used: TokenTrail connects to vLLM directly", name)
         client = upstream_client(settings)
-        pool = UpstreamPool(settings.upstreams)
-        rl_loop = RlLoop(pool, client, settings.pause_max_wait_s)
+        balancer = UpstreamBalancer(settings.upstreams)
+        rl_loop = RlLoop(balancer, client, settings.pause_max_wait_s)
         token_in = TokenIn(
             enabled=settings.token_in,
             engine=engine,
             client=client,
-            upstream_of=lambda trajectory_id: pool.pick(trajectory_id).url,
+            upstream_of=lambda trajectory_id: balancer.pick(trajectory_id).url,
             memory_trajectories=settings.token_in_memory_trajectories,
             wait_s=settings.token_in_wait_s,
             tokenize_timeout_s=settings.token_in_tokenize_timeout_s,
         )
         relay = Relay(
-            pool,
+            balancer,
             client,
             writer,
             CallSpans(provider) if provider else None,
@@ -223,14 +228,15 @@ def create_app(
             max_concurrent_calls=settings.max_concurrent_calls,
             durable=settings.durable,
             client_body_timeout_s=settings.client_body_timeout_s,
+            client_send_timeout_s=settings.client_send_timeout_s,
             rl=rl_loop,
             token_in=token_in,
         )
         # a restarted proxy knows the version (vLLM may come up after it: asked until it answers)
         versions = asyncio.create_task(rl_loop.learn_versions_until_known())
         watcher = (
-            asyncio.create_task(pool.watch(client, settings.upstream_health_interval_s))
-            if len(pool.upstreams) > 1
+            asyncio.create_task(balancer.watch(client, settings.upstream_health_interval_s))
+            if len(balancer.upstreams) > 1
             else None
         )
         runtime = Runtime(settings, engine, writer, relay, call_counters, worker)

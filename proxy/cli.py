@@ -257,6 +257,7 @@ def _run_uvicorn(settings: Settings, worker_slot: int | None) -> None:
 
     from tokentrail.proxy.app import create_app
     from tokentrail.proxy.server.http_limits import limited_protocol
+    from tokentrail.proxy.server.own_headers import UVICORN_OPTIONS
 
     config = uvicorn.Config(
         create_app(settings, worker=worker_slot),
@@ -271,6 +272,7 @@ def _run_uvicorn(settings: Settings, worker_slot: int | None) -> None:
         # X-Forwarded-* rewriting of the client address costs 4% of the event loop at 64 concurrent
         # calls, for an address nothing in TokenTrail uses.
         proxy_headers=False,
+        **UVICORN_OPTIONS,  # no date/server of uvicorn's on relayed answers: vLLM's own go through
     )
     server = uvicorn.Server(config)
     # A worker binds the port shared (SO_REUSEPORT) with its siblings; a single proxy as uvicorn does.

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     client_body_timeout_s: PositiveFloat = Field(
         60.0, description="Seconds a client may stay silent while sending a request body; then 408."
     )
+    client_send_timeout_s: PositiveFloat = Field(
+        60.0,
+        description=(
+            "Seconds a client may take nothing of a response (stops reading a stream); then it is cut "
+            "off, its vLLM request cancelled and the call recorded as client_too_slow."
+        ),
+    )
     max_concurrent_calls: PositiveInt | None = Field(
         None, description="Calls open at once at most; more get 503 at once. Empty: no limit."
     )
@@ -177,6 +184,11 @@ class Settings(BaseSettings):
             url = item.strip().rstrip("/")
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"upstream {url!r} must start with http:// or https://")
+            if "@" in url.partition("://")[2].partition("/")[0]:
+                raise ValueError(
+                    "an upstream URL must not carry credentials (user:password@); TokenTrail does not "
+                    "send them, and vLLM's --api-key is the client's Authorization header, passed through"
+                )
             urls.append(url.removesuffix("/v1"))
         if len(set(urls)) != len(urls):
             raise ValueError("an upstream is given twice")

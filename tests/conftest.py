@@ -24,6 +24,7 @@ from tests.postgres import create_database, postgres_server
 from tests.servers import free_socket, serve_in_thread
 from tokentrail.proxy.app import Runtime, TokenTrailApp, create_app
 from tokentrail.proxy.server.http_limits import limited_protocol
+from tokentrail.proxy.server.own_headers import UVICORN_OPTIONS
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.migrate import upgrade_database
 
@@ -86,7 +87,7 @@ def running_proxy(
         if plain_uvicorn
         else limited_protocol(settings.max_header_bytes, settings.client_header_timeout_s)
     )
-    with serve_in_thread(app, http=http, proxy_headers=False) as url:
+    with serve_in_thread(app, http=http, proxy_headers=False, **UVICORN_OPTIONS) as url:
         yield Proxy(url, db_url, app)
 
 

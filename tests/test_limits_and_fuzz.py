@@ -175,3 +175,10 @@ def test_a_client_that_stops_sending_its_body_gets_408_and_nothing_is_recorded(s
     status, _error_body = _error(answer.replace(b"\r\n0\r\n\r\n", b""))
     assert status == 408
     assert strict_proxy.rows("SELECT count(*) AS n FROM llm_calls") == [{"n": 0}]
+
+
+def test_a_head_over_the_limit_that_arrives_whole_in_one_read_gets_431(strict_proxy: Proxy) -> None:
+    head = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20_000 + b"\r\n\r\n"  # (8 KiB limit)
+    status, error = _error(_raw_exchange(strict_proxy.url, head))
+    assert status == 431
+    assert error["type"] == "RequestHeaderFieldsTooLargeError"

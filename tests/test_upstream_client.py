@@ -9,6 +9,8 @@ reader slower than the upstream.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.raw_upstream import read_request as read_raw_request
 from tokentrail.proxy.upstream.client import (
     UpstreamBrokenError,
     UpstreamClient,
@@ -24,6 +27,7 @@ from tokentrail.proxy.upstream.client import (
     UpstreamConnectError,
     UpstreamReadTimeout,
     UpstreamResponse,
+    UpstreamStaleConnection,
 )
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Upstream"], Awaitable[None]]
@@ -58,16 +62,9 @@ class Upstream:
 
 async def read_request(reader: asyncio.StreamReader, upstream: Upstream) -> bytes:
     """One request (head and Content-Length body) as sent; b"" when the connection ended."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return b""
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    request = head + await reader.readexactly(length)
-    upstream.requests.append(request)
+    request = await read_raw_request(reader)
+    if request:
+        upstream.requests.append(request)
     return request
 
 
@@ -402,3 +399,112 @@ def test_a_connection_paused_for_a_reader_that_left_reads_again_when_reused() ->
 
     upstream = run(with_upstream(keep_answering(OK), test, read_timeout_s=2))
     assert upstream.connections == 1
+
+
+@pytest.mark.parametrize("tail", [b"XYZ", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", b"HTTP/1.1 2"])
+def test_bytes_after_a_complete_answer_are_not_parsed_and_the_connection_is_not_reused(tail: bytes) -> None:
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        for _ in range(2):
+            response = await client.send("GET", upstream.url + "/", [], b"")
+            assert response.raw_headers == [(b"content-length", b"2")]
+            assert await body_of(response) == b"ok"
+
+    upstream = run(
+        with_upstream(keep_answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" + tail), test)
+    )
+    assert upstream.connections == 2, "a connection with stray bytes went back to the pool"
+
+
+def test_a_101_is_an_error_and_is_not_sent_again() -> None:
+    upgrade = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        assert await body_of(await client.send("GET", upstream.url + "/", [], b"")) == b"{}"
+        with pytest.raises(UpstreamBrokenError, match="101"):
+            await client.send("GET", upstream.url + "/", [], b"")
+
+    upstream = run(with_upstream(answering(OK, upgrade), test))
+    assert len(upstream.requests) == 2
+
+
+def test_a_stale_reused_connection_is_sent_again_once_only_when_allowed() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        if upstream.connections == 1:  # answer once, then drop the next request unread
+            await read_request(reader, upstream)
+            writer.write(OK)
+            await writer.drain()
+            await reader.read(1)
+            return
+        await keep_answering(OK)(reader, writer, upstream)
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        await body_of(await client.send("POST", upstream.url + "/", [], b"{}"))
+        assert await body_of(await client.send("POST", upstream.url + "/", [], b"{}")) == b"{}"
+        assert upstream.connections == 2
+
+    run(with_upstream(handler, test, stale_window_s=30.0))
+
+    async def refused(upstream: Upstream, client: UpstreamClient) -> None:
+        await body_of(await client.send("POST", upstream.url + "/", [], b"{}"))
+        with pytest.raises(UpstreamStaleConnection):
+            await client.send("POST", upstream.url + "/", [], b"{}", resend_if_stale=False)
+        assert upstream.connections == 1
+
+    run(with_upstream(handler, refused, stale_window_s=30.0))
+
+
+def test_a_close_after_the_stale_window_is_not_stale() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream) -> None:
+        await read_request(reader, upstream)
+        writer.write(OK)
+        await writer.drain()
+        await read_request(reader, upstream)
+        await asyncio.sleep(0.3)  # vLLM works on it (the scenario), then dies
+
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        await body_of(await client.send("POST", upstream.url + "/", [], b"{}"))
+        with pytest.raises(UpstreamClosedError) as caught:
+            await client.send("POST", upstream.url + "/", [], b"{}")
+        assert not isinstance(caught.value, UpstreamStaleConnection)
+
+    upstream = run(with_upstream(handler, test, stale_window_s=0.1))
+    assert len(upstream.requests) == 2
+    assert upstream.connections == 1
+
+
+def test_the_connection_cap_serves_waiters_first_come_first_served() -> None:
+    async def test(upstream: Upstream, client: UpstreamClient) -> None:
+        first = await client.send("GET", upstream.url + "/", [], b"")  # holds the only connection
+        order: list[str] = []
+
+        async def call(name: str) -> None:
+            response = await client.send("GET", upstream.url + "/", [], b"")
+            order.append(name)
+            await body_of(response)
+
+        waiting = [asyncio.create_task(call("b")), asyncio.create_task(call("c"))]
+        await asyncio.sleep(0)  # one step each: both run straight into the queue behind the cap
+        assert len(client._waiters) == 2
+        newcomer = asyncio.create_task(call("d"))  # runs right after the connection is released
+        await body_of(first)
+        await asyncio.gather(*waiting, newcomer)
+        assert order == ["b", "c", "d"], "a newcomer took the connection ahead of the waiters"
+
+    run(with_upstream(keep_answering(OK), test, max_connections=1))
+
+
+@pytest.mark.parametrize(("code", "local"), [(errno.EMFILE, True), (errno.ECONNREFUSED, False)])
+def test_connect_errors_say_whether_this_machine_is_at_fault(code: int, local: bool) -> None:
+    async def test() -> None:
+        client = UpstreamClient(connect_timeout_s=2, read_timeout_s=2, max_connections=None, keepalive_s=4)
+
+        async def failing(*args: object, **kwargs: object) -> None:
+            raise OSError(code, os.strerror(code))
+
+        client._create_connection = failing  # type: ignore[method-assign]
+        with pytest.raises(UpstreamConnectError) as caught:
+            await client.send("GET", "http://127.0.0.1:9/", [], b"")
+        assert caught.value.local is local
+        await client.aclose()
+
+    asyncio.run(test())

@@ -14,14 +14,14 @@ import pytest
 from tests.conftest import running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve_in_thread
-from tokentrail.proxy.upstream.balancer import UpstreamPool, rendezvous_score
+from tokentrail.proxy.upstream.balancer import UpstreamBalancer, rendezvous_score
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
 def test_rendezvous_moves_only_the_trajectories_of_the_upstream_that_left() -> None:
-    pool = UpstreamPool(["http://a", "http://b", "http://c"])
+    pool = UpstreamBalancer(["http://a", "http://b", "http://c"])
     before = {f"t{i}": pool.pick(f"t{i}").url for i in range(300)}
     assert set(Counter(before.values())) == {"http://a", "http://b", "http://c"}
     pool.mark_down(pool.upstreams[1], "test")
@@ -33,7 +33,7 @@ def test_rendezvous_moves_only_the_trajectories_of_the_upstream_that_left() -> N
 
 
 def test_calls_without_a_trajectory_go_to_the_least_busy_upstream() -> None:
-    pool = UpstreamPool(["http://a", "http://b"])
+    pool = UpstreamBalancer(["http://a", "http://b"])
     pool.upstreams[0].in_flight = 3
     assert pool.pick(None).url == "http://b"
 
@@ -122,7 +122,7 @@ def test_a_refused_call_moves_to_the_live_upstream_and_the_record_names_it(tmp_p
     with ExitStack() as stack:
         dead = stack.enter_context(serve_in_thread(FakeUpstream()))
     with serve_in_thread(FakeUpstream()) as live:
-        pool = UpstreamPool([dead, live])
+        pool = UpstreamBalancer([dead, live])
         trajectory = next(f"t{i}" for i in range(100) if pool.pick(f"t{i}").url == dead)
         with running_proxy(f"{dead},{live}", tmp_path, upstream_health_interval_s=60) as proxy:
             response = httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": trajectory})
@@ -135,3 +135,36 @@ def test_a_refused_call_moves_to_the_live_upstream_and_the_record_names_it(tmp_p
                 dead: (False, 0),
                 live: (True, 0),
             }
+
+
+def test_a_probe_begun_before_a_call_found_the_upstream_down_does_not_mark_it_healthy() -> None:
+    class SlowHealthyClient:
+        """Answers every probe 200, once the test lets it."""
+
+        def __init__(self) -> None:
+            self.answer = asyncio.Event()
+            self.asked = asyncio.Event()
+
+        async def send(self, *args: object, **kwargs: object) -> SlowHealthyClient:
+            self.asked.set()
+            await self.answer.wait()
+            return self
+
+        status_code = 200
+
+        async def aclose(self) -> None:
+            pass
+
+    async def test() -> None:
+        balancer = UpstreamBalancer(["http://a", "http://b"])
+        client = SlowHealthyClient()
+        probing = asyncio.create_task(balancer.probe(client))  # type: ignore[arg-type]
+        await client.asked.wait()
+        balancer.mark_down(balancer.upstreams[1], "UpstreamConnectError")  # a call meanwhile
+        client.answer.set()
+        await probing
+        assert [u.healthy for u in balancer.upstreams] == [True, False]
+        await balancer.probe(client)  # type: ignore[arg-type]  # a probe begun after: it counts
+        assert [u.healthy for u in balancer.upstreams] == [True, True]
+
+    asyncio.run(test())

@@ -191,3 +191,20 @@ def test_bad_bodies_get_vllms_own_answer_and_the_proxy_keeps_serving(
     (row,) = vllm_proxy.rows("SELECT outcome, status_code FROM llm_calls")
     assert row == {"outcome": "upstream_error", "status_code": direct.status_code}
     assert httpx.get(vllm_proxy.url + "/tokentrail/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+def test_relayed_answers_carry_the_header_names_vllm_sends_once_each(
+    vllm_url: str, vllm_proxy: Proxy, method: str, path: str, body: Any
+) -> None:
+    direct = httpx.request(method, vllm_url + path, json=body)
+    proxied = httpx.request(method, vllm_proxy.url + path, json=body)
+    names = sorted(name.lower() for name, _ in proxied.headers.raw)
+    assert names == sorted(name.lower() for name, _ in direct.headers.raw)
+    assert names.count(b"date") == names.count(b"server") == 1

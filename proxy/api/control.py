@@ -73,7 +73,7 @@ def _rl(request: Request) -> RlLoop:
 
 def _state(rl: RlLoop, answers: list[UpstreamAnswer]) -> PauseOut:
     state = rl.gate.state()
-    versions = {u.url: rl.weights.current(u.url) for u in rl.pool.upstreams}
+    versions = {u.url: rl.weights.current(u.url) for u in rl.balancer.upstreams}
     return PauseOut(
         **vars(state),
         weight_versions=versions,

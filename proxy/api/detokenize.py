@@ -107,6 +107,6 @@ async def _detokenize(client: UpstreamClient, upstream: str, model: str | None, 
 async def detokenize(request: Request, body: DetokenizeIn) -> DetokenizeOut:
     """The text of each token ID (cached; the upstream is asked once per distinct ID and model)."""
     runtime = request.app.state.runtime
-    upstream = runtime.relay.pool.pick(None).url
+    upstream = runtime.relay.balancer.pick(None).url
     found = await runtime.token_pieces.pieces(runtime.relay.client, upstream, body.model, body.token_ids)
     return DetokenizeOut(pieces={str(token_id): text for token_id, text in found.items()})

@@ -110,7 +110,7 @@ def own_health(runtime: Any) -> Health:
         upstream=runtime.settings.upstream,
         upstreams=[
             UpstreamHealth(url=u.url, healthy=u.healthy, in_flight=u.in_flight)
-            for u in runtime.relay.pool.upstreams
+            for u in runtime.relay.balancer.upstreams
         ],
         in_flight=runtime.relay.in_flight.count,
         worker=runtime.worker,

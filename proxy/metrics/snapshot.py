@@ -38,7 +38,7 @@ def process_values(runtime: Any) -> Values:
         (catalog.WORKERS_REPORTING, 1),
     ):
         values[metric.name] = {label_key(): float(number)}
-    upstreams = runtime.relay.pool.upstreams
+    upstreams = runtime.relay.balancer.upstreams
     values[catalog.UPSTREAM_UP.name] = {u.url: 1.0 if u.healthy else 0.0 for u in upstreams}
     values[catalog.UPSTREAM_IN_FLIGHT.name] = {u.url: float(u.in_flight) for u in upstreams}
     return values

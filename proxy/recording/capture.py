@@ -420,7 +420,6 @@ class StreamTap:
     def __init__(self, capture: ResponseCapture, strip: bool) -> None:
         self.capture = capture
         self.strip = strip
-        self.saw_done = False
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -471,7 +470,6 @@ class StreamTap:
         if data is None:
             return True
         if not data.startswith(b"{") and data.strip() == b"[DONE]":
-            self.saw_done = True
             return True
         try:
             obj = jsonio.loads(data)

@@ -19,8 +19,9 @@ class Outcome(enum.StrEnum):
     UPSTREAM_ERROR = "upstream_error"  # vLLM answered with an error status or an error event
     UPSTREAM_UNREACHABLE = "upstream_unreachable"  # no connection to vLLM (answered 502)
     UPSTREAM_TIMEOUT = "upstream_timeout"  # vLLM stayed silent past the read timeout (504)
-    UPSTREAM_DIED = "upstream_died"  # the connection broke after the response had begun
+    UPSTREAM_DIED = "upstream_died"  # the connection closed or broke after the request was sent (502)
     CLIENT_DISCONNECTED = "client_disconnected"  # the client hung up; the upstream call was cancelled
+    CLIENT_TOO_SLOW = "client_too_slow"  # the client took nothing for the send timeout: cut off, cancelled
     PROXY_SHUTDOWN = "proxy_shutdown"  # the grace period after SIGTERM ran out with the call open
     PROXY_ERROR = "proxy_error"  # a bug in the proxy; the client got a 502 without details
     ABORTED = "aborted"  # vLLM aborted it for a pause (POST /tokentrail/v1/pause?mode=abort)

@@ -52,19 +52,17 @@ def strip_hop_by_hop(
 
 
 def upstream_request_headers(
-    headers: Iterable[tuple[bytes, bytes]], *, recorded: bool, body_changed: bool
+    headers: Iterable[tuple[bytes, bytes]], *, recorded: bool
 ) -> list[tuple[bytes, bytes]]:
     """The client's headers as vLLM should get them: no hop-by-hop, no Host, no X-Trajectory-* or
     X-TokenTrail-*.
 
-    On recorded routes the proxy reads the response, so it asks for identity encoding, and when it
-    rewrote the body the length is left for the upstream client to set.
+    On recorded routes the proxy reads the response, so it asks for identity encoding. The length is
+    always the upstream client's to set, from the body it sends.
     """
-    drop = {b"host", b"expect"}  # the proxy has read the whole body already
+    drop = {b"host", b"expect", b"content-length"}  # the proxy has read the whole body already
     if recorded:
         drop.add(b"accept-encoding")
-    if body_changed:
-        drop.add(b"content-length")
     kept = [
         (name, value)
         for name, value in strip_hop_by_hop(headers, frozenset(drop))

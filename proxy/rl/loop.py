@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from tokentrail.proxy.recording.records import CallRecord, Outcome
 from tokentrail.proxy.rl.pause import PauseGate, PauseMode
 from tokentrail.proxy.rl.weights import WEIGHT_INFO_PATH, RunningCall, WeightVersions
-from tokentrail.proxy.upstream.balancer import Upstream, UpstreamPool
+from tokentrail.proxy.upstream.balancer import Upstream, UpstreamBalancer
 from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ class UpstreamAnswer:
 class RlLoop:
     """Pause gate, policy versions and fleet-wide control calls for one proxy process."""
 
-    def __init__(self, pool: UpstreamPool, client: UpstreamClient, pause_max_wait_s: float) -> None:
-        self.pool = pool
+    def __init__(self, balancer: UpstreamBalancer, client: UpstreamClient, pause_max_wait_s: float) -> None:
+        self.balancer = balancer
         self.client = client
         self.pause_max_wait_s = pause_max_wait_s
         self.gate = PauseGate()
@@ -134,7 +134,7 @@ class RlLoop:
             await asyncio.sleep(retry_s)
 
     async def _everywhere(self, method: str, path: str) -> list[UpstreamAnswer]:
-        return list(await asyncio.gather(*(self._one(u, method, path) for u in self.pool.upstreams)))
+        return list(await asyncio.gather(*(self._one(u, method, path) for u in self.balancer.upstreams)))
 
     async def _one(self, upstream: Upstream, method: str, path: str) -> UpstreamAnswer:
         try:

@@ -10,24 +10,55 @@ The slow *body* is limited in the relay instead (``client_body_timeout_s`` betwe
 body is read.
 
 It also hands each request's ``RequestHooks`` to the app (``uvicorn_hooks``): the relay's fast path.
+
+It subclasses uvicorn's ``HttpToolsProtocol`` and relies on its internals (``_USES``). When this uvicorn
+lacks one, ``limited_protocol`` says so once and returns plain uvicorn's protocol instead: the proxy
+then runs without these two limits and without the fast path, but correctly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokentrail.proxy.errors import ClientTooSlowError, HeadersTooLargeError, ProxyRequestError
+from tokentrail.proxy.server.own_headers import own_headers
 from tokentrail.proxy.server.uvicorn_hooks import HOOKS_EXTENSION, RequestHooks
+
+logger = logging.getLogger(__name__)
 
 _LINGER_S = 1.0
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REQUEST_LINE_EXTRA = len(b"GET  HTTP/1.1\r\n\r\n")  # the request line and the blank line, URL aside
+# uvicorn's HttpToolsProtocol as this module uses it: the methods overridden or called, and the
+# instance attributes read (set in its __init__ / parser callbacks).
+_USES = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_url",
+    "on_header",
+    "on_headers_complete",
+    "on_body",
+    "on_message_complete",
+    "send_400_response",
+)
+_INSTANCE_ATTRIBUTES = ("cycle", "scope", "transport", "loop", "url", "headers")
 
 
-def limited_protocol(max_head_bytes: int, head_timeout_s: float) -> type[HttpToolsProtocol]:
-    """A protocol class for ``uvicorn.run(http=...)`` with these limits."""
+def limited_protocol(max_head_bytes: int, head_timeout_s: float) -> type[HttpToolsProtocol] | str:
+    """A protocol class for ``uvicorn.run(http=...)`` with these limits; ``"httptools"`` (plain
+    uvicorn, with one warning) when this uvicorn is not the one it was written for."""
+    if not protocol_fits(HttpToolsProtocol):
+        logger.warning(
+            "uvicorn=<%s> | this uvicorn's HTTP protocol is not the one TokenTrail's head limits and fast "
+            "path know; serving with plain uvicorn (no request-head size or time limit)",
+            _uvicorn_version(),
+        )
+        return "httptools"
 
     class LimitedHttpToolsProtocol(_Limited):
         pass
@@ -35,6 +66,25 @@ def limited_protocol(max_head_bytes: int, head_timeout_s: float) -> type[HttpToo
     LimitedHttpToolsProtocol.max_head_bytes = max_head_bytes
     LimitedHttpToolsProtocol.head_timeout_s = head_timeout_s
     return LimitedHttpToolsProtocol
+
+
+def protocol_fits(protocol: type) -> bool:
+    """Whether ``protocol`` has every method this module overrides or calls, and sets the instance
+    attributes it reads (read from its ``__init__``'s and callbacks' code: nothing is run)."""
+    if not all(callable(getattr(protocol, name, None)) for name in _USES):
+        return False
+    names: set[str] = set()
+    for method in ("__init__", "connection_made", "on_message_begin"):
+        code = getattr(getattr(protocol, method, None), "__code__", None)
+        if code is not None:
+            names.update(code.co_names)
+    return all(name in names for name in _INSTANCE_ATTRIBUTES)
+
+
+def _uvicorn_version() -> str:
+    import uvicorn
+
+    return str(getattr(uvicorn, "__version__", "?"))
 
 
 class _Limited(HttpToolsProtocol):
@@ -74,6 +124,11 @@ class _Limited(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stop_head_timer()
+        # A head that arrived whole in one read is judged here, by its parsed size.
+        size = len(self.url) + _REQUEST_LINE_EXTRA + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > self.max_head_bytes:
+            self._refuse(HeadersTooLargeError(f"the request head is larger than {self.max_head_bytes} bytes"))
+            return  # no request cycle: the app never sees this request
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a request cycle was made for this head
@@ -82,7 +137,13 @@ class _Limited(HttpToolsProtocol):
                 scope = cast(dict[str, Any], self.scope)
                 scope.setdefault("extensions", {})[HOOKS_EXTENSION] = self._hooks
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         super().on_message_complete()
         self._in_head = True  # whatever comes next on this connection is the next request's head
         self._head_bytes = 0
@@ -108,9 +169,11 @@ class _Limited(HttpToolsProtocol):
         self._refused = True
         self._stop_head_timer()
         body = error.body()
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
+        own = b"".join(b"%s: %s\r\n" % pair for pair in own_headers())
+        head = b"HTTP/1.1 %d %s\r\n%scontent-type: application/json\r\ncontent-length: %d\r\n" % (
             error.status_code,
             _REASONS[error.status_code],
+            own,
             len(body),
         )
         if not self.transport.is_closing():
@@ -120,4 +183,4 @@ class _Limited(HttpToolsProtocol):
             self.loop.call_later(_LINGER_S, self.transport.close)
 
 
-__all__ = ["limited_protocol"]
+__all__ = ["limited_protocol", "protocol_fits"]

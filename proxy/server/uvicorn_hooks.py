@@ -15,8 +15,10 @@ Profiled with py-spy at 64 concurrent calls on one core (``bench/``):
 The protocol puts a ``RequestHooks`` in ``scope["extensions"]["tokentrail.hooks"]``; under any other
 server there is none and the relay uses plain ASGI for all of it. This is coupled to uvicorn's
 ``RequestResponseCycle`` (its ``transport``, ``flow``, ``more_body``, ``chunked_encoding``,
-``response_started``, ``response_complete`` and ``disconnected``): uvicorn is pinned in CI's
-constraints, and the relay's tests run under both servers.
+``response_started``, ``response_complete`` and ``disconnected``; its flow control's ``write_paused``
+and ``drain``; its transport's ``write``, ``close``, ``is_closing``). ``cycle_fits`` checks all of it once
+per cycle class, and where one is missing the relay uses plain ASGI, with one warning. The relay's
+tests run under both servers, and CI runs them under the newest uvicorn the ``[proxy]`` range allows.
 """
 
 from __future__ import annotations
@@ -37,7 +39,21 @@ _CYCLE_ATTRIBUTES = (
     "response_complete",
     "disconnected",
 )
+_TRANSPORT_METHODS = ("write", "close", "is_closing")
 _usable_cycles: dict[type, bool] = {}
+
+
+def cycle_fits(cycle: Any) -> bool:
+    """Whether ``cycle`` has everything the hooks touch: its attributes, its flow control's
+    ``write_paused`` and ``drain``, and its transport's ``write``, ``close`` and ``is_closing``."""
+    if not all(hasattr(cycle, name) for name in _CYCLE_ATTRIBUTES):
+        return False
+    flow, transport = cycle.flow, cycle.transport
+    return (
+        hasattr(flow, "write_paused")
+        and callable(getattr(flow, "drain", None))
+        and all(callable(getattr(transport, name, None)) for name in _TRANSPORT_METHODS)
+    )
 
 
 class RequestHooks:
@@ -55,7 +71,7 @@ class RequestHooks:
         for (then the relay uses plain ASGI; checked once per cycle class)."""
         usable = _usable_cycles.get(type(cycle))
         if usable is None:
-            usable = all(hasattr(cycle, name) for name in _CYCLE_ATTRIBUTES)
+            usable = cycle_fits(cycle)
             _usable_cycles[type(cycle)] = usable
             if not usable:
                 logger.warning(
@@ -64,6 +80,10 @@ class RequestHooks:
                     type(cycle).__qualname__,
                 )
         return cls(cycle) if usable else None
+
+    def abort(self) -> None:
+        """Close the client's connection now (a client cut off mid-response)."""
+        self.cycle.transport.close()
 
     @property
     def body_complete(self) -> bool:
@@ -143,4 +163,4 @@ class DirectBody:
             await self._flow.drain()
 
 
-__all__ = ["HOOKS_EXTENSION", "DirectBody", "RequestHooks", "hooks_of"]
+__all__ = ["HOOKS_EXTENSION", "DirectBody", "RequestHooks", "cycle_fits", "hooks_of"]

@@ -4,8 +4,10 @@ Calls with a trajectory id go to the healthy upstream with the highest rendezvou
 (highest random weight hashing): every proxy replica picks the same one without talking to the
 others, and when an upstream goes away only its own trajectories move. Calls without an id go to the
 healthy upstream with the fewest calls in flight. Upstreams are probed on ``/health`` in the
-background and are also marked down the moment a connection to them is refused; one that answers its
-probe again is used again.
+background and are also marked down the moment a connection to them is refused (not when this
+machine ran out of its own resources); one that answers its probe again is used again.
+
+(Named a balancer: "pool" in this package means only the client's pool of connections.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamError
+from tokentrail.proxy.upstream.client import UpstreamClient
+from tokentrail.proxy.upstream.errors import UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ class Upstream:
     url: str
     healthy: bool = True
     in_flight: int = 0
+    downs: int = 0  # times marked down by a call: a probe begun before the last one is out of date
 
     @property
     def url_bytes(self) -> bytes:
@@ -39,7 +43,7 @@ def rendezvous_score(trajectory_id: str, url: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-class UpstreamPool:
+class UpstreamBalancer:
     """Picks an upstream per call and keeps the health of each."""
 
     def __init__(self, urls: list[str]) -> None:
@@ -65,11 +69,13 @@ class UpstreamPool:
         if upstream.healthy and len(self.upstreams) > 1:
             logger.warning("upstream=<%s>, reason=<%s> | upstream marked down", upstream.url, reason)
         upstream.healthy = False
+        upstream.downs += 1
 
     async def probe(self, client: UpstreamClient) -> None:
         """Probe every upstream once."""
 
         async def one(upstream: Upstream) -> None:
+            downs = upstream.downs
             try:
                 response = await client.send(
                     "GET", upstream.url + HEALTH_PATH, [], b"", timeout_s=HEALTH_TIMEOUT_S
@@ -78,6 +84,8 @@ class UpstreamPool:
                 await response.aclose()
             except UpstreamError:
                 healthy = False
+            if healthy and upstream.downs != downs:  # a call found it down while this probe ran
+                return
             if healthy != upstream.healthy:
                 logger.warning("upstream=<%s>, healthy=<%s> | upstream health changed", upstream.url, healthy)
             upstream.healthy = healthy

@@ -14,68 +14,60 @@ This client does only what a reverse proxy needs: the request goes out in one wr
 headers come back as the byte pairs the relay forwards, body chunks are handed over as they arrive
 (de-chunked, never decompressed; everything buffered is joined into one chunk per read), and a
 connection read to the end of its response goes back to the pool. The relay sees only
-``UpstreamResponse`` and the ``UpstreamError`` family.
+``UpstreamResponse`` and the ``UpstreamError`` family (``errors``). Each connection is the state
+machine of ``connection``.
+
+Re-sending: a request goes out once, except on a reused keep-alive connection that the server
+closed before the request can have been processed (``UpstreamStaleConnection``), and then only when
+the caller allows it (``resend_if_stale``), once, on a new connection to the same upstream.
 
 Timeouts: connecting (``connect_timeout_s``) and silence (``read_timeout_s``: before the headers and
 between body chunks). Backpressure: reading from vLLM pauses while more than 256 KiB wait for a slow
-client. ``max_connections`` caps open connections; callers beyond it wait for one.
+client. ``max_connections`` caps open connections; callers beyond it wait for one, first come first
+served (a released connection or a freed slot goes to the longest waiter, never to a newcomer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import socket
+import errno
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, cast
 
-import httptools
+from tokentrail.proxy.upstream.connection import STALE_WINDOW_S, Connection, Origin, Sink
+from tokentrail.proxy.upstream.errors import (
+    UpstreamBrokenError,
+    UpstreamClosedError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamReadTimeout,
+    UpstreamStaleConnection,
+)
 
-
-class UpstreamError(Exception):
-    """vLLM could not be reached or did not answer properly."""
-
-
-class UpstreamConnectError(UpstreamError):
-    """No connection could be made (refused, unknown host, connect timeout): the server is down."""
-
-
-class UpstreamClosedError(UpstreamError):
-    """The connection closed before any answer (for example a keep-alive connection vLLM dropped)."""
-
-
-class UpstreamReadTimeout(UpstreamError):
-    """vLLM sent nothing for longer than the read timeout."""
-
-
-class UpstreamBrokenError(UpstreamError):
-    """The answer was cut off or was not valid HTTP."""
-
-
-_READ_HIGH_WATER = 256 * 1024  # bytes buffered for the relay before reading from vLLM pauses
-_ONE_WRITE_LIMIT = 256 * 1024  # smaller bodies go out joined to the head, in one write
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# Connect failures caused by this machine, not by the upstream (which must not be marked down for them).
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 
 
-@dataclass(frozen=True, slots=True)
-class _Origin:
-    """Where to connect, and the Host header to send."""
-
-    key: str
-    host: str
-    port: int
-    host_header: bytes
-    tls: ssl.SSLContext | None
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
-def _parse_origin(key: str) -> _Origin:
+def ignored_proxy_variables(environ: Mapping[str, str]) -> list[str]:
+    """The HTTP(S)_PROXY variables that are set: this client never uses them (vLLM is reached
+    directly, as nginx's ``proxy_pass`` does), which the proxy says once at startup."""
+    return [name for name in PROXY_VARIABLES if environ.get(name)]
+
+
+def parse_origin(key: str) -> Origin:
     """``http://host:port`` (or https) as an origin; ``UpstreamConnectError`` when unusable."""
     scheme, _, netloc = key.partition("://")
     scheme = scheme.lower()
     if scheme not in ("http", "https") or not netloc:
         raise UpstreamConnectError(f"not an http(s) URL: {key!r}")
+    if "@" in netloc:
+        raise UpstreamConnectError(f"credentials in an upstream URL are not supported: {key!r}")
     host, port = netloc, 443 if scheme == "https" else 80
     if netloc.startswith("["):  # an IPv6 literal
         end = netloc.find("]")
@@ -86,239 +78,19 @@ def _parse_origin(key: str) -> _Origin:
         host, _, port_text = netloc.rpartition(":")
         port = int(port_text)
     tls = ssl.create_default_context() if scheme == "https" else None
-    return _Origin(key, host, port, netloc.encode("idna"), tls)
-
-
-Sink = Callable[[bytes], bool]
-"""Takes one body chunk inside the connection's read callback; returns False when its reader is
-behind (reading from vLLM then pauses until the pump's ``drain`` returns)."""
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; it carries one exchange at a time."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, origin: _Origin) -> None:
-        self.loop = loop
-        self.origin = origin
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.idle_since = 0.0
-        self.active = False
-        self.last_read = 0.0  # loop time of the last bytes from vLLM (the read timeout's clock)
-        self._timer: asyncio.TimerHandle | None = None
-        self.reading_paused = False  # the transport's state: it outlives an exchange
-        self._parser = httptools.HttpResponseParser(self)
-        self._begin(b"")
-
-    def _begin(self, method: bytes) -> None:
-        """Forget the previous exchange; the next response answers ``method``."""
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done = False
-        self.message_done = False
-        self.reusable = False
-        self.close_delimited = False
-        self.head_only = method == b"HEAD"
-        self.error: UpstreamError | None = None
-        self.chunks: list[bytes] = []
-        self.buffered = 0
-        self.waiter: asyncio.Future[None] | None = None
-        self.informational = False
-        self.sink: Sink | None = None
-        self.sink_blocked = False
-        self.sink_error: BaseException | None = None
-        self.resume()  # paused for a reader that left after the last answer had all arrived
-
-    # ---- asyncio.Protocol ----
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass asyncio's
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        self.last_read = self.loop.time()
-        if not self.active or self.message_done:  # bytes nobody asked for: the stream is out of step
-            self.reusable = False
-            self.close()
-            return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamBrokenError(f"the upstream's answer is not valid HTTP: {exc}"))
-            self.close()
-        if self.sink is not None and self.chunks:
-            self.to_sink(self.sink)
-
-    def to_sink(self, sink: Sink) -> None:
-        """Everything this read brought, in one call: under load one read carries several events,
-        and one write of them all costs the client's socket one system call instead of several."""
-        try:
-            more = sink(self.take())
-        except Exception as exc:  # the relay's own fault: the pump re-raises it in the relay
-            self.sink = None
-            self.sink_error = exc
-            self.reusable = False
-            self.close()
-            self._wake()
-            return
-        if not more and not self.sink_blocked:
-            self.sink_blocked = True
-            self._pause()
-            self._wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if not self.active or self.message_done:
-            return
-        if self.headers_done and self.close_delimited:
-            self.message_done = True  # a body without a length ends with the connection
-            self._wake()
-        elif not self.headers_done:
-            self._fail(UpstreamClosedError("the upstream closed the connection before answering"))
-        else:
-            self._fail(UpstreamBrokenError("the upstream closed the connection mid-response"))
-
-    # ---- httptools callbacks ----
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if 100 <= status < 200:  # an interim answer (103 Early Hints ...): wait for the real one
-            self.headers = []
-            self.informational = True
-            return
-        self.status = status
-        self.headers_done = True
-        framed = False
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
-                framed = True
-                break
-        self.close_delimited = not framed and status not in (204, 304)
-        if self.head_only:
-            self.message_done = True  # the parser would wait for a body a HEAD answer never has
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        if self.sink is not None:
-            return  # data_received hands the whole read to the sink
-        self.buffered += len(body)
-        if self.buffered > _READ_HIGH_WATER:
-            self._pause()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self.informational:
-            self.informational = False
-            return
-        self.reusable = not self.head_only and self._parser.should_keep_alive()
-        self.message_done = True
-        self._wake()
-
-    # ---- used by the client and the response ----
-
-    def start(self, method: bytes, request: bytes, body: bytes) -> None:
-        self._begin(method)
-        self.active = True
-        self.last_read = self.loop.time()
-        assert self.transport is not None
-        if len(body) <= _ONE_WRITE_LIMIT:
-            self.transport.write(request + body)
-        else:
-            self.transport.write(request)
-            self.transport.write(body)
-
-    def take(self) -> bytes:
-        """Everything buffered, as one chunk."""
-        chunks = self.chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.chunks = []
-        self.buffered = 0
-        self.resume()
-        return data
-
-    def resume(self) -> None:
-        if self.reading_paused and not self.sink_blocked and self.transport is not None and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
-
-    def _pause(self) -> None:
-        if not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
-
-    async def ended(self, timeout_s: float | None) -> bool:
-        """True once the response has ended; its error, if it failed; else waits for news (False)."""
-        if self.message_done:
-            return True
-        if self.error is not None:
-            raise self.error
-        await self.wait(timeout_s)
-        return False
-
-    async def wait(self, timeout_s: float | None) -> None:
-        """Until the parser or the connection has news, or ``timeout_s`` of silence from vLLM
-        (then ``UpstreamReadTimeout``, and the connection is closed).
-
-        The timer is checked lazily against ``last_read``: a pumped stream waits once for its whole
-        body, and bytes arriving meanwhile must keep it alive without waking anyone.
-        """
-        waiter = self.loop.create_future()
-        self.waiter = waiter
-        if timeout_s is not None:
-            self._timer = self.loop.call_later(timeout_s, self._check_silence, waiter, timeout_s)
-        try:
-            await waiter
-        except UpstreamReadTimeout:
-            self.close()  # a silent connection is never reused
-            raise
-        finally:
-            self.waiter = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-    def _check_silence(self, waiter: asyncio.Future[None], timeout_s: float) -> None:
-        if waiter.done():
-            return
-        silent = self.loop.time() - self.last_read
-        if silent >= timeout_s and not self.reading_paused:  # (paused by us, silence is expected)
-            waiter.set_exception(UpstreamReadTimeout("the upstream sent nothing within the read timeout"))
-            return
-        again = timeout_s if self.reading_paused else timeout_s - silent
-        self._timer = self.loop.call_later(again, self._check_silence, waiter, timeout_s)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, error: UpstreamError) -> None:
-        if self.error is None:
-            self.error = error
-        self._wake()
+    return Origin(key, host, port, netloc.encode("idna"), tls)
 
 
 class UpstreamResponse:
     """A response whose status and headers have arrived; the body is read with ``iter_raw``."""
 
-    def __init__(self, client: UpstreamClient, connection: _Connection) -> None:
+    def __init__(self, client: UpstreamClient, connection: Connection) -> None:
         self._client = client
         self._connection = connection
         self._released = False
         self.status_code = connection.status
         self.raw_headers = connection.headers
+        self.trailers = connection.trailers  # (filled when a chunked body ends; never relayed)
         self.content_type = ""
         for name, value in self.raw_headers:
             if name.lower() == b"content-type":
@@ -376,18 +148,22 @@ class UpstreamClient:
         read_timeout_s: float | None,
         max_connections: int | None,
         keepalive_s: float,
+        stale_window_s: float = STALE_WINDOW_S,
     ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.max_connections = max_connections
         self.keepalive_s = keepalive_s
+        self.stale_window_s = stale_window_s
         self._loop = asyncio.get_running_loop()
-        self._origins: dict[str, _Origin] = {}
-        self._idle: dict[str, list[_Connection]] = {}
-        self._open: set[_Connection] = set()
-        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._origins: dict[str, Origin] = {}
+        self._idle: dict[str, list[Connection]] = {}
+        self._open: set[Connection] = set()
+        # Callers waiting under the cap, oldest first; each is handed a connection to its origin or,
+        # as None, a slot reserved for it (counted in _connecting) to open one.
+        self._waiters: collections.deque[tuple[str, asyncio.Future[Connection | None]]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._connecting = 0  # connections being made: they count against the cap already
+        self._connecting = 0  # connections being made (or slots reserved): they count against the cap
 
     @property
     def open_connections(self) -> int:
@@ -401,22 +177,30 @@ class UpstreamClient:
         body: bytes,
         *,
         timeout_s: float | None = None,
+        resend_if_stale: bool = True,
     ) -> UpstreamResponse:
         """Send one request; returns once the status line and headers are in.
 
         ``timeout_s`` bounds the whole wait for the headers (health probes); otherwise only the
-        connect and read timeouts apply.
+        connect and read timeouts apply. ``resend_if_stale``: send it once more, on a new
+        connection, when a reused one turns out stale (``UpstreamStaleConnection``); callers pass
+        False for requests that are not idempotent and were not built to be re-sent.
         """
         if timeout_s is None:
-            return await self._send(method, url, headers, body)
+            return await self._send(method, url, headers, body, resend_if_stale)
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._send(method, url, headers, body)
+                return await self._send(method, url, headers, body, resend_if_stale)
         except TimeoutError:
             raise UpstreamReadTimeout(f"no answer within {timeout_s:g} s") from None
 
     async def _send(
-        self, method: str, url: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+        self,
+        method: str,
+        url: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        resend_if_stale: bool,
     ) -> UpstreamResponse:
         scheme_end = url.find("://")
         path_start = url.find("/", scheme_end + 3) if scheme_end >= 0 else -1
@@ -425,7 +209,7 @@ class UpstreamClient:
         origin = self._origins.get(key)
         if origin is None:
             try:
-                origin = _parse_origin(key)
+                origin = parse_origin(key)
             except ValueError:
                 raise UpstreamConnectError(f"not a usable URL: {key!r}") from None
             self._origins[key] = origin
@@ -437,9 +221,21 @@ class UpstreamClient:
         if body or method_bytes in _BODY_METHODS:
             lines += (b"content-length: ", str(len(body)).encode(), b"\r\n")
         lines.append(b"\r\n")
-        connection = await self._acquire(origin)
+        request = b"".join(lines)
         try:
-            connection.start(method_bytes, b"".join(lines), body)
+            return await self._exchange(origin, method_bytes, request, body)
+        except UpstreamStaleConnection:
+            if not resend_if_stale:
+                raise
+        return await self._exchange(origin, method_bytes, request, body, fresh=True)
+
+    async def _exchange(
+        self, origin: Origin, method: bytes, request: bytes, body: bytes, *, fresh: bool = False
+    ) -> UpstreamResponse:
+        """One request on one connection, until its head is in."""
+        connection = await self._acquire(origin, fresh=fresh)
+        try:
+            connection.start(method, request, body)
             while not connection.headers_done:
                 if connection.error is not None:
                     raise connection.error
@@ -450,37 +246,58 @@ class UpstreamClient:
             raise
         return UpstreamResponse(self, connection)
 
-    async def _acquire(self, origin: _Origin) -> _Connection:
-        """An idle connection to ``origin``, or a new one (waiting for a slot under a cap)."""
-        idle = self._idle.get(origin.key)
+    async def _acquire(self, origin: Origin, *, fresh: bool = False) -> Connection:
+        """An idle connection to ``origin`` (unless ``fresh``), or a new one (waiting for a turn
+        under a cap)."""
+        idle = None if fresh else self._idle.get(origin.key)
         now = self._loop.time()
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to have been dropped
             if not connection.closed and now - connection.idle_since < self.keepalive_s:
                 return connection
             self._forget(connection)
-        while self.max_connections is not None and len(self._open) + self._connecting >= self.max_connections:
-            if self._close_one_idle():  # an idle connection to another origin makes room
-                break
-            waiter = self._loop.create_future()
-            self._slot_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_slot_waiter()  # pass the slot this caller was given to the next
-                raise
-            if self._idle.get(origin.key):
-                return await self._acquire(origin)
+        if self._at_cap() and not self._close_one_idle():  # (an idle one to another origin makes room)
+            handed = await self._wait_turn(origin)
+            if handed is not None and not fresh:
+                return handed
+            if handed is not None:  # a kept-alive connection, where a new one was asked for
+                self._forget(handed)
+                return await self._acquire(origin, fresh=True)
+            return await self._connect(origin, reserved=True)
         return await self._connect(origin)
 
-    async def _connect(self, origin: _Origin) -> _Connection:
+    def _at_cap(self) -> bool:
+        cap = self.max_connections
+        return cap is not None and len(self._open) + self._connecting >= cap
+
+    async def _wait_turn(self, origin: Origin) -> Connection | None:
+        """Queue behind the callers already waiting; a connection handed over, or None for a slot."""
+        turn: asyncio.Future[Connection | None] = self._loop.create_future()
+        entry = (origin.key, turn)
+        self._waiters.append(entry)
+        try:
+            return await turn
+        except asyncio.CancelledError:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            elif turn.done() and not turn.cancelled():  # given a turn as it was cancelled: pass it on
+                handed = turn.result()
+                if handed is None:
+                    self._connecting -= 1
+                    self._grant_slots()
+                else:
+                    self.release(handed)
+            raise
+
+    async def _connect(self, origin: Origin, *, reserved: bool = False) -> Connection:
+        """A new connection (``reserved``: its slot under the cap was counted for it already)."""
         loop = self._loop
-        self._connecting += 1
+        if not reserved:
+            self._connecting += 1
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, origin),
+                _, made = await self._create_connection(
+                    lambda: Connection(loop, origin, self.stale_window_s),
                     origin.host,
                     origin.port,
                     ssl=origin.tls,
@@ -490,40 +307,58 @@ class UpstreamClient:
             raise UpstreamConnectError(
                 f"no connection to {origin.key} within {self.connect_timeout_s:g} s"
             ) from None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            local = exc.errno in _LOCAL_ERRNOS
+            raise UpstreamConnectError(f"{type(exc).__name__}: {exc}", local=local) from None
+        except ValueError as exc:
             raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from None
+        else:
+            connection = cast(Connection, made)
+            self._open.add(connection)
         finally:
             self._connecting -= 1
-            if self.max_connections is not None:
-                self._wake_slot_waiter()  # a failed connect frees its slot (a made one is in _open)
-        self._open.add(connection)
+            self._grant_slots()  # a failed connect frees its slot (a made one is in _open)
         return connection
 
-    def release(self, connection: _Connection) -> None:
-        """After an exchange: back to the pool when it ended cleanly and may be reused, else closed."""
-        connection.active = False
-        if connection.closed or not (connection.message_done and connection.reusable):
-            connection.close()
+    async def _create_connection(self, factory: Callable[[], Connection], *args: Any, **kwargs: Any) -> Any:
+        """The event loop's ``create_connection`` (a seam: tests make it fail like the OS can)."""
+        return await self._loop.create_connection(factory, *args, **kwargs)
+
+    def release(self, connection: Connection) -> None:
+        """After an exchange: to the longest waiter or back to the pool when it ended cleanly and may
+        be reused, else closed."""
+        if not connection.finish_exchange():
             self._forget(connection)
+            return
+        while self._waiters:
+            key, turn = self._waiters[0]
+            if turn.done():
+                self._waiters.popleft()
+                continue
+            if key == connection.origin.key:
+                self._waiters.popleft()
+                turn.set_result(connection)
+                return
+            self._forget(connection)  # the longest waiter wants another origin: make room for it
             return
         connection.idle_since = self._loop.time()
         self._idle.setdefault(connection.origin.key, []).append(connection)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.keepalive_s, self._sweep)
-        self._wake_slot_waiter()
 
-    def _forget(self, connection: _Connection) -> None:
+    def _forget(self, connection: Connection) -> None:
         connection.close()
         if connection in self._open:
             self._open.discard(connection)
-            self._wake_slot_waiter()
+            self._grant_slots()
 
-    def _wake_slot_waiter(self) -> None:
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _grant_slots(self) -> None:
+        """Give each free slot under the cap to the longest waiter, reserved for it."""
+        while self._waiters and not self._at_cap():
+            _, turn = self._waiters.popleft()
+            if not turn.done():
+                self._connecting += 1
+                turn.set_result(None)
 
     def _close_one_idle(self) -> bool:
         """Close the oldest idle connection, if there is one (under the cap, to make room)."""
@@ -552,3 +387,17 @@ class UpstreamClient:
         for connection in list(self._open):
             self._forget(connection)
         self._idle.clear()
+
+
+__all__ = [
+    "Sink",
+    "UpstreamBrokenError",
+    "UpstreamClient",
+    "UpstreamClosedError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamReadTimeout",
+    "UpstreamResponse",
+    "UpstreamStaleConnection",
+    "ignored_proxy_variables",
+]
