@@ -209,7 +209,9 @@ def create_app(
             logger.warning("variable=<%s> | set, but not used: TokenTrail connects to vLLM directly", name)
         client = upstream_client(settings)
         balancer = UpstreamBalancer(settings.upstreams)
-        rl_loop = RlLoop(balancer, client, settings.pause_max_wait_s)
+        rl_loop = RlLoop(
+            balancer, client, settings.pause_max_wait_s, learn_versions=settings.learn_weight_versions
+        )
         token_in = TokenIn(
             enabled=settings.token_in,
             engine=engine,

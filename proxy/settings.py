@@ -127,6 +127,13 @@ class Settings(BaseSettings):
             "the pass-through routes never do."
         ),
     )
+    learn_weight_versions: bool = Field(
+        True,
+        description=(
+            "Ask each upstream's GET /weight_info (vLLM's RL routes) at start and after a resume, so "
+            "every call records the policy version; off for upstreams that are not vLLM."
+        ),
+    )
     pause_max_wait_s: PositiveFloat = Field(
         600.0,
         description=(

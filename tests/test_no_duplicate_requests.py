@@ -72,7 +72,8 @@ def generous_stale_window(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def proxy_for(upstream: RawUpstream, tmp_path: Path, plain: bool) -> AbstractContextManager[Proxy]:
-    return running_proxy(upstream.url, tmp_path, plain_uvicorn=plain)
+    # a scripted upstream answers only what the test scripts: no GET /weight_info from the RL loop
+    return running_proxy(upstream.url, tmp_path, plain_uvicorn=plain, learn_weight_versions=False)
 
 
 def outcomes(proxy: Proxy) -> list[str]:

@@ -57,7 +57,7 @@ def test_a_400_that_does_not_mention_the_flag_is_relayed_without_sending_again(t
         raw_upstream(
             rejecting(b"max_tokens must be at least 1", b"max_tokens must be at least 1")
         ) as upstream,
-        running_proxy(upstream.url, tmp_path) as proxy,
+        running_proxy(upstream.url, tmp_path, learn_weight_versions=False) as proxy,
     ):
         response = httpx.post(proxy.url + CHAT, json=BODY, timeout=30)
         assert response.status_code == 400
@@ -70,7 +70,7 @@ def test_a_400_that_does_not_mention_the_flag_is_relayed_without_sending_again(t
 def test_a_400_that_mentions_the_flag_is_answered_for_the_clients_own_request(tmp_path: Path) -> None:
     with (
         raw_upstream(rejecting(b"unknown field return_token_ids", b"the client's own error")) as upstream,
-        running_proxy(upstream.url, tmp_path) as proxy,
+        running_proxy(upstream.url, tmp_path, learn_weight_versions=False) as proxy,
     ):
         response = httpx.post(proxy.url + CHAT, json=BODY, timeout=30)
         assert response.status_code == 400
@@ -87,7 +87,7 @@ def test_a_validation_error_that_describes_the_request_is_answered_for_the_clien
         raw_upstream(
             rejecting(b"1 validation error: <dict of 2 items>", b"1 validation error: <dict of 1 items>")
         ) as upstream,
-        running_proxy(upstream.url, tmp_path) as proxy,
+        running_proxy(upstream.url, tmp_path, learn_weight_versions=False) as proxy,
     ):
         response = httpx.post(proxy.url + CHAT, json={"model": "tiny"}, timeout=30)
         assert response.json()["error"]["message"] == "1 validation error: <dict of 1 items>"

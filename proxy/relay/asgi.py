@@ -87,6 +87,7 @@ class Relay:
         self.max_body_bytes = max_body_bytes
         self.max_concurrent_calls = max_concurrent_calls
         self.balancer = balancer
+        self.client = client
         self.sink = sink
         self.in_flight = InFlight()
 

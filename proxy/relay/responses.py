@@ -31,7 +31,7 @@ def body_message(body: bytes, *, more: bool) -> Message:
 async def send_error(send: Any, error: ProxyRequestError) -> None:
     """Answer ``error`` in the OpenAI shape (the whole answer: head and body)."""
     body = error.body()
-    headers = [*own_headers(), _JSON, (b"content-length", str(len(body)).encode())]
+    headers = [*own_headers(), _JSON, (b"content-length", str(len(body)).encode()), *error.headers]
     await send(start_message(error.status_code, headers))
     await send(body_message(body, more=False))
 

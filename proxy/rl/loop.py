@@ -34,7 +34,15 @@ class UpstreamAnswer:
 class RlLoop:
     """Pause gate, policy versions and fleet-wide control calls for one proxy process."""
 
-    def __init__(self, balancer: UpstreamBalancer, client: UpstreamClient, pause_max_wait_s: float) -> None:
+    def __init__(
+        self,
+        balancer: UpstreamBalancer,
+        client: UpstreamClient,
+        pause_max_wait_s: float,
+        *,
+        learn_versions: bool = True,
+    ) -> None:
+        self.learn = learn_versions
         self.balancer = balancer
         self.client = client
         self.pause_max_wait_s = pause_max_wait_s
@@ -118,13 +126,15 @@ class RlLoop:
         return answers
 
     async def learn_versions(self) -> bool:
-        """Ask every upstream for its policy version; True when each answered (200, or 404 from a
-        vLLM without ``VLLM_SERVER_DEV_MODE``, which has no versions to tell)."""
+        """Ask every upstream for its policy version; True when each answered at all (a 404 comes from
+        a vLLM without ``VLLM_SERVER_DEV_MODE``, which has no versions to tell)."""
+        if not self.learn:
+            return True
         answered = True
         for answer in await self._everywhere("GET", WEIGHT_INFO_PATH):
             if answer.status == 200:
                 self.weights.learn_weight_info(answer.upstream, answer.body.encode())
-            elif answer.status != 404:
+            elif answer.status is None:  # not up yet; any HTTP answer (404 without dev mode) is final
                 answered = False
         return answered
 
