@@ -119,6 +119,13 @@ def test_metrics_agree_with_the_database_after_a_mixed_load(
     assert first_token == {(r,): float(f) for r, _p, _g, f, _d in tokens if f}
     duration = by_label(samples, "tokentrail_call_duration_seconds_count", "route")
     assert duration == {(r,): float(d) for r, *_, d in tokens}
+    # the proxy's own time is known for every call whose answer came to its end (ok and vLLM errors)
+    added = by_label(samples, "tokentrail_added_latency_seconds_count", "route")
+    ended = db_rows(
+        db_url,
+        "SELECT route, count(*) FROM llm_calls WHERE outcome IN ('ok', 'upstream_error') GROUP BY route",
+    )
+    assert added == {(r,): float(n) for r, n in ended}
     # a histogram's +Inf bucket holds every observation
     inf = by_label(samples, "tokentrail_call_duration_seconds_bucket", "route", "le")
     assert {(r,): v for (r, le), v in inf.items() if le == "+Inf"} == duration

@@ -266,6 +266,7 @@ class RecordedCall:
         headers = upstream_request_headers(self.scope["headers"], recorded=True)
         record = self.record
         trajectory_id = None if record.seq is None else record.trajectory_id  # generated ids: balance
+        record.upstream_sent_at = time.time()  # the proxy's own time is the rest (metrics)
         return await open_upstream(
             self.context,
             self.scope,
@@ -285,6 +286,7 @@ class RecordedCall:
             if record.upstream_first_byte_at is None:
                 record.upstream_first_byte_at = time.time()
             chunks.append(chunk)
+        record.upstream_last_byte_at = time.time()
         return b"".join(chunks)
 
     async def _relay_body(self, upstream: UpstreamResponse, body: bytes | None) -> None:
@@ -344,6 +346,7 @@ class RecordedCall:
         except UpstreamError:
             tap.close()  # what came before the break is kept
             raise
+        record.upstream_last_byte_at = time.time()
         rest = tap.close()
         if record.error is not None:  # vLLM sent an error event
             self._end(Outcome.UPSTREAM_ERROR)
