@@ -216,6 +216,9 @@ def test_the_export_gives_versions_staleness_and_group_advantages_and_filters_on
         ("old", "g", 1.0, "default", 1),
         ("new", "g", -1.0, "v2", 0),
     ]
+    # the read API gives the same columns as the export
+    api = httpx.get(rl_proxy.url + "/tokentrail/v1/trajectories/old/sequences").json()["sequences"]
+    assert [tuple(s[c] for c in columns[1:]) for s in api] == [("g", 1.0, "default", 1)]
     done, rows = _export(rl_proxy, tmp_path, "--max-staleness", "0")
     assert sorted(r["trajectory_id"] for r in rows) == ["alone", "new"]
     assert "1 stale sequences left out" in done.stdout

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, field_validator
 from tokentrail.proxy.errors import ProxyRequestError
 from tokentrail.proxy.relay.routing import validate_tags, validate_trajectory_id
 from tokentrail.proxy.storage import queries
+from tokentrail.proxy.training import policy
 from tokentrail.proxy.training.sequences import SequenceMode, build_sequences
 
 MAX_PAGE = 1000
@@ -161,6 +162,10 @@ class SequenceOut(BaseModel):
     choice_indexes: list[int]
     num_tokens: int
     num_generated: int
+    weight_version: str | None = Field(None, description="The oldest policy version among its calls.")
+    staleness: int | None = Field(None, description="Policy versions seen after that one.")
+    group_id: str | None = None
+    advantage: float | None = Field(None, description="The trajectory's advantage within its group.")
 
 
 class SequencesOut(BaseModel):
@@ -324,7 +329,8 @@ def get_sequences(
     with _engine(request).connect() as connection:
         row = _existing(connection, trajectory_id)
         calls = queries.load_call_tokens(connection, [trajectory_id])[trajectory_id]
-    built = build_sequences(trajectory_id, calls, row["reward"], mode)
+        built = build_sequences(trajectory_id, calls, row["reward"], mode)
+        policy.describe(connection, row, built.sequences)
     return SequencesOut(
         trajectory_id=trajectory_id,
         mode=mode,

@@ -117,7 +117,8 @@ class RecordedCall:
         watcher = watch_client(self.scope, receive, state)
         try:
             rl = self.context.rl
-            if rl is not None and not await rl.admit():  # training paused the fleet for too long
+            # (only while paused: no coroutine per call on the hot path otherwise)
+            if rl is not None and rl.gate.paused and not await rl.admit():  # paused for too long
                 self._end(Outcome.PAUSED, "held past TOKENTRAIL_PAUSE_MAX_WAIT_S while training was paused")
                 self.record.status_code = 503
                 await self.seal()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, select
 
@@ -64,6 +65,19 @@ def annotate(
             oldest = min(known, key=ranks.__getitem__)
             sequence.weight_version = oldest
             sequence.staleness = newest - ranks[oldest]
+
+
+def describe(connection: Connection, trajectory: dict[str, Any], sequences: list[TrainingSequence]) -> None:
+    """One trajectory's sequences with their policy version, staleness, group and advantage (the
+    read API; the export does the same a batch at a time)."""
+    ranks = version_ranks(connection)
+    versions = call_versions(connection, [call for s in sequences for call in s.call_ids])
+    group_id = trajectory.get("group_id")
+    advantages = group_advantage_of(connection, [group_id] if group_id else [])
+    annotate(sequences, versions, ranks)
+    for sequence in sequences:
+        sequence.group_id = group_id
+        sequence.advantage = advantages.get(trajectory["id"])
 
 
 def check_known(policy: PolicyFilter, ranks: dict[str, int]) -> None:
