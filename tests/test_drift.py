@@ -68,8 +68,8 @@ def test_drift_command_over_a_stored_trajectory(tokenizer: Any, tiny_model_dir: 
         )
         connection.execute(
             text(
-                "INSERT INTO llm_calls (id, trajectory_id, seq, route, stream, received_at, outcome, "
-                "integrity, prompt_token_ids) "
+                "INSERT INTO llm_calls_stored (id, trajectory_id, seq, route, stream, received_at, outcome, "
+                "integrity, prompt_rest_ids) "
                 "VALUES ('c1', 't1', 0, '/v1/completions', 0, '2026-01-01', 'ok', 'ok', :p)"
             ),
             {"p": json.dumps(canonical)},

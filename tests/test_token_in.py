@@ -25,8 +25,9 @@ from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integri
 from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import alembic_config, upgrade_database
+from tokentrail.proxy.storage.stored_calls import common_prefix
 from tokentrail.proxy.token_in import planner
-from tokentrail.proxy.token_in.drift import Drift, classify, common_prefix
+from tokentrail.proxy.token_in.drift import Drift, classify
 from tokentrail.proxy.token_in.messages import (
     Continuation,
     PastCall,

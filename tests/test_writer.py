@@ -146,7 +146,7 @@ def test_records_the_database_refuses_go_to_the_fallback_file_and_health_says_so
     spooled = [tmp_path / "fallback.jsonl", tmp_path / "fallback.jsonl.replaying"]
     (line,) = [line for path in spooled if path.exists() for line in path.read_text().splitlines()]
     assert json.loads(line)["trajectory_id"] == "lost?"
-    assert fake_proxy.rows("SELECT count(*) AS n FROM llm_calls") == [{"n": 0}]
+    assert fake_proxy.rows("SELECT count(*) AS n FROM llm_calls_stored") == [{"n": 0}]
 
 
 def test_a_record_the_database_refuses_is_set_aside_and_does_not_block_the_replay(

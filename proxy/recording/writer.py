@@ -33,6 +33,7 @@ from tokentrail.proxy.recording.records import CallRecord, Integrity
 from tokentrail.proxy.recording.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
+from tokentrail.proxy.storage.stored_calls import StoredForm, whole
 from tokentrail.proxy.token_in.drift import DriftJudge
 
 logger = logging.getLogger(__name__)
@@ -424,8 +425,17 @@ class RecordWriter:
                     seq = next_seq[record.trajectory_id]
                     next_seq[record.trajectory_id] = seq + 1
                 numbered.append((record, seq))
-            judged = self._drift.judge(connection, numbered)
-            calls = [_call_row(record, seq, encoder) for record, seq in numbered]
+            forms: dict[str, StoredForm] = {}
+            judged = self._drift.judge(connection, numbered, forms)
+            calls = [
+                _call_row(
+                    record,
+                    seq,
+                    forms.get(record.call_id) or whole(record.prompt_token_ids, record.request),
+                    encoder,
+                )
+                for record, seq in numbered
+            ]
             completions = [row for record in batch for row in _completion_rows(record, encoder)]
             tagged: dict[str, dict[str, str]] = {}
             for record in batch:
@@ -515,7 +525,7 @@ def _describe(error: Exception | None) -> str:
     return str(original).splitlines()[0][:200] if original is not None else ""
 
 
-def _call_row(record: CallRecord, seq: int, encoder: RowEncoder) -> dict[str, Any]:
+def _call_row(record: CallRecord, seq: int, form: StoredForm, encoder: RowEncoder) -> dict[str, Any]:
     latency = None
     if record.finished_at is not None:
         latency = round((record.finished_at - record.received_at) * 1000, 3)
@@ -536,8 +546,12 @@ def _call_row(record: CallRecord, seq: int, encoder: RowEncoder) -> dict[str, An
         "integrity": str(record.integrity),
         "error": record.error,
         "response_id": record.response_id,
-        "request": encoder.json(record.request),
-        "prompt_token_ids": encoder.json(record.prompt_token_ids),
+        "request_rest": None if form.request_rest is None else encoder.json(form.request_rest),
+        "prompt_rest_ids": None if form.prompt_rest_ids is None else encoder.json(form.prompt_rest_ids),
+        "base_call_id": form.base_call_id,
+        "base_choice_index": form.base_choice_index,
+        "prompt_shared_tokens": form.prompt_shared_tokens,
+        "request_shared_messages": form.request_shared_messages,
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "total_tokens": record.total_tokens,

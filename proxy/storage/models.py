@@ -36,9 +36,11 @@ class Trajectory(SQLModel, table=True):
 
 
 class LlmCall(SQLModel, table=True):
-    """One chat or text completion call, whatever its outcome."""
+    """One chat or text completion call, whatever its outcome, with its prompt and request stored
+    against an earlier call of its trajectory (``storage/stored_calls.py``). SQL users read the
+    ``llm_calls`` view, which has the full ``request`` and ``prompt_token_ids`` instead."""
 
-    __tablename__ = "llm_calls"
+    __tablename__ = "llm_calls_stored"
     __table_args__ = (
         UniqueConstraint("trajectory_id", "seq", name="uq_llm_calls_trajectory_seq"),
         Index("ix_llm_calls_received_at", "received_at"),
@@ -61,8 +63,8 @@ class LlmCall(SQLModel, table=True):
     integrity: str
     error: str | None = None
     response_id: str | None = None
-    request: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
-    prompt_token_ids: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    request_rest: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    prompt_rest_ids: list[int] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
@@ -73,6 +75,12 @@ class LlmCall(SQLModel, table=True):
     drift: str | None = None
     drift_position: int | None = None
     token_in_fallback: str | None = None  # why token-in did not build this prompt (NULL: built, or off)
+
+    # The stored form (storage/stored_calls.py): what is shared with the base call, then the rest.
+    base_call_id: str | None = Field(default=None, max_length=32)
+    base_choice_index: int | None = None
+    prompt_shared_tokens: int = 0
+    request_shared_messages: int = 0
 
 
 class WeightVersionSeen(SQLModel, table=True):

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
+from tokentrail.proxy.storage.stored_calls import STORED_FORM_COLUMNS, full_calls, rebuild, stored_call
 from tokentrail.proxy.training.sequences import (
     CallTokens,
     ChoiceTokens,
@@ -102,16 +103,19 @@ def get_trajectory(connection: Connection, trajectory_id: str) -> dict[str, Any]
 
 
 def get_calls(connection: Connection, trajectory_id: str) -> list[dict[str, Any]]:
-    """Every call of a trajectory in seq order, each with its completions."""
-    calls = [
+    """Every call of a trajectory in seq order, each with its completions and its full ``request``
+    and ``prompt_token_ids`` (the columns of the ``llm_calls`` view)."""
+    stored = [
         dict(row._mapping)
         for row in connection.execute(
             select(CALLS).where(CALLS.c.trajectory_id == trajectory_id).order_by(CALLS.c.seq)
         )
     ]
-    by_id = {call["id"]: call for call in calls}
-    for call in calls:
-        call["completions"] = []
+    generated: dict[tuple[str, int], list[int]] = {}
+    by_id: dict[str, dict[str, Any]] = {}
+    for call in stored:
+        by_id[call["id"]] = {k: v for k, v in call.items() if k not in STORED_FORM_COLUMNS}
+        by_id[call["id"]]["completions"] = []
     if by_id:
         rows = connection.execute(
             select(COMPLETIONS)
@@ -120,7 +124,12 @@ def get_calls(connection: Connection, trajectory_id: str) -> list[dict[str, Any]
         )
         for row in rows:
             by_id[row.call_id]["completions"].append(dict(row._mapping))
-    return calls
+            generated[(row.call_id, row.choice_index)] = list(row.token_ids or [])
+    full = rebuild([stored_call(call) for call in stored], generated)
+    for call_id, call in by_id.items():
+        call["request"] = full[call_id].request
+        call["prompt_token_ids"] = full[call_id].prompt_token_ids
+    return list(by_id.values())
 
 
 def load_call_tokens(connection: Connection, trajectory_ids: Iterable[str]) -> dict[str, list[CallTokens]]:
@@ -129,12 +138,12 @@ def load_call_tokens(connection: Connection, trajectory_ids: Iterable[str]) -> d
     result: dict[str, list[CallTokens]] = {t: [] for t in ids}
     if not ids:
         return result
+    prompts = full_calls(connection, ids)
     rows = connection.execute(
         select(
             CALLS.c.id,
             CALLS.c.trajectory_id,
             CALLS.c.seq,
-            CALLS.c.prompt_token_ids,
             COMPLETIONS.c.choice_index,
             COMPLETIONS.c.token_ids,
             COMPLETIONS.c.logprobs,
@@ -144,9 +153,9 @@ def load_call_tokens(connection: Connection, trajectory_ids: Iterable[str]) -> d
         .order_by(CALLS.c.trajectory_id, CALLS.c.seq, COMPLETIONS.c.choice_index)
     )
     current: CallTokens | None = None
-    for call_id, trajectory_id, seq, prompt_ids, choice_index, token_ids, logprobs in rows:
+    for call_id, trajectory_id, seq, choice_index, token_ids, logprobs in rows:
         if current is None or current.call_id != call_id:
-            current = CallTokens(call_id, seq, list(prompt_ids or []), [])
+            current = CallTokens(call_id, seq, prompts[call_id].prompt_token_ids or [], [])
             result[trajectory_id].append(current)
         current.choices.append(ChoiceTokens(choice_index, list(token_ids or []), logprob_values(logprobs)))
     return result

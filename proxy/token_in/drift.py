@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokentrail.proxy.recording.records import CallRecord, Outcome
+from tokentrail.proxy.recording.stored_form import split
+from tokentrail.proxy.storage.stored_calls import StoredForm, common_prefix
 from tokentrail.proxy.token_in.messages import Continuation, PastCall, PastChoice, Reason, best_continuation
 from tokentrail.proxy.token_in.state import CALLS_PER_TRAJECTORY, load_recent_calls
 
@@ -42,22 +44,6 @@ class Drift(enum.StrEnum):
 
 
 BREAKS = (Drift.RETOKENIZED, Drift.TEMPLATE, Drift.EDITED)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two ID sequences."""
-    a, b = list(a), list(b)
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n  # a[:low] == b[:low] and a[:high] != b[:high]: bisect on slices (C speed)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle
-    return low
 
 
 def classify(
@@ -114,8 +100,12 @@ class DriftJudge:
         self._max = max_trajectories
         self._recent: OrderedDict[str, deque[PastCall]] = OrderedDict()
 
-    def judge(self, connection: Any, records: list[tuple[CallRecord, int]]) -> dict[str, deque[PastCall]]:
-        """Set ``drift``/``drift_position`` on each record (given with its seq, in write order).
+    def judge(
+        self, connection: Any, records: list[tuple[CallRecord, int]], forms: dict[str, StoredForm]
+    ) -> dict[str, deque[PastCall]]:
+        """Set ``drift``/``drift_position`` on each record (given with its seq, in write order), and
+        put in ``forms`` how each record is stored (``recording/stored_form.py``), by call id: both
+        compare the call with the same recent calls of its trajectory.
 
         Returns the trajectories' candidates as they will be once the batch is committed: pass them
         to ``remember`` then (a batch that fails leaves this judge as it was).
@@ -123,16 +113,22 @@ class DriftJudge:
         overlay: dict[str, deque[PastCall]] = {}
         for record, seq in records:
             try:
-                self._judge_one(connection, record, seq, overlay)
+                self._judge_one(connection, record, seq, overlay, forms)
             except Exception as exc:  # never lose a batch over a diagnosis
                 logger.warning(
                     "call_id=<%s>, error=<%s> | drift not judged", record.call_id, type(exc).__name__
                 )
                 record.drift, record.drift_position = None, None
+                forms.pop(record.call_id, None)  # stored whole
         return overlay
 
     def _judge_one(
-        self, connection: Any, record: CallRecord, seq: int, overlay: dict[str, deque[PastCall]]
+        self,
+        connection: Any,
+        record: CallRecord,
+        seq: int,
+        overlay: dict[str, deque[PastCall]],
+        forms: dict[str, StoredForm],
     ) -> None:
         if record.seq is None:  # a call without a trajectory id is a trajectory of its own
             if record.prompt_token_ids is not None:
@@ -159,6 +155,7 @@ class DriftJudge:
             record.drift, record.drift_position = classify(
                 record.prompt_token_ids, found, latest, record.token_in
             )
+        forms[record.call_id] = split(record.prompt_token_ids, record.request, candidates)
         past = past_call(record)
         if past is not None:
             candidates.append(past)

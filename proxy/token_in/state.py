@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from tokentrail.proxy.storage.queries import CALLS, COMPLETIONS
+from tokentrail.proxy.storage.stored_calls import full_calls
 from tokentrail.proxy.token_in.messages import PastCall, PastChoice, normalise_message
 
 # Recent finished calls kept per trajectory: a call is compared with the latest one it continues
@@ -29,19 +30,21 @@ CALLS_PER_TRAJECTORY = 4
 
 
 def load_recent_calls(connection: Connection, trajectory_id: str, limit: int) -> list[PastCall]:
-    """The trajectory's latest ``limit`` finished calls, oldest first."""
+    """The trajectory's latest ``limit`` finished calls, oldest first (with full prompts and
+    requests: the whole trajectory is read, as its calls are stored against earlier ones)."""
     rows = connection.execute(
-        select(CALLS.c.id, CALLS.c.route, CALLS.c.request, CALLS.c.prompt_token_ids)
+        select(CALLS.c.id, CALLS.c.route)
         .where(
             CALLS.c.trajectory_id == trajectory_id,
             CALLS.c.outcome == "ok",
-            CALLS.c.prompt_token_ids.is_not(None),
+            CALLS.c.prompt_rest_ids.is_not(None),
         )
         .order_by(CALLS.c.seq.desc())
         .limit(limit)
     ).all()
     if not rows:
         return []
+    full = full_calls(connection, [trajectory_id])
     choices: dict[str, list[PastChoice]] = {row.id: [] for row in rows}
     for choice in connection.execute(
         select(
@@ -59,9 +62,15 @@ def load_recent_calls(connection: Connection, trajectory_id: str, limit: int) ->
                 PastChoice(choice.choice_index, choice.token_ids, choice.message or {}, choice.finish_reason)
             )
     return [
-        PastCall(row.id, row.route, row.request or {}, row.prompt_token_ids or [], tuple(choices[row.id]))
+        PastCall(
+            row.id,
+            row.route,
+            full[row.id].request or {},
+            full[row.id].prompt_token_ids or [],
+            tuple(choices[row.id]),
+        )
         for row in reversed(rows)
-        if choices[row.id] and isinstance(row.prompt_token_ids, list)
+        if choices[row.id] and isinstance(full[row.id].prompt_token_ids, list)
     ]
 
 

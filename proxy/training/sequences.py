@@ -18,6 +18,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokentrail.proxy.storage.stored_calls import common_prefix
+
 
 class SequenceMode(enum.StrEnum):
     MERGED = "merged"
@@ -115,14 +117,6 @@ class _Branch:
         )
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 def _merge(calls: list[CallTokens], mismatches: list[PrefixMismatch]) -> list[_Branch]:
     done: list[_Branch] = []
     open_branches: list[_Branch] = []
@@ -137,7 +131,7 @@ def _merge(calls: list[CallTokens], mismatches: list[PrefixMismatch]) -> list[_B
                     PrefixMismatch(
                         call.call_id,
                         call.seq,
-                        _common_prefix(call.prompt_token_ids, latest.input_ids),
+                        common_prefix(call.prompt_token_ids, latest.input_ids),
                         len(latest.input_ids),
                     )
                 )
