@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     upgrade = db_commands.add_parser("upgrade", help="migrate the database to the newest schema")
     _add_db_option(upgrade)
+    vacuum = db_commands.add_parser(
+        "vacuum",
+        help="give the space of deleted or converted rows back to the file system (stop TokenTrail first)",
+    )
+    _add_db_option(vacuum)
 
     sql = commands.add_parser(
         "sql",
@@ -196,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(settings, args.worker_slot, args.supervisor_pid)
         if args.command == "db":
-            return _db_upgrade(settings)
+            return _db_vacuum(settings) if args.db_command == "vacuum" else _db_upgrade(settings)
         if args.command == "reward":
             return _reward(settings, args.trajectory_id, args.value, args.metadata, args.finish)
         if args.command == "export":
@@ -297,6 +302,16 @@ def _db_upgrade(settings: Settings) -> int:
         print(f"database already at {after}")
     else:
         print(f"database migrated from {before or 'empty'} to {after}")
+        if before is not None:
+            print("run `tokentrail db vacuum` (TokenTrail stopped) to give converted rows' space back")
+    return 0
+
+
+def _db_vacuum(settings: Settings) -> int:
+    from tokentrail.proxy.storage.migrate import vacuum_database
+
+    before, after = vacuum_database(settings.db)
+    print(f"database compacted: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
     return 0
 
 

@@ -60,3 +60,26 @@ def upgrade_database(url: str) -> tuple[str | None, str]:
         return before, head_revision(url)
     finally:
         engine.dispose()
+
+
+def vacuum_database(url: str) -> tuple[int, int]:
+    """Rewrite the database so that the space of freed rows goes back to the file system (SQLite keeps
+    freed pages, PostgreSQL dead tuples, until then); returns its size in bytes before and after.
+    Takes an exclusive lock for as long as it runs: meant for a stopped TokenTrail."""
+    engine = make_engine(url)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            size = (
+                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
+                if sqlite
+                else "SELECT pg_database_size(current_database())"
+            )
+            before = int(connection.exec_driver_sql(size).scalar_one())
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            connection.exec_driver_sql("VACUUM" if sqlite else "VACUUM (FULL, ANALYZE)")
+            after = int(connection.exec_driver_sql(size).scalar_one())
+        return before, after
+    finally:
+        engine.dispose()
