@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, text
 from tests.conftest import Proxy, running_proxy
 from tests.conversations import record_conversation
 from tests.fake_upstream import FakeUpstream, render_prompt
+from tests.token_in_helpers import converse
 from tokentrail.proxy.recording.stored_form import split
 from tokentrail.proxy.storage.migrate import alembic_config
 from tokentrail.proxy.storage.stored_calls import StoredCall, rebuild
@@ -278,3 +279,38 @@ def test_the_migration_converts_a_database_stored_whole_and_back(
         )
         last_prompt = [p for t, _, _, p in recorded if t == "recorded"][-1]
         assert stored[0]["n"] < len(last_prompt)  # each token once (whole, they were 10 prompts)
+
+
+# ---- on the real vLLM: default mode re-encodes the history, and the stored form is still exact ----
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("stream", [False, True])
+def test_on_vllm_every_prompt_reads_back_as_vllm_reported_it_and_is_stored_once(
+    vllm_proxy: Proxy, stream: bool
+) -> None:
+    proxy = vllm_proxy
+    with httpx.Client(timeout=120) as client:
+        conversation = converse(
+            client,
+            proxy.url,
+            "vllm-linear",
+            turns=8,
+            stream=stream,
+            max_tokens=24,
+            extra_body={"ignore_eos": True},
+        )
+    proxy.wait_all_records()
+    view = _view(proxy, "vllm-linear")
+    assert [row["prompt_token_ids"] for row in view] == [turn.prompt_ids for turn in conversation.turns]
+    stored = proxy.rows(
+        "SELECT prompt_shared_tokens AS shared, json_array_length(prompt_rest_ids) AS rest, drift, "
+        "drift_position FROM llm_calls_stored WHERE trajectory_id = 'vllm-linear' ORDER BY seq"
+    )
+    for row, previous, turn in zip(stored[1:], conversation.turns, conversation.turns[1:], strict=False):
+        # shared up to where the re-encoded history first differs (or all of it), then only the rest
+        assert row["shared"] == (
+            row["drift_position"] or len(previous.prompt_ids) + len(previous.generated_ids[0])
+        )
+        assert row["shared"] + row["rest"] == len(turn.prompt_ids)
+        assert row["shared"] > len(previous.prompt_ids)
