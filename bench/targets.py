@@ -98,7 +98,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu_seconds(pid: int, comm: str) -> float | None:
-    """CPU time used so far by the threads of ``pid`` named ``comm``; None when there is none."""
+    """CPU time used so far by the threads named ``comm`` of ``pid`` and its children; None when
+    there is none."""
     total = None
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -106,6 +107,10 @@ def thread_cpu_seconds(pid: int, comm: str) -> float | None:
                 total = (total or 0.0) + _stat_cpu_s(task / "stat")
         except OSError:  # the thread ended meanwhile
             continue
+    for child in _children(pid):
+        more = thread_cpu_seconds(child, comm)
+        if more is not None:
+            total = (total or 0.0) + more
     return total
 
 
@@ -183,6 +188,7 @@ class Targets:
         self.pids: dict[str, int] = {}
         self.db_url = f"sqlite:///{tmp / 'bench.db'}"
         self.tokentrail_pid = 0
+        self.tokentrail_process: subprocess.Popen[bytes] | None = None
         self.upstream = ""
 
     def _pinned(self, cores: str, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -209,6 +215,7 @@ class Targets:
         if "tokentrail" in wanted:
             self.urls["tokentrail"], process = self.start_tokentrail(self.db_url)
             self.tokentrail_pid = self.pids["tokentrail"] = process.pid
+            self.tokentrail_process = process
 
     def _start_nginx(self) -> None:
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -261,14 +268,17 @@ class Targets:
         wait_http(self.urls["naive"] + "/health", process)
         self.pids["naive"] = process.pid
 
-    def start_tokentrail(self, db_url: str) -> tuple[str, subprocess.Popen[bytes]]:
-        """One more ``tokentrail serve`` on the proxy core, recording to ``db_url``: its URL and process."""
+    def start_tokentrail(
+        self, db_url: str, spool_dir: Path | None = None
+    ) -> tuple[str, subprocess.Popen[bytes]]:
+        """One more ``tokentrail serve`` on the proxy core, recording to ``db_url``, its spool in
+        ``spool_dir`` (default: ``tmp``): its URL and process."""
         port = free_port()
         env = tokentrail_env(
             self.upstream,
             db_url,
             port,
-            self.tmp,
+            spool_dir or self.tmp,
             TOKENTRAIL_WORKERS=str(self.args.workers),
             **self.tokentrail_extra_env,
         )
