@@ -40,6 +40,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -197,6 +198,20 @@ def check_records(
     return [f"{rows} rows for {calls} calls, all ok; {checked} sampled calls' prompt IDs equal the fake's"]
 
 
+def _bytes_by_column(db: sqlite3.Connection, top: int = 4) -> list[tuple[str, int]]:
+    """The columns whose values are longest in all (``length()``: bytes of text and blobs), most first;
+    read from the schema, so that it follows changes to how calls are stored."""
+    totals = []
+    tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+    for (table,) in tables.fetchall():
+        columns = [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]
+        sums = db.execute(
+            "SELECT " + ", ".join(f'coalesce(sum(length("{c}")), 0)' for c in columns) + f' FROM "{table}"'
+        ).fetchone()
+        totals += [(f"{table}.{column}", int(n)) for column, n in zip(columns, sums, strict=True)]
+    return sorted(totals, key=lambda item: -item[1])[:top]
+
+
 def storage(db_path: Path) -> dict[str, Any]:
     """Size of the database (file + WAL, after a checkpoint) and its trajectory tokens."""
     db = sqlite3.connect(db_path)
@@ -210,6 +225,7 @@ def storage(db_path: Path) -> dict[str, Any]:
         ).fetchone()
         calls = db.execute("SELECT count(*) FROM llm_calls").fetchone()[0]
         drift = dict(db.execute("SELECT coalesce(drift, '-'), count(*) FROM llm_calls GROUP BY 1").fetchall())
+        columns = _bytes_by_column(db)
         fallbacks = dict(
             db.execute(
                 "SELECT token_in_fallback, count(*) FROM llm_calls "
@@ -228,6 +244,7 @@ def storage(db_path: Path) -> dict[str, Any]:
         "bytes_per_trajectory_token": size / tokens if tokens else None,
         "drift": drift,
         "token_in_fallback": fallbacks,
+        "largest_columns": columns,
     }
 
 
@@ -310,6 +327,7 @@ def main() -> int:
         help="one more TokenTrail pass under py-spy: its raw stacks here, the top costs printed",
     )
     parser.add_argument("--json-out", type=Path, metavar="PATH", help="write every figure here as JSON")
+    parser.add_argument("--keep-db", type=Path, metavar="PATH", help="copy TokenTrail's database here")
     add_target_options(parser, "direct,nginx,tokentrail")
     args = parser.parse_args()
     if args.quick:
@@ -337,6 +355,8 @@ def main() -> int:
                     args.agents, args.turns, args.token_in,
                 )  # fmt: skip
                 figures["by_turns"][args.turns] = storage(db_path)
+                if args.keep_db:
+                    shutil.copyfile(db_path, args.keep_db)
                 figures["export"] = export_speed(args, db_path, tmp / "export.parquet")
                 for turns in other_turns:
                     _, figures["by_turns"][turns] = _tokentrail_pass(
@@ -416,6 +436,10 @@ def _print_report(
         f"{main_db['trajectory_tokens']:,} trajectory tokens: "
         f"{main_db['bytes_per_trajectory_token']:.1f} bytes per trajectory token, "
         f"{main_db['bytes'] / max(1, main_db['calls']) / 1024:.1f} KiB per call"
+    )
+    print(
+        "largest columns (bytes of their values): "
+        + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in main_db["largest_columns"])
     )
     if len(figures["by_turns"]) > 1:
         print(

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
+from tokentrail.proxy.recording.writer import THREAD_NAME as WRITER_THREAD
+
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*):\d+\)$")
 _SHORTEN = ("/tokentrail/", "/site-packages/", "/lib/python3")
 
@@ -112,9 +114,16 @@ def top_costs(path: Path, top: int = 12) -> list[ThreadCosts]:
     return result
 
 
-def print_top_costs(costs: list[ThreadCosts], threads: int = 3) -> None:
-    for thread in costs[:threads]:
+def print_top_costs(
+    costs: list[ThreadCosts], threads: tuple[str, ...] = ("MainThread", WRITER_THREAD)
+) -> None:
+    """The costs of ``threads`` (the event loop and the writer); the others' sample counts on one line
+    (py-spy counts a thread waiting on a condition variable as busy now and then)."""
+    others = [f"{t.name} {t.samples}" for t in costs if t.name not in threads]
+    for thread in (t for t in costs if t.name in threads):
         print(f"\nprofile, thread {thread.name} ({thread.samples} busy samples): self | inclusive")
         for mine, under in zip_longest(thread.own, thread.inclusive):
             left = f"{mine[1]:6.1%} {mine[0]:<58.58}" if mine else " " * 65
             print(f"  {left} | " + (f"{under[1]:6.1%} {under[0]}" if under else ""))
+    if others:
+        print(f"other threads' samples: {', '.join(others)}")

@@ -22,11 +22,13 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, text
 
+from tokentrail.proxy.recording.writer import THREAD_NAME as WRITER_THREAD
+
 BENCH = Path(__file__).resolve().parent
 FAKE_VLLM = [sys.executable, str(BENCH / "fake_vllm.py"), "--port"]
 TOKENTRAIL_SERVE = [sys.executable, "-m", "tokentrail.proxy.cli", "serve"]
 # The recording writer's thread as the kernel names it (``/proc/<pid>/task/*/comm``: 15 characters).
-WRITER_THREAD_COMM = "tokentrail-writer"[:15]
+WRITER_THREAD_COMM = WRITER_THREAD[:15]
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
