@@ -259,10 +259,12 @@ def export_speed(args: argparse.Namespace, db_path: Path, out: Path) -> dict[str
     if done.returncode != 0:
         raise SystemExit(f"tokentrail export failed:\n{done.stderr}")
     sequences = re.search(r"(\d+) sequences", done.stdout)
+    tokens = re.search(r"(\d+) tokens \(", done.stdout)
     seconds = re.search(r"([\d.]+) s \(", done.stdout)
     return {
         "line": done.stdout.strip(),
         "sequences": int(sequences[1]) if sequences else None,
+        "tokens": int(tokens[1]) if tokens else None,
         "seconds": float(seconds[1]) if seconds else wall,
         "wall_s": wall,
         "bytes": out.stat().st_size,
@@ -454,7 +456,8 @@ def _print_report(
     print(
         f"export (tokentrail export --format parquet): {export['sequences']} sequences, {megabytes:.1f} MB "
         f"in {export['seconds']:.1f} s: {_fmt(export['sequences'] / export['seconds'], '.0f')} sequences/s, "
-        f"{megabytes / export['seconds']:.1f} MB/s ({export['wall_s']:.1f} s with the CLI's start-up)"
+        f"{megabytes / export['seconds']:.1f} MB/s, {_fmt(export['tokens'], ',')} tokens "
+        f"({export['wall_s']:.1f} s with the CLI's start-up)"
     )
     print(f"prompts vs the previous call (llm_calls.drift): {main_db['drift']}")
     if main_db["token_in_fallback"]:
