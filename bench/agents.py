@@ -224,12 +224,16 @@ def storage(db_path: Path) -> dict[str, Any]:
             "JOIN llm_calls last ON last.trajectory_id = per.trajectory_id AND last.seq = per.last_seq"
         ).fetchone()
         calls = db.execute("SELECT count(*) FROM llm_calls").fetchone()[0]
-        drift = dict(db.execute("SELECT coalesce(drift, '-'), count(*) FROM llm_calls GROUP BY 1").fetchall())
+        drift = dict(
+            db.execute(
+                "SELECT coalesce(drift, '-'), count(*) FROM llm_calls GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        )
         columns = _bytes_by_column(db)
         fallbacks = dict(
             db.execute(
                 "SELECT token_in_fallback, count(*) FROM llm_calls "
-                "WHERE token_in_fallback IS NOT NULL GROUP BY 1"
+                "WHERE token_in_fallback IS NOT NULL GROUP BY 1 ORDER BY 1"
             ).fetchall()
         )
     finally:
