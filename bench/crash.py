@@ -34,7 +34,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from loadgen import _Connection, build_request, chat_body  # noqa: E402
-from run import FAKE_VLLM, TOKENTRAIL_SERVE, _free_port, _wait_http, tokentrail_env  # noqa: E402
+from targets import FAKE_VLLM, TOKENTRAIL_SERVE, free_port, tokentrail_env, wait_http  # noqa: E402
 
 
 async def _load_until_killed(
@@ -98,7 +98,7 @@ def _one_mode(durable: bool, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         db_path = tmp / "crash.db"
-        upstream_port, proxy_port = _free_port(), _free_port()
+        upstream_port, proxy_port = free_port(), free_port()
         upstream = subprocess.Popen([*FAKE_VLLM, str(upstream_port)])
         env = tokentrail_env(
             f"http://127.0.0.1:{upstream_port}",
@@ -110,9 +110,9 @@ def _one_mode(durable: bool, args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{proxy_port}"
         command = TOKENTRAIL_SERVE
         try:
-            _wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
+            wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
             proxy = subprocess.Popen(command, env=env)
-            _wait_http(url + "/tokentrail/health", proxy)
+            wait_http(url + "/tokentrail/health", proxy)
             result = asyncio.run(_load_until_killed(url, proxy, args))
             proxy.wait(30)
             db = sqlite3.connect(db_path)
@@ -121,7 +121,7 @@ def _one_mode(durable: bool, args: argparse.Namespace) -> dict[str, Any]:
             db.close()
             # Restart on the same file: it must open, migrate nothing, and hold no half-written call.
             restarted = subprocess.Popen(command, env=env)
-            _wait_http(url + "/tokentrail/health", restarted)
+            wait_http(url + "/tokentrail/health", restarted)
             restarted.terminate()
             restarted.wait(30)
             db = sqlite3.connect(db_path)

@@ -8,6 +8,8 @@ What it speaks (byte layout as in ``tests/vllm_samples/``, captured from the rea
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``, streaming (chunked SSE, ``[DONE]``) and
   not; ``return_token_ids`` gives ID lists where vLLM gives them and ``null`` otherwise;
   ``stream_options.include_usage`` adds the usage chunk; ``n`` choices; ``max_tokens`` tokens.
+* ``POST /tokenize`` (``messages`` or ``prompt``), in vLLM's shape: ``{"count", "max_model_len",
+  "tokens", "token_strs"}``; the IDs are ``fake_chat``'s (what ``--agent-mode`` renders).
 * ``GET /health`` (200, empty) and ``GET /v1/models``.
 
 Deterministic token IDs so a benchmark can check what a proxy stored: the prompt has
@@ -18,7 +20,14 @@ gives the large first chunk a real server would.
 Per-token delay: ``--token-delay-ms``, or per request the header ``x-fake-token-delay-ms``; streams
 sleep between tokens, non-streaming calls once for all of them.
 
-Run: ``python bench/fake_vllm.py --port 8100 [--token-delay-ms 0]``.
+``--agent-mode`` (for ``bench/agents.py``): chat calls are answered by ``fake_chat``'s model instead:
+the prompt IDs are the ChatML rendering of the messages (or, when the body carries
+``kv_transfer_params.prompt_token_ids`` as TokenTrail's token-in sends, exactly those IDs), the reply
+text and its IDs a deterministic function of the messages. Streams are paced by the clock: token ``i``
+is due ``(i + 1) * delay`` after the first chunk and every token due is written at each wake-up, so a
+busy core delays tokens but does not slow the model down, as on a GPU.
+
+Run: ``python bench/fake_vllm.py --port 8100 [--token-delay-ms 0] [--agent-mode]``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import asyncio
 import json
 import time
 from typing import Any
+
+import fake_chat
 
 FINGERPRINT = "vllm-0.32.0-fake"
 VOCAB = 32000
@@ -73,7 +84,7 @@ def _word(token_id: int) -> str:
 class _Call:
     """One parsed completion request and the pieces of its answer."""
 
-    def __init__(self, route: str, body: dict[str, Any], serial: int) -> None:
+    def __init__(self, route: str, body: dict[str, Any], serial: int, agent_mode: bool = False) -> None:
         self.chat = route == "/v1/chat/completions"
         self.stream = body.get("stream") is True
         self.ids = body.get("return_token_ids") is True
@@ -85,6 +96,12 @@ class _Call:
         self.max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16
         self.model = json.dumps(body.get("model") or "fake")
         self.prompt_count = prompt_token_count(route, body)
+        self.prompt_json: str | None = None  # agent mode: the prompt's IDs, else prompt_id(0..count-1)
+        self.reply: fake_chat.Reply | None = None  # agent mode: the text and IDs of every choice
+        messages = body.get("messages")
+        if agent_mode and self.chat and isinstance(messages, list):
+            self.prompt_count, self.prompt_json = _agent_prompt(body, messages)
+            self.reply = fake_chat.reply(messages, self.max_tokens)
         kind = "chat.completion.chunk" if self.stream else "chat.completion"
         self.head = (
             f'{{"id":"{"chatcmpl" if self.chat else "cmpl"}-{serial:016x}","object":'
@@ -92,7 +109,21 @@ class _Call:
         )
 
     def _prompt_ids(self) -> str:
-        return _prompt_ids_json(self.prompt_count) if self.ids else "null"
+        if not self.ids:
+            return "null"
+        return self.prompt_json if self.prompt_json is not None else _prompt_ids_json(self.prompt_count)
+
+    def _generated(self, choice: int) -> list[int]:
+        if self.reply is not None:
+            return list(self.reply.ids)
+        return [generated_id(i, choice) for i in range(self.max_tokens)]
+
+    def _piece(self, i: int, choice: int) -> tuple[int, str]:
+        """Generated token ``i`` of ``choice``: its ID and its text."""
+        if self.reply is not None:
+            return self.reply.ids[i], self.reply.pieces[i]
+        token = generated_id(i, choice)
+        return token, _word(token)
 
     def _usage(self) -> str:
         completion = self.n * self.max_tokens
@@ -104,8 +135,11 @@ class _Call:
     def whole(self) -> bytes:
         choices = []
         for j in range(self.n):
-            generated = [generated_id(i, j) for i in range(self.max_tokens)]
-            text = json.dumps("".join(_word(t) for t in generated))
+            generated = self._generated(j)
+            if self.reply is not None:
+                text = json.dumps(self.reply.text)
+            else:
+                text = json.dumps("".join(_word(t) for t in generated))
             ids = "[" + ",".join(map(str, generated)) + "]" if self.ids else "null"
             if self.chat:
                 choices.append(
@@ -146,10 +180,10 @@ class _Call:
         ]
 
     def token_event(self, i: int, choice: int) -> bytes:
-        token = generated_id(i, choice)
+        token, piece = self._piece(i, choice)
         ids = f"[{token}]" if self.ids else "null"
         last = i == self.max_tokens - 1
-        text = json.dumps(_word(token))
+        text = json.dumps(piece)
         if self.chat:
             finish = '"finish_reason":"length","stop_reason":null' if last else '"finish_reason":null'
             return _event(
@@ -174,6 +208,28 @@ class _Call:
             )
         events.append(b"data: [DONE]\n\n")
         return events
+
+
+def _agent_prompt(body: dict[str, Any], messages: list[Any]) -> tuple[int, str]:
+    """(count, JSON list) of an agent-mode chat call's prompt IDs: token-in's, or the rendering."""
+    kv = body.get("kv_transfer_params")
+    given = kv.get("prompt_token_ids") if isinstance(kv, dict) else None
+    if isinstance(given, list) and given:
+        return len(given), "[" + ",".join(map(str, given)) + "]"
+    return fake_chat.rendered_json(messages)
+
+
+def _tokenize(body: dict[str, Any]) -> bytes:
+    """vLLM's ``/tokenize`` answer for ``messages`` (rendered) or ``prompt`` (encoded)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        count, tokens = fake_chat.rendered_json(
+            messages, body.get("add_generation_prompt", True) is not False
+        )
+    else:
+        ids = fake_chat.encode(str(body.get("prompt") or ""))
+        count, tokens = len(ids), "[" + ",".join(map(str, ids)) + "]"
+    return f'{{"count":{count},"max_model_len":65536,"tokens":{tokens},"token_strs":null}}'.encode()
 
 
 def _event(payload: str) -> bytes:
@@ -203,8 +259,9 @@ class FakeVllmProtocol(asyncio.Protocol):
 
     serial = 0
 
-    def __init__(self, default_delay_s: float) -> None:
+    def __init__(self, default_delay_s: float, agent_mode: bool = False) -> None:
         self.default_delay_s = default_delay_s
+        self.agent_mode = agent_mode
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.busy = False
@@ -264,7 +321,7 @@ class FakeVllmProtocol(asyncio.Protocol):
             self._write(_response_head(200, _JSON, 0))
         elif method == "GET" and path == "/v1/models":
             self._write(_response_head(200, _JSON, len(_MODELS)) + _MODELS)
-        elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+        elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions", "/tokenize"):
             try:
                 parsed = json.loads(body)
                 assert isinstance(parsed, dict)
@@ -272,12 +329,17 @@ class FakeVllmProtocol(asyncio.Protocol):
                 error = b'{"error":{"message":"bad JSON","type":"BadRequestError","param":null,"code":400}}'
                 self._write(_response_head(400, _JSON, len(error)) + error)
                 return
+            if path == "/tokenize":
+                payload = _tokenize(parsed)
+                self._write(_response_head(200, _JSON, len(payload)) + payload)
+                return
             FakeVllmProtocol.serial += 1
-            call = _Call(path, parsed, FakeVllmProtocol.serial)
+            call = _Call(path, parsed, FakeVllmProtocol.serial, self.agent_mode)
             if call.stream:
                 if delay_s > 0:
                     self.busy = True
-                    asyncio.get_running_loop().create_task(self._paced_stream(call, delay_s))
+                    paced = self._clock_paced_stream if self.agent_mode else self._paced_stream
+                    asyncio.get_running_loop().create_task(paced(call, delay_s))
                 else:
                     events = call.first_events()
                     for i in range(call.max_tokens):
@@ -307,6 +369,29 @@ class FakeVllmProtocol(asyncio.Protocol):
         self._write(b"".join(map(_chunk, call.last_events())) + b"0\r\n\r\n")
         self._done()
 
+    async def _clock_paced_stream(self, call: _Call, delay_s: float) -> None:
+        """As ``_paced_stream``, but token ``i`` is due ``(i + 1) * delay_s`` after the first chunk,
+        and each wake-up writes every token that is due: the model's speed does not depend on how
+        busy this core is."""
+        loop = asyncio.get_running_loop()
+        self._write(_response_head(200, _SSE, None) + b"".join(map(_chunk, call.first_events())))
+        start = loop.time()
+        sent = 0
+        while sent < call.max_tokens:
+            due = min(call.max_tokens, int((loop.time() - start) / delay_s))
+            if due <= sent:
+                await asyncio.sleep(start + (sent + 1) * delay_s - loop.time())
+                continue
+            if self.transport is None:
+                return
+            await self.drained.wait()
+            self._write(
+                b"".join(_chunk(call.token_event(i, j)) for i in range(sent, due) for j in range(call.n))
+            )
+            sent = due
+        self._write(b"".join(map(_chunk, call.last_events())) + b"0\r\n\r\n")
+        self._done()
+
     async def _paced_whole(self, call: _Call, delay_s: float) -> None:
         await asyncio.sleep(delay_s * call.max_tokens)
         payload = call.whole()
@@ -318,9 +403,9 @@ class FakeVllmProtocol(asyncio.Protocol):
         self._next_request()
 
 
-async def serve(host: str, port: int, delay_s: float) -> None:
+async def serve(host: str, port: int, delay_s: float, agent_mode: bool = False) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: FakeVllmProtocol(delay_s), host, port, backlog=1024)
+    server = await loop.create_server(lambda: FakeVllmProtocol(delay_s, agent_mode), host, port, backlog=1024)
     async with server:
         await server.serve_forever()
 
@@ -332,6 +417,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--agent-mode",
+        action="store_true",
+        help="chat calls: ChatML-rendered prompt IDs, deterministic replies, clock-paced streams",
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -339,7 +429,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         pass
-    asyncio.run(serve(args.host, args.port, args.token_delay_ms / 1000))
+    asyncio.run(serve(args.host, args.port, args.token_delay_ms / 1000, args.agent_mode))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ class Result:
             "errors": self.errors,
             "total_sent": self.total_sent,
             "total_ok": self.total_ok,
+            "seconds": self.seconds,
             "calls_per_s": self.calls / self.seconds if self.seconds else 0.0,
             "p50_ms": percentile(self.latencies_ms, 0.50),
             "p90_ms": percentile(self.latencies_ms, 0.90),
@@ -179,7 +180,9 @@ async def run_load(
             if began >= stop_at:
                 break
             if connection is None or connection.transport is None:
-                _, connection = await loop.create_connection(_Connection, parts.hostname, parts.port)
+                _, connection = await loop.create_connection(
+                    _Connection, parts.hostname or "127.0.0.1", parts.port or 80
+                )
             result.total_sent += 1
             try:
                 await connection.call(request)
@@ -211,6 +214,16 @@ async def run_load(
     return result
 
 
+def use_uvloop() -> None:
+    """uvloop's event loop where it is installed (it comes with uvicorn[standard])."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,12 +241,7 @@ def main() -> None:
     parser.add_argument("--trajectory-prefix", default=None, help="X-Trajectory-Id = PREFIX-<worker>")
     parser.add_argument("--model", default="fake")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
+    use_uvloop()
     if args.route == "chat":
         body = chat_body(args.prompt_tokens, args.max_tokens, args.stream, n=args.n)
         path = "/v1/chat/completions"

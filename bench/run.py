@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +35,7 @@ from sqlalchemy import create_engine, text
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from fake_vllm import generated_id, prompt_id  # noqa: E402
+from targets import Targets, add_target_options, pinned, rss_mib, wait_written  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -99,177 +96,6 @@ def real_vllm_matrix() -> list[Scenario]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_http(url: str, process: subprocess.Popen[bytes], limit_s: float = 60) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{process.args!r} exited during startup")
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise SystemExit(f"{url} did not answer")
-
-
-FAKE_VLLM = [sys.executable, str(BENCH / "fake_vllm.py"), "--port"]
-TOKENTRAIL_SERVE = [sys.executable, "-m", "tokentrail.proxy.cli", "serve"]
-
-
-def tokentrail_env(upstream: str, db_url: str, port: int, tmp: Path, **extra: str) -> dict[str, str]:
-    """The environment of a benchmarked ``tokentrail serve``: quiet, its spool in ``tmp``."""
-    return dict(
-        os.environ,
-        TOKENTRAIL_UPSTREAM=upstream,
-        TOKENTRAIL_DB=db_url,
-        TOKENTRAIL_PORT=str(port),
-        TOKENTRAIL_LOG_LEVEL="warning",
-        TOKENTRAIL_FALLBACK_PATH=str(tmp / "fallback.jsonl"),
-        **extra,
-    )
-
-
-def _rss_mib(pid: int) -> float:
-    """Resident memory of ``pid`` and its children (the workers, under ``--workers``)."""
-    total = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) / 1024
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        total += _rss_mib(int(child))
-    return total
-
-
-_NGINX_CONF = """
-worker_processes {workers};
-{user}
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    client_max_body_size 100m;
-    keepalive_requests 1000000;
-    upstream vllm {{ server {upstream}; keepalive 256; keepalive_requests 1000000; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://vllm;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
-        }}
-    }}
-}}
-"""
-
-
-class Targets:
-    """Starts and stops the upstream and every proxy under test."""
-
-    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
-        self.args = args
-        self.tmp = tmp
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.urls: dict[str, str] = {}
-        self.db_url = f"sqlite:///{tmp / 'bench.db'}"
-        self.tokentrail_pid = 0
-
-    def _pinned(self, cores: str, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        prefix = ["taskset", "-c", cores] if shutil.which("taskset") and not self.args.no_pin else []
-        process = subprocess.Popen(prefix + command, **kwargs)
-        self.processes.append(process)
-        return process
-
-    def start(self) -> None:
-        args = self.args
-        if args.upstream:
-            upstream = args.upstream.rstrip("/").removesuffix("/v1")
-        else:
-            port = _free_port()
-            upstream = f"http://127.0.0.1:{port}"
-            process = self._pinned(args.other_core, [*FAKE_VLLM, str(port)])
-            _wait_http(upstream + "/health", process)
-        self.urls["direct"] = upstream
-        wanted = args.targets.split(",")
-        if "nginx" in wanted and not args.upstream:
-            nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-            if nginx is None:
-                print("nginx not found (apt install nginx-light): leaving it out", file=sys.stderr)
-            else:
-                port = _free_port()
-                conf = self.tmp / "nginx.conf"
-                user = "user root;" if os.geteuid() == 0 else ""
-                conf.write_text(
-                    _NGINX_CONF.format(
-                        tmp=self.tmp,
-                        port=port,
-                        upstream=upstream.removeprefix("http://"),
-                        user=user,
-                        workers=args.workers,
-                    )
-                )
-                process = self._pinned(
-                    args.proxy_core, [nginx, "-c", str(conf), "-p", str(self.tmp), "-g", "daemon off;"]
-                )
-                self.urls["nginx"] = f"http://127.0.0.1:{port}"
-                _wait_http(self.urls["nginx"] + "/health", process)
-        if "naive" in wanted and not args.upstream:
-            port = _free_port()
-            process = self._pinned(
-                args.proxy_core,
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "naive_proxy:app",
-                    "--app-dir",
-                    str(BENCH),
-                    "--port",
-                    str(port),
-                    "--loop",
-                    "uvloop",
-                    "--http",
-                    "httptools",
-                    "--no-access-log",
-                    "--log-level",
-                    "warning",
-                ],
-                env=dict(os.environ, NAIVE_UPSTREAM=upstream),
-            )
-            self.urls["naive"] = f"http://127.0.0.1:{port}"
-            _wait_http(self.urls["naive"] + "/health", process)
-        if "tokentrail" in wanted:
-            port = _free_port()
-            env = tokentrail_env(upstream, self.db_url, port, self.tmp, TOKENTRAIL_WORKERS=str(args.workers))
-            process = self._pinned(args.proxy_core, TOKENTRAIL_SERVE, env=env)
-            self.urls["tokentrail"] = f"http://127.0.0.1:{port}"
-            _wait_http(self.urls["tokentrail"] + "/tokentrail/health", process)
-            self.tokentrail_pid = process.pid
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
 def _load(
     args: argparse.Namespace, url: str, scenario: Scenario, model: str, prefix: str | None
 ) -> dict[str, Any]:
@@ -288,9 +114,9 @@ def _load(
     ]
     if prefix is not None:
         command += ["--trajectory-prefix", prefix]
-    if not args.no_pin and shutil.which("taskset"):
-        command = ["taskset", "-c", args.other_core, *command]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        pinned(args.other_core, command, args.no_pin), check=True, capture_output=True, text=True
+    ).stdout
     result: dict[str, Any] = json.loads(output)
     return result
 
@@ -333,28 +159,6 @@ def _verify(db_url: str, expected_calls: int, sample: int = 200, *, fake_ids: bo
     return [f"{rows} rows, all ok" + (f"; checked {len(picked)} sampled rows' IDs" if picked else "")]
 
 
-def _wait_written(db_url: str, spool_dir: Path, expected: int, limit_s: float = 120) -> dict[str, Any]:
-    """Records in the database and in the spools (every worker's), once they add up to ``expected``.
-
-    Counted there rather than from ``/tokentrail/health``, which answers for one worker only."""
-    deadline = time.monotonic() + limit_s
-    engine = create_engine(db_url)
-    try:
-        while True:
-            with engine.connect() as connection:
-                written = connection.execute(text("SELECT count(*) FROM llm_calls")).scalar_one()
-            failed = sum(
-                len(path.read_bytes().splitlines())
-                for path in spool_dir.glob("fallback*.jsonl*")
-                if path.name.endswith((".jsonl", ".replaying", ".refused"))
-            )
-            if written + failed >= expected or time.monotonic() > deadline:
-                return {"records_written": written, "records_failed": failed}
-            time.sleep(0.1)
-    finally:
-        engine.dispose()
-
-
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -368,22 +172,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--targets", default="direct,nginx,naive,tokentrail")
     parser.add_argument("--quick", action="store_true", help="only the headline cells")
     parser.add_argument("--upstream", help="a real vLLM: direct vs TokenTrail only")
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=1, help="runs of the matrix; the median is printed")
     parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per call")
-    parser.add_argument("--proxy-core", default="0", help="core(s) of the proxy under test (taskset list)")
-    parser.add_argument("--other-core", default="1", help="core(s) of the upstream and load generator")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="TokenTrail's and nginx's worker processes (one per proxy core)",
-    )
-    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    add_target_options(parser, "direct,nginx,naive,tokentrail")
     parser.add_argument("--json-out", type=Path, help="write every measurement here")
     args = parser.parse_args()
     if args.upstream:
@@ -411,15 +206,13 @@ def main() -> int:
                         measurements.setdefault((scenario.name, name), []).append(result)
                         if name == "tokentrail":
                             tokentrail_calls += result["total_ok"]
-                            rss.append(_rss_mib(targets.tokentrail_pid))
+                            rss.append(rss_mib(targets.tokentrail_pid))
                         print(
                             f"  {scenario.name:<26}{name:<11}{result['calls_per_s']:>9.0f} calls/s",
                             file=sys.stderr,
                         )
             writer = (
-                _wait_written(targets.db_url, targets.tmp, tokentrail_calls)
-                if "tokentrail" in names
-                else None
+                wait_written(targets.db_url, targets.tmp, tokentrail_calls) if "tokentrail" in names else None
             )
         finally:
             targets.stop()

@@ -43,7 +43,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from fake_vllm import generated_id  # noqa: E402
 from loadgen import _Connection, build_request, chat_body, completion_body  # noqa: E402
-from run import FAKE_VLLM, TOKENTRAIL_SERVE, _free_port, _rss_mib, _wait_http, tokentrail_env  # noqa: E402
+from targets import FAKE_VLLM, TOKENTRAIL_SERVE, free_port, rss_mib, tokentrail_env, wait_http  # noqa: E402
 
 KINDS = ("chat", "chat_stream", "chat_n2", "text_stream", "refused")
 
@@ -100,13 +100,13 @@ async def _drive(url: str, args: argparse.Namespace, proxy_pid: int) -> dict[str
 
     async def sample_rss() -> None:
         while True:
-            rss.append((time.monotonic() - started, _rss_mib(proxy_pid)))
+            rss.append((time.monotonic() - started, rss_mib(proxy_pid)))
             await asyncio.sleep(args.rss_every)
 
     sampler = asyncio.create_task(sample_rss())
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     sampler.cancel()
-    rss.append((time.monotonic() - started, _rss_mib(proxy_pid)))
+    rss.append((time.monotonic() - started, rss_mib(proxy_pid)))
     return {
         "sent": sent,
         "answered": answered,
@@ -218,14 +218,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         db_path = tmp / "soak.db"
-        upstream_port, proxy_port = _free_port(), _free_port()
+        upstream_port, proxy_port = free_port(), free_port()
         upstream = subprocess.Popen([*FAKE_VLLM, str(upstream_port)])
         env = tokentrail_env(f"http://127.0.0.1:{upstream_port}", f"sqlite:///{db_path}", proxy_port, tmp)
         proxy = subprocess.Popen(TOKENTRAIL_SERVE, env=env)
         url = f"http://127.0.0.1:{proxy_port}"
         try:
-            _wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
-            _wait_http(url + "/tokentrail/health", proxy)
+            wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
+            wait_http(url + "/tokentrail/health", proxy)
             locker = threading.Thread(target=_hold_write_lock, args=(db_path, args), daemon=True)
             if args.lock_db_for:
                 locker.start()

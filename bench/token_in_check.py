@@ -36,7 +36,7 @@ from sqlalchemy import create_engine, text
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from run import TOKENTRAIL_SERVE, _free_port, _wait_http, tokentrail_env  # noqa: E402
+from targets import TOKENTRAIL_SERVE, free_port, tokentrail_env, wait_http  # noqa: E402
 
 from tests.token_in_helpers import converse  # noqa: E402
 from tokentrail.proxy.storage import queries  # noqa: E402
@@ -102,14 +102,14 @@ def drive(upstream: str, turns: int, scale: int, tmp: Path) -> list[Run]:
     processes = []
     try:
         for mode in MODES:
-            port = _free_port()
+            port = free_port()
             (tmp / mode).mkdir()
             env = tokentrail_env(
                 upstream, _db_url(tmp, mode), port, tmp / mode, TOKENTRAIL_TOKEN_IN=str(mode != "off").lower()
             )
             processes.append(subprocess.Popen(TOKENTRAIL_SERVE, env=env))
             bases[mode] = f"http://127.0.0.1:{port}"
-            _wait_http(bases[mode] + "/tokentrail/health", processes[-1])
+            wait_http(bases[mode] + "/tokentrail/health", processes[-1])
         salt = str(time.time_ns())  # a cache salt per mode: no prefix cache shared between them
         totals: dict[str, Counter[str]] = {mode: Counter() for mode in MODES}
         with httpx.Client(timeout=300) as client:

@@ -8,6 +8,7 @@ passthrough really served calls, so the comparison stays meaningful.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,11 +27,15 @@ def _run(*args: str) -> str:
     return done.stdout
 
 
-def test_side_by_side_runner_measures_every_target_and_checks_the_records() -> None:
+def _require_nginx() -> None:
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         if os.environ.get("CI"):  # .ci/run installs nginx: its absence there is a failure, not a skip
             pytest.fail("nginx is missing under CI")
         pytest.skip("no nginx (apt-get install nginx-light)")
+
+
+def test_side_by_side_runner_measures_every_target_and_checks_the_records() -> None:
+    _require_nginx()
     out = _run(str(BENCH / "run.py"), "--quick", "--duration", "0.4", "--warmup", "0.1")
     rows = [line.split() for line in out.splitlines() if line.startswith(("non-stream", "stream"))]
     targets = {row[-10] for row in rows}  # the target column, counted from the right
@@ -38,6 +43,36 @@ def test_side_by_side_runner_measures_every_target_and_checks_the_records() -> N
     assert all(row[-1] == "0" for row in rows), out  # no errors in any cell
     assert "all ok; checked 200 sampled rows' IDs" in out
     assert "0 failed" in out
+
+
+def _table_row(out: str, label: str) -> list[str]:
+    """The cells of one row of bench/agents.py's table (one column per target)."""
+    line = next(line for line in out.splitlines() if line.startswith(label))
+    return line[len(label) :].split()
+
+
+def test_agent_benchmark_serves_every_turn_and_records_the_prompt_ids_vllm_used() -> None:
+    """8 agents x 6 turns through direct, nginx and TokenTrail; a second TokenTrail for 3 turns."""
+    _require_nginx()
+    out = _run(str(BENCH / "agents.py"), "--quick", "--turns-list", "3")
+    header = next(line.split() for line in out.splitlines() if line.strip().startswith("direct"))
+    assert header == ["direct", "nginx", "tokentrail"]
+    assert _table_row(out, "errors") == ["0", "0", "0"], out
+    assert _table_row(out, "  writer thread's part")[2].endswith("%"), out  # the thread was found by name
+    assert "check: 48 rows for 48 calls, all ok; 48 sampled calls' prompt IDs equal the fake's" in out
+    assert re.search(r"bytes per trajectory token by turns per agent: 3: [\d.]+ .*, 6: [\d.]+ ", out), out
+    assert re.search(r"export \(tokentrail export --format parquet\): 48 sequences, ", out), out
+    # Without token-in, a reply re-sent as text re-tokenizes differently at its end, as with a real vLLM.
+    assert "(llm_calls.drift): {'first': 8, 'retokenized': 40}" in out
+
+
+def test_agent_benchmark_with_token_in_keeps_each_trajectory_one_sequence() -> None:
+    out = _run(str(BENCH / "agents.py"), "--quick", "--token-in", "--targets", "tokentrail")
+    assert _table_row(out, "errors") == ["0"], out
+    assert "check: 48 rows for 48 calls, all ok; 48 sampled calls' prompt IDs equal the fake's" in out
+    assert "(llm_calls.drift): {'first': 8, 'token_in': 40}" in out
+    assert "token-in fallbacks: {'first_call': 8}" in out
+    assert re.search(r"export \(tokentrail export --format parquet\): 8 sequences, ", out), out
 
 
 def test_soak_records_every_mixed_call_once_with_gapless_seq() -> None:

@@ -254,3 +254,20 @@ def test_a_failing_observer_never_stops_the_writer(tmp_path: Path) -> None:
         engine.dispose()
     assert writer.written == 3
     assert len(seen) >= 1
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/comm").exists(), reason="Linux names threads in /proc")
+def test_the_writer_thread_carries_its_name_where_top_and_the_benchmarks_see_it(tmp_path: Path) -> None:
+    """bench/agents.py tells the writer's CPU time from the event loop's by this name."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    writer = _writer(db_url, tmp_path / "fallback.jsonl")
+    writer.start()
+    try:
+        writer.submit(_record(writer, "named"))
+        assert writer.wait_settled(1, timeout=30)
+        comm = Path(f"/proc/self/task/{writer._thread.native_id}/comm").read_text().strip()
+    finally:
+        writer.close()
+        writer._engine.dispose()
+    assert comm == "tokentrail-writer"[:15]
