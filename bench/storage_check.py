@@ -41,7 +41,7 @@ from alembic import command
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from run import TOKENTRAIL_SERVE, _free_port, _wait_http, tokentrail_env  # noqa: E402
+from targets import TOKENTRAIL_SERVE, free_port, tokentrail_env, wait_http  # noqa: E402
 
 from tests.token_in_helpers import converse  # noqa: E402
 from tokentrail.proxy.storage.migrate import alembic_config  # noqa: E402
@@ -100,13 +100,13 @@ def _read_back(path: Path) -> list[tuple[Any, ...]]:
 
 
 def _record(upstream: str, db: Path, turns: int, conversations: int, max_tokens: int, token_in: bool) -> None:
-    port = _free_port()
+    port = free_port()
     extra = {"TOKENTRAIL_TOKEN_IN": "true"} if token_in else {}
     env = tokentrail_env(upstream, f"sqlite:///{db}", port, db.parent, **extra)
     process = subprocess.Popen(TOKENTRAIL_SERVE, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(base + "/tokentrail/health", process)
+        wait_http(base + "/tokentrail/health", process)
 
         def one(number: int) -> None:
             with httpx.Client(timeout=300) as client:
