@@ -14,7 +14,7 @@ from typing import Any
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.storage.stored_calls import StoredForm, common_prefix, whole
-from tokentrail.proxy.token_in.messages import PastCall
+from tokentrail.proxy.token_in.messages import PastCall, PastChoice
 
 
 def shared_tokens(prompt_ids: list[int], before: Sequence[int], generated: Sequence[int]) -> int:
@@ -23,6 +23,23 @@ def shared_tokens(prompt_ids: list[int], before: Sequence[int], generated: Seque
     if shared < len(before) or shared == len(prompt_ids):
         return shared
     return shared + common_prefix(prompt_ids[shared:], generated)
+
+
+class PrefixMeter:
+    """How many of one prompt's IDs each earlier call's prompt + choice shares, each measured once:
+    the drift judge and the stored form ask about the same pairs, and with prompts of 15,000 IDs
+    the comparison was the writer thread's largest cost."""
+
+    def __init__(self, prompt_ids: list[int]) -> None:
+        self.prompt_ids = prompt_ids
+        self._known: dict[tuple[str, int], int] = {}
+
+    def shared(self, past: PastCall, choice: PastChoice) -> int:
+        key = (past.call_id, choice.index)
+        found = self._known.get(key)
+        if found is None:
+            found = self._known[key] = shared_tokens(self.prompt_ids, past.prompt_ids, choice.token_ids)
+        return found
 
 
 def shared_messages(messages: list[Any], base_messages: list[Any]) -> int:
@@ -38,18 +55,22 @@ def shared_messages(messages: list[Any], base_messages: list[Any]) -> int:
 
 
 def split(
-    prompt_ids: list[int] | None, request: dict[str, Any] | None, candidates: Sequence[PastCall]
+    prompt_ids: list[int] | None,
+    request: dict[str, Any] | None,
+    candidates: Sequence[PastCall],
+    meter: PrefixMeter | None = None,
 ) -> StoredForm:
     """The stored form of a call with this prompt and request, given its trajectory's recent finished
     calls (oldest first)."""
     best: PastCall | None = None
     best_choice, best_shared = 0, 0
     if prompt_ids:
+        meter = meter or PrefixMeter(prompt_ids)
         for past in reversed(candidates):  # the latest first: it usually shares the most
             for choice in past.choices:
                 if len(past.prompt_ids) + len(choice.token_ids) <= best_shared:
                     continue  # cannot share more than the best so far
-                shared = shared_tokens(prompt_ids, past.prompt_ids, choice.token_ids)
+                shared = meter.shared(past, choice)
                 if shared > best_shared:
                     best, best_choice, best_shared = past, choice.index, shared
     messages = request.get("messages") if isinstance(request, dict) else None

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokentrail.proxy.recording.records import CallRecord, Outcome
-from tokentrail.proxy.recording.stored_form import split
-from tokentrail.proxy.storage.stored_calls import StoredForm, common_prefix
+from tokentrail.proxy.recording.stored_form import PrefixMeter, split
+from tokentrail.proxy.storage.stored_calls import StoredForm
 from tokentrail.proxy.token_in.messages import Continuation, PastCall, PastChoice, Reason, best_continuation
 from tokentrail.proxy.token_in.state import CALLS_PER_TRAJECTORY, load_recent_calls
 
@@ -47,20 +47,26 @@ BREAKS = (Drift.RETOKENIZED, Drift.TEMPLATE, Drift.EDITED)
 
 
 def classify(
-    prompt_ids: Sequence[int], found: Continuation | str, latest: PastCall | None, built: bool
+    prompt_ids: Sequence[int],
+    found: Continuation | str,
+    latest: PastCall | None,
+    built: bool,
+    meter: PrefixMeter | None = None,
 ) -> tuple[Drift, int | None]:
     """The drift of a call whose prompt is ``prompt_ids`` (``found``: what it continues, or why not)."""
+    meter = meter or PrefixMeter(list(prompt_ids))
     if not isinstance(found, Continuation):
         if found == Reason.FIRST_CALL or latest is None:
             return Drift.FIRST, None
-        before = [*latest.prompt_ids, *(latest.choices[0].token_ids if latest.choices else ())]
-        position = common_prefix(prompt_ids, before)
-        if found == Reason.NOT_CHAT and position == len(before):  # a prompt of token IDs: they tell
+        choice = latest.choices[0] if latest.choices else PastChoice(-1, (), {})
+        before = len(latest.prompt_ids) + len(choice.token_ids)
+        position = meter.shared(latest, choice)
+        if found == Reason.NOT_CHAT and position == before:  # a prompt of token IDs: they tell
             return Drift.EXTENDS, None
         return Drift.EDITED, position
-    previous = found.previous_ids
-    position = common_prefix(prompt_ids, previous)
-    if position == len(previous):
+    previous = len(found.past.prompt_ids) + len(found.choice.token_ids)
+    position = meter.shared(found.past, found.choice)
+    if position == previous:
         return (Drift.TOKEN_IN if built else Drift.EXTENDS), None
     if position < len(found.past.prompt_ids):
         return Drift.TEMPLATE, position
@@ -152,10 +158,13 @@ class DriftJudge:
                 overlay[trajectory_id] = candidates
                 found = best_continuation(list(candidates), record.request)
             latest = candidates[-1] if candidates else None
+            meter = PrefixMeter(record.prompt_token_ids)
             record.drift, record.drift_position = classify(
-                record.prompt_token_ids, found, latest, record.token_in
+                record.prompt_token_ids, found, latest, record.token_in, meter
             )
-        forms[record.call_id] = split(record.prompt_token_ids, record.request, candidates)
+            forms[record.call_id] = split(record.prompt_token_ids, record.request, candidates, meter)
+        else:
+            forms[record.call_id] = split(record.prompt_token_ids, record.request, candidates)
         past = past_call(record)
         if past is not None:
             candidates.append(past)

@@ -152,7 +152,7 @@ def continuation(past: PastCall, request: dict[str, Any]) -> Continuation | str:
     if _render_options(request) != _render_options(past.request):
         return Reason.OPTIONS_CHANGED
     for position, (before, now) in enumerate(zip(previous, current, strict=False)):
-        if normalise_message(before) != normalise_message(now):
+        if before is not now and before != now and normalise_message(before) != normalise_message(now):
             roles = {m.get("role") for m in (before, now) if isinstance(m, dict)}
             return Reason.SYSTEM_CHANGED if position == 0 and "system" in roles else Reason.HISTORY_EDITED
     if len(current) <= len(previous):
