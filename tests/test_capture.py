@@ -238,3 +238,51 @@ def test_ids_that_disagree_with_vllms_usage_are_flagged(field: str, expected: st
     capture.feed_body(json.dumps(body).encode())
     capture.finish(True)
     assert record.integrity == expected
+
+
+def _long_prompt_stream(prompt_ids: list[int], prompt_tokens: int) -> bytes:
+    """A vLLM-shaped chat stream whose role chunk carries a long prompt (the agents' case)."""
+    events = [
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            "prompt_token_ids": prompt_ids,
+        },
+        {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "hi"}, "token_ids": [7]}]},
+        {
+            "id": "chatcmpl-1",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "token_ids": []}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": 1,
+                "total_tokens": prompt_tokens + 1,
+            },
+        },
+    ]
+    return b"".join(b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 60_000), min_size=2, max_size=6))
+def test_a_long_prompt_is_kept_as_text_on_the_loop_and_parsed_once_later(cuts: list[int]) -> None:
+    prompt_ids = [(i * 7919) % 150_000 for i in range(6_000)]
+    for stated, integrity in ((6_000, Integrity.OK), (5_999, Integrity.PROMPT_IDS_MISMATCH)):
+        stream = _long_prompt_stream(prompt_ids, stated)
+        record = CallRecord("c", "t", CHAT_ROUTE, 0.0)
+        tap = StreamTap(
+            ResponseCapture(record, ClientAsk(token_ids=True, stream=True), chat=True), strip=False
+        )
+        out = b""
+        for start, end in itertools.pairwise([0, *sorted(c % len(stream) for c in cuts), len(stream)]):
+            out += tap.feed(stream[start:end])
+        out += tap.close()
+        tap.capture.finish(True)
+        assert out == stream  # relayed as it came
+        assert record.prompt_token_ids is None  # not parsed on the event loop
+        assert record.integrity == integrity  # counted from the text
+        assert record.load_prompt_ids() == prompt_ids
+        assert record.prompt_ids_text is None
+        assert record.choices[0].token_ids == [7]

@@ -31,6 +31,10 @@ RECORDED_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
 _TOKEN_IDS_ARRAY = re.compile(rb'([{,]\s*"(?:prompt_)?token_ids"\s*:\s*)\[[^\]]*\]')
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _SECRET_KEYS = frozenset({"api_key", "apikey", "authorization"})
+# A chat answer's prompt IDs: in JSON text an unescaped quote cannot be inside a string, so this is
+# the key wherever it is found. Events shorter than _LONG_EVENT are parsed whole (it costs nothing).
+_PROMPT_IDS_KEY = b'"prompt_token_ids":['
+_LONG_EVENT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +253,7 @@ class ResponseCapture:
     def feed_body(self, body: bytes) -> None:
         """Read a whole (non-streaming) JSON response."""
         try:
-            obj = jsonio.loads(body)
+            obj = self.parse(body)
         except (ValueError, UnicodeDecodeError):
             return
         if not isinstance(obj, dict):
@@ -263,6 +267,22 @@ class ResponseCapture:
                 choice.message = {"text": raw.get("text")}
             elif isinstance(raw.get("message"), dict):
                 choice.message = _normalise_message(raw["message"])
+
+    def parse(self, data: bytes) -> Any:
+        """``data`` parsed, except a chat answer's long ``prompt_token_ids`` array: that is kept as
+        text in the record (``CallRecord.load_prompt_ids``) and parsed off the event loop."""
+        if len(data) < _LONG_EVENT or not self.chat:
+            return jsonio.loads(data)
+        start = data.find(_PROMPT_IDS_KEY)
+        end = data.find(b"]", start) if start >= 0 else -1
+        if end < 0:
+            return jsonio.loads(data)
+        start += len(_PROMPT_IDS_KEY) - 1  # at the "["
+        obj = jsonio.loads(data[:start] + b"null" + data[end + 1 :])
+        record = self.record
+        if record.prompt_token_ids is None and record.prompt_ids_text is None:
+            record.prompt_ids_text = data[start : end + 1]
+        return obj
 
     def feed_event(self, obj: dict[str, Any]) -> None:
         """Read one parsed SSE chunk (a loop, not a shared generator: this runs for every token)."""
@@ -320,8 +340,7 @@ class ResponseCapture:
 
     def _prompt_count(self) -> int | None:
         if self.chat or not self._completion_prompts:
-            ids = self.record.prompt_token_ids
-            return None if ids is None else len(ids)
+            return self.record.prompt_ids_count()
         # Completions: one prompt per group of n choices (a list of prompts gives several groups).
         n = self.ask.n
         return sum(len(ids) for index, ids in self._completion_prompts.items() if index % n == 0)
@@ -488,7 +507,7 @@ class StreamTap:
         if not data.startswith(b"{") and data.strip() == b"[DONE]":
             return True
         try:
-            obj = jsonio.loads(data)
+            obj = self.capture.parse(data)
         except (ValueError, UnicodeDecodeError):
             return True
         if not isinstance(obj, dict):

@@ -41,8 +41,9 @@ _CHOICE_FIELDS = {f.name for f in dataclasses.fields(ChoiceRecord)}
 
 
 def record_to_line(record: CallRecord, reason: str) -> str:
+    record.load_prompt_ids()
     row = dataclasses.asdict(record)
-    del row["on_stored"]
+    del row["on_stored"], row["prompt_ids_text"]
     row["fallback_reason"] = reason
     return json.dumps(row, default=str)
 

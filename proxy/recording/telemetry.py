@@ -73,9 +73,10 @@ class CallSpans:
             attributes["http.response.status_code"] = record.status_code
         if record.model is not None:
             attributes["gen_ai.request.model"] = record.model
-        if record.prompt_token_ids is not None:
-            attributes["llm.token_count.prompt"] = len(record.prompt_token_ids)
-            attributes["llm.hosted_vllm.prompt_token_ids"] = record.prompt_token_ids
+        prompt_ids = record.load_prompt_ids()
+        if prompt_ids is not None:
+            attributes["llm.token_count.prompt"] = len(prompt_ids)
+            attributes["llm.hosted_vllm.prompt_token_ids"] = prompt_ids
         if record.choices:
             generated = record.choices[0].token_ids
             attributes["llm.token_count.completion"] = len(generated)

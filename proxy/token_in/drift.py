@@ -75,14 +75,15 @@ def classify(
 
 def past_call(record: CallRecord) -> PastCall | None:
     """The record as a candidate for later calls to continue (only finished calls with IDs)."""
-    if record.outcome != Outcome.OK or record.prompt_token_ids is None or record.request is None:
+    prompt_ids = record.load_prompt_ids()
+    if record.outcome != Outcome.OK or prompt_ids is None or record.request is None:
         return None
     choices = tuple(
         PastChoice(c.index, c.token_ids, c.message, c.finish_reason) for c in record.choices if c.token_ids
     )
     if not choices:
         return None
-    return PastCall(record.call_id, record.route, record.request, record.prompt_token_ids, choices)
+    return PastCall(record.call_id, record.route, record.request, prompt_ids, choices)
 
 
 def suffix_has_reply(found: Continuation | str, request: dict[str, Any]) -> bool:

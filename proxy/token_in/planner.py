@@ -199,6 +199,7 @@ class TokenIn:
     def finished(self, record: CallRecord) -> None:
         """The call ended (its record is final): keep it for the next call of its trajectory."""
         entry = self._open.pop(record.call_id, None)
+        record.load_prompt_ids()  # token-in needs them at once (off, they are parsed by the writer)
         if entry is None:
             if record.seq is not None and self._memory.holds(record.trajectory_id):
                 past = past_call(record)
