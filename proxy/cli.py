@@ -311,7 +311,7 @@ def _db_vacuum(settings: Settings) -> int:
     from tokentrail.proxy.storage.migrate import vacuum_database
 
     before, after = vacuum_database(settings.db)
-    print(f"database compacted: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+    print(f"database compacted: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
     return 0
 
 

@@ -8,6 +8,9 @@ migration converts a database written stored-whole (and back) without changing w
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -314,3 +317,28 @@ def test_on_vllm_every_prompt_reads_back_as_vllm_reported_it_and_is_stored_once(
         )
         assert row["shared"] + row["rest"] == len(turn.prompt_ids)
         assert row["shared"] > len(previous.prompt_ids)
+
+
+def test_db_vacuum_gives_the_converted_rows_space_back(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str
+) -> None:
+    with running_proxy(fake[1], tmp_path, db_url=db_url) as proxy:
+        _record(proxy, fake[0], "vacuumed", [f"step {i} " * 60 for i in range(24)])
+        proxy.wait_all_records()
+    config = alembic_config(db_url)
+    command.downgrade(config, "0005_rl_loop")  # stored whole, as an older TokenTrail did
+    upgraded = subprocess.run(
+        [sys.executable, "-m", "tokentrail.proxy.cli", "db", "upgrade", "--db", db_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "tokentrail db vacuum" in upgraded.stdout
+    vacuumed = subprocess.run(
+        [sys.executable, "-m", "tokentrail.proxy.cli", "db", "vacuum", "--db", db_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    before, after = (float(n) for n in re.findall(r"([0-9.]+) MB", vacuumed.stdout))
+    assert after < before, vacuumed.stdout
