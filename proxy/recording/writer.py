@@ -328,7 +328,8 @@ class RecordWriter:
             marks = ", ".join([encoder.mark] * len(chunk))
             present = set(
                 connection.exec_driver_sql(
-                    f"SELECT id FROM llm_calls WHERE id IN ({marks})", tuple(r.call_id for r, _ in chunk)
+                    f"SELECT id FROM llm_calls_stored WHERE id IN ({marks})",
+                    tuple(r.call_id for r, _ in chunk),
                 ).scalars()
             )
         todo = [(record, line) for record, line in chunk if record.call_id not in present]
@@ -509,7 +510,7 @@ def _next_seqs(connection: Any, trajectory_ids: set[str], encoder: RowEncoder) -
         chunk = ids[start : start + 500]
         marks = ", ".join([encoder.mark] * len(chunk))
         grouped = (
-            f"SELECT trajectory_id, max(seq) AS top FROM llm_calls "
+            f"SELECT trajectory_id, max(seq) AS top FROM llm_calls_stored "
             f"WHERE trajectory_id IN ({marks}) GROUP BY trajectory_id"
         )
         if encoder.sqlite:
