@@ -46,6 +46,7 @@ def _capture(name: str, splits: list[int] | None = None) -> tuple[CallRecord, by
         capture.feed_body(sample.response)
         out = sample.response
     capture.finish(True)
+    record.load_prompt_ids()  # as the writer does (a long prompt stays text until then)
     return record, out
 
 

@@ -342,3 +342,36 @@ def test_db_vacuum_gives_the_converted_rows_space_back(
     )
     before, after = (float(n) for n in re.findall(r"([0-9.]+) MB", vacuumed.stdout))
     assert after < before, vacuumed.stdout
+
+
+def test_odd_messages_read_back_through_the_view(proxy_on_db: Proxy) -> None:
+    """Messages that are not objects, and a NUL character (a tool that printed a binary file)."""
+    proxy = proxy_on_db
+    headers = {"X-Trajectory-Id": "odd", "x-fake": "render"}
+    first = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    answer = httpx.post(proxy.url + CHAT, json=first, headers=headers, timeout=30)
+    reply = {"role": "assistant", "content": answer.json()["choices"][0]["message"]["content"]}
+    plain = {**first, "messages": [*first["messages"], reply, {"role": "user", "content": 'say "é"\n'}]}
+    odd = {**first, "messages": [*plain["messages"], "oops", True, None, 1.5, -2, [1, {"a": "b"}]]}
+    nul = {**first, "messages": [*plain["messages"], {"role": "tool", "content": "ELF\u0000\u0001"}]}
+    for body in (plain, odd, nul):
+        httpx.post(proxy.url + CHAT, json=body, headers=headers, timeout=30)  # odd: the fake fails it
+    proxy.wait_all_records()
+    view = _view(proxy, "odd")
+    assert [row["request"]["messages"] if row["request"] else None for row in view[:3]] == [
+        first["messages"],
+        plain["messages"],
+        odd["messages"],
+    ]
+    shared = proxy.rows(
+        "SELECT request_shared_messages AS n FROM llm_calls_stored WHERE trajectory_id = 'odd'"
+    )
+    assert [row["n"] for row in shared] == [0, 1, 3, 3]
+    postgres = proxy.db_url.startswith("postgresql")
+    # PostgreSQL's JSON functions refuse \u0000: that row reads NULL there (the API has it whole)
+    assert view[3]["request"] == (None if postgres else nul)
+    api = httpx.get(f"{proxy.url}/tokentrail/v1/trajectories/odd").json()["calls"]
+    assert [call["request"]["messages"] for call in api] == [b["messages"] for b in (first, plain, odd, nul)]
+    assert proxy.rows("SELECT count(*) AS n FROM llm_calls WHERE request IS NOT NULL") == [
+        {"n": 4 - postgres}
+    ]

@@ -72,19 +72,20 @@ _SQLITE_MESSAGES = """(
         FROM llm_calls_stored p JOIN chain ON p.id = chain.base WHERE chain.shared > 0
     )
     SELECT json_group_array(json(value)) FROM (
-        SELECT chain.shared + m.key AS position, m.value AS value
+        SELECT chain.shared + m.key AS position, r.request_rest -> m.fullkey AS value
         FROM chain JOIN llm_calls_stored r ON r.id = chain.id, json_each(r.request_rest, '$.messages') m
         WHERE chain.shared + m.key < chain.cut
         ORDER BY position
     )
 )"""
 _SQLITE_PROMPT = """(
-    WITH RECURSIVE chain(id, base, choice, shared, cut, generated) AS (
-        SELECT x.id, x.base_call_id, x.base_choice_index, x.prompt_shared_tokens, 2147483647, NULL
+    WITH RECURSIVE chain(id, base, choice, shared, cut, generated, rest) AS (
+        SELECT x.id, x.base_call_id, x.base_choice_index, x.prompt_shared_tokens, 2147483647, NULL,
+            json_array_length(x.prompt_rest_ids)
         FROM llm_calls_stored x WHERE x.id = c.id
         UNION ALL
         SELECT p.id, p.base_call_id, p.base_choice_index, p.prompt_shared_tokens,
-            min(chain.cut, chain.shared), chain.choice
+            min(chain.cut, chain.shared), chain.choice, json_array_length(p.prompt_rest_ids)
         FROM llm_calls_stored p JOIN chain ON p.id = chain.base WHERE chain.shared > 0
     )
     SELECT json_group_array(value) FROM (
@@ -92,9 +93,8 @@ _SQLITE_PROMPT = """(
             SELECT chain.shared + t.key AS position, t.value AS value, chain.cut AS cut
             FROM chain JOIN llm_calls_stored r ON r.id = chain.id, json_each(r.prompt_rest_ids) t
             UNION ALL
-            SELECT chain.shared + json_array_length(r.prompt_rest_ids) + t.key, t.value, chain.cut
-            FROM chain JOIN llm_calls_stored r ON r.id = chain.id
-            JOIN completions d ON d.call_id = chain.id AND d.choice_index = chain.generated,
+            SELECT chain.shared + chain.rest + t.key, t.value, chain.cut
+            FROM chain JOIN completions d ON d.call_id = chain.id AND d.choice_index = chain.generated,
             json_each(d.token_ids) t
         ) WHERE position < cut ORDER BY position
     )
@@ -129,12 +129,13 @@ _POSTGRES_REQUEST = f"""(
     FROM json_each(c.request_rest) WITH ORDINALITY e(key, value, n)
 )"""
 _POSTGRES_PROMPT = """(
-    WITH RECURSIVE chain(id, base, choice, shared, cut, generated) AS (
-        SELECT x.id, x.base_call_id, x.base_choice_index, x.prompt_shared_tokens, 2147483647, NULL::integer
+    WITH RECURSIVE chain(id, base, choice, shared, cut, generated, rest) AS (
+        SELECT x.id, x.base_call_id, x.base_choice_index, x.prompt_shared_tokens, 2147483647, NULL::integer,
+            json_array_length(x.prompt_rest_ids)
         FROM llm_calls_stored x WHERE x.id = c.id
         UNION ALL
         SELECT p.id, p.base_call_id, p.base_choice_index, p.prompt_shared_tokens,
-            least(chain.cut, chain.shared), chain.choice
+            least(chain.cut, chain.shared), chain.choice, json_array_length(p.prompt_rest_ids)
         FROM llm_calls_stored p JOIN chain ON p.id = chain.base WHERE chain.shared > 0
     )
     SELECT json_agg(value ORDER BY position) FROM (
@@ -142,24 +143,39 @@ _POSTGRES_PROMPT = """(
         FROM chain JOIN llm_calls_stored r ON r.id = chain.id,
             json_array_elements(r.prompt_rest_ids) WITH ORDINALITY t(value, n)
         UNION ALL
-        SELECT chain.shared + json_array_length(r.prompt_rest_ids) + t.n - 1, t.value, chain.cut
-        FROM chain JOIN llm_calls_stored r ON r.id = chain.id
-        JOIN completions d ON d.call_id = chain.id AND d.choice_index = chain.generated,
+        SELECT chain.shared + chain.rest + t.n - 1, t.value, chain.cut
+        FROM chain JOIN completions d ON d.call_id = chain.id AND d.choice_index = chain.generated,
             json_array_elements(d.token_ids) WITH ORDINALITY t(value, n)
     ) pieces WHERE position < cut
 )"""
 POSTGRES_VIEW = (
     "CREATE VIEW llm_calls AS SELECT "
     + _COLUMNS.format(
-        request=f"CASE WHEN c.request_shared_messages = 0 THEN c.request_rest ELSE {_POSTGRES_REQUEST} END",
+        request="CASE WHEN c.request_shared_messages = 0 THEN c.request_rest "
+        "ELSE tokentrail_request(c.id) END",
         prompt=f"CASE WHEN c.prompt_shared_tokens = 0 THEN c.prompt_rest_ids ELSE {_POSTGRES_PROMPT} END",
     ).replace("id, trajectory_id,", "c.id, trajectory_id,", 1)
     + " FROM llm_calls_stored c"
 )
 
 
+# PostgreSQL's JSON functions refuse a request holding a NUL character (\u0000, in a tool result
+# that printed a binary file): the function gives NULL for that row rather than failing the query.
+POSTGRES_REQUEST_FUNCTION = f"""
+CREATE FUNCTION tokentrail_request(call_id varchar) RETURNS json LANGUAGE plpgsql STABLE AS $fn$
+BEGIN
+    RETURN (SELECT {_POSTGRES_REQUEST} FROM llm_calls_stored c WHERE c.id = call_id);
+EXCEPTION WHEN untranslatable_character THEN
+    RETURN NULL;
+END
+$fn$"""
+
+
 def _view() -> str:
-    return POSTGRES_VIEW if op.get_bind().dialect.name == "postgresql" else SQLITE_VIEW
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(POSTGRES_REQUEST_FUNCTION)
+        return POSTGRES_VIEW
+    return SQLITE_VIEW
 
 
 def _json(value: Any) -> Any:
@@ -167,8 +183,10 @@ def _json(value: Any) -> Any:
     return jsonio.loads(value) if isinstance(value, str | bytes) else value
 
 
-def _trajectories(connection: sa.Connection) -> list[str]:
-    return [t for (t,) in connection.execute(sa.text("SELECT DISTINCT trajectory_id FROM llm_calls_stored"))]
+def _trajectories(connection: sa.Connection, *, several_calls: bool = False) -> list[str]:
+    having = " GROUP BY trajectory_id HAVING count(*) > 1" if several_calls else ""
+    query = f"SELECT {'' if several_calls else 'DISTINCT '}trajectory_id FROM llm_calls_stored{having}"
+    return [t for (t,) in connection.execute(sa.text(query))]
 
 
 def _calls(connection: sa.Connection, trajectory_id: str) -> list[dict[str, Any]]:
@@ -216,13 +234,23 @@ def _update(connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
 
 
 def _store_against_bases(connection: sa.Connection) -> None:
-    """Every call (stored whole) in the stored form, with the writer's rule and candidates."""
-    for trajectory_id in _trajectories(connection):
+    """Every call (stored whole) in the stored form, with the writer's rule and candidates; only the
+    calls stored against a base are rewritten. JSON ``null`` becomes SQL NULL, as the writer stores it."""
+    for column in ("prompt_rest_ids", "request_rest"):
+        is_null = (
+            f"json_typeof({column}) = 'null'"
+            if connection.dialect.name == "postgresql"
+            else f"{column} = 'null'"
+        )
+        connection.execute(sa.text(f"UPDATE llm_calls_stored SET {column} = NULL WHERE {is_null}"))
+    for trajectory_id in _trajectories(connection, several_calls=True):
         candidates: deque[PastCall] = deque(maxlen=CALLS_PER_TRAJECTORY)
         rows = []
         for call in _calls(connection, trajectory_id):
             prompt, request = call["prompt_rest_ids"], call["request_rest"]
-            rows.append({"id": call["id"], **_form_row(split(prompt, request, candidates))})
+            form = split(prompt, request, candidates)
+            if form.base_call_id is not None:
+                rows.append({"id": call["id"], **_form_row(form)})
             picked = [PastChoice(i, ids, {}) for i, ids in call["choices"] if ids]
             if call["outcome"] == "ok" and isinstance(prompt, list) and isinstance(request, dict) and picked:
                 candidates.append(PastCall(call["id"], "", request, prompt, tuple(picked)))
@@ -295,6 +323,8 @@ def downgrade() -> None:
     op.execute("DROP VIEW trajectory_summary")
     op.execute("DROP VIEW turns")
     op.execute("DROP VIEW llm_calls")
+    if connection.dialect.name == "postgresql":
+        op.execute("DROP FUNCTION tokentrail_request(varchar)")
     _store_whole(connection)
     for column in ("request_shared_messages", "prompt_shared_tokens", "base_choice_index", "base_call_id"):
         op.execute(f"ALTER TABLE llm_calls_stored DROP COLUMN {column}")

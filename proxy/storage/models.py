@@ -98,7 +98,7 @@ class Completion(SQLModel, table=True):
 
     __tablename__ = "completions"
 
-    call_id: str = Field(foreign_key="llm_calls.id", primary_key=True, max_length=32)
+    call_id: str = Field(foreign_key="llm_calls_stored.id", primary_key=True, max_length=32)
     choice_index: int = Field(primary_key=True)
     token_ids: list[int] = Field(sa_column=Column(JSON, nullable=False))
     logprobs: list[Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.capture import CHAT_ROUTE
 from tokentrail.proxy.recording.records import CallRecord
+from tokentrail.proxy.storage.stored_calls import StoredFormError
 from tokentrail.proxy.token_in.drift import past_call, suffix_has_reply
 from tokentrail.proxy.token_in.messages import Continuation, Reason, best_continuation, has_non_text_content
 from tokentrail.proxy.token_in.prompt import BuildFailed, PromptBuilder
@@ -187,7 +188,7 @@ class TokenIn:
 
         try:
             loaded = await asyncio.to_thread(read)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, StoredFormError) as exc:
             raise BuildFailed(Fallback.DATABASE_ERROR, type(exc).__name__) from exc
         self._memory.merge_loaded(trajectory_id, loaded)
 
