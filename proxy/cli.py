@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_option(upgrade)
     vacuum = db_commands.add_parser(
         "vacuum",
-        help="give the space of deleted or converted rows back to the file system (stop TokenTrail first)",
+        help="give the space of converted rows back to the file system (stop TokenTrail first; on "
+        "PostgreSQL this is VACUUM FULL of the whole database, which locks its tables while it runs)",
     )
     _add_db_option(vacuum)
 
