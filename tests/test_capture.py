@@ -282,8 +282,8 @@ def test_a_long_prompt_is_kept_as_text_on_the_loop_and_parsed_once_later(cuts: l
         out += tap.close()
         tap.capture.finish(True)
         assert out == stream  # relayed as it came
-        assert record.prompt_token_ids is None  # not parsed on the event loop
-        assert record.integrity == integrity  # counted from the text
+        assert record.prompt_token_ids is None  # not parsed on the event loop, nor counted
         assert record.load_prompt_ids() == prompt_ids
+        assert record.integrity == integrity  # judged once parsed
         assert record.prompt_ids_text is None
         assert record.choices[0].token_ids == [7]

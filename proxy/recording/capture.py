@@ -326,9 +326,11 @@ class ResponseCapture:
         found: list[str] = []
         if not self.usage_seen:
             found.append(Integrity.NO_USAGE)
-        else:
-            if self._prompt_count() != record.prompt_tokens:
-                found.append(Integrity.PROMPT_IDS_MISMATCH)
+        elif self.chat and record.prompt_ids_text is not None and record.prompt_token_ids is None:
+            record.prompt_count_unchecked = True  # judged when they are parsed (CallRecord.load_prompt_ids)
+        elif self._prompt_count() != record.prompt_tokens:
+            found.append(Integrity.PROMPT_IDS_MISMATCH)
+        if self.usage_seen:
             generated = sum(len(c.token_ids) for c in record.choices)
             if generated != record.completion_tokens:
                 found.append(Integrity.COMPLETION_IDS_MISMATCH)
@@ -340,7 +342,8 @@ class ResponseCapture:
 
     def _prompt_count(self) -> int | None:
         if self.chat or not self._completion_prompts:
-            return self.record.prompt_ids_count()
+            ids = self.record.prompt_token_ids
+            return None if ids is None else len(ids)
         # Completions: one prompt per group of n choices (a list of prompts gives several groups).
         n = self.ask.n
         return sum(len(ids) for index, ids in self._completion_prompts.items() if index % n == 0)

@@ -145,6 +145,7 @@ class RecordWriter:
             if record.seq is not None:
                 with self._skipped_lock:
                     self._skipped.add((record.trajectory_id, record.seq))
+            record.load_prompt_ids()
             self._observe([record])
             self._spill([record], "queue_full")
 
@@ -217,6 +218,8 @@ class RecordWriter:
                     stopping = True
                     continue
                 batch.append(item)
+            for record in batch:
+                record.load_prompt_ids()  # parsed here, off the event loop (records.py)
             self._observe(batch)
             ready = self._in_arrival_order(batch, flush=stopping)
             if ready and self._write_with_retries(ready):

@@ -200,7 +200,6 @@ class TokenIn:
     def finished(self, record: CallRecord) -> None:
         """The call ended (its record is final): keep it for the next call of its trajectory."""
         entry = self._open.pop(record.call_id, None)
-        record.load_prompt_ids()  # token-in needs them at once (off, they are parsed by the writer)
         if entry is None:
             if record.seq is not None and self._memory.holds(record.trajectory_id):
                 past = past_call(record)
@@ -208,7 +207,7 @@ class TokenIn:
                     self._memory.add(record.trajectory_id, past)
             return
         opened, prompt_ids = entry
-        if record.token_in and record.prompt_token_ids is not None and record.prompt_token_ids != prompt_ids:
+        if record.token_in and record.load_prompt_ids() not in (None, prompt_ids):
             logger.warning("call_id=<%s> | vLLM did not use the token-in prompt IDs", record.call_id)
             self._fall_back(record, Fallback.UPSTREAM_IGNORED)
         self._memory.close_call(record.trajectory_id, opened, past_call(record))
