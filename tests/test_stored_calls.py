@@ -29,7 +29,7 @@ from tests.fake_upstream import FakeUpstream, render_prompt
 from tests.token_in_helpers import converse
 from tokentrail.proxy.recording.stored_form import split
 from tokentrail.proxy.storage.migrate import alembic_config
-from tokentrail.proxy.storage.stored_calls import StoredCall, rebuild
+from tokentrail.proxy.storage.stored_calls import StoredCall, rebuild, rebuild_some
 from tokentrail.proxy.token_in.messages import PastCall, PastChoice
 
 CHAT = "/v1/chat/completions"
@@ -88,9 +88,11 @@ def test_what_is_rebuilt_is_what_came_in_whatever_is_shared(calls: list[dict[str
         if call["prompt"] is not None and call["request"] is not None and picked:
             candidates.append(PastCall(call["id"], CHAT, call["request"], call["prompt"], picked))
     full = rebuild(stored, generated)
+    walked = rebuild_some(stored, generated, [c["id"] for c in calls])  # chain by chain, as the view
     for call in calls:
-        assert full[call["id"]].prompt_token_ids == call["prompt"]
-        assert json.dumps(full[call["id"]].request) == json.dumps(call["request"])  # key order too
+        for found in (full, walked):
+            assert found[call["id"]].prompt_token_ids == call["prompt"]
+            assert json.dumps(found[call["id"]].request) == json.dumps(call["request"])  # key order too
 
 
 # ---- through the proxy, the view and the API, on SQLite and PostgreSQL ----

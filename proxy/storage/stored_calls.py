@@ -120,6 +120,67 @@ def rebuild(calls: Iterable[StoredCall], generated: dict[tuple[str, int], list[i
     return full
 
 
+def rebuild_some(
+    calls: Iterable[StoredCall], generated: dict[tuple[str, int], list[int]], wanted: Iterable[str]
+) -> dict[str, FullCall]:
+    """Like ``rebuild``, for a few calls of a long trajectory: each is assembled by walking its chain
+    of bases once (as the SQL view does), without building every earlier call's full prompt, which
+    grew with turns x prompt length for a cache miss that needs only the latest calls."""
+    by_id = {call.id: call for call in calls}
+    return {
+        call_id: FullCall(_request_of(call_id, by_id), _prompt_of(call_id, by_id, generated))
+        for call_id in wanted
+    }
+
+
+def _base(form: StoredForm, by_id: dict[str, StoredCall], call_id: str) -> StoredCall:
+    base = by_id.get(form.base_call_id or "")
+    if base is None:
+        raise StoredFormError(f"call {call_id} is stored against {form.base_call_id}, which is missing")
+    return base
+
+
+def _prompt_of(
+    call_id: str, by_id: dict[str, StoredCall], generated: dict[tuple[str, int], list[int]]
+) -> list[int] | None:
+    call = by_id[call_id]
+    if not call.form.prompt_shared_tokens:
+        return call.form.prompt_rest_ids
+    pieces: list[list[int]] = []
+    link, choice, cut = call, None, None  # cut: how much of this link's sequence the later calls use
+    while True:
+        form = link.form
+        own = list(form.prompt_rest_ids or [])
+        if choice is not None:
+            own += generated.get((link.id, choice), [])
+        start = form.prompt_shared_tokens
+        pieces.append(own if cut is None else own[: max(0, cut - start)])
+        if not start:
+            break
+        cut = start if cut is None else min(cut, start)
+        link, choice = _base(form, by_id, link.id), form.base_choice_index or 0
+    return [token for piece in reversed(pieces) for token in piece]
+
+
+def _request_of(call_id: str, by_id: dict[str, StoredCall]) -> dict[str, Any] | None:
+    call = by_id[call_id]
+    request = call.form.request_rest
+    if not call.form.request_shared_messages or request is None:
+        return request
+    pieces: list[list[Any]] = []
+    link, cut = call, None
+    while True:
+        form = link.form
+        own = list((form.request_rest or {}).get("messages") or [])
+        start = form.request_shared_messages
+        pieces.append(own if cut is None else own[: max(0, cut - start)])
+        if not start:
+            break
+        cut = start if cut is None else min(cut, start)
+        link = _base(form, by_id, link.id)
+    return dict(request, messages=[message for piece in reversed(pieces) for message in piece])
+
+
 def stored_call(row: Any) -> StoredCall:
     """A ``StoredCall`` from a row (or mapping) that has ``id``, ``seq`` and the stored-form columns."""
     get = row.get if isinstance(row, dict) else row._mapping.get
@@ -162,12 +223,16 @@ def load_generated(connection: Connection, wanted: set[tuple[str, int]]) -> dict
     return found
 
 
-def full_calls(connection: Connection, trajectory_ids: Iterable[str]) -> dict[str, FullCall]:
-    """The full request and prompt IDs of every call of these trajectories, by call id."""
+def full_calls(
+    connection: Connection, trajectory_ids: Iterable[str], wanted: Iterable[str] | None = None
+) -> dict[str, FullCall]:
+    """The full request and prompt IDs of every call of these trajectories (or of the ``wanted``
+    calls among them), by call id."""
     ids = list(dict.fromkeys(trajectory_ids))
     calls: list[StoredCall] = []
     columns = [CALLS.c.id, CALLS.c.seq, *(CALLS.c[name] for name in STORED_FORM_COLUMNS)]
     for start in range(0, len(ids), 500):
         query = select(*columns).where(CALLS.c.trajectory_id.in_(ids[start : start + 500]))
         calls.extend(stored_call(row) for row in connection.execute(query))
-    return rebuild(calls, load_generated(connection, base_choices(calls)))
+    generated = load_generated(connection, base_choices(calls))
+    return rebuild(calls, generated) if wanted is None else rebuild_some(calls, generated, wanted)

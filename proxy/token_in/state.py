@@ -44,7 +44,7 @@ def load_recent_calls(connection: Connection, trajectory_id: str, limit: int) ->
     ).all()
     if not rows:
         return []
-    full = full_calls(connection, [trajectory_id])
+    full = full_calls(connection, [trajectory_id], [row.id for row in rows])
     choices: dict[str, list[PastChoice]] = {row.id: [] for row in rows}
     for choice in connection.execute(
         select(
