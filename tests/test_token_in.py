@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 from alembic import command
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import OperationalError
 
@@ -38,6 +40,7 @@ from tokentrail.proxy.token_in.messages import (
     normalise_message,
 )
 from tokentrail.proxy.token_in.planner import token_in_wanted, with_prompt_ids
+from tokentrail.proxy.token_in.prompt import BuildFailed, Rendered
 
 CHAT = "/v1/chat/completions"
 SYSTEM = {"role": "system", "content": "Be terse."}
@@ -512,3 +515,26 @@ def test_a_database_that_cannot_be_read_falls_back_and_the_call_goes_on(
     # The second call continues the first, which this proxy relayed: memory suffices.
     assert [("kv_transfer_params" in c) for c in fake.chats] == [False, True]
     assert [r["token_in_fallback"] for r in _rows(proxy)] == ["database_error", None]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 200_000), max_size=8),
+    st.lists(st.integers(0, 200_000), max_size=5),
+    st.booleans(),
+    st.booleans(),
+    st.integers(1, 4),
+)
+def test_renders_compared_and_cut_as_text_agree_with_lists(
+    first: list[int], more: list[int], related: bool, spaced: bool, count: int
+) -> None:
+    """Two /tokenize answers are compared as JSON text; the answer must be the lists' own."""
+    second = [*first, *more] if related else more
+    separators = (", ", ": ") if spaced else (",", ":")
+    shorter, longer = (Rendered(json.dumps(ids, separators=separators).encode()) for ids in (first, second))
+    if second[: len(first)] == first:
+        assert longer.after(shorter) == second[len(first) :]
+    else:
+        with pytest.raises(BuildFailed):
+            longer.after(shorter)
+    assert longer.last(count) == second[len(second) - min(count, len(second)) :]
