@@ -207,6 +207,17 @@ class TokenIn:
                     self._memory.add(record.trajectory_id, past)
             return
         opened, prompt_ids = entry
+        text = record.prompt_ids_text
+        if (
+            record.token_in
+            and prompt_ids
+            and text is not None
+            and text == jsonio.dumps_text(prompt_ids).encode()
+        ):
+            # vLLM answered with exactly the IDs it was sent: keep that list rather than parse the text
+            # (writing 15,000 IDs costs a fifth of reading them); the writer still checks their count
+            record.prompt_token_ids = prompt_ids
+            record.prompt_ids_text = None
         if record.token_in and record.load_prompt_ids() not in (None, prompt_ids):
             logger.warning("call_id=<%s> | vLLM did not use the token-in prompt IDs", record.call_id)
             self._fall_back(record, Fallback.UPSTREAM_IGNORED)
