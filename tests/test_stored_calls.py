@@ -7,6 +7,7 @@ migration converts a database written stored-whole (and back) without changing w
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -377,3 +378,11 @@ def test_odd_messages_read_back_through_the_view(proxy_on_db: Proxy) -> None:
     assert proxy.rows("SELECT count(*) AS n FROM llm_calls WHERE request IS NOT NULL") == [
         {"n": 4 - postgres}
     ]
+    if not postgres:  # the view an SQLite older than 3.38 gets (no ``->``) reads the same
+        stored_calls = importlib.import_module("tokentrail.migrations.versions.0006_stored_calls")
+        engine = create_engine(proxy.db_url)
+        with engine.begin() as connection:
+            connection.execute(text("DROP VIEW llm_calls"))
+            connection.execute(text(stored_calls.sqlite_view(stored_calls.MESSAGE_BY_TYPE)))
+        engine.dispose()
+        assert _view(proxy, "odd") == view

@@ -72,7 +72,7 @@ _SQLITE_MESSAGES = """(
         FROM llm_calls_stored p JOIN chain ON p.id = chain.base WHERE chain.shared > 0
     )
     SELECT json_group_array(json(value)) FROM (
-        SELECT chain.shared + m.key AS position, r.request_rest -> m.fullkey AS value
+        SELECT chain.shared + m.key AS position, {message} AS value
         FROM chain JOIN llm_calls_stored r ON r.id = chain.id, json_each(r.request_rest, '$.messages') m
         WHERE chain.shared + m.key < chain.cut
         ORDER BY position
@@ -99,15 +99,29 @@ _SQLITE_PROMPT = """(
         ) WHERE position < cut ORDER BY position
     )
 )"""
-SQLITE_VIEW = (
-    "CREATE VIEW llm_calls AS SELECT "
-    + _COLUMNS.format(
-        request="CASE WHEN c.request_shared_messages = 0 THEN c.request_rest "
-        f"ELSE json_set(c.request_rest, '$.messages', json({_SQLITE_MESSAGES})) END",
-        prompt=f"CASE WHEN c.prompt_shared_tokens = 0 THEN c.prompt_rest_ids ELSE {_SQLITE_PROMPT} END",
-    ).replace("id, trajectory_id,", "c.id, trajectory_id,", 1)
-    + " FROM llm_calls_stored c"
+# Each message as the JSON text it was stored as: SQLite 3.38+ has ``->`` for that. json_each's own
+# ``value`` is an SQL value (a string unquoted, true as 1), so older SQLite (Ubuntu 22.04 has 3.37)
+# quotes it back by its type: the same JSON, except a bare number message's spelling (1e+20, 0.0).
+MESSAGE_AS_STORED = "r.request_rest -> m.fullkey"
+MESSAGE_BY_TYPE = (
+    "CASE m.type WHEN 'text' THEN json_quote(m.value) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' "
+    "WHEN 'null' THEN 'null' ELSE m.value END"
 )
+
+
+def sqlite_view(message: str) -> str:
+    """The SQLite ``llm_calls`` view, taking each message with ``message``."""
+    messages = _SQLITE_MESSAGES.replace("{message}", message)
+    return (
+        "CREATE VIEW llm_calls AS SELECT "
+        + _COLUMNS.format(
+            request="CASE WHEN c.request_shared_messages = 0 THEN c.request_rest "
+            f"ELSE json_set(c.request_rest, '$.messages', json({messages})) END",
+            prompt=f"CASE WHEN c.prompt_shared_tokens = 0 THEN c.prompt_rest_ids ELSE {_SQLITE_PROMPT} END",
+        ).replace("id, trajectory_id,", "c.id, trajectory_id,", 1)
+        + " FROM llm_calls_stored c"
+    )
+
 
 _POSTGRES_MESSAGES = """(
     WITH RECURSIVE chain(id, base, shared, cut) AS (
@@ -172,10 +186,13 @@ $fn$"""
 
 
 def _view() -> str:
-    if op.get_bind().dialect.name == "postgresql":
+    connection = op.get_bind()
+    if connection.dialect.name == "postgresql":
         op.execute(POSTGRES_REQUEST_FUNCTION)
         return POSTGRES_VIEW
-    return SQLITE_VIEW
+    version = connection.exec_driver_sql("SELECT sqlite_version()").scalar_one()
+    arrow = tuple(int(part) for part in str(version).split(".")[:2]) >= (3, 38)
+    return sqlite_view(MESSAGE_AS_STORED if arrow else MESSAGE_BY_TYPE)
 
 
 def _json(value: Any) -> Any:
