@@ -310,10 +310,9 @@ def get_trajectory(
     """One trajectory with its calls and their completions, in seq order."""
     with _engine(request).connect() as connection:
         row = _existing(connection, trajectory_id)
-        calls = queries.get_calls(connection, trajectory_id)
+        calls = queries.get_calls(connection, trajectory_id, prompt_ids=token_ids)
     if not token_ids:
         for call in calls:
-            call["prompt_token_ids"] = None
             for completion in call["completions"]:
                 completion.update(token_ids=[], logprobs=None)
     return TrajectoryDetail(trajectory=_out(row), calls=[CallOut.model_validate(c) for c in calls])

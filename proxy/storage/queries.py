@@ -102,9 +102,10 @@ def get_trajectory(connection: Connection, trajectory_id: str) -> dict[str, Any]
     return None if row is None else dict(row._mapping)
 
 
-def get_calls(connection: Connection, trajectory_id: str) -> list[dict[str, Any]]:
+def get_calls(connection: Connection, trajectory_id: str, *, prompt_ids: bool = True) -> list[dict[str, Any]]:
     """Every call of a trajectory in seq order, each with its completions and its full ``request``
-    and ``prompt_token_ids`` (the columns of the ``llm_calls`` view)."""
+    and ``prompt_token_ids`` (the columns of the ``llm_calls`` view; ``prompt_ids`` false: None,
+    and the prompts are not rebuilt)."""
     stored = [
         dict(row._mapping)
         for row in connection.execute(
@@ -125,6 +126,8 @@ def get_calls(connection: Connection, trajectory_id: str) -> list[dict[str, Any]
         for row in rows:
             by_id[row.call_id]["completions"].append(dict(row._mapping))
             generated[(row.call_id, row.choice_index)] = list(row.token_ids or [])
+    if not prompt_ids:  # requests only: no prompt shares anything, so none is rebuilt
+        stored = [dict(call, prompt_shared_tokens=0, prompt_rest_ids=None) for call in stored]
     full = rebuild([stored_call(call) for call in stored], generated)
     for call_id, call in by_id.items():
         call["request"] = full[call_id].request
