@@ -67,7 +67,7 @@ _SQLITE_MESSAGES = """(
     WITH RECURSIVE chain(id, base, shared, cut) AS (
         SELECT x.id, x.base_call_id, x.request_shared_messages, 2147483647
         FROM llm_calls_stored x WHERE x.id = c.id
-        UNION ALL
+        UNION  -- not ALL: a cycle of bases (a hand-edited database) ends instead of recursing forever
         SELECT p.id, p.base_call_id, p.request_shared_messages, min(chain.cut, chain.shared)
         FROM llm_calls_stored p JOIN chain ON p.id = chain.base WHERE chain.shared > 0
     )
@@ -83,7 +83,7 @@ _SQLITE_PROMPT = """(
         SELECT x.id, x.base_call_id, x.base_choice_index, x.prompt_shared_tokens, 2147483647, NULL,
             json_array_length(x.prompt_rest_ids)
         FROM llm_calls_stored x WHERE x.id = c.id
-        UNION ALL
+        UNION  -- not ALL: a cycle of bases (a hand-edited database) ends instead of recursing forever
         SELECT p.id, p.base_call_id, p.base_choice_index, p.prompt_shared_tokens,
             min(chain.cut, chain.shared), chain.choice, json_array_length(p.prompt_rest_ids)
         FROM llm_calls_stored p JOIN chain ON p.id = chain.base WHERE chain.shared > 0
@@ -99,10 +99,10 @@ _SQLITE_PROMPT = """(
         ) WHERE position < cut ORDER BY position
     )
 )"""
-# Each message as the JSON text it was stored as: SQLite 3.38+ has ``->`` for that. json_each's own
-# ``value`` is an SQL value (a string unquoted, true as 1), so older SQLite (Ubuntu 22.04 has 3.37)
-# quotes it back by its type: the same JSON, except a bare number message's spelling (1e+20, 0.0).
-MESSAGE_AS_STORED = "r.request_rest -> m.fullkey"
+# Each message as JSON: json_each's ``value`` is an SQL value (a string unquoted, true as 1), so it is
+# quoted back by its type. (SQLite 3.38's ``->`` would give the stored text, but a file whose view uses
+# it cannot be opened at all by an older SQLite, and Ubuntu 22.04's Python has 3.37.) The same JSON,
+# except the spelling of a message that is a bare number (1e+20 for 100000000000000000000).
 MESSAGE_BY_TYPE = (
     "CASE m.type WHEN 'text' THEN json_quote(m.value) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' "
     "WHEN 'null' THEN 'null' ELSE m.value END"
@@ -127,7 +127,7 @@ _POSTGRES_MESSAGES = """(
     WITH RECURSIVE chain(id, base, shared, cut) AS (
         SELECT x.id, x.base_call_id, x.request_shared_messages, 2147483647
         FROM llm_calls_stored x WHERE x.id = c.id
-        UNION ALL
+        UNION  -- not ALL: a cycle of bases (a hand-edited database) ends instead of recursing forever
         SELECT p.id, p.base_call_id, p.request_shared_messages, least(chain.cut, chain.shared)
         FROM llm_calls_stored p JOIN chain ON p.id = chain.base WHERE chain.shared > 0
     )
@@ -147,7 +147,7 @@ _POSTGRES_PROMPT = """(
         SELECT x.id, x.base_call_id, x.base_choice_index, x.prompt_shared_tokens, 2147483647, NULL::integer,
             json_array_length(x.prompt_rest_ids)
         FROM llm_calls_stored x WHERE x.id = c.id
-        UNION ALL
+        UNION  -- not ALL: a cycle of bases (a hand-edited database) ends instead of recursing forever
         SELECT p.id, p.base_call_id, p.base_choice_index, p.prompt_shared_tokens,
             least(chain.cut, chain.shared), chain.choice, json_array_length(p.prompt_rest_ids)
         FROM llm_calls_stored p JOIN chain ON p.id = chain.base WHERE chain.shared > 0
@@ -186,13 +186,10 @@ $fn$"""
 
 
 def _view() -> str:
-    connection = op.get_bind()
-    if connection.dialect.name == "postgresql":
+    if op.get_bind().dialect.name == "postgresql":
         op.execute(POSTGRES_REQUEST_FUNCTION)
         return POSTGRES_VIEW
-    version = connection.exec_driver_sql("SELECT sqlite_version()").scalar_one()
-    arrow = tuple(int(part) for part in str(version).split(".")[:2]) >= (3, 38)
-    return sqlite_view(MESSAGE_AS_STORED if arrow else MESSAGE_BY_TYPE)
+    return sqlite_view(MESSAGE_BY_TYPE)
 
 
 def _json(value: Any) -> Any:

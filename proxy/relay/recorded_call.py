@@ -198,18 +198,22 @@ class RecordedCall:
             self.context.rl.end(self.running, self.capture.generated_so_far())
         if self.context.token_in is not None:  # token-in: keep the call for its trajectory's next one
             self.context.token_in.finished(record)
-        self.context.sink.submit(record)
-        if self.context.spans is not None:
+        if self.context.spans is not None:  # the span carries the IDs: parsed now, integrity final
+            record.load_prompt_ids()
             self.context.spans.record(record, self.scope["headers"])
         logger.info(
-            "call_id=<%s>, trajectory=<%s>, route=<%s>, status=<%s>, outcome=<%s>, integrity=<%s> | recorded",
+            "call_id=<%s>, trajectory=<%s>, route=<%s>, status=<%s>, outcome=<%s>, integrity=<%s%s> "
+            "| recorded",
             record.call_id,
             record.trajectory_id,
             self.route,
             record.status_code,
             record.outcome,
             record.integrity,
+            " (prompt IDs counted when written)" if record.prompt_count_unchecked else "",
         )
+        # From here on the record is the writer's alone (records.py: load_prompt_ids)
+        self.context.sink.submit(record)
         if stored is not None:
             await stored
 

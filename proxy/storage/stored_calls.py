@@ -133,10 +133,13 @@ def rebuild_some(
     }
 
 
-def _base(form: StoredForm, by_id: dict[str, StoredCall], call_id: str) -> StoredCall:
+def _base(form: StoredForm, by_id: dict[str, StoredCall], call_id: str, walked: set[str]) -> StoredCall:
     base = by_id.get(form.base_call_id or "")
-    if base is None:
-        raise StoredFormError(f"call {call_id} is stored against {form.base_call_id}, which is missing")
+    if base is None or base.id in walked:  # only a hand-edited database can do either
+        raise StoredFormError(
+            f"call {call_id} is stored against {form.base_call_id}, which is missing or loops"
+        )
+    walked.add(base.id)
     return base
 
 
@@ -147,6 +150,7 @@ def _prompt_of(
     if not call.form.prompt_shared_tokens:
         return call.form.prompt_rest_ids
     pieces: list[list[int]] = []
+    walked = {call_id}
     link, choice, cut = call, None, None  # cut: how much of this link's sequence the later calls use
     while True:
         form = link.form
@@ -158,7 +162,7 @@ def _prompt_of(
         if not start:
             break
         cut = start if cut is None else min(cut, start)
-        link, choice = _base(form, by_id, link.id), form.base_choice_index or 0
+        link, choice = _base(form, by_id, link.id, walked), form.base_choice_index or 0
     return [token for piece in reversed(pieces) for token in piece]
 
 
@@ -168,6 +172,7 @@ def _request_of(call_id: str, by_id: dict[str, StoredCall]) -> dict[str, Any] | 
     if not call.form.request_shared_messages or request is None:
         return request
     pieces: list[list[Any]] = []
+    walked = {call_id}
     link, cut = call, None
     while True:
         form = link.form
@@ -177,7 +182,7 @@ def _request_of(call_id: str, by_id: dict[str, StoredCall]) -> dict[str, Any] | 
         if not start:
             break
         cut = start if cut is None else min(cut, start)
-        link = _base(form, by_id, link.id)
+        link = _base(form, by_id, link.id, walked)
     return dict(request, messages=[message for piece in reversed(pieces) for message in piece])
 
 
