@@ -34,7 +34,6 @@ from tokentrail.proxy.storage.stored_calls import (
     StoredForm,
     StoredFormError,
     rebuild,
-    rebuild_some,
 )
 from tokentrail.proxy.token_in.messages import PastCall, PastChoice
 
@@ -83,9 +82,9 @@ def _trajectory(draw: st.DrawFn) -> list[dict[str, Any]]:
 def test_what_is_rebuilt_is_what_came_in_whatever_is_shared(calls: list[dict[str, Any]]) -> None:
     candidates: deque[PastCall] = deque(maxlen=4)
     stored, generated = [], {}
-    for seq, call in enumerate(calls):
+    for call in calls:
         form = split(call["prompt"], call["request"], candidates)
-        stored.append(StoredCall(call["id"], seq, form))
+        stored.append(StoredCall(call["id"], form))
         if form.base_call_id is not None:
             assert form.base_call_id in {c.call_id for c in candidates}
         for index, ids in enumerate(call["choices"]):
@@ -94,11 +93,12 @@ def test_what_is_rebuilt_is_what_came_in_whatever_is_shared(calls: list[dict[str
         if call["prompt"] is not None and call["request"] is not None and picked:
             candidates.append(PastCall(call["id"], CHAT, call["request"], call["prompt"], picked))
     full = rebuild(stored, generated)
-    walked = rebuild_some(stored, generated, [c["id"] for c in calls])  # chain by chain, as the view
+    latest = rebuild(stored, generated, [calls[-1]["id"]])  # only the wanted call is built
+    assert list(latest) == [calls[-1]["id"]]
+    assert latest[calls[-1]["id"]] == full[calls[-1]["id"]]
     for call in calls:
-        for found in (full, walked):
-            assert found[call["id"]].prompt_token_ids == call["prompt"]
-            assert json.dumps(found[call["id"]].request) == json.dumps(call["request"])  # key order too
+        assert full[call["id"]].prompt_token_ids == call["prompt"]
+        assert json.dumps(full[call["id"]].request) == json.dumps(call["request"])  # key order too
 
 
 # ---- through the proxy, the view and the API, on SQLite and PostgreSQL ----
@@ -387,10 +387,8 @@ def test_odd_messages_read_back_through_the_view(proxy_on_db: Proxy) -> None:
 
 def test_a_broken_chain_of_bases_raises_rather_than_loops() -> None:
     """Only a hand-edited database can hold these; reading them must end with a clear error."""
-    looped = StoredCall("a", 0, StoredForm("a", 0, 2, [1], 0, None))
-    missing = StoredCall("b", 1, StoredForm("gone", 0, 2, [1], 0, None))
+    looped = StoredCall("a", StoredForm("a", 0, 2, [1], 0, None))
+    missing = StoredCall("b", StoredForm("gone", 0, 2, [1], 0, None))
     for call in (looped, missing):
-        with pytest.raises(StoredFormError):
-            rebuild_some([call], {("a", 0): [5, 6]}, [call.id])
         with pytest.raises(StoredFormError):
             rebuild([call], {("a", 0): [5, 6]})

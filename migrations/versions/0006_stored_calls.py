@@ -26,7 +26,7 @@ from alembic import op
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.stored_form import split
-from tokentrail.proxy.storage.stored_calls import StoredCall, StoredForm, rebuild
+from tokentrail.proxy.storage.stored_calls import StoredForm, rebuild, stored_call
 from tokentrail.proxy.token_in.messages import PastCall, PastChoice
 from tokentrail.proxy.token_in.state import CALLS_PER_TRAJECTORY
 
@@ -286,22 +286,7 @@ def _store_whole(connection: sa.Connection) -> None:
     for trajectory_id in _trajectories(connection):
         calls = _calls(connection, trajectory_id)
         generated = {(c["id"], i): ids for c in calls for i, ids in c["choices"]}
-        stored = [
-            StoredCall(
-                c["id"],
-                c["seq"],
-                StoredForm(
-                    c["base_call_id"],
-                    c["base_choice_index"],
-                    c["prompt_shared_tokens"],
-                    c["prompt_rest_ids"],
-                    c["request_shared_messages"],
-                    c["request_rest"],
-                ),
-            )
-            for c in calls
-        ]
-        full = rebuild(stored, generated)
+        full = rebuild([stored_call(c) for c in calls], generated)
         rows = [
             {"id": i, **_form_row(StoredForm(None, None, 0, f.prompt_token_ids, 0, f.request))}
             for i, f in full.items()

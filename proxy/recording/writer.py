@@ -416,8 +416,6 @@ class RecordWriter:
         return False
 
     def _write_batch(self, batch: list[CallRecord]) -> None:
-        for record in batch:
-            record.load_prompt_ids()  # parsed here, off the event loop (records.py)
         with self._engine.begin() as connection:
             per_trajectory: dict[str, dict[str, Any]] = {}
             for record in batch:

@@ -19,7 +19,7 @@ linear in the trajectory's tokens. Nobody reads this form: the ``llm_calls`` vie
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +85,6 @@ class StoredCall:
     """One row of ``llm_calls_stored``, as far as its prompt and request go."""
 
     id: str
-    seq: int
     form: StoredForm
 
 
@@ -95,103 +94,75 @@ class FullCall:
     prompt_token_ids: list[int] | None
 
 
-def rebuild(calls: Iterable[StoredCall], generated: dict[tuple[str, int], list[int]]) -> dict[str, FullCall]:
-    """The full request and prompt IDs of each call. ``calls`` must include every base they refer to
-    (a whole trajectory does); ``generated`` holds the generated IDs of the bases' choices."""
-    full: dict[str, FullCall] = {}
-    for call in sorted(calls, key=lambda c: c.seq):  # a base is always written before its calls
+def rebuild(
+    calls: Iterable[StoredCall],
+    generated: dict[tuple[str, int], list[int]],
+    wanted: Iterable[str] | None = None,
+) -> dict[str, FullCall]:
+    """The full request and prompt IDs of the ``wanted`` calls (all of ``calls`` by default).
+    ``calls`` must include every base they refer to (a whole trajectory does); ``generated`` holds
+    the generated IDs of the bases' choices (``base_choices``).
+
+    Each call is assembled by walking its chain of bases once, as the SQL view does: a link gives
+    the positions from its shared count up to what the calls after it use. Nothing but the wanted
+    calls is built, so a cache miss that needs the latest calls of a long trajectory does not build
+    every earlier call's prompt."""
+    by_id = {call.id: call for call in calls}
+    prompt_part = _prompt_part(generated)
+    full = {}
+    for call_id in by_id if wanted is None else wanted:
+        call = by_id[call_id]
         form = call.form
         prompt, request = form.prompt_rest_ids, form.request_rest
-        if form.prompt_shared_tokens or form.request_shared_messages:
-            base = full.get(form.base_call_id or "")
-            if base is None:
-                raise StoredFormError(
-                    f"call {call.id} is stored against {form.base_call_id}, which is missing"
-                )
-            if form.prompt_shared_tokens:
-                before = list(base.prompt_token_ids or [])
-                if len(before) < form.prompt_shared_tokens:
-                    before += generated.get((form.base_call_id or "", form.base_choice_index or 0), [])
-                prompt = before[: form.prompt_shared_tokens] + (prompt or [])
-            if form.request_shared_messages and request is not None:
-                shared = (base.request or {}).get("messages") or []
-                request = dict(request, messages=shared[: form.request_shared_messages] + request["messages"])
-        full[call.id] = FullCall(request, prompt)
+        if form.prompt_shared_tokens:
+            prompt = _assemble(call, by_id, prompt_part)
+        if form.request_shared_messages and request is not None:
+            request = dict(request, messages=_assemble(call, by_id, _messages_part))
+        full[call_id] = FullCall(request, prompt)
     return full
 
 
-def rebuild_some(
-    calls: Iterable[StoredCall], generated: dict[tuple[str, int], list[int]], wanted: Iterable[str]
-) -> dict[str, FullCall]:
-    """Like ``rebuild``, for a few calls of a long trajectory: each is assembled by walking its chain
-    of bases once (as the SQL view does), without building every earlier call's full prompt, which
-    grew with turns x prompt length for a cache miss that needs only the latest calls."""
-    by_id = {call.id: call for call in calls}
-    return {
-        call_id: FullCall(_request_of(call_id, by_id), _prompt_of(call_id, by_id, generated))
-        for call_id in wanted
-    }
+# What one link of a chain holds of the value being rebuilt: (its shared count, its own part, given
+# the call after it in the chain, or None for the call itself).
+_Part = Callable[[StoredCall, StoredCall | None], tuple[int, list[Any]]]
 
 
-def _base(form: StoredForm, by_id: dict[str, StoredCall], call_id: str, walked: set[str]) -> StoredCall:
-    base = by_id.get(form.base_call_id or "")
-    if base is None or base.id in walked:  # only a hand-edited database can do either
-        raise StoredFormError(
-            f"call {call_id} is stored against {form.base_call_id}, which is missing or loops"
-        )
-    walked.add(base.id)
-    return base
+def _prompt_part(generated: dict[tuple[str, int], list[int]]) -> _Part:
+    def part(link: StoredCall, after: StoredCall | None) -> tuple[int, list[Any]]:
+        own = list(link.form.prompt_rest_ids or [])
+        if after is not None:  # the later call continued this one's choice: its generated IDs follow
+            own += generated.get((link.id, after.form.base_choice_index or 0), [])
+        return link.form.prompt_shared_tokens, own
+
+    return part
 
 
-def _prompt_of(
-    call_id: str, by_id: dict[str, StoredCall], generated: dict[tuple[str, int], list[int]]
-) -> list[int] | None:
-    call = by_id[call_id]
-    if not call.form.prompt_shared_tokens:
-        return call.form.prompt_rest_ids
-    pieces: list[list[int]] = []
-    walked = {call_id}
-    link, choice, cut = call, None, None  # cut: how much of this link's sequence the later calls use
-    while True:
-        form = link.form
-        own = list(form.prompt_rest_ids or [])
-        if choice is not None:
-            own += generated.get((link.id, choice), [])
-        start = form.prompt_shared_tokens
-        pieces.append(own if cut is None else own[: max(0, cut - start)])
-        if not start:
-            break
-        cut = start if cut is None else min(cut, start)
-        link, choice = _base(form, by_id, link.id, walked), form.base_choice_index or 0
-    return [token for piece in reversed(pieces) for token in piece]
+def _messages_part(link: StoredCall, after: StoredCall | None) -> tuple[int, list[Any]]:
+    return link.form.request_shared_messages, list((link.form.request_rest or {}).get("messages") or [])
 
 
-def _request_of(call_id: str, by_id: dict[str, StoredCall]) -> dict[str, Any] | None:
-    call = by_id[call_id]
-    request = call.form.request_rest
-    if not call.form.request_shared_messages or request is None:
-        return request
-    pieces: list[list[Any]] = []
-    walked = {call_id}
-    link, cut = call, None
-    while True:
-        form = link.form
-        own = list((form.request_rest or {}).get("messages") or [])
-        start = form.request_shared_messages
-        pieces.append(own if cut is None else own[: max(0, cut - start)])
-        if not start:
-            break
-        cut = start if cut is None else min(cut, start)
-        link = _base(form, by_id, link.id, walked)
-    return dict(request, messages=[message for piece in reversed(pieces) for message in piece])
+def _assemble(call: StoredCall, by_id: dict[str, StoredCall], part: _Part) -> list[Any]:
+    """The value of a call that shares part of it with its base (its shared count is not 0)."""
+    shared, own = part(call, None)
+    pieces = [own]
+    walked = {call.id}
+    link, cut = call, shared  # cut: how much of the next link's value the calls after it use
+    while shared:
+        base = by_id.get(link.form.base_call_id or "")
+        if base is None or base.id in walked:  # only a hand-edited database can do either
+            raise StoredFormError(f"call {call.id} is stored against a call that is missing or loops")
+        walked.add(base.id)
+        shared, own = part(base, link)
+        pieces.append(own[: max(0, cut - shared)])
+        link, cut = base, min(cut, shared)
+    return [item for piece in reversed(pieces) for item in piece]
 
 
 def stored_call(row: Any) -> StoredCall:
-    """A ``StoredCall`` from a row (or mapping) that has ``id``, ``seq`` and the stored-form columns."""
+    """A ``StoredCall`` from a row (or mapping) that has ``id`` and the stored-form columns."""
     get = row.get if isinstance(row, dict) else row._mapping.get
     return StoredCall(
         str(get("id")),
-        int(get("seq") or 0),
         StoredForm(
             get("base_call_id"),
             get("base_choice_index"),
@@ -235,9 +206,8 @@ def full_calls(
     calls among them), by call id."""
     ids = list(dict.fromkeys(trajectory_ids))
     calls: list[StoredCall] = []
-    columns = [CALLS.c.id, CALLS.c.seq, *(CALLS.c[name] for name in STORED_FORM_COLUMNS)]
+    columns = [CALLS.c.id, *(CALLS.c[name] for name in STORED_FORM_COLUMNS)]
     for start in range(0, len(ids), 500):
         query = select(*columns).where(CALLS.c.trajectory_id.in_(ids[start : start + 500]))
         calls.extend(stored_call(row) for row in connection.execute(query))
-    generated = load_generated(connection, base_choices(calls))
-    return rebuild(calls, generated) if wanted is None else rebuild_some(calls, generated, wanted)
+    return rebuild(calls, load_generated(connection, base_choices(calls)), wanted)
