@@ -86,3 +86,19 @@ def test_after_sigkill_durable_mode_lost_no_finished_call_and_the_database_reope
     durable = next(line for line in out.splitlines() if line.startswith("durable=true"))
     assert " lost    0 " in durable
     assert out.count("integrity ok, ok calls without completions 0") == 2
+
+
+@pytest.mark.vllm
+def test_storage_check_measures_before_and_after_on_one_database_and_reads_back_the_same(
+    vllm_url: str,
+) -> None:
+    """bench/storage_check.py on the real vLLM, small: stored against bases is smaller than whole,
+    and the database migrated down and up again reads back what was recorded."""
+    out = _run(
+        str(BENCH / "storage_check.py"), "--upstream", vllm_url, "--turns", "4", "--conversations", "2"
+    )
+    (row,) = [line for line in out.splitlines() if line.startswith("| 4 |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    before, after = (float(cell.split()[0]) for cell in cells[4:6])
+    assert after < before, out
+    assert cells[8] == "same", out
