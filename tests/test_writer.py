@@ -271,3 +271,24 @@ def test_the_writer_thread_carries_its_name_where_top_and_the_benchmarks_see_it(
         writer.close()
         writer._engine.dispose()
     assert comm == "tokentrail-writer"[:15]
+
+
+def test_a_record_held_for_its_predecessor_is_written_when_the_writer_stops(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A call whose earlier sibling never ended (its record never came) is still written at stop."""
+    upgrade_database(db_url)
+    writer = _writer(db_url, tmp_path / "fallback.jsonl")
+    writer.start()
+    _never_ended = writer.next_ordinal("held")  # ordinal 0: a call that never hands its record in
+    writer.submit(_record(writer, "held"))  # ordinal 1: held until 0 comes, or the writer stops
+    writer.submit(_record(writer, "other"))
+    assert writer.wait_settled(1, timeout=30)
+    writer.close()
+    writer._engine.dispose()
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT trajectory_id, seq FROM llm_calls ORDER BY 1")).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [("held", 0), ("other", 0)]
+    assert writer.written == 2
