@@ -311,6 +311,10 @@ class TokenInFake:
         self.tokenize_status = 200
         self.hold_next = False  # the next chat request waits until ``release`` is set
         self.held = threading.Event()
+        self.generated = [
+            300,
+            301,
+        ]  # what every chat answer "samples" ([..., 2]: it stopped on its end of turn)
         self.release = threading.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -347,11 +351,15 @@ class TokenInFake:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": "ok"},
-                    "finish_reason": "length",
-                    "token_ids": [300, 301],
+                    "finish_reason": "stop" if self.generated[-1:] == [2] else "length",
+                    "token_ids": self.generated,
                 }
             ],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": 2, "total_tokens": len(prompt) + 2},
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(self.generated),
+                "total_tokens": len(prompt) + len(self.generated),
+            },
             "prompt_token_ids": prompt,
             "kv_transfer_params": None,
         }
@@ -423,6 +431,17 @@ def test_without_a_refusal_the_ids_are_used_and_the_call_is_token_in(
         ("first", "first_call"),
         ("token_in", None),
     ]
+
+
+def test_the_end_of_turn_the_model_sampled_itself_is_not_added_again(
+    token_in_fake: tuple[TokenInFake, Proxy],
+) -> None:
+    """A reply that stopped on the template's end-of-turn token already holds that part of the tail."""
+    fake, proxy = token_in_fake
+    fake.generated = [300, 2]  # the model stopped: its last token is the template's end of turn
+    _two_calls(proxy.url)
+    assert fake.chats[1]["kv_transfer_params"]["prompt_token_ids"] == [50, 7, 300, 2, 50, 7]
+    assert [r["token_in_fallback"] for r in _rows(proxy)] == ["first_call", None]
 
 
 def _rows(proxy: Proxy) -> list[dict[str, Any]]:
