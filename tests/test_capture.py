@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -221,6 +222,21 @@ def test_every_sample_request_has_its_captured_response() -> None:
         assert sample.response or sample.path == "/health", name
 
 
+def _capture_edited(name: str, edit: Any) -> CallRecord:
+    """The record of sample ``name``'s whole (non-streamed) answer after ``edit`` changed it."""
+    sample = load_sample(name)
+    assert _capture(sample.name)[0].integrity == Integrity.OK
+    body = json.loads(sample.response)
+    edit(body)
+    record = CallRecord("c", "t", sample.path, 0.0)
+    capture = ResponseCapture(record, prepare_request(sample.path, sample.request).ask, chat=True)
+    capture.feed_body(json.dumps(body).encode())
+    capture.finish(True)
+    record.load_prompt_ids()
+    return record
+
+
+@pytest.mark.parametrize("delta", [1, -1], ids=["usage-counts-more", "usage-counts-fewer"])
 @pytest.mark.parametrize(
     ("field", "expected"),
     [
@@ -228,17 +244,29 @@ def test_every_sample_request_has_its_captured_response() -> None:
         ("prompt_tokens", Integrity.PROMPT_IDS_MISMATCH),
     ],
 )
-def test_ids_that_disagree_with_vllms_usage_are_flagged(field: str, expected: str) -> None:
-    """A token lost or added on the way (usage counts one more than the IDs) is never judged ok."""
-    sample = load_sample("01_chat_nonstream_token_ids")
-    body = json.loads(sample.response)
-    assert _capture(sample.name)[0].integrity == Integrity.OK
-    body["usage"][field] += 1
-    record = CallRecord("c", "t", sample.path, 0.0)
-    capture = ResponseCapture(record, prepare_request(sample.path, sample.request).ask, chat=True)
-    capture.feed_body(json.dumps(body).encode())
-    capture.finish(True)
-    assert record.integrity == expected
+def test_ids_that_disagree_with_vllms_usage_are_flagged(field: str, expected: str, delta: int) -> None:
+    """A token lost or added on the way (usage counts one more or one fewer than the IDs) is never
+    judged ok, whichever way it disagrees."""
+
+    def edit(body: dict[str, Any]) -> None:
+        body["usage"][field] += delta
+
+    assert _capture_edited("01_chat_nonstream_token_ids", edit).integrity == expected
+
+
+@pytest.mark.parametrize("change", ["one-missing", "one-extra"])
+def test_logprobs_that_are_not_one_per_token_are_flagged(change: str) -> None:
+    """A logprob lost or added would shift every later one against its token in training."""
+
+    def edit(body: dict[str, Any]) -> None:
+        entries = body["choices"][0]["logprobs"]["content"]
+        if change == "one-missing":
+            entries.pop()
+        else:
+            entries.append(entries[-1])
+
+    record = _capture_edited("04a_chat_nonstream_logprobs_token_ids", edit)
+    assert record.integrity == Integrity.LOGPROBS_MISMATCH
 
 
 def _long_prompt_stream(prompt_ids: list[int], prompt_tokens: int) -> bytes:
