@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.conftest import Proxy, ProxyFactory, running_proxy
 from tests.fake_upstream import PROMPT_IDS, FakeUpstream
@@ -77,6 +78,50 @@ def test_cursor_pagination_walks_every_trajectory_once(fake_proxy: Proxy) -> Non
             break
     assert sorted(seen) == [f"t{i}" for i in range(7)]
     assert len(seen) == 7
+
+
+def test_pagination_of_trajectories_made_at_the_same_instant_walks_each_once(fake_proxy: Proxy) -> None:
+    """Trajectories created in the same instant (a batch of rollouts) are told apart by their id."""
+    for i in range(5):
+        _call(fake_proxy, f"same-{i}")
+    fake_proxy.wait_all_records()
+    engine = create_engine(fake_proxy.db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("UPDATE trajectories SET created_at = (SELECT min(created_at) FROM trajectories)")
+            )
+    finally:
+        engine.dispose()
+    seen: list[str] = []
+    cursor = None
+    for _page in range(10):
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = httpx.get(fake_proxy.url + API, params=params).json()
+        seen += [t["id"] for t in page["data"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"same-{i}" for i in range(5)]
+
+
+def test_an_n2_call_keeps_the_branch_its_next_call_did_not_continue(fake_proxy: Proxy) -> None:
+    """Call 1 continues call 0's second choice: the first choice stays a sequence of its own."""
+    render = {"X-Trajectory-Id": "fork", "x-fake": "render"}
+    first = httpx.post(fake_proxy.url + CHAT, json={**BODY, "n": 2}, headers=render)
+    assert first.status_code == 200, first.text
+    chosen = first.json()["choices"][1]["message"]
+    follow_up = {**BODY, "messages": [*BODY["messages"], chosen, {"role": "user", "content": "more"}]}  # type: ignore[list-item]
+    assert httpx.post(fake_proxy.url + CHAT, json=follow_up, headers=render).status_code == 200
+    fake_proxy.wait_all_records()
+    body = httpx.get(fake_proxy.url + API + "/fork/sequences").json()
+    assert body["prefix_mismatches"] == []
+    assert sorted(s["choice_indexes"] for s in body["sequences"]) == [[0], [1, 0]]
+    other = next(s for s in body["sequences"] if s["choice_indexes"] == [0])
+    assert other["input_ids"][-3:] == [100, 107, 114]  # choice 0's own tokens
+    assert other["loss_mask"].count(1) == 3
+    merged = next(s for s in body["sequences"] if s["choice_indexes"] == [1, 0])
+    assert merged["loss_mask"].count(1) == 6
 
 
 def test_sequences_of_a_trajectory_count_prefix_mismatches(fake_proxy: Proxy) -> None:
