@@ -74,14 +74,16 @@ def running_proxy(
     db_url: str | None = None,
     *,
     plain_uvicorn: bool = False,
+    worker: int | None = None,
     **overrides: Any,
 ) -> Iterator[Proxy]:
     """The proxy as ``tokentrail serve`` runs it; ``plain_uvicorn``: under uvicorn's own HTTP protocol
-    instead of TokenTrail's (no head limits, streams written through ASGI ``send``)."""
+    instead of TokenTrail's (no head limits, streams written through ASGI ``send``); ``worker``: run as
+    that slot of ``serve --workers`` (with ``workers=N`` among the overrides)."""
     db_url = db_url or f"sqlite:///{tmp_path / 'tokentrail.db'}"
     upgrade_database(db_url)
     settings = Settings(upstream=upstream, db=db_url, fallback_path=tmp_path / "fallback.jsonl", **overrides)
-    app = create_app(settings, tracer_provider=tracer_provider)
+    app = create_app(settings, tracer_provider=tracer_provider, worker=worker)
     http: Any = (
         "httptools"
         if plain_uvicorn
@@ -192,3 +194,18 @@ def vllm_proxy(vllm_url: str, tmp_path: Path) -> Iterator[Proxy]:
 
 def post(url: str, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.post(url + path, json=body, headers=headers or {}, timeout=60)
+
+
+_NEEDS_THE_VLLM_KIT = {"vllm_url", "tiny_model_dir", "vllm_proxy"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the vLLM kit must say so (``-m "not vllm"`` must leave out every one of them)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if _NEEDS_THE_VLLM_KIT & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("vllm") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests that need the vLLM kit lack @pytest.mark.vllm: {unmarked}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +18,10 @@ from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.test_relay_fake import _open_request
 from tests.test_workers import FRESH, _two_workers, _wait_rows
-from tokentrail.proxy.metrics import catalog
+from tokentrail.proxy.api.worker_state import state_path
+from tokentrail.proxy.metrics import catalog, snapshot
+from tokentrail.proxy.metrics.calls import label_key
+from tokentrail.proxy.server.workers import worker_spool_path
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -190,6 +195,49 @@ def test_metrics_of_two_workers_add_up_whichever_answers(
     assert samples[("tokentrail_records_written_total", frozenset())] == 60
     assert samples[("tokentrail_prompt_tokens_total", frozenset({("route", CHAT)}))] == prompt_tokens
     assert samples[("tokentrail_workers_reporting", frozenset())] == 2
+
+
+def _as_worker_0_of_2_beside(
+    fake_url: str, tmp_path: Path, sibling: dict[str, dict[str, float]], age_s: float
+) -> Samples:
+    """A scrape of worker 0 of ``serve --workers 2`` whose sibling last published ``sibling``,
+    ``age_s`` seconds ago (worker 1 itself is not running: only its published file is read)."""
+    spool = tmp_path / "fallback.jsonl"  # running_proxy's
+    with running_proxy(fake_url, tmp_path, worker=0, workers=2) as proxy:
+        published = state_path(worker_spool_path(spool, 1), snapshot.KIND)
+        published.write_text(json.dumps(sibling))
+        then = time.time() - age_s
+        os.utime(published, (then, then))
+        assert httpx.post(proxy.url + CHAT, json=BODY).status_code == 200
+        proxy.wait_all_records()
+        samples, _kinds = scrape(proxy.url)
+    return samples
+
+
+def test_a_stopped_workers_counters_still_count_but_its_gauges_do_not(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    sibling = {
+        catalog.RECORDS_WRITTEN.name: {label_key(): 40.0},
+        catalog.IN_FLIGHT.name: {label_key(): 7.0},
+        catalog.QUEUE_DEPTH.name: {label_key(): 5.0},
+        catalog.UPSTREAM_UP.name: {fake[1]: 0.0},
+    }
+    samples = _as_worker_0_of_2_beside(fake[1], tmp_path, sibling, age_s=60)
+    assert samples[("tokentrail_records_written_total", frozenset())] == 41  # a counter never goes back
+    assert samples[("tokentrail_in_flight_calls", frozenset())] == 0  # a stopped worker relays nothing
+    assert samples[("tokentrail_writer_queue_depth", frozenset())] == 0
+    assert samples[("tokentrail_upstream_up", frozenset({("upstream", fake[1])}))] == 1
+
+
+def test_an_upstream_any_worker_sees_down_is_down(fake: tuple[FakeUpstream, str], tmp_path: Path) -> None:
+    sibling = {
+        catalog.UPSTREAM_UP.name: {fake[1]: 0.0},
+        catalog.IN_FLIGHT.name: {label_key(): 2.0},
+    }
+    samples = _as_worker_0_of_2_beside(fake[1], tmp_path, sibling, age_s=0)
+    assert samples[("tokentrail_upstream_up", frozenset({("upstream", fake[1])}))] == 0
+    assert samples[("tokentrail_in_flight_calls", frozenset())] == 2  # a live sibling's gauges add up
 
 
 def test_metrics_are_open_unless_told_to_require_the_key(
