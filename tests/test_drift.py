@@ -14,6 +14,8 @@ from sqlalchemy import create_engine, text
 from tokentrail.client.drift import drift_report, load_tokenizer
 from tokentrail.proxy.storage.migrate import upgrade_database
 
+pytestmark = pytest.mark.vllm  # the tiny model's tokenizer is built with the vLLM kit's venv
+
 TEXT = "def lambda_handler(event):\n    return event"
 
 
