@@ -15,7 +15,9 @@ The ``x-fake`` request header picks a behaviour:
 * ``redirect``: a 307 to another host.
 * ``gate``: wait until the test opens ``FakeUpstream.gate``, then answer normally.
 * ``big:<bytes>``: a normal completion whose token texts are padded to about that many bytes in all.
-* ``gate-stream``: a stream that sends two tokens, then waits until the test opens ``gate``.
+* ``gate-stream``: a stream that sends two tokens, then waits until the test opens ``gate``; a
+  ``POST /pause?mode=abort`` meanwhile ends it as vLLM ends an aborted request (a last chunk with
+  finish reason ``abort``), or with ``abort_cuts`` set, by closing the connection.
 
 vLLM's RL control plane is there too: ``GET /weight_info``, ``POST /update_weight_version``,
 ``POST /pause`` and ``POST /resume`` (recorded in ``control``).
@@ -137,6 +139,8 @@ class FakeUpstream:
     control: list[str] = field(default_factory=list)
     dev_mode: bool = True  # False: the control plane answers 404, as vLLM without VLLM_SERVER_DEV_MODE
     stream_finished: threading.Event = field(default_factory=threading.Event)
+    aborted: bool = False  # a /pause?mode=abort came: gated streams end aborted
+    abort_cuts: bool = False  # ... by closing the connection instead of a last "abort" chunk
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -202,7 +206,19 @@ class FakeUpstream:
             answer = {"success": True, "new_version": self.weight_version}
         else:
             answer = {"status": "paused" if scope["path"] == "/pause" else "resumed"}
+            if scope["path"] == "/pause" and "mode=abort" in query:
+                self.aborted = True
+                self.gate.set()
         await _respond(send, 200, b"application/json", _dump(answer))
+
+    async def _end_aborted(self, send: Any, base: dict[str, Any], n: int) -> None:
+        """What vLLM sends when a pause aborts a running stream (or a cut, with ``abort_cuts``)."""
+        if self.abort_cuts:
+            return  # uvicorn closes the connection: the response never completes
+        choices = [{"index": c, "delta": {}, "logprobs": None, "finish_reason": "abort"} for c in range(n)]
+        await _event(send, dict(base, choices=choices))
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _hang(self, receive: Any) -> None:
         self.hanging.release()
@@ -313,6 +329,9 @@ class FakeUpstream:
             if mode == "gate-stream" and i == 2:
                 self.hanging.release()
                 await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 60)
+                if self.aborted:
+                    await self._end_aborted(send, base, n)
+                    return
             for c in range(n):
                 last = i == count - 1
                 chunk = dict(

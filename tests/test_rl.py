@@ -262,6 +262,40 @@ def test_a_wait_pause_lets_running_calls_finish_before_vllm_is_paused(
     httpx.post(rl_proxy.url + "/tokentrail/v1/resume", timeout=60).raise_for_status()
 
 
+@pytest.mark.parametrize("ending", ["abort-chunk", "connection-cut"])
+def test_a_stream_an_abort_pause_ends_is_recorded_as_aborted(
+    rl_proxy: Proxy, fake: tuple[FakeUpstream, str], ending: str
+) -> None:
+    """vLLM ends the requests an abort pause catches with finish reason ``abort``; a stream broken off
+    while an abort pause is in force is one of them too. Either is ``aborted``, never ``ok``."""
+    upstream = fake[0]
+    upstream.abort_cuts = ending == "connection-cut"
+    lines: list[str] = []
+
+    def stream() -> None:
+        body = dict(BODY, stream=True)
+        headers = {"X-Trajectory-Id": "cut", "x-fake": "gate-stream"}
+        try:
+            with httpx.stream(
+                "POST", rl_proxy.url + CHAT, json=body, headers=headers, timeout=60
+            ) as response:
+                lines.extend(response.iter_lines())
+        except httpx.RemoteProtocolError:
+            lines.append("(cut)")
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert upstream.hanging.acquire(timeout=30), "the stream never reached the upstream"
+    httpx.post(rl_proxy.url + "/tokentrail/v1/pause?mode=abort", timeout=60).raise_for_status()
+    reader.join(60)
+    httpx.post(rl_proxy.url + "/tokentrail/v1/resume", timeout=60).raise_for_status()
+    assert _call(rl_proxy, "after").status_code == 200
+    rl_proxy.wait_all_records()
+    rows = rl_proxy.rows("SELECT trajectory_id, outcome FROM llm_calls ORDER BY trajectory_id")
+    assert [(r["trajectory_id"], r["outcome"]) for r in rows] == [("after", "ok"), ("cut", "aborted")]
+    assert any('"finish_reason":"abort"' in line for line in lines) == (ending == "abort-chunk")
+
+
 def test_a_pause_no_upstream_accepts_is_a_502_and_leaves_nothing_paused(
     fake: tuple[FakeUpstream, str], tmp_path: Path
 ) -> None:
