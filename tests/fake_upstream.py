@@ -16,8 +16,9 @@ The ``x-fake`` request header picks a behaviour:
 * ``gate``: wait until the test opens ``FakeUpstream.gate``, then answer normally.
 * ``big:<bytes>``: a normal completion whose token texts are padded to about that many bytes in all.
 * ``gate-stream``: a stream that sends two tokens, then waits until the test opens ``gate``; a
-  ``POST /pause?mode=abort`` meanwhile ends it as vLLM ends an aborted request (a last chunk with
-  finish reason ``abort``), or with ``abort_cuts`` set, by closing the connection.
+  ``POST /pause?mode=abort`` meanwhile ends it as vLLM ends an aborted request: ``abort_ending``
+  ``chunk`` (a last chunk with finish reason ``abort``), ``unfinished`` (``[DONE]`` with no finish
+  reason, as vLLM 0.32 ends a request aborted before its first token) or ``cut`` (the connection closed).
 
 vLLM's RL control plane is there too: ``GET /weight_info``, ``POST /update_weight_version``,
 ``POST /pause`` and ``POST /resume`` (recorded in ``control``).
@@ -140,7 +141,7 @@ class FakeUpstream:
     dev_mode: bool = True  # False: the control plane answers 404, as vLLM without VLLM_SERVER_DEV_MODE
     stream_finished: threading.Event = field(default_factory=threading.Event)
     aborted: bool = False  # a /pause?mode=abort came: gated streams end aborted
-    abort_cuts: bool = False  # ... by closing the connection instead of a last "abort" chunk
+    abort_ending: str = "chunk"  # ... how: "chunk", "unfinished" or "cut" (see the module docstring)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -212,11 +213,14 @@ class FakeUpstream:
         await _respond(send, 200, b"application/json", _dump(answer))
 
     async def _end_aborted(self, send: Any, base: dict[str, Any], n: int) -> None:
-        """What vLLM sends when a pause aborts a running stream (or a cut, with ``abort_cuts``)."""
-        if self.abort_cuts:
+        """What vLLM sends when a pause aborts a running stream (``abort_ending``)."""
+        if self.abort_ending == "cut":
             return  # uvicorn closes the connection: the response never completes
-        choices = [{"index": c, "delta": {}, "logprobs": None, "finish_reason": "abort"} for c in range(n)]
-        await _event(send, dict(base, choices=choices))
+        if self.abort_ending == "chunk":
+            choices = [
+                {"index": c, "delta": {}, "logprobs": None, "finish_reason": "abort"} for c in range(n)
+            ]
+            await _event(send, dict(base, choices=choices))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 

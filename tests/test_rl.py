@@ -262,14 +262,15 @@ def test_a_wait_pause_lets_running_calls_finish_before_vllm_is_paused(
     httpx.post(rl_proxy.url + "/tokentrail/v1/resume", timeout=60).raise_for_status()
 
 
-@pytest.mark.parametrize("ending", ["abort-chunk", "connection-cut"])
+@pytest.mark.parametrize("ending", ["chunk", "unfinished", "cut"])
 def test_a_stream_an_abort_pause_ends_is_recorded_as_aborted(
     rl_proxy: Proxy, fake: tuple[FakeUpstream, str], ending: str
 ) -> None:
-    """vLLM ends the requests an abort pause catches with finish reason ``abort``; a stream broken off
-    while an abort pause is in force is one of them too. Either is ``aborted``, never ``ok``."""
+    """vLLM ends the requests an abort pause catches with finish reason ``abort``, or with no finish
+    reason at all; a stream broken off while an abort pause is in force is one of them too. Each is
+    ``aborted``, never ``ok``."""
     upstream = fake[0]
-    upstream.abort_cuts = ending == "connection-cut"
+    upstream.abort_ending = ending
     lines: list[str] = []
 
     def stream() -> None:
@@ -293,7 +294,7 @@ def test_a_stream_an_abort_pause_ends_is_recorded_as_aborted(
     rl_proxy.wait_all_records()
     rows = rl_proxy.rows("SELECT trajectory_id, outcome FROM llm_calls ORDER BY trajectory_id")
     assert [(r["trajectory_id"], r["outcome"]) for r in rows] == [("after", "ok"), ("cut", "aborted")]
-    assert any('"finish_reason":"abort"' in line for line in lines) == (ending == "abort-chunk")
+    assert any('"finish_reason":"abort"' in line for line in lines) == (ending == "chunk")
 
 
 def test_a_pause_no_upstream_accepts_is_a_502_and_leaves_nothing_paused(

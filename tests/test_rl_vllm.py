@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import running_proxy
+from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.vllm
@@ -143,35 +143,34 @@ def test_sixteen_agents_run_through_a_pause_an_update_and_a_resume_and_none_is_l
 def test_a_call_an_abort_pause_cuts_is_recorded_as_aborted(
     vllm_url: str, tmp_path: Path, resumed: None
 ) -> None:
-    """A stream of 1,900 tokens is aborted right after its first one. vLLM's speed decides whether it
-    had already finished (then it is ``ok``): the test tries again, up to three streams, until one is
-    cut, so it always checks an abort, and every stream must be recorded as what happened to it."""
+    """The tiny model generates 1,900 tokens faster than a pause can reach it, so the call is sent
+    while vLLM is paused with ``keep`` (it queues), and then TokenTrail pauses with ``abort``. Whether
+    vLLM had queued the request when the abort came is vLLM's timing: one that was not yet queued
+    runs after the resume and must be recorded ``ok``. The test tries up to three calls until one is
+    cut, so it always checks an abort, and holds every call to what happened to it."""
     body = _body(max_tokens=1900, ignore_eos=True, stream=True, return_token_ids=True)
     seen: list[tuple[bool, str]] = []
     with running_proxy(vllm_url, tmp_path) as proxy:
         for attempt in range(3):
             lines: list[str] = []
-            first = threading.Event()
+            trajectory = f"aborted-{attempt}"
 
-            def stream(trajectory: str, lines: list[str], first: threading.Event) -> None:
+            def stream(trajectory: str, lines: list[str]) -> None:
                 headers = {"X-Trajectory-Id": trajectory}
                 with httpx.stream(
                     "POST", proxy.url + CHAT, json=body, headers=headers, timeout=120
                 ) as response:
-                    for line in response.iter_lines():
-                        lines.append(line)
-                        first.set()
+                    lines.extend(response.iter_lines())
 
-            reader = threading.Thread(target=stream, args=(f"aborted-{attempt}", lines, first))
+            httpx.post(vllm_url + "/pause?mode=keep", timeout=120).raise_for_status()
+            reader = threading.Thread(target=stream, args=(trajectory, lines))
             reader.start()
-            assert first.wait(120)
+            _until(lambda: _upstream_in_flight(proxy) == 1)  # sent to vLLM
             httpx.post(proxy.url + "/tokentrail/v1/pause?mode=abort", timeout=120).raise_for_status()
-            reader.join(120)
             httpx.post(proxy.url + "/tokentrail/v1/resume", timeout=120).raise_for_status()
+            reader.join(120)
             proxy.wait_all_records()
-            (row,) = proxy.rows(
-                "SELECT outcome FROM llm_calls WHERE trajectory_id = :t", t=f"aborted-{attempt}"
-            )
+            (row,) = proxy.rows("SELECT outcome FROM llm_calls WHERE trajectory_id = :t", t=trajectory)
             finishes = [
                 choice.get("finish_reason")
                 for line in lines
@@ -182,9 +181,14 @@ def test_a_call_an_abort_pause_cuts_is_recorded_as_aborted(
             seen.append((cut, row["outcome"]))
             if cut:
                 break
-    print(f"\nabort pause: (cut, recorded) per stream: {seen}")
-    assert seen[-1][0], "no stream was cut by the abort pause in three tries"
+    print(f"\nabort pause: (cut, recorded) per call: {seen}")
+    assert seen[-1][0], "no call was cut by the abort pause in three tries"
     assert all(outcome == ("aborted" if cut else "ok") for cut, outcome in seen), seen
+
+
+def _upstream_in_flight(proxy: Proxy) -> int:
+    health = httpx.get(proxy.url + "/tokentrail/health", timeout=30).json()
+    return sum(u["in_flight"] for u in health["upstreams"])
 
 
 def test_several_upstreams_are_paused_and_resumed_together(

@@ -81,14 +81,19 @@ class RlLoop:
             self._idle.set()
 
     def end(self, call: RunningCall, total_generated: int) -> None:
-        """The call is over: version spans, and ``aborted`` for a call vLLM aborted (finish reason
-        ``abort``, or its answer broken off while an abort pause was in force)."""
+        """The call is over: version spans, and ``aborted`` for a call vLLM aborted: finish reason
+        ``abort``, or, while an abort pause was in force, an answer broken off or one that ended with
+        a choice unfinished (vLLM 0.32 ends a stream it aborted before its first token with the role
+        chunk and ``[DONE]``, no finish reason at all)."""
         aborting = call in self._aborting
         self.forget(call)
         call.finish(total_generated)
         record = call.record
         broken = record.outcome in (Outcome.UPSTREAM_DIED, Outcome.UPSTREAM_ERROR)
-        if any(c.finish_reason == "abort" for c in record.choices) or (aborting and broken):
+        unfinished = record.outcome == Outcome.OK and (
+            not record.choices or any(c.finish_reason is None for c in record.choices)
+        )
+        if any(c.finish_reason == "abort" for c in record.choices) or (aborting and (broken or unfinished)):
             record.outcome = Outcome.ABORTED
         record.version_times = {
             version: self.weights.learned_at[version]
