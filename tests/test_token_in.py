@@ -206,6 +206,11 @@ def test_the_prompt_ids_go_into_the_body_and_the_header_decides_per_call() -> No
         "messages": [],
     }
     assert json.loads(with_prompt_ids(b" {} ", [3])) == {"kv_transfer_params": {"prompt_token_ids": [3]}}
+    explicit_null = with_prompt_ids(b'{"kv_transfer_params": null, "model": "m"}', [4])
+    assert json.loads(explicit_null) == {"kv_transfer_params": {"prompt_token_ids": [4]}, "model": "m"}
+    assert explicit_null.count(b"kv_transfer_params") == 1  # vLLM reads the last of two keys
+    in_text = b'{"messages": [{"role": "user", "content": "\\"kv_transfer_params\\""}]}'
+    assert json.loads(with_prompt_ids(in_text, [5]))["messages"] == json.loads(in_text)["messages"]
     assert token_in_wanted([(b"X-TokenTrail-Token-In", b"true")], False) is True
     assert token_in_wanted([(b"x-tokentrail-token-in", b"FALSE")], True) is False
     assert token_in_wanted([(b"x-tokentrail-token-in", b"maybe")], True) is True
@@ -431,6 +436,20 @@ def test_without_a_refusal_the_ids_are_used_and_the_call_is_token_in(
         ("first", "first_call"),
         ("token_in", None),
     ]
+
+
+def test_a_body_with_an_explicit_null_kv_transfer_params_still_carries_the_ids(
+    token_in_fake: tuple[TokenInFake, Proxy],
+) -> None:
+    fake, proxy = token_in_fake
+    messages: list[dict[str, Any]] = [USER]
+    for _ in range(2):
+        body = {"model": "m", "messages": messages, "kv_transfer_params": None}
+        response = httpx.post(proxy.url + CHAT, json=body, headers={"X-Trajectory-Id": "null"}, timeout=30)
+        assert response.status_code == 200
+        messages = [*messages, {"role": "assistant", "content": "ok"}, USER]
+    assert fake.chats[1]["kv_transfer_params"] == {"prompt_token_ids": [50, 7, 300, 301, 2, 50, 7]}
+    assert [r["token_in_fallback"] for r in _rows(proxy)] == ["first_call", None]
 
 
 def test_the_end_of_turn_the_model_sampled_itself_is_not_added_again(

@@ -60,6 +60,9 @@ class Fallback:
     PROXY_ERROR = "proxy_error"
 
 
+_KV_KEY = b'"kv_transfer_params"'
+
+
 def token_in_wanted(headers: list[tuple[bytes, bytes]], default: bool) -> bool:
     """The call's ``X-TokenTrail-Token-In`` header, else ``default``."""
     for name, value in headers:
@@ -87,7 +90,13 @@ def _unsupported(request: dict[str, Any]) -> str | None:
 
 
 def with_prompt_ids(body: bytes, prompt_ids: list[int]) -> bytes:
-    """``body`` (a JSON object without ``kv_transfer_params``) with the prompt IDs added first."""
+    """``body`` (a JSON object whose ``kv_transfer_params`` is absent or null) with the prompt IDs
+    added first. An explicit ``"kv_transfer_params": null`` is removed first: with two keys, vLLM
+    reads the last one, the null, and ignores the IDs."""
+    if _KV_KEY in body:  # rare (or only inside a message's text): the body is rewritten without it
+        parsed = jsonio.loads(body)
+        if isinstance(parsed, dict) and parsed.pop("kv_transfer_params", None) is None:
+            body = jsonio.dumps_text(parsed).encode()
     start = body.find(b"{")
     field = b'"kv_transfer_params":{"prompt_token_ids":' + jsonio.dumps_text(prompt_ids).encode() + b"}"
     rest = body[start + 1 :]
