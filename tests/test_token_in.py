@@ -316,17 +316,27 @@ class TokenInFake:
         self.tokenize_status = 200
         self.hold_next = False  # the next chat request waits until ``release`` is set
         self.held = threading.Event()
-        self.generated = [
-            300,
-            301,
-        ]  # what every chat answer "samples" ([..., 2]: it stopped on its end of turn)
+        # what every chat answer "samples" ([..., 2]: it stopped on its end of turn)
+        self.generated = [300, 301]
+        self.hold_tokenize = threading.Event()  # set: /tokenize waits until ``release_tokenize``
+        self.tokenize_held = threading.Event()
+        self.release_tokenize = threading.Event()
+        self.control: list[str] = []
         self.release = threading.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        parsed = json.loads(await read_body(receive))
+        raw = await read_body(receive)
+        if scope["path"] in ("/pause", "/resume", "/weight_info"):  # vLLM's RL control plane
+            self.control.append(scope["path"])
+            await _answer(send, 200, {"weight_version": "default"})
+            return
+        parsed = json.loads(raw)
         if scope["path"] == "/tokenize":
+            if self.hold_tokenize.is_set():
+                self.tokenize_held.set()
+                await asyncio.to_thread(self.release_tokenize.wait, 30)
             if self.tokenize_status != 200:
                 await _answer(send, self.tokenize_status, {"error": {"message": "no"}})
                 return
@@ -460,6 +470,38 @@ def test_the_end_of_turn_the_model_sampled_itself_is_not_added_again(
     fake.generated = [300, 2]  # the model stopped: its last token is the template's end of turn
     _two_calls(proxy.url)
     assert fake.chats[1]["kv_transfer_params"]["prompt_token_ids"] == [50, 7, 300, 2, 50, 7]
+    assert [r["token_in_fallback"] for r in _rows(proxy)] == ["first_call", None]
+
+
+def test_a_call_whose_prompt_was_being_built_when_the_pause_came_waits_at_the_gate(
+    token_in_fake: tuple[TokenInFake, Proxy],
+) -> None:
+    """The gate is checked before the prompt is built (a database read, renders through vLLM): a
+    pause that comes meanwhile must still hold the call, never let it reach a paused vLLM."""
+    fake, proxy = token_in_fake
+    statuses: list[int] = []
+    _post(proxy, [USER], statuses)
+    fake.hold_tokenize.set()
+    follow_up = threading.Thread(
+        target=_post, args=(proxy, [USER, {"role": "assistant", "content": "ok"}, USER], statuses)
+    )
+    follow_up.start()
+    assert fake.tokenize_held.wait(30), "the follow-up never rendered its prompt"
+    httpx.post(proxy.url + "/tokentrail/v1/pause?mode=keep", timeout=30).raise_for_status()
+    fake.release_tokenize.set()
+
+    def held_or_sent() -> bool:
+        return len(fake.chats) > 1 or httpx.get(proxy.url + "/tokentrail/v1/pause").json()["held_now"] > 0
+
+    deadline = time.monotonic() + 30
+    while not held_or_sent():
+        assert time.monotonic() < deadline, "the follow-up neither waited nor went out"
+        time.sleep(0.01)
+    assert len(fake.chats) == 1, "a call reached vLLM while the fleet was paused"
+    httpx.post(proxy.url + "/tokentrail/v1/resume", timeout=30).raise_for_status()
+    follow_up.join(30)
+    assert statuses == [200, 200]
+    assert fake.control[-2:] == ["/resume", "/weight_info"]
     assert [r["token_in_fallback"] for r in _rows(proxy)] == ["first_call", None]
 
 

@@ -67,6 +67,10 @@ _FLAG_SHAPED = (b"return_token_ids", b"validation error")
 _NO_LENGTH = frozenset({b"content-length"})
 
 
+class _HeldTooLong(Exception):
+    """The call waited at the pause gate past ``TOKENTRAIL_PAUSE_MAX_WAIT_S``."""
+
+
 class RecordedCall:
     """One recorded call: relays it and produces exactly one ``CallRecord``."""
 
@@ -116,20 +120,20 @@ class RecordedCall:
         state = self.state
         watcher = watch_client(self.scope, receive, state)
         try:
-            rl = self.context.rl
-            # (only while paused: no coroutine per call on the hot path otherwise)
-            if rl is not None and rl.gate.paused and not await rl.admit():  # paused for too long
-                self._end(Outcome.PAUSED, "held past TOKENTRAIL_PAUSE_MAX_WAIT_S while training was paused")
-                self.record.status_code = 503
-                await self.seal()
-                await send_error(self.send, PausedTooLongError(rl.pause_max_wait_s))
-                return
+            await self._pass_the_gate()
             upstream, body = await self._open()
             self.record.status_code = upstream.status_code
             if upstream.status_code == 200 and upstream.content_type.startswith("text/event-stream"):
                 await self._relay_stream(upstream)
             else:
                 await self._relay_body(upstream, body)
+        except _HeldTooLong:
+            rl = self.context.rl
+            assert rl is not None
+            self._end(Outcome.PAUSED, "held past TOKENTRAIL_PAUSE_MAX_WAIT_S while training was paused")
+            self.record.status_code = 503
+            await self.seal()
+            await send_error(self.send, PausedTooLongError(rl.pause_max_wait_s))
         except UpstreamError as exc:
             self._end(transport_outcome(exc), error_text(exc))
             if state.response_started:  # the status is out: the stream ends abruptly, as vLLM's would
@@ -164,6 +168,13 @@ class RecordedCall:
             await state.close_upstream()
             await self.seal(wait=False)  # (no-op when sealed before the last bytes, as it should be)
             state.release_target()
+
+    async def _pass_the_gate(self) -> None:
+        """Wait while the fleet is paused (only then: no coroutine per call on the hot path);
+        ``_HeldTooLong`` past ``TOKENTRAIL_PAUSE_MAX_WAIT_S``."""
+        rl = self.context.rl
+        if rl is not None and rl.gate.paused and not await rl.admit():
+            raise _HeldTooLong
 
     def _end(self, outcome: Outcome, error: str | None = None) -> None:
         """Name how the call ended; ignored once the record is sealed (it is the writer's then)."""
@@ -249,6 +260,10 @@ class RecordedCall:
         if token_in is None:
             return None
         rewritten = await token_in.rewrite(self.scope["headers"], self.record, self.body)
+        # Building the prompt read the database and rendered through vLLM: a pause may have come
+        # meanwhile, and this call is not yet one that a pause waits for. Checked again here, with
+        # no await until the upstream is picked (and the RL loop counts the call as running).
+        await self._pass_the_gate()
         if rewritten is None:
             return None
         response = await self._send(rewritten)
