@@ -262,6 +262,43 @@ def test_a_wait_pause_lets_running_calls_finish_before_vllm_is_paused(
     httpx.post(rl_proxy.url + "/tokentrail/v1/resume", timeout=60).raise_for_status()
 
 
+def test_a_resume_that_comes_while_a_wait_pause_drains_wins_and_nothing_stays_paused(
+    rl_proxy: Proxy, fake: tuple[FakeUpstream, str]
+) -> None:
+    """The last request wins: the resume ends the pause that was still waiting for a running call,
+    so vLLM is never paused behind an open gate."""
+    upstream = fake[0]
+    results: dict[str, Any] = {}
+
+    def stream() -> None:
+        body = dict(BODY, stream=True)
+        headers = {"X-Trajectory-Id": "running", "x-fake": "gate-stream"}
+        results["call"] = httpx.post(rl_proxy.url + CHAT, json=body, headers=headers, timeout=60).status_code
+
+    def pause() -> None:
+        results["pause"] = httpx.post(rl_proxy.url + "/tokentrail/v1/pause?mode=wait", timeout=60).status_code
+
+    caller = threading.Thread(target=stream)
+    caller.start()
+    assert upstream.hanging.acquire(timeout=30)
+    pauser = threading.Thread(target=pause)
+    try:
+        pauser.start()
+        _until(lambda: httpx.get(rl_proxy.url + "/tokentrail/v1/pause").json()["paused"])
+        resumed = httpx.post(rl_proxy.url + "/tokentrail/v1/resume", timeout=60)
+        pauser.join(60)  # ended by the resume, while the call still runs
+        assert not upstream.gate.is_set()
+    finally:
+        upstream.gate.set()
+        caller.join(60)
+        pauser.join(60)
+    assert resumed.status_code == 200
+    assert results == {"call": 200, "pause": 409}
+    assert "/pause?mode=wait" not in upstream.control
+    assert httpx.get(rl_proxy.url + "/tokentrail/v1/pause").json()["paused"] is False
+    assert _call(rl_proxy, "after").status_code == 200
+
+
 @pytest.mark.parametrize("ending", ["chunk", "unfinished", "cut"])
 def test_a_stream_an_abort_pause_ends_is_recorded_as_aborted(
     rl_proxy: Proxy, fake: tuple[FakeUpstream, str], ending: str

@@ -7,6 +7,7 @@ Same API key rule as the rest of ``/tokentrail/v1/``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -16,7 +17,7 @@ from tokentrail.proxy.api.trajectories import TrajectoryId, TrajectoryOut, _exis
 from tokentrail.proxy.errors import ProxyRequestError
 from tokentrail.proxy.relay.routing import validate_trajectory_id
 from tokentrail.proxy.rl.groups import group_advantages
-from tokentrail.proxy.rl.loop import RlLoop, UpstreamAnswer
+from tokentrail.proxy.rl.loop import RlLoop, SupersededError, UpstreamAnswer
 from tokentrail.proxy.rl.pause import PauseMode
 from tokentrail.proxy.storage import queries
 
@@ -81,7 +82,10 @@ def _state(rl: RlLoop, answers: list[UpstreamAnswer]) -> PauseOut:
     )
 
 
-@router.post("/pause", response_model=PauseOut, responses={502: {}, 504: {}})
+_SUPERSEDED = "a later pause or resume came before this one could act; the later one decides"
+
+
+@router.post("/pause", response_model=PauseOut, responses={409: {}, 502: {}, 504: {}})
 async def pause(
     request: Request,
     mode: Annotated[PauseMode, Query(description="wait (default), keep or abort, as vLLM's /pause")] = (
@@ -96,19 +100,26 @@ async def pause(
         answers = await rl.pause(mode)
     except TimeoutError:
         raise HTTPException(504, "calls still running after the wait limit; the proxy stays paused") from None
+    except SupersededError:
+        raise HTTPException(409, _SUPERSEDED) from None
     failed = [a for a in answers if a.status is None or not 200 <= a.status < 300]
     if failed:
-        await rl.resume()
+        with contextlib.suppress(SupersededError):  # a newer request decides instead
+            await rl.resume()
         detail = "; ".join(f"{a.upstream}: {a.status} {a.body[:200]}" for a in failed)
         raise HTTPException(502, f"not every upstream paused (is VLLM_SERVER_DEV_MODE=1 set?): {detail}")
     return _state(rl, answers)
 
 
-@router.post("/resume", response_model=PauseOut)
+@router.post("/resume", response_model=PauseOut, responses={409: {}})
 async def resume(request: Request) -> PauseOut:
-    """Resume every upstream, then release the held calls."""
+    """Resume every upstream, then release the held calls. 409 when a pause came meanwhile (the
+    last request wins: the fleet stays paused)."""
     rl = _rl(request)
-    answers = await rl.resume()
+    try:
+        answers = await rl.resume()
+    except SupersededError:
+        raise HTTPException(409, _SUPERSEDED) from None
     return _state(rl, answers)
 
 

@@ -31,6 +31,10 @@ class UpstreamAnswer:
     body: str
 
 
+class SupersededError(Exception):
+    """A newer pause or resume came before this one could act; the newer one decides."""
+
+
 class RlLoop:
     """Pause gate, policy versions and fleet-wide control calls for one proxy process."""
 
@@ -52,6 +56,11 @@ class RlLoop:
         self._idle.set()
         self._running: set[RunningCall] = set()  # every recorded call sent upstream and not ended
         self._aborting: set[RunningCall] = set()
+        # Pause and resume: each request takes the next generation; only the latest acts on vLLM
+        # and the gate, one at a time (see ``pause``).
+        self._generation = 0
+        self._control_lock = asyncio.Lock()
+        self._newer_request = asyncio.Event()
 
     # ---- the relay's side ----
 
@@ -110,25 +119,59 @@ class RlLoop:
         (vLLM's own ``wait`` would hold a request that arrives a moment after it, and TokenTrail would
         wait for that one forever). Raises ``TimeoutError`` when they take longer than
         ``CONTROL_TIMEOUT_S`` (the gate stays closed: resume opens it).
+
+        Pause and resume are serialised and the last request wins: a resume that comes while a pause
+        waits for calls to finish ends that pause (``SupersededError``, nothing paused), and whichever
+        comes last decides both vLLM's state and the gate's.
         """
+        generation = self._next_generation()
         self.gate.pause(mode)
         if mode == PauseMode.WAIT:
-            await asyncio.wait_for(self._idle.wait(), CONTROL_TIMEOUT_S)
-        if mode == PauseMode.ABORT:
-            self._aborting.update(self._running)
-        answers = await self._everywhere("POST", f"/pause?mode={mode}")
+            await asyncio.wait_for(self._drained_or_newer(generation), CONTROL_TIMEOUT_S)
+        async with self._control_lock:
+            self._check_latest(generation)
+            if mode == PauseMode.ABORT:
+                self._aborting.update(self._running)
+            answers = await self._everywhere("POST", f"/pause?mode={mode}")
         logger.warning("mode=<%s>, held=<%d> | fleet paused", mode, self.gate.held_now)
         return answers
 
     async def resume(self) -> list[UpstreamAnswer]:
-        """Resume every upstream, then let the held calls go."""
-        answers = await self._everywhere("POST", "/resume")
-        self._aborting.clear()
-        await self.learn_versions()  # weights may have changed by routes TokenTrail did not see
-        held = self.gate.held_now
-        self.gate.resume()
+        """Resume every upstream, then let the held calls go (unless a newer pause came meanwhile)."""
+        generation = self._next_generation()
+        async with self._control_lock:
+            self._check_latest(generation)
+            answers = await self._everywhere("POST", "/resume")
+            self._aborting.clear()
+            await self.learn_versions()  # weights may have changed by routes TokenTrail did not see
+            self._check_latest(generation)  # a pause that came meanwhile keeps the gate closed
+            held = self.gate.held_now
+            self.gate.resume()
         logger.warning("held=<%d> | fleet resumed", held)
         return answers
+
+    def _next_generation(self) -> int:
+        self._generation += 1
+        self._newer_request.set()  # wakes a pause that waits for calls to finish
+        self._newer_request = asyncio.Event()
+        return self._generation
+
+    def _check_latest(self, generation: int) -> None:
+        if generation != self._generation:
+            raise SupersededError
+
+    async def _drained_or_newer(self, generation: int) -> None:
+        """Until no call is running, or a newer pause or resume came (then ``SupersededError``)."""
+        while not self._idle.is_set():
+            self._check_latest(generation)
+            newer = asyncio.ensure_future(self._newer_request.wait())
+            idle = asyncio.ensure_future(self._idle.wait())
+            try:
+                await asyncio.wait((newer, idle), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                newer.cancel()
+                idle.cancel()
+        self._check_latest(generation)
 
     async def learn_versions(self) -> bool:
         """Ask every upstream for its policy version; True when each answered at all (a 404 comes from
