@@ -28,8 +28,7 @@ from tokentrail.proxy.api import control, detokenize, health, metrics, trajector
 from tokentrail.proxy.api.detokenize import TokenPieces
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
-from tokentrail.proxy.metrics import snapshot
-from tokentrail.proxy.metrics.calls import CallCounters
+from tokentrail.proxy.metrics import persisted, snapshot
 from tokentrail.proxy.metrics.exposition import make_registry
 from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from_environment
 from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
@@ -70,7 +69,6 @@ class Runtime:
     engine: Engine
     writer: RecordWriter
     relay: Relay
-    call_counters: CallCounters
     worker: int | None = None  # the worker's slot under ``serve --workers N``
     metrics_registry: CollectorRegistry | None = None
     token_pieces: TokenPieces | None = None  # the viewer's decoded tokens
@@ -190,7 +188,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.db, settings.db_busy_timeout_ms)
-        call_counters = CallCounters()
+        instance = settings.instance_name
         writer = RecordWriter(
             engine,
             queue_size=settings.writer_queue_size,
@@ -202,7 +200,9 @@ def create_app(
             gather_s=0.0 if settings.durable else GATHER_S,
             spool_max_bytes=settings.spool_max_bytes,
             reject_when_spool_full=settings.spool_full == "reject",
-            observer=call_counters.observe,
+            count=lambda connection, encoder, batch: persisted.add_counts(
+                connection, encoder, instance, persisted.batch_counts(batch)
+            ),
         )
         writer.start()
         for name in ignored_proxy_variables(os.environ):
@@ -241,7 +241,7 @@ def create_app(
             if len(balancer.upstreams) > 1
             else None
         )
-        runtime = Runtime(settings, engine, writer, relay, call_counters, worker)
+        runtime = Runtime(settings, engine, writer, relay, worker)
         runtime.token_pieces = TokenPieces(settings.detokenize_concurrency)
         runtime.metrics_registry = make_registry(lambda: snapshot.all_values(runtime))
         app.state.runtime = runtime

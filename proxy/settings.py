@@ -5,6 +5,7 @@ Nothing else in the proxy reads the environment. Tests and the CLI build their o
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,6 +40,14 @@ class Settings(BaseSettings):
         description=(
             "Proxy processes serving the port together, one core each (the kernel spreads the "
             "connections); each has its own spool: the fallback path, then <name>.1<suffix>, ..."
+        ),
+    )
+    instance: str | None = Field(
+        None,
+        max_length=256,
+        description=(
+            "This proxy's name in the database's metric counts (all its workers share it); empty: "
+            "<host name>:<port>. Replicas need distinct names; keep one name across restarts."
         ),
     )
     upstream_connect_timeout: PositiveFloat = Field(
@@ -181,6 +190,11 @@ class Settings(BaseSettings):
         64, description="Requests to the upstream's /detokenize at once while the viewer decodes a sequence."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @property
+    def instance_name(self) -> str:
+        """``instance``, or the host name and port when it is not set."""
+        return self.instance or f"{socket.gethostname()}:{self.port}"
 
     @field_validator("upstream")
     @classmethod

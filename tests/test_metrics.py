@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,7 @@ from sqlalchemy import create_engine, text
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.test_relay_fake import _open_request
-from tests.test_workers import FRESH, _two_workers, _wait_rows
+from tests.test_workers import FRESH, _children, _load, _two_workers, _wait_rows, _workers_seen
 from tokentrail.proxy.api.worker_state import state_path
 from tokentrail.proxy.metrics import catalog, snapshot
 from tokentrail.proxy.metrics.calls import label_key
@@ -184,17 +185,53 @@ def test_metrics_of_two_workers_add_up_whichever_answers(
             agreed = 0
             while agreed < 6:  # six fresh connections in a row, so both workers answered
                 samples, _kinds = scrape(proxy, client)
-                if by_label(samples, "tokentrail_calls_total", "outcome", "integrity") == calls:
+                health = client.get(proxy + "/tokentrail/health").json()
+                written = [w["records_written"] for w in health["workers"]]
+                if _calls_by_outcome(samples) == calls and sum(written) == 60:
                     agreed += 1
                 else:
                     agreed = 0
-                assert time.monotonic() < deadline, "the workers' metrics never added up to the database's"
-            health = client.get(proxy + "/tokentrail/health").json()
-        written = [w["records_written"] for w in health["workers"]]
+                assert time.monotonic() < deadline, "the workers' figures never added up to the database's"
     assert all(written), f"one worker recorded nothing ({written}); the test proves nothing"
     assert samples[("tokentrail_records_written_total", frozenset())] == 60
     assert samples[("tokentrail_prompt_tokens_total", frozenset({("route", CHAT)}))] == prompt_tokens
     assert samples[("tokentrail_workers_reporting", frozenset())] == 2
+
+
+def _calls_by_outcome(samples: Samples) -> dict[tuple[str, ...], float]:
+    return by_label(samples, "tokentrail_calls_total", "outcome", "integrity")
+
+
+def test_counts_never_go_down_when_a_worker_is_killed_and_equal_the_database(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """A replaced worker starts from nothing: counts held in its memory would fall with it."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with _two_workers(fake[1], db_url, TOKENTRAIL_FALLBACK_PATH=str(tmp_path / "spool.jsonl")) as (
+        process,
+        proxy,
+    ):
+        asyncio.run(_load(proxy, 40, 4))
+        _wait_rows(db_url, 40)
+        with httpx.Client(limits=FRESH, timeout=30) as client:
+            before = _calls_by_outcome(scrape(proxy, client)[0])
+            assert sum(before.values()) == 40
+            victim = min(_children(process.pid))
+            os.kill(victim, signal.SIGKILL)
+            assert _workers_seen(proxy, {0, 1}) == {0, 1}  # the replacement answers too
+            for _ in range(6):  # fresh connections: both workers answer
+                assert _calls_by_outcome(scrape(proxy, client)[0]) == before
+            asyncio.run(_load(proxy, 20, 4))
+            _wait_rows(db_url, 60)
+            samples = scrape(proxy, client)[0]
+    calls = {
+        (outcome, integrity): float(n)
+        for outcome, integrity, n in db_rows(
+            db_url, "SELECT outcome, integrity, count(*) FROM llm_calls GROUP BY 1, 2"
+        )
+    }
+    assert _calls_by_outcome(samples) == calls
+    assert samples[("tokentrail_records_written_total", frozenset())] == 60
 
 
 def _as_worker_0_of_2_beside(
@@ -218,13 +255,15 @@ def test_a_stopped_workers_counters_still_count_but_its_gauges_do_not(
     fake: tuple[FakeUpstream, str], tmp_path: Path
 ) -> None:
     sibling = {
-        catalog.RECORDS_WRITTEN.name: {label_key(): 40.0},
+        catalog.RECORDS_SPOOLED.name: {label_key(): 40.0},
+        catalog.CALLS.name: {label_key(CHAT, "ok", "ok"): 99.0},  # (an old worker's own count)
         catalog.IN_FLIGHT.name: {label_key(): 7.0},
         catalog.QUEUE_DEPTH.name: {label_key(): 5.0},
         catalog.UPSTREAM_UP.name: {fake[1]: 0.0},
     }
     samples = _as_worker_0_of_2_beside(fake[1], tmp_path, sibling, age_s=60)
-    assert samples[("tokentrail_records_written_total", frozenset())] == 41  # a counter never goes back
+    assert samples[("tokentrail_records_spooled_total", frozenset())] == 40  # a counter never goes back
+    assert sum(_calls_by_outcome(samples).values()) == 1  # calls are the database's count, not a file's
     assert samples[("tokentrail_in_flight_calls", frozenset())] == 0  # a stopped worker relays nothing
     assert samples[("tokentrail_writer_queue_depth", frozenset())] == 0
     assert samples[("tokentrail_upstream_up", frozenset({("upstream", fake[1])}))] == 1

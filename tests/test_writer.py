@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +17,8 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
+from tokentrail.proxy.metrics.calls import label_key
+from tokentrail.proxy.metrics.persisted import add_counts, batch_counts, read_counts
 from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
 from tokentrail.proxy.recording.spool import record_to_line
 from tokentrail.proxy.recording.writer import RecordWriter
@@ -225,24 +228,18 @@ def test_a_replay_cut_by_a_crash_is_finished_by_the_next_writer_exactly_once(
     engine.dispose()
 
 
-def test_a_failing_observer_never_stops_the_writer(tmp_path: Path) -> None:
-    """The metrics see each record on the writer thread; a bug there must not cost a record."""
-    seen: list[str] = []
+def test_a_failing_metric_count_never_costs_a_record(tmp_path: Path, db_url: str) -> None:
+    """The metrics are counted in the batch's transaction; a bug there must not cost a record."""
+    seen: list[int] = []
 
-    def observer(record: CallRecord) -> None:
-        seen.append(record.call_id)
-        raise RuntimeError("a metrics bug")
+    def count(connection: Any, encoder: Any, batch: list[CallRecord]) -> None:
+        seen.append(len(batch))
+        connection.exec_driver_sql("INSERT INTO no_such_table VALUES (1)")  # fails in the database
 
-    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade_database(db_url)
     engine = make_engine(db_url, 5000)
     writer = RecordWriter(
-        engine,
-        queue_size=10,
-        batch_size=5,
-        retries=0,
-        fallback_path=tmp_path / "spool.jsonl",
-        observer=observer,
+        engine, queue_size=10, batch_size=5, retries=0, fallback_path=tmp_path / "spool.jsonl", count=count
     )
     writer.start()
     try:
@@ -253,7 +250,38 @@ def test_a_failing_observer_never_stops_the_writer(tmp_path: Path) -> None:
         writer.close()
         engine.dispose()
     assert writer.written == 3
-    assert len(seen) >= 1
+    assert writer.failed == 0
+    assert sum(seen) >= 3
+
+
+def test_metric_counts_are_committed_with_their_records_and_survive_a_restart(
+    tmp_path: Path, db_url: str
+) -> None:
+    upgrade_database(db_url)
+    for _run in range(2):
+        engine = make_engine(db_url, 5000)
+        writer = RecordWriter(
+            engine,
+            queue_size=100,
+            batch_size=50,
+            retries=1,
+            fallback_path=tmp_path / "spool.jsonl",
+            count=lambda c, e, batch: add_counts(c, e, "me", batch_counts(batch)),
+        )
+        writer.start()
+        for _ in range(3):
+            writer.submit(_record(writer, "counted"))
+        writer.close()
+        engine.dispose()
+    engine = make_engine(db_url, 5000)
+    try:
+        counts = read_counts(engine, "me")
+        assert read_counts(engine, "someone-else")["tokentrail_calls"] == {}
+    finally:
+        engine.dispose()
+    assert counts["tokentrail_calls"] == {label_key(CHAT, "ok", "ok"): 6.0}
+    assert counts["tokentrail_prompt_tokens"] == {CHAT: 18.0}
+    assert counts["tokentrail_generated_tokens"] == {CHAT: 12.0}
 
 
 @pytest.mark.skipif(not Path("/proc/thread-self/comm").exists(), reason="Linux names threads in /proc")

@@ -1,10 +1,16 @@
 """One process's metric values, and the sum of several workers' (``serve --workers``).
 
-Each worker publishes its values beside its health report (``worker_state``); the one answering a
-scrape adds its siblings' files to its own. Counters and histogram buckets add up; so do gauges,
-except ``upstream_up``, which is the minimum (down if any worker sees the upstream down). A sibling's
-file older than ``STALE_S`` still gives its counters (they only grow, and dropping them would look like
-a counter reset) but not its gauges (a stopped worker has no queue and no calls in flight).
+Two kinds of figure:
+
+* Counts of recorded calls (calls, tokens, token-in fallbacks, latency histograms, records written)
+  are read from the database (``persisted``): the writer adds them in the transaction that writes
+  the records, so they never go down when a worker dies and every worker answers the same.
+* Everything else is this process's own (the writer's queue and spool, calls in flight, upstreams).
+  Each worker publishes its figures beside its health report (``worker_state``); the one answering a
+  scrape adds its siblings' files to its own. Counters add up; so do gauges, except ``upstream_up``,
+  which is the minimum (down if any worker sees the upstream down). A sibling's file older than
+  ``STALE_S`` still gives its counters (they only grow, and dropping them would look like a counter
+  reset) but not its gauges (a stopped worker has no queue and no calls in flight).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 from typing import Any
 
 from tokentrail.proxy.api.worker_state import STALE_S, sibling_states, state_path, write_state
-from tokentrail.proxy.metrics import catalog
+from tokentrail.proxy.metrics import catalog, persisted
 from tokentrail.proxy.metrics.calls import Values, label_key
 from tokentrail.proxy.metrics.catalog import Combine, Kind
 
@@ -22,11 +28,10 @@ KIND = "metrics"
 
 
 def process_values(runtime: Any) -> Values:
-    """This process's figures: the counted calls plus the writer's, spool's and upstreams' state now."""
-    values: Values = runtime.call_counters.values()
+    """This process's own figures: the writer's, spool's and upstreams' state now."""
+    values: Values = {}
     writer = runtime.writer
     for metric, number in (
-        (catalog.RECORDS_WRITTEN, writer.written),
         (catalog.RECORDS_SPOOLED, writer.failed),
         (catalog.RECORDS_REPLAYED, writer.replayed),
         (catalog.RECORDS_LOST, writer.lost),
@@ -50,15 +55,20 @@ def publish(runtime: Any) -> None:
 
 
 def all_values(runtime: Any) -> Values:
-    """What a scrape answers: this process's figures, plus its siblings' under ``--workers``."""
+    """What a scrape answers: the database's counts of this instance's calls, this process's own
+    figures, plus its siblings' under ``--workers``."""
     total = process_values(runtime)
-    if runtime.worker is None:
-        return total
-    for _slot, content, age in sibling_states(runtime, KIND):
-        if content is None:
-            continue
-        with contextlib.suppress(ValueError):
-            add(total, json.loads(content), gauges=age <= STALE_S)
+    if runtime.worker is not None:
+        for _slot, content, age in sibling_states(runtime, KIND):
+            if content is None:
+                continue
+            with contextlib.suppress(ValueError):
+                add(total, json.loads(content), gauges=age <= STALE_S)
+    counted = persisted.read_counts(runtime.engine, runtime.settings.instance_name)
+    total.update(counted)
+    calls = counted.get(catalog.CALLS.name, {})
+    written = sum(v for v in calls.values() if isinstance(v, float))
+    total[catalog.RECORDS_WRITTEN.name] = {label_key(): written}
     return total
 
 
@@ -66,6 +76,8 @@ def add(total: Values, other: Values, *, gauges: bool) -> None:
     """Fold ``other`` into ``total`` (see the module docstring for how each kind combines)."""
     for metric in catalog.ALL:
         series = other.get(metric.name)
+        if metric.name in persisted.PERSISTED_NAMES or metric.name == catalog.RECORDS_WRITTEN.name:
+            continue  # the database's counts, never a process's
         if not isinstance(series, dict) or (metric.kind is Kind.GAUGE and not gauges):
             continue
         into = total.setdefault(metric.name, {})

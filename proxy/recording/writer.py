@@ -76,6 +76,10 @@ class RecordSink(Protocol):
     def accepting(self) -> bool: ...
 
 
+BatchCounter = Callable[[Any, RowEncoder, list[CallRecord]], None]
+"""Adds a batch's metric counts, given the open connection of the batch's transaction."""
+
+
 class RecordWriter:
     """Owns the queue, the writer thread and the fallback file."""
 
@@ -90,11 +94,11 @@ class RecordWriter:
         gather_s: float = GATHER_S,
         spool_max_bytes: int = 2**30,
         reject_when_spool_full: bool = False,
-        observer: Callable[[CallRecord], None] | None = None,
+        count: BatchCounter | None = None,
     ) -> None:
-        # Sees every submitted record once (the metrics), on the writer thread as it takes the record
-        # off the queue, so that the request path pays nothing for it.
-        self._observer = observer
+        # Adds each batch's metric counts in the transaction that writes the batch (the metrics), on
+        # the writer thread, so that the request path pays nothing and the counts equal the database.
+        self._count = count
         self._spool = Spool(fallback_path, spool_max_bytes)
         self._reject_when_spool_full = reject_when_spool_full
         self._last_replay = 0.0
@@ -146,7 +150,6 @@ class RecordWriter:
                 with self._skipped_lock:
                     self._skipped.add((record.trajectory_id, record.seq))
             record.load_prompt_ids()
-            self._observe([record])
             self._spill([record], "queue_full")
 
     @property
@@ -220,22 +223,22 @@ class RecordWriter:
                 batch.append(item)
             for record in batch:
                 record.load_prompt_ids()  # parsed here, off the event loop (records.py)
-            self._observe(batch)
             ready = self._in_arrival_order(batch, flush=stopping)
             if ready and self._write_with_retries(ready):
                 self._maybe_replay(database_works=True)
             with self._progress:
                 self._progress.notify_all()
 
-    def _observe(self, records: list[CallRecord]) -> None:
-        """Show the records to the observer; a failure there must never stop the recording."""
-        if self._observer is None:
+    def _count_in(self, connection: Any, encoder: RowEncoder, batch: list[CallRecord]) -> None:
+        """Add the batch's metric counts, in a savepoint: a failure there (a bug in the metrics, a
+        database not upgraded yet) loses counts, never the batch."""
+        if self._count is None:
             return
         try:
-            for record in records:
-                self._observer(record)
-        except Exception as exc:  # a bug in the metrics: counted wrong, but every record is written
-            logger.error("error=<%s> | the record observer failed", type(exc).__name__)
+            with connection.begin_nested():
+                self._count(connection, encoder, batch)
+        except Exception as exc:
+            logger.error("error=<%s> | the batch's metric counts were not written", type(exc).__name__)
 
     def _write_with_retries(self, batch: list[CallRecord]) -> bool:
         """Write ``batch``; True when it is in the database. Otherwise its records are in the spool."""
@@ -453,6 +456,7 @@ class RecordWriter:
             _note_weight_versions(connection, batch, encoder)
             encoder.insert(connection, LlmCall.__table__, calls)  # type: ignore[attr-defined]
             encoder.insert(connection, Completion.__table__, completions)  # type: ignore[attr-defined]
+            self._count_in(connection, encoder, batch)
         self._drift.remember(judged)  # committed
 
     def _encoder(self, connection: Any) -> RowEncoder:

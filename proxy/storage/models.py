@@ -93,6 +93,18 @@ class WeightVersionSeen(SQLModel, table=True):
     first_seen_at: datetime
 
 
+class MetricCount(SQLModel, table=True):
+    """A counter (or a histogram bucket) of one TokenTrail instance, added to in the transaction that
+    writes the records it counts (``proxy/metrics/persisted.py``)."""
+
+    __tablename__ = "metric_counts"
+
+    instance: str = Field(primary_key=True, max_length=256)
+    metric: str = Field(primary_key=True, max_length=128)
+    labels: str = Field(primary_key=True, max_length=1024)
+    value: float
+
+
 class Completion(SQLModel, table=True):
     """One generated choice of a call (``n`` > 1 gives several rows)."""
 
