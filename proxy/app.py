@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -28,6 +29,7 @@ from tokentrail.proxy.api import control, detokenize, health, metrics, trajector
 from tokentrail.proxy.api.detokenize import TokenPieces
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
+from tokentrail.proxy.fleet.link import FleetLink
 from tokentrail.proxy.metrics import persisted, snapshot
 from tokentrail.proxy.metrics.exposition import make_registry
 from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from_environment
@@ -176,12 +178,16 @@ async def _not_ready(send: Any) -> None:
 
 
 def create_app(
-    settings: Settings, tracer_provider: TracerProvider | None = None, worker: int | None = None
+    settings: Settings,
+    tracer_provider: TracerProvider | None = None,
+    worker: int | None = None,
+    fleet_socket: Path | None = None,
 ) -> TokenTrailApp:
     """Build the proxy for ``settings``; the database must already be migrated.
 
     ``tracer_provider`` turns on spans (tests pass one); without it the OTEL_* variables decide.
-    ``worker``: this process's slot when it is one of several (``serve --workers``).
+    ``worker``: this process's slot when it is one of several (``serve --workers``);
+    ``fleet_socket``: then where the supervisor's control plane listens (``proxy/fleet/``).
     """
     provider = tracer_provider or tracer_provider_from_environment(os.environ)
 
@@ -234,8 +240,13 @@ def create_app(
             rl=rl_loop,
             token_in=token_in,
         )
-        # a restarted proxy knows the version (vLLM may come up after it: asked until it answers)
-        versions = asyncio.create_task(rl_loop.learn_versions_until_known())
+        fleet: FleetLink | None = None
+        versions: asyncio.Task[None] | None = None
+        if fleet_socket is not None:  # pause, resume and versions are the supervisor's to decide
+            fleet = FleetLink(fleet_socket, rl_loop)
+            await fleet.start()
+        else:  # a restarted proxy knows the version (vLLM may come up after it: asked until it answers)
+            versions = asyncio.create_task(rl_loop.local_control.learn_versions_until_known())
         watcher = (
             asyncio.create_task(balancer.watch(client, settings.upstream_health_interval_s))
             if len(balancer.upstreams) > 1
@@ -260,6 +271,8 @@ def create_app(
             for task in (watcher, publisher, versions):
                 if task is not None:
                     task.cancel()
+            if fleet is not None:
+                await fleet.aclose()
             await client.aclose()
             writer.close()
             engine.dispose()
@@ -299,6 +312,7 @@ _ERROR_TYPES = {
     404: "NotFoundError",
     409: "ConflictError",
     422: "BadRequestError",
+    503: "ServiceUnavailableError",
 }
 
 

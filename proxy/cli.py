@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)  # both set by the supervisor
     serve.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--fleet-socket", type=Path, help=argparse.SUPPRESS)
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
-            return _serve(settings, args.worker_slot, args.supervisor_pid)
+            return _serve(settings, args.worker_slot, args.supervisor_pid, args.fleet_socket)
         if args.command == "db":
             return _db_vacuum(settings) if args.db_command == "vacuum" else _db_upgrade(settings)
         if args.command == "reward":
@@ -223,7 +225,12 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _serve(settings: Settings, worker_slot: int | None, supervisor_pid: int | None = None) -> int:
+def _serve(
+    settings: Settings,
+    worker_slot: int | None,
+    supervisor_pid: int | None = None,
+    fleet_socket: Path | None = None,
+) -> int:
     """One proxy process; or, with several workers and no slot, the supervisor that starts them."""
     _configure_logging(settings.log_level)
     if worker_slot is None:
@@ -244,7 +251,7 @@ def _serve(settings: Settings, worker_slot: int | None, supervisor_pid: int | No
     try:
         if worker_slot is None:
             _migrate(settings)
-        _run_uvicorn(settings, worker_slot)
+        _run_uvicorn(settings, worker_slot, fleet_socket)
     finally:
         claim.release()
     return 0
@@ -258,7 +265,7 @@ def _migrate(settings: Settings) -> None:
         logger.info("from=<%s>, to=<%s> | database migrated", before, after)
 
 
-def _run_uvicorn(settings: Settings, worker_slot: int | None) -> None:
+def _run_uvicorn(settings: Settings, worker_slot: int | None, fleet_socket: Path | None) -> None:
     import uvicorn
 
     from tokentrail.proxy.app import create_app
@@ -266,7 +273,7 @@ def _run_uvicorn(settings: Settings, worker_slot: int | None) -> None:
     from tokentrail.proxy.server.own_headers import UVICORN_OPTIONS
 
     config = uvicorn.Config(
-        create_app(settings, worker=worker_slot),
+        create_app(settings, worker=worker_slot, fleet_socket=fleet_socket),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

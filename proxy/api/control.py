@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from tokentrail.proxy.api.trajectories import TrajectoryId, TrajectoryOut, _existing, require_api_key
 from tokentrail.proxy.errors import ProxyRequestError
+from tokentrail.proxy.fleet.link import FleetUnavailableError
 from tokentrail.proxy.relay.routing import validate_trajectory_id
 from tokentrail.proxy.rl.groups import group_advantages
 from tokentrail.proxy.rl.loop import RlLoop, SupersededError, UpstreamAnswer
@@ -83,9 +84,10 @@ def _state(rl: RlLoop, answers: list[UpstreamAnswer]) -> PauseOut:
 
 
 _SUPERSEDED = "a later pause or resume came before this one could act; the later one decides"
+_NO_FLEET = "the supervisor's control plane cannot be reached (is TokenTrail stopping?)"
 
 
-@router.post("/pause", response_model=PauseOut, responses={409: {}, 502: {}, 504: {}})
+@router.post("/pause", response_model=PauseOut, responses={409: {}, 502: {}, 503: {}, 504: {}})
 async def pause(
     request: Request,
     mode: Annotated[PauseMode, Query(description="wait (default), keep or abort, as vLLM's /pause")] = (
@@ -102,16 +104,18 @@ async def pause(
         raise HTTPException(504, "calls still running after the wait limit; the proxy stays paused") from None
     except SupersededError:
         raise HTTPException(409, _SUPERSEDED) from None
+    except FleetUnavailableError:
+        raise HTTPException(503, _NO_FLEET) from None
     failed = [a for a in answers if a.status is None or not 200 <= a.status < 300]
     if failed:
-        with contextlib.suppress(SupersededError):  # a newer request decides instead
+        with contextlib.suppress(SupersededError, FleetUnavailableError):  # a newer request decides
             await rl.resume()
         detail = "; ".join(f"{a.upstream}: {a.status} {a.body[:200]}" for a in failed)
         raise HTTPException(502, f"not every upstream paused (is VLLM_SERVER_DEV_MODE=1 set?): {detail}")
     return _state(rl, answers)
 
 
-@router.post("/resume", response_model=PauseOut, responses={409: {}})
+@router.post("/resume", response_model=PauseOut, responses={409: {}, 503: {}})
 async def resume(request: Request) -> PauseOut:
     """Resume every upstream, then release the held calls. 409 when a pause came meanwhile (the
     last request wins: the fleet stays paused)."""
@@ -120,6 +124,8 @@ async def resume(request: Request) -> PauseOut:
         answers = await rl.resume()
     except SupersededError:
         raise HTTPException(409, _SUPERSEDED) from None
+    except FleetUnavailableError:
+        raise HTTPException(503, _NO_FLEET) from None
     return _state(rl, answers)
 
 

@@ -82,7 +82,7 @@ async def relay_passthrough(
             state.response_done = True
             if answer is not None and rl is not None and state.target is not None:
                 learned = b"".join(answer)
-                rl.weights.observe(state.target.url, method, path, body, upstream.status_code, learned)
+                await rl.observed(state.target.url, method, path, body, upstream.status_code, learned)
             await send(body_message(b"", more=False))
         except UpstreamError as exc:
             logger.warning(

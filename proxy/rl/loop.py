@@ -1,9 +1,10 @@
-"""The RL control plane as TokenTrail runs it: the pause gate, policy versions, and vLLM's own
-control routes called on every upstream at once.
+"""The RL loop as one relay process runs it: the pause gate, policy versions, running calls.
 
 The relay asks three things of it on each recorded call (pass the gate, note the version when the
 request goes out, close the version spans at the end) and tells it about the control calls that pass
-through; TokenTrail's API (``/tokentrail/v1/pause``, ``/resume``) pauses and resumes the fleet.
+through. Pause, resume and versions are decided by a ``ControlPlane`` (``rl/control.py``): this
+process's own, of which this loop is the only member, or under ``serve --workers`` the supervisor's,
+reached through ``FleetLink`` (``proxy/fleet/``), of which every worker's loop is a member.
 """
 
 from __future__ import annotations
@@ -11,32 +12,39 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Protocol
 
 from tokentrail.proxy.recording.records import CallRecord, Outcome
+from tokentrail.proxy.rl.control import (
+    CONTROL_TIMEOUT_S,
+    ControlPlane,
+    SupersededError,
+    UpstreamAnswer,
+    Versions,
+)
 from tokentrail.proxy.rl.pause import PauseGate, PauseMode
-from tokentrail.proxy.rl.weights import WEIGHT_INFO_PATH, RunningCall, WeightVersions
-from tokentrail.proxy.upstream.balancer import Upstream, UpstreamBalancer
-from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamError
+from tokentrail.proxy.rl.weights import RunningCall, WeightVersions
+from tokentrail.proxy.upstream.balancer import UpstreamBalancer
+from tokentrail.proxy.upstream.client import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
-CONTROL_TIMEOUT_S = 600.0  # vLLM's pause?mode=wait returns only once its requests are done
+__all__ = ["CONTROL_TIMEOUT_S", "Control", "RlLoop", "SupersededError", "UpstreamAnswer"]
 
 
-@dataclass
-class UpstreamAnswer:
-    upstream: str
-    status: int | None
-    body: str
+class Control(Protocol):
+    """Where pause, resume and version changes are decided (``ControlPlane`` or ``FleetLink``)."""
 
+    async def pause(self, mode: PauseMode) -> list[UpstreamAnswer]: ...
 
-class SupersededError(Exception):
-    """A newer pause or resume came before this one could act; the newer one decides."""
+    async def resume(self) -> list[UpstreamAnswer]: ...
+
+    async def share_versions(self, versions: Versions) -> None: ...
 
 
 class RlLoop:
-    """Pause gate, policy versions and fleet-wide control calls for one proxy process."""
+    """Pause gate, policy versions and running calls of one proxy process; a ``Members`` of the
+    control plane that decides for it."""
 
     def __init__(
         self,
@@ -46,9 +54,7 @@ class RlLoop:
         *,
         learn_versions: bool = True,
     ) -> None:
-        self.learn = learn_versions
         self.balancer = balancer
-        self.client = client
         self.pause_max_wait_s = pause_max_wait_s
         self.gate = PauseGate()
         self.weights = WeightVersions()
@@ -56,11 +62,12 @@ class RlLoop:
         self._idle.set()
         self._running: set[RunningCall] = set()  # every recorded call sent upstream and not ended
         self._aborting: set[RunningCall] = set()
-        # Pause and resume: each request takes the next generation; only the latest acts on vLLM
-        # and the gate, one at a time (see ``pause``).
-        self._generation = 0
-        self._control_lock = asyncio.Lock()
         self._newer_request = asyncio.Event()
+        # this process decides alone until ``control`` is set to a fleet's (``FleetLink``)
+        self.local_control = ControlPlane(
+            lambda: [u.url for u in balancer.upstreams], client, self, learn_versions=learn_versions
+        )
+        self.control: Control = self.local_control
 
     # ---- the relay's side ----
 
@@ -110,102 +117,59 @@ class RlLoop:
             if version is not None and version in self.weights.learned_at
         }
 
-    # ---- the control plane ----
+    # ---- the control plane (decided by ``control``) ----
 
     async def pause(self, mode: PauseMode) -> list[UpstreamAnswer]:
-        """Hold new recorded calls here, then pause every upstream.
-
-        ``wait``: the calls TokenTrail has already sent finish first, and only then is vLLM paused
-        (vLLM's own ``wait`` would hold a request that arrives a moment after it, and TokenTrail would
-        wait for that one forever). Raises ``TimeoutError`` when they take longer than
-        ``CONTROL_TIMEOUT_S`` (the gate stays closed: resume opens it).
-
-        Pause and resume are serialised and the last request wins: a resume that comes while a pause
-        waits for calls to finish ends that pause (``SupersededError``, nothing paused), and whichever
-        comes last decides both vLLM's state and the gate's.
-        """
-        generation = self._next_generation()
-        self.gate.pause(mode)
-        if mode == PauseMode.WAIT:
-            await asyncio.wait_for(self._drained_or_newer(generation), CONTROL_TIMEOUT_S)
-        async with self._control_lock:
-            self._check_latest(generation)
-            if mode == PauseMode.ABORT:
-                self._aborting.update(self._running)
-            answers = await self._everywhere("POST", f"/pause?mode={mode}")
-        logger.warning("mode=<%s>, held=<%d> | fleet paused", mode, self.gate.held_now)
-        return answers
+        """Pause the fleet (``ControlPlane.pause``)."""
+        return await self.control.pause(mode)
 
     async def resume(self) -> list[UpstreamAnswer]:
-        """Resume every upstream, then let the held calls go (unless a newer pause came meanwhile)."""
-        generation = self._next_generation()
-        async with self._control_lock:
-            self._check_latest(generation)
-            answers = await self._everywhere("POST", "/resume")
-            self._aborting.clear()
-            await self.learn_versions()  # weights may have changed by routes TokenTrail did not see
-            self._check_latest(generation)  # a pause that came meanwhile keeps the gate closed
-            held = self.gate.held_now
-            self.gate.resume()
-        logger.warning("held=<%d> | fleet resumed", held)
-        return answers
+        """Resume the fleet (``ControlPlane.resume``)."""
+        return await self.control.resume()
 
-    def _next_generation(self) -> int:
-        self._generation += 1
-        self._newer_request.set()  # wakes a pause that waits for calls to finish
+    async def observed(
+        self, upstream: str, method: str, path: str, request: bytes, status: int, answer: bytes
+    ) -> None:
+        """A control call passed through: learn from it, and when it changed the upstream's version,
+        the whole fleet learns it before its answer goes back."""
+        before = self.weights.current(upstream)
+        self.weights.observe(upstream, method, path, request, status, answer)
+        after = self.weights.current(upstream)
+        if after != before:
+            await self.control.share_versions({upstream: after})
+
+    # ---- as a member of the control plane ----
+
+    def newer(self) -> None:
+        self._newer_request.set()  # wakes a drain of an older request
         self._newer_request = asyncio.Event()
-        return self._generation
 
-    def _check_latest(self, generation: int) -> None:
-        if generation != self._generation:
-            raise SupersededError
+    async def close(self, mode: PauseMode) -> None:
+        self.gate.pause(mode)
+        if mode == PauseMode.ABORT:
+            self._aborting.update(self._running)
 
-    async def _drained_or_newer(self, generation: int) -> None:
-        """Until no call is running, or a newer pause or resume came (then ``SupersededError``)."""
+    async def drain(self) -> bool:
+        newer = self._newer_request
         while not self._idle.is_set():
-            self._check_latest(generation)
-            newer = asyncio.ensure_future(self._newer_request.wait())
-            idle = asyncio.ensure_future(self._idle.wait())
+            if newer.is_set():
+                return False
+            waits = [asyncio.ensure_future(newer.wait()), asyncio.ensure_future(self._idle.wait())]
             try:
-                await asyncio.wait((newer, idle), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                newer.cancel()
-                idle.cancel()
-        self._check_latest(generation)
+                for wait in waits:
+                    wait.cancel()
+        return not newer.is_set()
 
-    async def learn_versions(self) -> bool:
-        """Ask every upstream for its policy version; True when each answered at all (a 404 comes from
-        a vLLM without ``VLLM_SERVER_DEV_MODE``, which has no versions to tell)."""
-        if not self.learn:
-            return True
-        answered = True
-        for answer in await self._everywhere("GET", WEIGHT_INFO_PATH):
-            if answer.status == 200:
-                self.weights.learn_weight_info(answer.upstream, answer.body.encode())
-            elif answer.status is None:  # not up yet; any HTTP answer (404 without dev mode) is final
-                answered = False
-        return answered
+    async def open(self, versions: Versions) -> None:
+        await self.set_versions(versions)
+        self._aborting.clear()
+        held = self.gate.held_now
+        self.gate.resume()
+        if held:
+            logger.info("held=<%d> | held calls let go", held)
 
-    async def learn_versions_until_known(self, retry_s: float = 2.0) -> None:
-        """At start (a background task): vLLM may come up after TokenTrail, so ask until it answers."""
-        while not await self.learn_versions():  # noqa: ASYNC110 - nothing to wait on but time
-            await asyncio.sleep(retry_s)
-
-    async def _everywhere(self, method: str, path: str) -> list[UpstreamAnswer]:
-        return list(await asyncio.gather(*(self._one(u, method, path) for u in self.balancer.upstreams)))
-
-    async def _one(self, upstream: Upstream, method: str, path: str) -> UpstreamAnswer:
-        try:
-            response = await self.client.send(
-                method, upstream.url + path, [], b"", timeout_s=CONTROL_TIMEOUT_S
-            )
-            try:
-                body = b"".join([chunk async for chunk in response.iter_raw()])
-            finally:
-                await response.aclose()
-        except UpstreamError as exc:
-            logger.warning(
-                "upstream=<%s>, path=<%s>, error=<%s> | control call failed", upstream.url, path, exc
-            )
-            return UpstreamAnswer(upstream.url, None, type(exc).__name__)
-        return UpstreamAnswer(upstream.url, response.status_code, body.decode("utf-8", "replace")[:2000])
+    async def set_versions(self, versions: Versions) -> None:
+        for upstream, version in versions.items():
+            self.weights.set(upstream, version)

@@ -116,9 +116,14 @@ class WeightVersions:
             self.learn_weight_info(upstream, answer)
 
     def learn_weight_info(self, upstream: str, answer: bytes) -> None:
-        version = _field(answer, "weight_version")
+        version = version_in_weight_info(answer)
         if version is not None:
             self.set(upstream, version)
+
+
+def version_in_weight_info(answer: bytes) -> str | None:
+    """The version in vLLM's ``GET /weight_info`` answer (None when it names none we can store)."""
+    return _field(answer, "weight_version")
 
 
 def is_control_path(path: str) -> bool:

@@ -30,8 +30,12 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from tokentrail.proxy.settings import Settings
+
+if TYPE_CHECKING:
+    from tokentrail.proxy.fleet.hub import ControlHub
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +120,7 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self.quick_exits: dict[int, int] = {}  # slot -> quick exits in a row
+        self.hub: ControlHub | None = None  # pause, resume and versions for all workers
 
     def _environment(self, slot: int) -> dict[str, str]:
         """The worker's settings: the supervisor's own (options included), its spool, one process."""
@@ -131,9 +136,11 @@ class Supervisor:
         }
 
     def _start(self, slot: int) -> None:
+        assert self.hub is not None
         command = [
             *(sys.executable, "-m", "tokentrail.proxy.cli", "serve"),
             *("--worker-slot", str(slot), "--supervisor-pid", str(os.getpid())),
+            *("--fleet-socket", str(self.hub.path)),
         ]
         process = subprocess.Popen(command, env=self._environment(slot), start_new_session=True)
         self.children[slot] = (process, time.monotonic())
@@ -153,11 +160,18 @@ class Supervisor:
         _check_port(self.settings)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        for slot in range(self.settings.workers):
-            self._start(slot)
-        while self.children:
-            pid, status = os.wait()  # a signal runs _stop, then the wait goes on (PEP 475)
-            self._reap(pid, os.waitstatus_to_exitcode(status))
+        from tokentrail.proxy.fleet.hub import ControlHub  # (imports the app's upstream client)
+
+        self.hub = ControlHub(self.settings)
+        self.hub.start()
+        try:
+            for slot in range(self.settings.workers):
+                self._start(slot)
+            while self.children:
+                pid, status = os.wait()  # a signal runs _stop, then the wait goes on (PEP 475)
+                self._reap(pid, os.waitstatus_to_exitcode(status))
+        finally:
+            self.hub.stop()
         return self.exit_code
 
     def _reap(self, pid: int, code: int) -> None:

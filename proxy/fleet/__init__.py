@@ -1,0 +1,2 @@
+"""Fleet-wide control under ``serve --workers``: the supervisor's control plane, and each
+worker's link to it."""
