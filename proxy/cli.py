@@ -99,6 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
         "PostgreSQL this is VACUUM FULL of the whole database, which locks its tables while it runs)",
     )
     _add_db_option(vacuum)
+    prune = db_commands.add_parser(
+        "prune",
+        help="delete whole trajectories (a dry run unless --yes)",
+        description=(
+            "Delete the trajectories that match every condition given, whole: their calls (those made "
+            "after --before too) and completions go with them. Without --yes, print what would be "
+            "deleted. Runs in short batches beside a running proxy; the space is reused by new records "
+            "(`tokentrail db vacuum` gives it back to the file system)."
+        ),
+        epilog=(
+            "example: tokentrail export --format parquet --out-dir archive/ --split day --finished "
+            "--mark-exported && tokentrail db prune --exported --yes"
+        ),
+    )
+    prune.add_argument("--before", help="only trajectories created (first call) before this ISO time")
+    prune.add_argument("--tag", action="append", default=[], help="key=value; repeat for several")
+    finished = prune.add_mutually_exclusive_group()
+    finished.add_argument("--finished", action="store_true", help="only trajectories marked finished")
+    finished.add_argument("--unfinished", action="store_true", help="only trajectories not marked finished")
+    prune.add_argument(
+        "--exported",
+        action="store_true",
+        help="only trajectories written by `export --mark-exported` and unchanged since",
+    )
+    prune.add_argument("--ids", help="only the trajectory ids in this file, one a line ('-': stdin)")
+    prune.add_argument(
+        "--batch", type=int, default=200, help="trajectories deleted per transaction (default 200)"
+    )
+    prune.add_argument("--yes", action="store_true", help="delete them (without it: a dry run)")
+    _add_db_option(prune)
 
     sql = commands.add_parser(
         "sql",
@@ -202,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(settings, args.worker_slot, args.supervisor_pid)
         if args.command == "db":
+            if args.db_command == "prune":
+                return _db_prune(settings, args)
             return _db_vacuum(settings) if args.db_command == "vacuum" else _db_upgrade(settings)
         if args.command == "reward":
             return _reward(settings, args.trajectory_id, args.value, args.metadata, args.finish)
@@ -313,6 +345,67 @@ def _db_vacuum(settings: Settings) -> int:
 
     before, after = vacuum_database(settings.db)
     print(f"database compacted: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
+    return 0
+
+
+def _parse_tags(items: list[str]) -> dict[str, str] | None:
+    tags: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--tag {item!r} is not key=value")
+        tags[key] = value
+    return tags
+
+
+def _parse_time(option: str, value: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:
+        raise ValueError(f"{option} {value!r} is not an ISO date or time") from None
+
+
+def _read_ids(source: str) -> tuple[str, ...]:
+    from pathlib import Path
+
+    lines = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in lines.splitlines() if line.strip())
+
+
+def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from tokentrail.proxy.storage.engine import make_engine, sqlite_path
+    from tokentrail.proxy.storage.prune import PruneSelection, plan, prune
+
+    try:
+        selection = PruneSelection(
+            before=_parse_time("--before", args.before),
+            tags=_parse_tags(args.tag) or None,
+            finished=True if args.finished else False if args.unfinished else None,
+            exported=args.exported,
+            trajectory_ids=None if args.ids is None else _read_ids(args.ids),
+        )
+        selection.check()
+    except (ValueError, OSError) as exc:  # EmptySelectionError included
+        print(f"tokentrail: {exc}", file=sys.stderr)
+        return 2
+    path = sqlite_path(settings.db)
+    if path is not None and not path.exists():
+        print(f"tokentrail: no database at {path}", file=sys.stderr)
+        return 1
+    engine = make_engine(settings.db, settings.db_busy_timeout_ms)
+    try:
+        if not args.yes:
+            would = plan(engine, selection)
+            print(f"would delete {would.line()} (dry run: add --yes to delete them)")
+            return 0
+        done = prune(engine, selection, batch=max(1, args.batch))
+    finally:
+        engine.dispose()
+    print(
+        f"deleted {done.line()} in {done.seconds:.1f} s ({done.batches} batches, longest "
+        f"{done.longest_batch_s * 1000:.0f} ms); new records reuse the space, `tokentrail db vacuum` "
+        "(TokenTrail stopped) gives it back to the file system"
+    )
     return 0
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from alembic import command
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from tests.conftest import Proxy
+from tests.conftest import Proxy, running_proxy
 from tests.conversations import record_conversation
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve_in_thread
@@ -28,6 +30,7 @@ from tokentrail.proxy.server.own_headers import UVICORN_OPTIONS
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import alembic_config, current_revision, upgrade_database
+from tokentrail.proxy.storage.prune import PruneSelection, prune
 
 DANGLING = (
     "SELECT count(*) AS n FROM llm_calls_stored c WHERE c.base_call_id IS NOT NULL "
@@ -137,3 +140,171 @@ def test_a_0006_database_with_a_deleted_base_is_refused_with_the_query_that_list
         columns = connection.execute(text("SELECT * FROM trajectories")).keys()
     assert "exported_at" not in columns
     engine.dispose()
+
+
+# ---- prune ----
+
+
+def _count(proxy: Proxy, sql: str) -> int:
+    return int(proxy.rows(sql)[0]["n"])
+
+
+def test_prune_takes_a_trajectory_across_the_cutoff_whole_and_view_api_export_agree(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str
+) -> None:
+    with running_proxy(fake[1], tmp_path, db_url=db_url) as proxy:
+        record_conversation(proxy.url, "early", [f"a{i}" for i in range(3)], tags="env=a")
+        (reply,) = record_conversation(proxy.url, "spanning", ["b0"], tags="env=b")
+        proxy.wait_all_records()
+        cutoff = datetime.now(UTC)
+        # the spanning trajectory goes on after the cut-off: its later call rests on its first
+        messages = [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "b0"},
+            {"role": "assistant", "content": reply["content"]},
+            {"role": "user", "content": "b1"},
+        ]
+        answer = httpx.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={"model": "tiny", "messages": messages, "max_tokens": 6},
+            headers={"X-Trajectory-Id": "spanning", "x-fake": "render"},
+            timeout=60,
+        )
+        assert answer.status_code == 200
+        record_conversation(proxy.url, "late", [f"c{i}" for i in range(3)], tags="env=a")
+        proxy.wait_all_records()
+        spanning = proxy.rows(
+            "SELECT received_at, base_call_id FROM llm_calls_stored WHERE trajectory_id = 'spanning' "
+            "ORDER BY seq"
+        )
+        assert spanning[1]["base_call_id"] is not None  # stored against the call before the cut-off
+
+        dry = cli("db", "prune", "--db", db_url, "--before", cutoff.isoformat())
+        assert dry.returncode == 0, dry.stderr
+        assert "would delete 2 trajectories, 5 calls" in dry.stdout
+        assert _count(proxy, "SELECT count(*) AS n FROM llm_calls") == 8  # a dry run deletes nothing
+
+        done = cli("db", "prune", "--db", db_url, "--before", cutoff.isoformat(), "--batch", "1", "--yes")
+        assert done.returncode == 0, done.stderr
+        assert "deleted 2 trajectories, 5 calls" in done.stdout
+        assert [r["trajectory_id"] for r in proxy.rows("SELECT DISTINCT trajectory_id FROM llm_calls")] == [
+            "late"
+        ]
+        assert _count(proxy, "SELECT count(*) AS n FROM trajectories") == 1
+        assert _count(proxy, DANGLING) == 0
+
+        # the view, the API and the export say the same
+        listed = httpx.get(f"{proxy.url}/tokentrail/v1/trajectories").json()["data"]
+        assert [t["id"] for t in listed] == ["late"]
+        for gone in ("early", "spanning"):
+            assert httpx.get(f"{proxy.url}/tokentrail/v1/trajectories/{gone}").status_code == 404
+        assert view_rows(proxy) == api_calls(proxy, "late")
+        out = tmp_path / "after.jsonl"
+        exported = cli("export", "--db", db_url, "--format", "jsonl", "--out", str(out))
+        assert exported.returncode == 0, exported.stderr
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        api = httpx.get(f"{proxy.url}/tokentrail/v1/trajectories/late/sequences").json()["sequences"]
+        assert [line["input_ids"] for line in lines] == [s["input_ids"] for s in api]
+        assert {line["trajectory_id"] for line in lines} == {"late"}
+
+        # nothing matches now: a second prune deletes nothing
+        again = cli("db", "prune", "--db", db_url, "--before", cutoff.isoformat(), "--yes")
+        assert "deleted 0 trajectories" in again.stdout
+
+
+def test_prune_selects_by_tag_and_finished_and_refuses_an_empty_selection(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str
+) -> None:
+    with running_proxy(fake[1], tmp_path, db_url=db_url) as proxy:
+        for name, tags in (("a1", "env=a"), ("a2", "env=a"), ("b1", "env=b")):
+            record_conversation(proxy.url, name, ["x", "y"], tags=tags)
+        proxy.wait_all_records()
+        assert httpx.post(f"{proxy.url}/tokentrail/v1/trajectories/a1/finish").status_code == 200
+        nothing = cli("db", "prune", "--db", db_url, "--yes")
+        assert nothing.returncode == 2
+        assert "say which trajectories" in nothing.stderr
+        bad = cli("db", "prune", "--db", db_url, "--tag", "env")
+        assert bad.returncode == 2
+        assert "key=value" in bad.stderr
+        done = cli("db", "prune", "--db", db_url, "--tag", "env=a", "--unfinished", "--yes")
+        assert "deleted 1 trajectories, 2 calls" in done.stdout, done.stdout + done.stderr
+        left = sorted(r["id"] for r in proxy.rows("SELECT id FROM trajectories"))
+        assert left == ["a1", "b1"]
+        ids = tmp_path / "ids.txt"
+        ids.write_text("b1\nnot-there\n")
+        done = cli("db", "prune", "--db", db_url, "--ids", str(ids), "--yes")
+        assert "deleted 1 trajectories, 2 calls" in done.stdout, done.stdout + done.stderr
+        assert [r["id"] for r in proxy.rows("SELECT id FROM trajectories")] == ["a1"]
+
+
+def test_a_prune_beside_the_recording_proxy_loses_no_call_and_leaves_no_dangling_base(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str
+) -> None:
+    """Recorders keep adding calls, to new trajectories and to the very ones being pruned, until the
+    prune ends; each call's record must be in the database, stored whole or against a base that is
+    there, and read back through the view and the API alike."""
+    with running_proxy(fake[1], tmp_path, db_url=db_url) as proxy:
+        old = [f"old-{i:03d}" for i in range(60)]
+        _record_many(proxy, old, turns=3)
+        proxy.wait_all_records()
+        cutoff = datetime.now(UTC)
+        assert _count(proxy, "SELECT count(*) AS n FROM llm_calls_stored") == 180
+        pruned = threading.Event()
+        sent: list[tuple[str, int]] = []  # (trajectory, calls sent)
+        errors: list[BaseException] = []
+
+        def recorder(worker: int) -> None:
+            try:
+                round_ = 0
+                while not pruned.is_set() or round_ < 2:
+                    # a new trajectory, and one of those being pruned (a call to it may see it go)
+                    for trajectory in (f"new-{worker}-{round_}", old[(worker * 7 + round_) % len(old)]):
+                        record_conversation(proxy.url, trajectory, ["p", "q"])
+                        sent.append((trajectory, 2))
+                    round_ += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=recorder, args=(w,)) for w in range(3)]
+        for thread in threads:
+            thread.start()
+        engine = make_engine(db_url)
+        try:
+            summary = prune(engine, PruneSelection(before=cutoff), batch=5)
+        finally:
+            pruned.set()
+            for thread in threads:
+                thread.join(120)
+            engine.dispose()
+        assert not errors
+        proxy.wait_all_records()
+        writer = proxy.runtime.writer
+        assert writer.failed == 0
+        assert writer.written == writer.submitted
+        assert summary.trajectories >= 1
+        assert _count(proxy, DANGLING) == 0
+        # every call sent is in the database: all of a new trajectory's, and of an old one at least
+        # the calls sent since its prune (the prune may have taken calls sent before it)
+        new_sent = sum(n for t, n in sent if t.startswith("new-"))
+        assert (
+            _count(proxy, "SELECT count(*) AS n FROM llm_calls WHERE trajectory_id LIKE 'new-%'") == new_sent
+        )
+        assert _count(proxy, "SELECT count(*) AS n FROM llm_calls WHERE prompt_token_ids IS NULL") == 0
+        for trajectory in {t for t, _ in sent}:
+            rows = [r for r in view_rows(proxy) if r[0] == trajectory]
+            if rows:
+                assert rows == api_calls(proxy, trajectory)
+                assert [r[2] for r in rows] == list(range(len(rows)))  # seq without gaps
+
+
+def _record_many(proxy: Proxy, trajectories: list[str], turns: int) -> None:
+    def run(chunk: list[str]) -> None:
+        with httpx.Client(timeout=60) as client:
+            for trajectory in chunk:
+                record_conversation(proxy.url, trajectory, [f"t{j}" for j in range(turns)], client=client)
+
+    threads = [threading.Thread(target=run, args=(trajectories[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
