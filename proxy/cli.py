@@ -164,8 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     export.add_argument("--format", choices=["jsonl", "parquet"], required=True)
-    export.add_argument("--out", required=True, help="the file to write")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="the file to write")
+    where.add_argument(
+        "--out-dir",
+        help="a folder, or a URL pyarrow opens (s3://bucket/path, gs://..., file://...), to write one "
+        "file per --split value into: <dir>/day=2026-12-07/part-<run>.<format>; never replaces a file",
+    )
+    export.add_argument(
+        "--split",
+        default="day",
+        help="with --out-dir: day (the trajectory's first call, UTC) or tag:<key> (default day)",
+    )
+    export.add_argument(
+        "--mark-exported",
+        action="store_true",
+        help="once written, mark the trajectories exported, for `db prune --exported` (those that "
+        "changed while the export ran are not marked)",
+    )
     export.add_argument("--since", help="only trajectories created at or after this ISO time")
+    export.add_argument("--until", help="only trajectories created before this ISO time")
     export.add_argument("--tag", action="append", default=[], help="key=value; repeat for several")
     export.add_argument("--finished", action="store_true", help="only trajectories marked finished")
     export.add_argument(
@@ -486,27 +504,42 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
 
     from tokentrail.proxy.storage.engine import make_engine
     from tokentrail.proxy.storage.queries import TrajectoryFilter
-    from tokentrail.proxy.training.export import count_trajectories, export, open_sink
+    from tokentrail.proxy.training.archive import PartitionedSink, describe, partition_key
+    from tokentrail.proxy.training.export import (
+        SequenceSink,
+        count_trajectories,
+        export,
+        mark_exported,
+        open_sink,
+    )
     from tokentrail.proxy.training.policy import PolicyFilter, UnknownWeightVersionError
     from tokentrail.proxy.training.sequences import SequenceMode
 
-    tags: dict[str, str] = {}
-    for item in args.tag:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"tokentrail: --tag {item!r} is not key=value", file=sys.stderr)
-            return 2
-        tags[key] = value
     try:
-        since = datetime.fromisoformat(args.since) if args.since else None
-    except ValueError:
-        print(f"tokentrail: --since {args.since!r} is not an ISO date or time", file=sys.stderr)
+        tags = _parse_tags(args.tag)
+        since = _parse_time("--since", args.since)
+        until = _parse_time("--until", args.until)
+        key = partition_key(args.split)
+    except ValueError as exc:  # BadSplitError included
+        print(f"tokentrail: {exc}", file=sys.stderr)
         return 2
-    filters = TrajectoryFilter(since=since, finished=True if args.finished else None, tags=tags or None)
+    filters = TrajectoryFilter(
+        since=since, until=until, finished=True if args.finished else None, tags=tags or None
+    )
     try:
-        sink = open_sink(args.format, Path(args.out))
+        sink: SequenceSink | PartitionedSink = (
+            open_sink(args.format, Path(args.out))
+            if args.out
+            else PartitionedSink(args.format, args.out_dir, key)
+        )
     except ImportError:
-        print("tokentrail: Parquet needs the export extra: pip install 'tokentrail[export]'", file=sys.stderr)
+        print(
+            "tokentrail: Parquet and --out-dir URLs need the export extra: pip install 'tokentrail[export]'",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, ValueError) as exc:  # pyarrow: an unknown URL scheme, missing credentials
+        print(f"tokentrail: cannot write to {args.out or args.out_dir}: {exc}", file=sys.stderr)
         return 1
     engine = make_engine(settings.db)
     try:
@@ -522,12 +555,16 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
                 by_group=args.by_group,
                 policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness),
             )
+        marked = mark_exported(engine, summary.read) if args.mark_exported else None
     except UnknownWeightVersionError as exc:
         print(f"tokentrail: --min-weight-version: {exc}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
-    print(f"wrote {args.out}: {summary.line()}")
+    written = f"{args.out_dir} ({describe(sink.files)})" if isinstance(sink, PartitionedSink) else args.out
+    print(f"wrote {written}: {summary.line()}")
+    if marked is not None:
+        print(f"marked {marked} of {summary.trajectories} trajectories exported (others changed meanwhile)")
     return 0
 
 

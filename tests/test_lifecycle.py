@@ -308,3 +308,86 @@ def _record_many(proxy: Proxy, trajectories: list[str], turns: int) -> None:
         thread.start()
     for thread in threads:
         thread.join(300)
+
+
+# ---- archive, then prune what was archived ----
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root).parent) for p in root.rglob("part-*"))
+
+
+def test_archive_per_tag_then_prune_only_what_was_exported_and_not_changed_since(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str
+) -> None:
+    archive = tmp_path / "archive"
+    with running_proxy(fake[1], tmp_path, db_url=db_url) as proxy:
+        for name, tags in (("a1", "env=a"), ("a2", "env=a"), ("b1", "env=b"), ("n1", None)):
+            record_conversation(proxy.url, name, ["x", "y"], tags=tags)
+        proxy.wait_all_records()
+        args = [
+            "export",
+            "--db",
+            db_url,
+            "--format",
+            "jsonl",
+            "--out-dir",
+            str(archive),
+            "--split",
+            "tag:env",
+        ]
+        exported = cli(*args, "--mark-exported")
+        assert exported.returncode == 0, exported.stderr
+        assert "marked 4 of 4 trajectories exported" in exported.stdout
+        assert _files(archive) == ["_untagged", "env=a", "env=b"]
+        in_a = [
+            json.loads(line) for f in (archive / "env=a").iterdir() for line in f.read_text().splitlines()
+        ]
+        api = httpx.get(f"{proxy.url}/tokentrail/v1/trajectories/a2/sequences").json()["sequences"]
+        assert [s["input_ids"] for s in in_a if s["trajectory_id"] == "a2"] == [s["input_ids"] for s in api]
+        assert {s["trajectory_id"] for s in in_a} == {"a1", "a2"}
+
+        # a2 gets a call after the export, b1 a reward: neither archive holds that
+        record_conversation(proxy.url, "a2", ["later"])
+        proxy.wait_all_records()
+        rewarded = httpx.post(f"{proxy.url}/tokentrail/v1/trajectories/b1/reward", json={"reward": 1.0})
+        assert rewarded.status_code == 200
+        dry = cli("db", "prune", "--db", db_url, "--exported")
+        assert "would delete 2 trajectories, 4 calls" in dry.stdout, dry.stdout + dry.stderr
+        done = cli("db", "prune", "--db", db_url, "--exported", "--yes")
+        assert "deleted 2 trajectories" in done.stdout
+        assert sorted(r["id"] for r in proxy.rows("SELECT id FROM trajectories")) == ["a2", "b1"]
+
+        # archiving again adds files beside the first ones, and never replaces one
+        again = cli(*args, "--mark-exported")
+        assert again.returncode == 0, again.stderr
+        assert _files(archive) == ["_untagged", "env=a", "env=a", "env=b", "env=b"]
+        assert (
+            "deleted 2 trajectories, 5 calls"
+            in cli("db", "prune", "--db", db_url, "--exported", "--yes").stdout
+        )
+
+
+def test_parquet_archive_per_day_through_a_pyarrow_url_reads_back_as_a_dataset(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    import pyarrow.dataset as ds
+
+    with running_proxy(fake[1], tmp_path) as proxy:
+        for name in ("d1", "d2"):
+            record_conversation(proxy.url, name, ["x", "y", "z"])
+        proxy.wait_all_records()
+        url = (tmp_path / "by-day").as_uri()  # file:///...: opened with pyarrow.fs, as s3:// would be
+        done = cli("export", "--db", proxy.db_url, "--format", "parquet", "--out-dir", url)
+        assert done.returncode == 0, done.stderr
+        table = ds.dataset(tmp_path / "by-day", format="parquet", partitioning="hive").to_table()
+        today = datetime.now(UTC).date().isoformat()
+        assert set(table.column("day").to_pylist()) == {today}  # both made today (UTC)
+        api = httpx.get(f"{proxy.url}/tokentrail/v1/trajectories/d2/sequences").json()["sequences"]
+        rows = [r for r in table.to_pylist() if r["trajectory_id"] == "d2"]
+        assert [r["input_ids"] for r in rows] == [s["input_ids"] for s in api]
+    bad = cli(
+        "export", "--db", proxy.db_url, "--format", "jsonl", "--out-dir", str(tmp_path), "--split", "week"
+    )
+    assert bad.returncode == 2
+    assert "--split 'week': use day or tag:<key>" in bad.stderr
