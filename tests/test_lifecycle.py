@@ -9,9 +9,10 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.conftest import Proxy, running_proxy
 from tests.conversations import record_conversation
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve_in_thread
+from tests.test_metrics import scrape
 from tokentrail.proxy.app import create_app
 from tokentrail.proxy.server.own_headers import UVICORN_OPTIONS
 from tokentrail.proxy.settings import Settings
@@ -391,3 +393,36 @@ def test_parquet_archive_per_day_through_a_pyarrow_url_reads_back_as_a_dataset(
     )
     assert bad.returncode == 2
     assert "--split 'week': use day or tag:<key>" in bad.stderr
+
+
+# ---- retention in the background ----
+
+
+def test_retention_prunes_old_finished_trajectories_at_start_and_reports_it_in_the_metrics(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str
+) -> None:
+    with running_proxy(fake[1], tmp_path, db_url=db_url) as proxy:
+        for name in ("old-done", "old-open", "new-done"):
+            record_conversation(proxy.url, name, ["x", "y", "z"])
+        proxy.wait_all_records()
+        for name in ("old-done", "new-done"):
+            assert httpx.post(f"{proxy.url}/tokentrail/v1/trajectories/{name}/finish").status_code == 200
+    engine = make_engine(db_url)
+    with engine.begin() as connection:  # ten days ago
+        connection.execute(
+            text("UPDATE trajectories SET created_at = :t WHERE id LIKE 'old-%'"),
+            {"t": datetime.now(UTC) - timedelta(days=10)},
+        )
+    engine.dispose()
+    with running_proxy(fake[1], tmp_path, db_url=db_url, retention_days=5) as proxy:
+        deadline = time.monotonic() + 60
+        while (samples := scrape(proxy.url)[0])[("tokentrail_retention_runs_total", frozenset())] < 1:
+            assert time.monotonic() < deadline, "the retention job never ran"
+        assert samples[("tokentrail_retention_pruned_trajectories_total", frozenset())] == 1
+        assert samples[("tokentrail_retention_pruned_calls_total", frozenset())] == 3
+        assert samples[("tokentrail_retention_last_run_timestamp_seconds", frozenset())] > 0
+        left = sorted(r["id"] for r in proxy.rows("SELECT id FROM trajectories"))
+        assert left == ["new-done", "old-open"]  # unfinished, or recent: kept
+        assert _count(proxy, DANGLING) == 0
+    without = cli("serve", "--help")
+    assert "TOKENTRAIL_RETENTION_DAYS" in without.stdout
