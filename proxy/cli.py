@@ -124,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only trajectories written by `export --mark-exported` and unchanged since",
     )
     prune.add_argument("--ids", help="only the trajectory ids in this file, one a line ('-': stdin)")
-    prune.add_argument(
-        "--batch", type=int, default=200, help="trajectories deleted per transaction (default 200)"
-    )
+    prune.add_argument("--batch", type=int, help="trajectories deleted per transaction (default 50)")
     prune.add_argument("--yes", action="store_true", help="delete them (without it: a dry run)")
     _add_db_option(prune)
 
@@ -392,7 +390,7 @@ def _read_ids(source: str) -> tuple[str, ...]:
 
 def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
     from tokentrail.proxy.storage.engine import make_engine, sqlite_path
-    from tokentrail.proxy.storage.prune import PruneSelection, plan, prune
+    from tokentrail.proxy.storage.prune import DEFAULT_BATCH, PruneSelection, plan, prune
 
     try:
         selection = PruneSelection(
@@ -416,11 +414,13 @@ def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
             would = plan(engine, selection)
             print(f"would delete {would.line()} (dry run: add --yes to delete them)")
             return 0
-        done = prune(engine, selection, batch=max(1, args.batch))
+        # without adding up bytes: that reads every row once more, inside the batches' transactions
+        batch = DEFAULT_BATCH if args.batch is None else max(1, args.batch)
+        done = prune(engine, selection, batch=batch, measure=False)
     finally:
         engine.dispose()
     print(
-        f"deleted {done.line()} in {done.seconds:.1f} s ({done.batches} batches, longest "
+        f"deleted {done.line(with_bytes=False)} in {done.seconds:.1f} s ({done.batches} batches, longest "
         f"{done.longest_batch_s * 1000:.0f} ms); new records reuse the space, `tokentrail db vacuum` "
         "(TokenTrail stopped) gives it back to the file system"
     )
