@@ -6,6 +6,8 @@ the view, the API and the export agreeing afterwards.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -34,6 +36,7 @@ from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import alembic_config, current_revision, upgrade_database
 from tokentrail.proxy.storage.prune import PruneSelection, prune
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 DANGLING = (
     "SELECT count(*) AS n FROM llm_calls_stored c WHERE c.base_call_id IS NOT NULL "
     "AND NOT EXISTS (SELECT 1 FROM llm_calls_stored b WHERE b.id = c.base_call_id)"
@@ -426,3 +429,25 @@ def test_retention_prunes_old_finished_trajectories_at_start_and_reports_it_in_t
         assert _count(proxy, DANGLING) == 0
     without = cli("serve", "--help")
     assert "TOKENTRAIL_RETENTION_DAYS" in without.stdout
+
+
+def test_the_readme_prune_and_archive_commands_run_copy_pasted(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    section = README.read_text().split("## Pruning, retention and archives", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 3
+    with running_proxy(fake[1], tmp_path) as proxy:
+        for name in ("r1", "r2"):
+            record_conversation(proxy.url, name, ["x", "y"], tags="env=prod")
+            assert httpx.post(f"{proxy.url}/tokentrail/v1/trajectories/{name}/finish").status_code == 200
+        proxy.wait_all_records()
+        bin_dir = Path(sys.executable).parent
+        env = dict(os.environ, TOKENTRAIL_DB=proxy.db_url, PATH=f"{bin_dir}:{os.environ['PATH']}")
+        for line in commands:
+            done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, (line, done.stderr)
+        assert "deleted 2 trajectories, 4 calls" in done.stdout  # archived, then pruned
+        assert len(list((tmp_path / "archive").rglob("part-*.parquet"))) == 1
+        assert proxy.rows("SELECT count(*) AS n FROM trajectories") == [{"n": 0}]
