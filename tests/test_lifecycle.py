@@ -451,3 +451,45 @@ def test_the_readme_prune_and_archive_commands_run_copy_pasted(
         assert "deleted 2 trajectories, 4 calls" in done.stdout  # archived, then pruned
         assert len(list((tmp_path / "archive").rglob("part-*.parquet"))) == 1
         assert proxy.rows("SELECT count(*) AS n FROM trajectories") == [{"n": 0}]
+
+
+def test_a_call_continuing_a_pruned_trajectory_starts_it_again_stored_whole(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, db_url: str
+) -> None:
+    """The writer still remembers the pruned calls (its drift judge keeps recent calls in memory):
+    the next call must not be stored against one of them, which the foreign key would refuse."""
+    with running_proxy(fake[1], tmp_path, db_url=db_url) as proxy:
+        replies = record_conversation(proxy.url, "again", ["one", "two"])
+        proxy.wait_all_records()
+        engine = make_engine(db_url)
+        try:
+            summary = prune(engine, PruneSelection(trajectory_ids=("again",)))
+        finally:
+            engine.dispose()
+        assert summary.calls == 2
+        messages = [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": replies[0]["content"]},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": replies[1]["content"]},
+            {"role": "user", "content": "three"},
+        ]
+        answer = httpx.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={"model": "tiny", "messages": messages, "max_tokens": 6},
+            headers={"X-Trajectory-Id": "again", "x-fake": "render"},
+            timeout=60,
+        )
+        assert answer.status_code == 200
+        proxy.wait_all_records()
+        assert proxy.runtime.writer.failed == 0
+        (row,) = proxy.rows(
+            "SELECT seq, base_call_id, prompt_shared_tokens FROM llm_calls_stored "
+            "WHERE trajectory_id = 'again'"
+        )
+        assert row == {"seq": 0, "base_call_id": None, "prompt_shared_tokens": 0}
+        (call,) = api_calls(proxy, "again")
+        assert call[3]["messages"] == messages
+        listed = httpx.get(f"{proxy.url}/tokentrail/v1/trajectories/again").json()
+        assert listed["trajectory"]["call_count"] == 1
