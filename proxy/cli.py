@@ -389,6 +389,8 @@ def _read_ids(source: str) -> tuple[str, ...]:
 
 
 def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from tokentrail.proxy.storage.engine import make_engine, sqlite_path
     from tokentrail.proxy.storage.prune import DEFAULT_BATCH, PruneSelection, plan, prune
 
@@ -417,6 +419,10 @@ def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
         # without adding up bytes: that reads every row once more, inside the batches' transactions
         batch = DEFAULT_BATCH if args.batch is None else max(1, args.batch)
         done = prune(engine, selection, batch=batch, measure=False)
+    except SQLAlchemyError as exc:  # each batch is whole or not at all: what was deleted stays deleted
+        message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"tokentrail: database error, prune stopped: {message}", file=sys.stderr)
+        return 1
     finally:
         engine.dispose()
     print(

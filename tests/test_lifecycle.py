@@ -43,9 +43,13 @@ DANGLING = (
 )
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tokentrail.proxy.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tokentrail.proxy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **env),
     )
 
 
@@ -493,3 +497,17 @@ def test_a_call_continuing_a_pruned_trajectory_starts_it_again_stored_whole(
         assert call[3]["messages"] == messages
         listed = httpx.get(f"{proxy.url}/tokentrail/v1/trajectories/again").json()
         assert listed["trajectory"]["call_count"] == 1
+
+
+def test_a_prune_that_cannot_get_the_database_says_so_after_retrying(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'locked.db'}"
+    upgrade_database(db_url)
+    engine = make_engine(db_url)
+    with engine.connect() as holder:  # another writer that never lets go
+        holder.exec_driver_sql("BEGIN IMMEDIATE")
+        done = cli("db", "prune", "--db", db_url, "--finished", "--yes", TOKENTRAIL_DB_BUSY_TIMEOUT_MS="50")
+        holder.rollback()
+    engine.dispose()
+    assert done.returncode == 1
+    assert "tokentrail: database error, prune stopped: database is locked" in done.stderr
+    assert "Traceback" not in done.stderr

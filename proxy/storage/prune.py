@@ -21,6 +21,7 @@ from the database: ``seq`` 0, stored whole), so nothing recorded is lost and no 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
 from tokentrail.proxy.storage import queries
@@ -53,6 +55,9 @@ COMPLETIONS = Completion.__table__  # type: ignore[attr-defined]
 
 DEFAULT_BATCH = 50  # trajectories per transaction: ~500 calls, ~15 ms on SQLite (bench/prune.py)
 _IDS_PER_QUERY = 500
+_RETRY_BACKOFF_S = (0.25, 1.0, 3.0)
+
+logger = logging.getLogger(__name__)
 
 
 class EmptySelectionError(ValueError):
@@ -194,7 +199,7 @@ def prune(
         after: tuple[datetime, str] | None = None
         while not (stop is not None and stop.is_set()):
             batch_started = time.perf_counter()
-            done, after = _prune_batch(engine, selection, ids, after, max(1, batch), measure, summary)
+            done, after = _batch_with_retries(engine, selection, ids, after, max(1, batch), measure, summary)
             took = time.perf_counter() - batch_started
             if not done:
                 break
@@ -211,6 +216,32 @@ def prune(
     summary.stopped = stop is not None and stop.is_set()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _batch_with_retries(
+    engine: Engine,
+    selection: PruneSelection,
+    ids: list[str] | None,
+    after: tuple[datetime, str] | None,
+    batch: int,
+    measure: bool,
+    summary: PruneSummary,
+) -> tuple[int, tuple[datetime, str] | None]:
+    """One batch; a batch that could not get the database (SQLite busy past its timeout, a lost
+    PostgreSQL connection, a deadlock) rolled back whole and is tried again, a few times."""
+    for wait in (*_RETRY_BACKOFF_S, None):
+        try:
+            return _prune_batch(engine, selection, ids, after, batch, measure, summary)
+        except OperationalError as exc:
+            if wait is None:
+                raise
+            logger.warning("error=<%s> | prune batch rolled back; trying again", _first_line(exc))
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _first_line(error: Exception) -> str:
+    return str(getattr(error, "orig", None) or error).splitlines()[0][:200]
 
 
 def _prune_batch(
