@@ -560,6 +560,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
                 lambda n: bar.update(n),
                 by_group=args.by_group,
                 policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness),
+                remember_read=args.mark_exported,
             )
         marked = mark_exported(engine, summary.read) if args.mark_exported else None
     except UnknownWeightVersionError as exc:

@@ -191,11 +191,14 @@ def export(
     *,
     by_group: bool = False,
     policy_filter: policy.PolicyFilter | None = None,
+    remember_read: bool = False,
 ) -> ExportSummary:
     """Write every matching trajectory's sequences to ``sink``; ``progress(n)`` after each batch.
 
     ``by_group``: only trajectories in a GRPO group, each group's together, with ``advantage``;
-    ``policy_filter``: leave out sequences older than a policy version or more versions behind.
+    ``policy_filter``: leave out sequences older than a policy version or more versions behind;
+    ``remember_read``: keep each trajectory's id, ``updated_at`` and call count in ``summary.read``
+    (for ``mark_exported``; memory then grows with the trajectories exported, ~100 bytes each).
     """
     summary = ExportSummary()
     started = time.perf_counter()
@@ -229,7 +232,8 @@ def export(
                 if isinstance(sink, PartitionedSequenceSink):
                     sink.write_for(row, kept)
                 out.extend(kept)
-                summary.read.append((row["id"], row["updated_at"], row["call_count"]))
+                if remember_read:
+                    summary.read.append((row["id"], row["updated_at"], row["call_count"]))
                 summary.prefix_mismatches += len(built.mismatches)
                 broken.extend(m.call_id for m in built.mismatches)
                 if len(built.sequences) == 1 and not built.mismatches and mode is SequenceMode.MERGED:
