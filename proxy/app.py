@@ -40,6 +40,7 @@ from tokentrail.proxy.server.own_headers import WithOwnHeaders, own_headers
 from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.storage.retention import Retention
 from tokentrail.proxy.token_in.planner import TokenIn
 from tokentrail.proxy.ui import routes as ui
 from tokentrail.proxy.upstream.balancer import UpstreamBalancer
@@ -74,6 +75,7 @@ class Runtime:
     worker: int | None = None  # the worker's slot under ``serve --workers N``
     metrics_registry: CollectorRegistry | None = None
     token_pieces: TokenPieces | None = None  # the viewer's decoded tokens
+    retention: Retention | None = None  # TOKENTRAIL_RETENTION_DAYS (the first worker only)
 
 
 class TokenTrailApp:
@@ -253,6 +255,9 @@ def create_app(
             else None
         )
         runtime = Runtime(settings, engine, writer, relay, worker)
+        if settings.retention_days is not None and not worker:
+            runtime.retention = Retention(engine, settings.retention_days)
+            runtime.retention.start()
         runtime.token_pieces = TokenPieces(settings.detokenize_concurrency)
         runtime.metrics_registry = make_registry(lambda: snapshot.all_values(runtime))
         app.state.runtime = runtime
@@ -274,6 +279,8 @@ def create_app(
             if fleet is not None:
                 await fleet.aclose()
             await client.aclose()
+            if runtime.retention is not None:
+                await asyncio.to_thread(runtime.retention.close)
             writer.close()
             engine.dispose()
             if provider is not None and tracer_provider is None:

@@ -101,6 +101,34 @@ def build_parser() -> argparse.ArgumentParser:
         "PostgreSQL this is VACUUM FULL of the whole database, which locks its tables while it runs)",
     )
     _add_db_option(vacuum)
+    prune = db_commands.add_parser(
+        "prune",
+        help="delete whole trajectories (a dry run unless --yes)",
+        description=(
+            "Delete the trajectories that match every condition given, whole: their calls (those made "
+            "after --before too) and completions go with them. Without --yes, print what would be "
+            "deleted. Runs in short batches beside a running proxy; the space is reused by new records "
+            "(`tokentrail db vacuum` gives it back to the file system)."
+        ),
+        epilog=(
+            "example: tokentrail export --format parquet --out-dir archive/ --split day --finished "
+            "--mark-exported && tokentrail db prune --exported --yes"
+        ),
+    )
+    prune.add_argument("--before", help="only trajectories created (first call) before this ISO time")
+    prune.add_argument("--tag", action="append", default=[], help="key=value; repeat for several")
+    finished = prune.add_mutually_exclusive_group()
+    finished.add_argument("--finished", action="store_true", help="only trajectories marked finished")
+    finished.add_argument("--unfinished", action="store_true", help="only trajectories not marked finished")
+    prune.add_argument(
+        "--exported",
+        action="store_true",
+        help="only trajectories written by `export --mark-exported` and unchanged since",
+    )
+    prune.add_argument("--ids", help="only the trajectory ids in this file, one a line ('-': stdin)")
+    prune.add_argument("--batch", type=int, help="trajectories deleted per transaction (default 50)")
+    prune.add_argument("--yes", action="store_true", help="delete them (without it: a dry run)")
+    _add_db_option(prune)
 
     sql = commands.add_parser(
         "sql",
@@ -136,8 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     export.add_argument("--format", choices=["jsonl", "parquet"], required=True)
-    export.add_argument("--out", required=True, help="the file to write")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="the file to write")
+    where.add_argument(
+        "--out-dir",
+        help="a folder, or a URL pyarrow opens (s3://bucket/path, gs://..., file://...), to write one "
+        "file per --split value into: <dir>/day=2026-12-07/part-<run>.<format>; never replaces a file",
+    )
+    export.add_argument(
+        "--split",
+        default="day",
+        help="with --out-dir: day (the trajectory's first call, UTC) or tag:<key> (default day)",
+    )
+    export.add_argument(
+        "--mark-exported",
+        action="store_true",
+        help="once written, mark the trajectories exported, for `db prune --exported` (those that "
+        "changed while the export ran are not marked)",
+    )
     export.add_argument("--since", help="only trajectories created at or after this ISO time")
+    export.add_argument("--until", help="only trajectories created before this ISO time")
     export.add_argument("--tag", action="append", default=[], help="key=value; repeat for several")
     export.add_argument("--finished", action="store_true", help="only trajectories marked finished")
     export.add_argument(
@@ -204,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(settings, args.worker_slot, args.supervisor_pid, args.fleet_socket)
         if args.command == "db":
+            if args.db_command == "prune":
+                return _db_prune(settings, args)
             return _db_vacuum(settings) if args.db_command == "vacuum" else _db_upgrade(settings)
         if args.command == "reward":
             return _reward(settings, args.trajectory_id, args.value, args.metadata, args.finish)
@@ -323,6 +371,75 @@ def _db_vacuum(settings: Settings) -> int:
     return 0
 
 
+def _parse_tags(items: list[str]) -> dict[str, str] | None:
+    tags: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--tag {item!r} is not key=value")
+        tags[key] = value
+    return tags
+
+
+def _parse_time(option: str, value: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:
+        raise ValueError(f"{option} {value!r} is not an ISO date or time") from None
+
+
+def _read_ids(source: str) -> tuple[str, ...]:
+    from pathlib import Path
+
+    lines = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in lines.splitlines() if line.strip())
+
+
+def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tokentrail.proxy.storage.engine import make_engine, sqlite_path
+    from tokentrail.proxy.storage.prune import DEFAULT_BATCH, PruneSelection, plan, prune
+
+    try:
+        selection = PruneSelection(
+            before=_parse_time("--before", args.before),
+            tags=_parse_tags(args.tag) or None,
+            finished=True if args.finished else False if args.unfinished else None,
+            exported=args.exported,
+            trajectory_ids=None if args.ids is None else _read_ids(args.ids),
+        )
+        selection.check()
+    except (ValueError, OSError) as exc:  # EmptySelectionError included
+        print(f"tokentrail: {exc}", file=sys.stderr)
+        return 2
+    path = sqlite_path(settings.db)
+    if path is not None and not path.exists():
+        print(f"tokentrail: no database at {path}", file=sys.stderr)
+        return 1
+    engine = make_engine(settings.db, settings.db_busy_timeout_ms)
+    try:
+        if not args.yes:
+            would = plan(engine, selection)
+            print(f"would delete {would.line()} (dry run: add --yes to delete them)")
+            return 0
+        # without adding up bytes: that reads every row once more, inside the batches' transactions
+        batch = DEFAULT_BATCH if args.batch is None else max(1, args.batch)
+        done = prune(engine, selection, batch=batch, measure=False)
+    except SQLAlchemyError as exc:  # each batch is whole or not at all: what was deleted stays deleted
+        message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"tokentrail: database error, prune stopped: {message}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(
+        f"deleted {done.line(with_bytes=False)} in {done.seconds:.1f} s ({done.batches} batches, longest "
+        f"{done.longest_batch_s * 1000:.0f} ms); new records reuse the space, `tokentrail db vacuum` "
+        "(TokenTrail stopped) gives it back to the file system"
+    )
+    return 0
+
+
 def _sql(settings: Settings, query: str, fmt: str) -> int:
     from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
@@ -400,27 +517,42 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
 
     from tokentrail.proxy.storage.engine import make_engine
     from tokentrail.proxy.storage.queries import TrajectoryFilter
-    from tokentrail.proxy.training.export import count_trajectories, export, open_sink
+    from tokentrail.proxy.training.archive import PartitionedSink, describe, partition_key
+    from tokentrail.proxy.training.export import (
+        SequenceSink,
+        count_trajectories,
+        export,
+        mark_exported,
+        open_sink,
+    )
     from tokentrail.proxy.training.policy import PolicyFilter, UnknownWeightVersionError
     from tokentrail.proxy.training.sequences import SequenceMode
 
-    tags: dict[str, str] = {}
-    for item in args.tag:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"tokentrail: --tag {item!r} is not key=value", file=sys.stderr)
-            return 2
-        tags[key] = value
     try:
-        since = datetime.fromisoformat(args.since) if args.since else None
-    except ValueError:
-        print(f"tokentrail: --since {args.since!r} is not an ISO date or time", file=sys.stderr)
+        tags = _parse_tags(args.tag)
+        since = _parse_time("--since", args.since)
+        until = _parse_time("--until", args.until)
+        key = partition_key(args.split)
+    except ValueError as exc:  # BadSplitError included
+        print(f"tokentrail: {exc}", file=sys.stderr)
         return 2
-    filters = TrajectoryFilter(since=since, finished=True if args.finished else None, tags=tags or None)
+    filters = TrajectoryFilter(
+        since=since, until=until, finished=True if args.finished else None, tags=tags or None
+    )
     try:
-        sink = open_sink(args.format, Path(args.out))
+        sink: SequenceSink | PartitionedSink = (
+            open_sink(args.format, Path(args.out))
+            if args.out
+            else PartitionedSink(args.format, args.out_dir, key)
+        )
     except ImportError:
-        print("tokentrail: Parquet needs the export extra: pip install 'tokentrail[export]'", file=sys.stderr)
+        print(
+            "tokentrail: Parquet and --out-dir URLs need the export extra: pip install 'tokentrail[export]'",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, ValueError) as exc:  # pyarrow: an unknown URL scheme, missing credentials
+        print(f"tokentrail: cannot write to {args.out or args.out_dir}: {exc}", file=sys.stderr)
         return 1
     engine = make_engine(settings.db)
     try:
@@ -435,13 +567,18 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
                 lambda n: bar.update(n),
                 by_group=args.by_group,
                 policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness),
+                remember_read=args.mark_exported,
             )
+        marked = mark_exported(engine, summary.read) if args.mark_exported else None
     except UnknownWeightVersionError as exc:
         print(f"tokentrail: --min-weight-version: {exc}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
-    print(f"wrote {args.out}: {summary.line()}")
+    written = f"{args.out_dir} ({describe(sink.files)})" if isinstance(sink, PartitionedSink) else args.out
+    print(f"wrote {written}: {summary.line()}")
+    if marked is not None:
+        print(f"marked {marked} of {summary.trajectories} trajectories exported (others changed meanwhile)")
     return 0
 
 

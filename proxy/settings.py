@@ -189,6 +189,13 @@ class Settings(BaseSettings):
     detokenize_concurrency: PositiveInt = Field(
         64, description="Requests to the upstream's /detokenize at once while the viewer decodes a sequence."
     )
+    retention_days: PositiveFloat | None = Field(
+        None,
+        description=(
+            "Prune finished trajectories whose first call is older than this many days, in the "
+            "background (at start, then every 10 minutes); off when unset."
+        ),
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @property

@@ -88,6 +88,14 @@ def test_after_sigkill_durable_mode_lost_no_finished_call_and_the_database_reope
     assert out.count("integrity ok, ok calls without completions 0") == 2
 
 
+def test_prune_bench_prunes_every_filled_call_beside_the_load_on_both_databases() -> None:
+    out = _run(str(BENCH / "prune.py"), "--calls", "2000", "--load-s", "1", "--concurrency", "2")
+    for db in ("sqlite", "postgresql"):
+        assert f"== {db}: prune of 2,000 calls ==" in out
+    assert out.count("deleted 200 trajectories, 2000 calls, 2000 completions") == 2
+    assert out.count("during / without: p50 x") == 2
+
+
 @pytest.mark.vllm
 def test_storage_check_measures_before_and_after_on_one_database_and_reads_back_the_same(
     vllm_url: str,

@@ -73,6 +73,9 @@ class TrajectoryOut(BaseModel):
     completion_tokens: int = 0
     id_generated: bool = False
     group_id: str | None = None
+    exported_at: datetime | None = Field(
+        None, description="When `tokentrail export --mark-exported` last wrote it (null: never)."
+    )
     outcome_problems: int | None = Field(
         None, description="Calls that did not end 'ok' (in lists; null in a single trajectory's answer)."
     )

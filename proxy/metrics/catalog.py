@@ -111,6 +111,27 @@ WORKERS_REPORTING = Metric(
     Kind.GAUGE,
     "Workers whose figures are in this answer (fresh within 5 s); 1 without --workers.",
 )
+RETENTION_TRAJECTORIES = Metric(
+    "tokentrail_retention_pruned_trajectories",
+    Kind.COUNTER,
+    "Trajectories the retention job (TOKENTRAIL_RETENTION_DAYS) deleted.",
+)
+RETENTION_CALLS = Metric(
+    "tokentrail_retention_pruned_calls",
+    Kind.COUNTER,
+    "Calls the retention job deleted.",
+)
+RETENTION_RUNS = Metric("tokentrail_retention_runs", Kind.COUNTER, "Retention runs that ended.")
+RETENTION_FAILURES = Metric(
+    "tokentrail_retention_failures",
+    Kind.COUNTER,
+    "Retention runs a database error ended.",
+)
+RETENTION_LAST_RUN = Metric(
+    "tokentrail_retention_last_run_timestamp_seconds",
+    Kind.GAUGE,
+    "When the last retention run ended (Unix time; 0: none yet or retention off).",
+)
 
 ALL: tuple[Metric, ...] = (
     CALLS,
@@ -132,5 +153,10 @@ ALL: tuple[Metric, ...] = (
     UPSTREAM_UP,
     UPSTREAM_IN_FLIGHT,
     WORKERS_REPORTING,
+    RETENTION_TRAJECTORIES,
+    RETENTION_CALLS,
+    RETENTION_RUNS,
+    RETENTION_FAILURES,
+    RETENTION_LAST_RUN,
 )
 BY_NAME = {metric.name: metric for metric in ALL}

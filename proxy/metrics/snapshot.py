@@ -41,12 +41,34 @@ def process_values(runtime: Any) -> Values:
         (catalog.SPOOL_BYTES, writer.spool.bytes),
         (catalog.IN_FLIGHT, runtime.relay.in_flight.count),
         (catalog.WORKERS_REPORTING, 1),
+        *_retention_values(runtime.retention),
     ):
         values[metric.name] = {label_key(): float(number)}
     upstreams = runtime.relay.balancer.upstreams
     values[catalog.UPSTREAM_UP.name] = {u.url: 1.0 if u.healthy else 0.0 for u in upstreams}
     values[catalog.UPSTREAM_IN_FLIGHT.name] = {u.url: float(u.in_flight) for u in upstreams}
     return values
+
+
+def _retention_values(retention: Any) -> list[tuple[catalog.Metric, float]]:
+    """The retention job's figures (zeros when it is off, or runs in another worker)."""
+    figures = (0, 0, 0, 0, 0.0)
+    if retention is not None:
+        figures = (
+            retention.trajectories,
+            retention.calls,
+            retention.runs,
+            retention.failures,
+            retention.last_run_at,
+        )
+    metrics = (
+        catalog.RETENTION_TRAJECTORIES,
+        catalog.RETENTION_CALLS,
+        catalog.RETENTION_RUNS,
+        catalog.RETENTION_FAILURES,
+        catalog.RETENTION_LAST_RUN,
+    )
+    return list(zip(metrics, figures, strict=True))
 
 
 def publish(runtime: Any) -> None:

@@ -33,6 +33,10 @@ class Trajectory(SQLModel, table=True):
     finished_at: datetime | None = None
     rewarded_at: datetime | None = None
     group_id: str | None = Field(default=None, max_length=256, index=True)
+    # When ``tokentrail export --mark-exported`` last wrote it, and how many calls it had then
+    # (``db prune --exported`` takes it only while both still hold).
+    exported_at: datetime | None = None
+    exported_calls: int | None = None
 
 
 class LlmCall(SQLModel, table=True):
@@ -45,6 +49,7 @@ class LlmCall(SQLModel, table=True):
         UniqueConstraint("trajectory_id", "seq", name="uq_llm_calls_trajectory_seq"),
         Index("ix_llm_calls_received_at", "received_at"),
         Index("ix_llm_calls_outcome", "outcome"),
+        Index("ix_llm_calls_base_call_id", "base_call_id"),
     )
 
     id: str = Field(primary_key=True, max_length=32)
@@ -77,7 +82,8 @@ class LlmCall(SQLModel, table=True):
     token_in_fallback: str | None = None  # why token-in did not build this prompt (NULL: built, or off)
 
     # The stored form (storage/stored_calls.py): what is shared with the base call, then the rest.
-    base_call_id: str | None = Field(default=None, max_length=32)
+    # A foreign key (migration 0007): a call's base cannot be deleted while the call remains.
+    base_call_id: str | None = Field(default=None, max_length=32, foreign_key="llm_calls_stored.id")
     base_choice_index: int | None = None
     prompt_shared_tokens: int = 0
     request_shared_messages: int = 0

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import ColumnElement
 
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
 from tokentrail.proxy.storage.stored_calls import STORED_FORM_COLUMNS, full_calls, rebuild, stored_call
@@ -59,21 +60,26 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def filtered_trajectories(filters: TrajectoryFilter) -> Select[Any]:
-    """The trajectories matching ``filters``, unordered."""
-    query = select(TRAJECTORIES)
+def trajectory_conditions(filters: TrajectoryFilter) -> list[ColumnElement[bool]]:
+    """The conditions on ``trajectories`` that ``filters`` stands for (all must hold)."""
+    conditions: list[ColumnElement[bool]] = []
     if filters.since is not None:
-        query = query.where(TRAJECTORIES.c.created_at >= _utc(filters.since))
+        conditions.append(TRAJECTORIES.c.created_at >= _utc(filters.since))
     if filters.until is not None:
-        query = query.where(TRAJECTORIES.c.created_at < _utc(filters.until))
+        conditions.append(TRAJECTORIES.c.created_at < _utc(filters.until))
     if filters.finished is not None:
-        query = query.where(TRAJECTORIES.c.finished == filters.finished)
+        conditions.append(TRAJECTORIES.c.finished == filters.finished)
     if filters.has_reward is not None:
         column = TRAJECTORIES.c.reward
-        query = query.where(column.is_not(None) if filters.has_reward else column.is_(None))
+        conditions.append(column.is_not(None) if filters.has_reward else column.is_(None))
     for key, value in (filters.tags or {}).items():
-        query = query.where(TRAJECTORIES.c.tags[key].as_string() == value)
-    return query
+        conditions.append(TRAJECTORIES.c.tags[key].as_string() == value)
+    return conditions
+
+
+def filtered_trajectories(filters: TrajectoryFilter) -> Select[Any]:
+    """The trajectories matching ``filters``, unordered."""
+    return select(TRAJECTORIES).where(*trajectory_conditions(filters))
 
 
 def trajectories_query(

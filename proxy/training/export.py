@@ -13,10 +13,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, bindparam, func, select
 
 from tokentrail.proxy.storage import queries
 from tokentrail.proxy.training import policy
@@ -36,6 +37,8 @@ class ExportSummary:
     one_sequence: int = 0  # trajectories whose calls all merged into one sequence without a break
     left_out_by_policy: int = 0  # sequences older than --min-weight-version / --max-staleness allow
     breaks: Counter[str] = field(default_factory=Counter)  # prefix mismatches by the call's drift
+    # (id, updated_at, call_count) of each trajectory as it was read: what ``mark_exported`` marks
+    read: list[tuple[str, datetime, int]] = field(default_factory=list, repr=False)
 
     def line(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
@@ -55,14 +58,24 @@ class SequenceSink(Protocol):
     def close(self) -> None: ...
 
 
-class JsonlSink:
-    """One JSON object per line and sequence."""
+@runtime_checkable
+class PartitionedSequenceSink(Protocol):
+    """A sink that files each trajectory's sequences by the trajectory (``archive.py``)."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("w", encoding="utf-8")
+    def write_for(self, row: dict[str, Any], sequences: list[TrainingSequence]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per line and sequence, on a binary stream the sink closes."""
+
+    def __init__(self, stream: IO[bytes] | Any) -> None:
+        self._file = stream
 
     def write(self, sequences: list[TrainingSequence]) -> None:
-        self._file.writelines(json.dumps(s.as_dict(), separators=(",", ":")) + "\n" for s in sequences)
+        text = "".join(json.dumps(s.as_dict(), separators=(",", ":")) + "\n" for s in sequences)
+        self._file.write(text.encode("utf-8"))
 
     def close(self) -> None:
         self._file.close()
@@ -94,11 +107,13 @@ def parquet_schema() -> Any:
 class ParquetSink:
     """A Parquet file, one row group per batch (loads with pyarrow and ``datasets``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, where: Path | IO[bytes] | Any) -> None:
         import pyarrow.parquet as pq
 
         self._schema = parquet_schema()
-        self._writer = pq.ParquetWriter(str(path), self._schema, compression="zstd")
+        self._stream = None if isinstance(where, Path) else where
+        target = str(where) if isinstance(where, Path) else where
+        self._writer = pq.ParquetWriter(target, self._schema, compression="zstd")
 
     def write(self, sequences: list[TrainingSequence]) -> None:
         import pyarrow as pa
@@ -111,13 +126,24 @@ class ParquetSink:
 
     def close(self) -> None:
         self._writer.close()
+        if self._stream is not None:  # pyarrow leaves a stream it was given open
+            self._stream.close()
 
 
 def open_sink(fmt: str, path: Path) -> SequenceSink:
     if fmt == "jsonl":
-        return JsonlSink(path)
+        return JsonlSink(path.open("wb"))
     if fmt == "parquet":
         return ParquetSink(path)
+    raise ValueError(f"unknown format {fmt!r}: use jsonl or parquet")
+
+
+def open_sink_on(fmt: str, stream: IO[bytes] | Any) -> SequenceSink:
+    """A sink writing to an open binary stream (a file, or a pyarrow output stream); it closes it."""
+    if fmt == "jsonl":
+        return JsonlSink(stream)
+    if fmt == "parquet":
+        return ParquetSink(stream)
     raise ValueError(f"unknown format {fmt!r}: use jsonl or parquet")
 
 
@@ -157,7 +183,7 @@ def count_trajectories(engine: Engine, filters: queries.TrajectoryFilter) -> int
 
 def export(
     engine: Engine,
-    sink: SequenceSink,
+    sink: SequenceSink | PartitionedSequenceSink,
     filters: queries.TrajectoryFilter,
     mode: SequenceMode = SequenceMode.MERGED,
     batch: int = DEFAULT_BATCH,
@@ -165,11 +191,14 @@ def export(
     *,
     by_group: bool = False,
     policy_filter: policy.PolicyFilter | None = None,
+    remember_read: bool = False,
 ) -> ExportSummary:
     """Write every matching trajectory's sequences to ``sink``; ``progress(n)`` after each batch.
 
     ``by_group``: only trajectories in a GRPO group, each group's together, with ``advantage``;
-    ``policy_filter``: leave out sequences older than a policy version or more versions behind.
+    ``policy_filter``: leave out sequences older than a policy version or more versions behind;
+    ``remember_read``: keep each trajectory's id, ``updated_at`` and call count in ``summary.read``
+    (for ``mark_exported``; memory then grows with the trajectories exported, ~100 bytes each).
     """
     summary = ExportSummary()
     started = time.perf_counter()
@@ -192,13 +221,19 @@ def export(
             for row in rows:
                 built = build_sequences(row["id"], calls[row["id"]], row["reward"], mode)
                 policy.annotate(built.sequences, versions, ranks)
+                kept = []
                 for sequence in built.sequences:
                     sequence.group_id = row["group_id"]
                     sequence.advantage = advantages.get(row["id"])
                     if policy.keep(sequence, wanted, ranks):
-                        out.append(sequence)
+                        kept.append(sequence)
                     else:
                         summary.left_out_by_policy += 1
+                if isinstance(sink, PartitionedSequenceSink):
+                    sink.write_for(row, kept)
+                out.extend(kept)
+                if remember_read:
+                    summary.read.append((row["id"], row["updated_at"], row["call_count"]))
                 summary.prefix_mismatches += len(built.mismatches)
                 broken.extend(m.call_id for m in built.mismatches)
                 if len(built.sequences) == 1 and not built.mismatches and mode is SequenceMode.MERGED:
@@ -206,7 +241,8 @@ def export(
             if broken:
                 with engine.connect() as connection:
                     summary.breaks.update(queries.drift_of_calls(connection, broken))
-            sink.write(out)
+            if not isinstance(sink, PartitionedSequenceSink):
+                sink.write(out)
             summary.trajectories += len(rows)
             summary.sequences += len(out)
             summary.tokens += sum(len(s.input_ids) for s in out)
@@ -217,3 +253,30 @@ def export(
         sink.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def mark_exported(engine: Engine, read: list[tuple[str, datetime, int]], batch: int = DEFAULT_BATCH) -> int:
+    """Set ``exported_at`` and ``exported_calls`` on the exported trajectories that have not changed
+    since the export read them (same ``updated_at`` and call count): a trajectory that got a call or
+    a reward meanwhile is not marked, so ``db prune --exported`` keeps it. Call it once the files
+    are closed. Returns how many were marked."""
+    table = queries.TRAJECTORIES
+    statement = (
+        table.update()
+        .where(
+            table.c.id == bindparam("t_id"),
+            table.c.updated_at == bindparam("t_updated"),
+            table.c.call_count == bindparam("t_calls"),
+        )
+        .values(exported_at=bindparam("t_now"), exported_calls=bindparam("t_calls"))
+    )
+    marked = 0
+    for start in range(0, len(read), batch):
+        now = datetime.now(UTC)
+        rows = [
+            {"t_id": i, "t_updated": updated, "t_calls": calls, "t_now": now}
+            for i, updated, calls in read[start : start + batch]
+        ]
+        with engine.begin() as connection:
+            marked += connection.execute(statement, rows).rowcount
+    return marked

@@ -6,8 +6,8 @@ outcome and integrity, tokens, token-in fallbacks, latency histogram buckets) in
 writes the batch, per TokenTrail instance (one ``serve``: all its workers). A scrape reads them back,
 so they never go down and always equal what the database holds from that instance.
 
-Revision ID: 0007_metric_counts
-Revises: 0006_stored_calls
+Revision ID: 0008_metric_counts
+Revises: 0007_lifecycle
 Create Date: 2026-12-07
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_metric_counts"
-down_revision = "0006_stored_calls"
+revision = "0008_metric_counts"
+down_revision = "0007_lifecycle"
 branch_labels = None
 depends_on = None
 
