@@ -19,8 +19,7 @@ Each round, in order:
     python examples/grpo_training.py --proxy http://127.0.0.1:8000 --vllm http://127.0.0.1:8001 \\
         --db sqlite:///tokentrail.db --model ~/.cache/tokentrail/demo/model --work /tmp/grpo
 
-TokenTrail runs with ``TOKENTRAIL_DURABLE=true`` (each round is exported as soon as its agents are
-done). vLLM must run with ``VLLM_SERVER_DEV_MODE=1`` (pause, resume, versions, ``/collective_rpc``).
+vLLM must run with ``VLLM_SERVER_DEV_MODE=1`` (pause, resume, versions, ``/collective_rpc``).
 ``--model`` is the folder vLLM serves (the trainer starts from it; it is not changed). Needs the
 ``dev`` extra (Strands, pyarrow) and the ``verify`` extra (torch, transformers).
 
@@ -52,6 +51,7 @@ import httpx
 import pyarrow.parquet as pq
 import torch
 from strands import Agent, tool
+from strands.hooks import BeforeModelCallEvent
 from strands.types.exceptions import MaxTokensReachedException
 from transformers import AutoModelForCausalLM
 
@@ -87,6 +87,7 @@ class Round:
     index: int
     threads: list[threading.Thread] = field(default_factory=list)
     results: list[tuple[str, str, float]] = field(default_factory=list)  # group, trajectory, reward
+    calls: dict[str, int] = field(default_factory=dict)  # model calls each agent made
     errors: list[str] = field(default_factory=list)
 
 
@@ -103,6 +104,12 @@ def rollout(proxy: str, model_id: str, group_id: str, a: int, b: int, out: Round
         params={"temperature": 1.0, "max_tokens": 24, "logprobs": True},
     )
     agent = Agent(model=model, tools=[calculator], callback_handler=None)
+    out.calls[trajectory_id] = 0
+
+    def count_call(event: BeforeModelCallEvent) -> None:
+        out.calls[trajectory_id] += 1
+
+    agent.hooks.add_callback(BeforeModelCallEvent, count_call)
     try:
         for turn in (f"What is {a} * {b}?", "Check it with the calculator; answer with the number only."):
             # a reply cut at its budget ends the turn; its text so far is scored
@@ -133,8 +140,17 @@ def start_round(proxy: str, model_id: str, index: int, samples: int) -> Round:
 
 
 def finish_round(proxy: str, this: Round) -> None:
+    """Wait for the agents and for TokenTrail to have written every call they made (its writer
+    commits a moment after the answer, unless it runs with TOKENTRAIL_DURABLE=true); then reward."""
     for thread in this.threads:
         thread.join()
+    deadline = time.monotonic() + 60
+    for trajectory_id, made in this.calls.items():
+        api = f"{proxy}/tokentrail/v1/trajectories/{trajectory_id}?token_ids=false"
+        while (answer := httpx.get(api, timeout=30)).status_code == 404 or len(answer.json()["calls"]) < made:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{trajectory_id}: {made} calls made, not all recorded after 60 s")
+            time.sleep(0.05)
     for _, trajectory_id, reward in this.results:
         api = f"{proxy}/tokentrail/v1/trajectories/{trajectory_id}"
         httpx.post(api + "/reward", json={"reward": reward}, timeout=30).raise_for_status()
@@ -148,8 +164,7 @@ def finish_round(proxy: str, this: Round) -> None:
 
 def export_round(db: str, version: str, out: Path, this: Round) -> list[dict[str, Any]]:
     """``tokentrail export --by-group`` of the finished groups sampled under ``version`` or later; every
-    agent of the round must be in it (TokenTrail runs with TOKENTRAIL_DURABLE=true, so a call is in
-    the database by the time its agent has the answer)."""
+    agent of the round must be in it."""
     tokentrail = Path(sys.executable).with_name("tokentrail")
     command = [str(tokentrail), "export", "--db", db, "--format", "parquet", "--out", str(out)]
     done = subprocess.run(

@@ -47,7 +47,7 @@ def _verify(model: Path, export: Path) -> subprocess.CompletedProcess[str]:
 def test_two_rounds_train_on_the_export_and_sample_round_two_with_the_pushed_weights(
     vllm_url: str, tiny_model_dir: Path, tmp_path: Path, weights_given_back: None
 ) -> None:
-    with running_proxy(vllm_url, tmp_path, durable=True, pause_max_wait_s=300) as proxy:
+    with running_proxy(vllm_url, tmp_path, pause_max_wait_s=300) as proxy:
         _two_rounds(proxy, vllm_url, tiny_model_dir, tmp_path)
 
 
