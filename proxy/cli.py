@@ -491,6 +491,11 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+_SELECTION_OPTIONS = (
+    "db", "since", "tag", "finished", "mode", "by_group", "min_weight_version", "max_staleness"
+)  # fmt: skip
+
+
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -498,12 +503,18 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
     import tokentrail.proxy.training.verify as verify
 
+    chosen = [name for name in _SELECTION_OPTIONS if getattr(args, name) not in (None, False, [], "merged")]
+    if args.file is not None and chosen:
+        options = ", ".join("--" + name.replace("_", "-") for name in chosen)
+        print(f"tokentrail: {options} select from the database: give them without FILE", file=sys.stderr)
+        return 2
+    if args.file is not None and not Path(args.file).is_file():
+        print(f"tokentrail: no file {args.file}", file=sys.stderr)
+        return 2
     try:
         scorer = verify.Scorer(args.model, args.device, args.dtype)
         if args.file is not None:
             path = Path(args.file)
-            if not path.is_file():
-                raise verify.VerifyError(f"no file {path}")
             with tqdm(total=verify.count_export(path), unit="seq", file=sys.stderr, disable=None) as bar:
                 report = verify.verify(scorer, verify.read_export(path), args.tolerance, bar.update)
         else:

@@ -253,6 +253,37 @@ def test_each_of_four_faults_fails_verify(
     assert "first at conv-" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.jsonl"], "no file missing.jsonl"),
+        (["rows.jsonl", "--db", "sqlite:///x.db"], "--db select from the database"),
+        (["rows.jsonl", "--tag", "a=b", "--by-group"], "--tag, --by-group select from the database"),
+    ],
+)
+def test_bad_verify_input_is_refused_before_loading_a_model(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "tokentrail.proxy.cli", "verify", "--model", "no-such-model", *args],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_file_that_is_not_an_export_is_named(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"input_ids": [1, 2]}\n')
+    with pytest.raises(VerifyError, match="has no loss_mask, logprobs: is it a tokentrail export"):
+        list(read_export(rows))
+    rows.write_text("not json\n")
+    with pytest.raises(VerifyError, match=r"rows\.jsonl:1: not a JSON line"):
+        list(read_export(rows))
+
+
 def test_verify_without_torch_says_which_extra_to_install(tmp_path: Path) -> None:
     """The import is lazy: a machine without torch gets the hint, not a traceback."""
     code = (
