@@ -468,6 +468,9 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     except ImportError:
         print("tokentrail: Parquet needs the export extra: pip install 'tokentrail[export]'", file=sys.stderr)
         return 1
+    except OSError as exc:  # a folder that does not exist, no permission
+        print(f"tokentrail: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     engine = make_engine(settings.db)
     try:
         total = count_trajectories(engine, filters)
