@@ -127,11 +127,15 @@ def rollout(proxy: str, model_id: str, group_id: str, a: int, b: int, out: Round
     out.results.append((group_id, trajectory_id, checker(a * b, reply)))
 
 
+RUN = uuid.uuid4().hex[:4]  # in every group's name: a group's advantages are over all its members, so
+# a second run against the same database must not join the first one's groups
+
+
 def start_round(proxy: str, model_id: str, index: int, samples: int) -> Round:
     """Every agent of the round at once (while the fleet is paused they wait at TokenTrail)."""
     this = Round(index)
     for task, (a, b) in enumerate(TASKS):
-        group_id = f"round{index}-task{task}"
+        group_id = f"{RUN}-round{index}-task{task}"
         for _ in range(samples):
             thread = threading.Thread(target=rollout, args=(proxy, model_id, group_id, a, b, this))
             this.threads.append(thread)
@@ -262,7 +266,10 @@ def push_weights(proxy: str, vllm: str, checkpoint: Path, version: str, next_rou
     httpx.post(f"{proxy}/tokentrail/v1/pause?mode=keep", timeout=600).raise_for_status()
     try:
         waiting = next_round()
+        deadline = time.monotonic() + 60
         while waiting and httpx.get(f"{proxy}/tokentrail/v1/pause").json()["held_now"] < waiting:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not all {waiting} agents reached TokenTrail's pause in 60 s")
             time.sleep(0.05)  # until every new agent's first call is held (nothing to wait on but this)
         held_from = time.perf_counter()
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(checkpoint)}}
@@ -306,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = export_round(args.db, version, args.work / f"round-{index}.parquet", current)
         check = verify(Scorer(weights, device="cpu"), rows)
         print(f"verify round {index} under {version}: {'PASS' if check.passed() else 'FAIL'}: {check.line()}")
+        if not check.passed():  # the trainer's logprobs would not be the ones vLLM sampled with
+            print(f"not training on round {index}: vLLM did not sample it with {weights}", file=sys.stderr)
+            return 1
         print(f"step {index}: {policy_gradient_step(model, optimizer, rows)}")
         weights = args.work / f"step-{index}"
         save_checkpoint(model, args.model, weights)

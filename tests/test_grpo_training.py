@@ -76,8 +76,8 @@ def _two_rounds(vllm_proxy: Proxy, vllm_url: str, tiny_model_dir: Path, tmp_path
         "SELECT t.group_id, c.weight_version, c.outcome FROM llm_calls c "
         "JOIN trajectories t ON t.id = c.trajectory_id"
     )
-    round1 = {r["weight_version"] for r in rows if r["group_id"].startswith("round1-")}
-    round2 = {r["weight_version"] for r in rows if r["group_id"].startswith("round2-")}
+    round1 = {r["weight_version"] for r in rows if "-round1-" in r["group_id"]}
+    round2 = {r["weight_version"] for r in rows if "-round2-" in r["group_id"]}
     assert round2 == {versions[0]}
     assert len(round1) == 1
     assert versions[0] not in round1
