@@ -284,6 +284,34 @@ def test_a_file_that_is_not_an_export_is_named(tmp_path: Path) -> None:
         list(read_export(rows))
 
 
+def test_the_scorer_keeps_only_the_masked_rows_and_agrees_with_a_full_forward_pass(tmp_path: Path) -> None:
+    """logits_to_keep and the fallback for a model without it give the logprobs of a plain pass."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    scorer = Scorer(tmp_path, device="cpu")
+    ids, positions = [1, 5, 9, 3, 7, 2], [2, 3, 5]
+    with torch.inference_mode():
+        full = torch.log_softmax(scorer.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    expected = {p: float(full[p - 1, ids[p]]) for p in positions}
+    assert scorer.logprobs(ids, positions) == pytest.approx(expected, abs=1e-5)
+
+    inner = scorer.model
+
+    class WithoutLogitsToKeep(torch.nn.Module):
+        def forward(self, input_ids: Any) -> Any:
+            return inner(input_ids=input_ids)
+
+    scorer.model = WithoutLogitsToKeep()
+    assert scorer.logprobs(ids, positions) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(VerifyError, match="token ID -1 is outside the model's vocabulary of 50"):
+        scorer.logprobs([1, -1, 3], [2])
+
+
 def test_verify_without_torch_says_which_extra_to_install(tmp_path: Path) -> None:
     """The import is lazy: a machine without torch gets the hint, not a traceback."""
     code = (

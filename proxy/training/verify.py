@@ -177,17 +177,20 @@ class Scorer:
         """log p(input_ids[p] | input_ids[:p]) for each p in ``positions`` (each >= 1)."""
         if not positions:
             return {}
-        too_big = max(input_ids)
-        if too_big >= self.vocab_size or min(input_ids) < 0:
+        outside = next((i for i in input_ids if not 0 <= i < self.vocab_size), None)
+        if outside is not None:
             raise VerifyError(
-                f"token ID {too_big} is outside the model's vocabulary of {self.vocab_size}: "
+                f"token ID {outside} is outside the model's vocabulary of {self.vocab_size}: "
                 "is this the model the export was sampled from?"
             )
         torch = self._torch
         ids = torch.tensor([input_ids], device=self.device)
         before = torch.tensor([p - 1 for p in positions], device=self.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, logits_to_keep=before).logits[0].float()
+            try:  # only the rows the mask needs (a long sequence's full logits can be gigabytes)
+                logits = self.model(input_ids=ids, logits_to_keep=before).logits[0].float()
+            except TypeError:  # a model class without logits_to_keep
+                logits = self.model(input_ids=ids).logits[0, before].float()
             chosen = torch.tensor([input_ids[p] for p in positions], device=self.device)
             values = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None])[:, 0]
         return dict(zip(positions, values.tolist(), strict=True))
