@@ -52,6 +52,36 @@ def _add_db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", help=f"database URL [TOKENTRAIL_DB, default {DEFAULT_DB}]")
 
 
+def _add_selection_options(parser: argparse.ArgumentParser) -> None:
+    """Which trajectories become sequences, and how (``export`` and ``verify --db``)."""
+    parser.add_argument("--since", help="only trajectories created at or after this ISO time")
+    parser.add_argument("--until", help="only trajectories created before this ISO time")
+    parser.add_argument("--tag", action="append", default=[], help="key=value; repeat for several")
+    parser.add_argument("--finished", action="store_true", help="only trajectories marked finished")
+    parser.add_argument(
+        "--mode",
+        choices=["merged", "per_call", "last_turn"],
+        default="merged",
+        help="merged: one sequence per chain of calls whose prompts extend each other (default); "
+        "per_call: one per call and choice; last_turn: only each trajectory's last call",
+    )
+    parser.add_argument("--batch", type=int, default=500, help="trajectories read per batch (memory bound)")
+    parser.add_argument(
+        "--by-group",
+        action="store_true",
+        help="only trajectories in a GRPO group (X-Trajectory-Group), each group's sequences together, "
+        "with the group's normalised advantage",
+    )
+    parser.add_argument(
+        "--min-weight-version", help="leave out sequences with tokens from an older policy version than this"
+    )
+    parser.add_argument(
+        "--max-staleness",
+        type=int,
+        help="leave out sequences more than N policy versions behind the newest one seen",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokentrail",
@@ -182,33 +212,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="once written, mark the trajectories exported, for `db prune --exported` (those that "
         "changed while the export ran are not marked)",
     )
-    export.add_argument("--since", help="only trajectories created at or after this ISO time")
-    export.add_argument("--until", help="only trajectories created before this ISO time")
-    export.add_argument("--tag", action="append", default=[], help="key=value; repeat for several")
-    export.add_argument("--finished", action="store_true", help="only trajectories marked finished")
-    export.add_argument(
-        "--mode",
-        choices=["merged", "per_call", "last_turn"],
-        default="merged",
-        help="merged: one sequence per chain of calls whose prompts extend each other (default); "
-        "per_call: one per call and choice; last_turn: only each trajectory's last call",
-    )
-    export.add_argument("--batch", type=int, default=500, help="trajectories read per batch (memory bound)")
-    export.add_argument(
-        "--by-group",
-        action="store_true",
-        help="only trajectories in a GRPO group (X-Trajectory-Group), each group's sequences together, "
-        "with the group's normalised advantage",
-    )
-    export.add_argument(
-        "--min-weight-version", help="leave out sequences with tokens from an older policy version than this"
-    )
-    export.add_argument(
-        "--max-staleness",
-        type=int,
-        help="leave out sequences more than N policy versions behind the newest one seen",
-    )
+    _add_selection_options(export)
     _add_db_option(export)
+
+    verify = commands.add_parser(
+        "verify",
+        help="score exported sequences with the policy model and compare with vLLM's recorded logprobs",
+        description=(
+            "Score each exported sequence with a Hugging Face causal LM (the policy, on CPU or GPU) and "
+            "compare the logprob of every token the loss mask marks with the logprob vLLM sampled it "
+            "with. Reads a JSONL or Parquet file from `tokentrail export`, or, without FILE, the "
+            "database with export's selection options. Exit 0: every compared token within the "
+            "tolerance (or --max-over); 1: not; 2: the input or model cannot be verified. Needs the "
+            "verify extra: pip install 'tokentrail[verify]'."
+        ),
+    )
+    verify.add_argument("file", nargs="?", help="a JSONL or Parquet file written by `tokentrail export`")
+    verify.add_argument("--model", required=True, help="the Hugging Face model folder (weights, config)")
+    verify.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="largest |model logprob - recorded logprob| a token may have (default 0.05)",
+    )
+    verify.add_argument(
+        "--max-over",
+        type=float,
+        default=0.0,
+        help="share of compared tokens allowed over the tolerance and still pass (default 0)",
+    )
+    verify.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
+    verify.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default="float32",
+        help="the dtype to score in (default float32; auto: the checkpoint's)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    verify.add_argument("--quiet", action="store_true", help="list only the sequences that fail")
+    _add_selection_options(verify)
+    _add_db_option(verify)
 
     drift = commands.add_parser(
         "drift",
@@ -257,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _reward(settings, args.trajectory_id, args.value, args.metadata, args.finish)
         if args.command == "export":
             return _export(settings, args)
+        if args.command == "verify":
+            return _verify(settings, args)
         if args.command == "drift":
             return _drift(settings, args.trajectory_id, args.tokenizer, args.json)
         return _sql(settings, args.query, "json" if args.json else "csv" if args.csv else "table")
@@ -510,13 +555,24 @@ def _reward(
     return 0
 
 
+def _selection(args: argparse.Namespace) -> Any:
+    """Export's selection options as a TrajectoryFilter; a ValueError names the bad option."""
+    from tokentrail.proxy.storage.queries import TrajectoryFilter
+
+    return TrajectoryFilter(
+        since=_parse_time("--since", args.since),
+        until=_parse_time("--until", args.until),
+        finished=True if args.finished else None,
+        tags=_parse_tags(args.tag) or None,
+    )
+
+
 def _export(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tqdm import tqdm
 
     from tokentrail.proxy.storage.engine import make_engine
-    from tokentrail.proxy.storage.queries import TrajectoryFilter
     from tokentrail.proxy.training.archive import PartitionedSink, describe, partition_key
     from tokentrail.proxy.training.export import (
         SequenceSink,
@@ -529,16 +585,11 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     from tokentrail.proxy.training.sequences import SequenceMode
 
     try:
-        tags = _parse_tags(args.tag)
-        since = _parse_time("--since", args.since)
-        until = _parse_time("--until", args.until)
+        filters = _selection(args)
         key = partition_key(args.split)
     except ValueError as exc:  # BadSplitError included
         print(f"tokentrail: {exc}", file=sys.stderr)
         return 2
-    filters = TrajectoryFilter(
-        since=since, until=until, finished=True if args.finished else None, tags=tags or None
-    )
     try:
         sink: SequenceSink | PartitionedSink = (
             open_sink(args.format, Path(args.out))
@@ -551,9 +602,10 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    except (OSError, ValueError) as exc:  # pyarrow: an unknown URL scheme, missing credentials
-        print(f"tokentrail: cannot write to {args.out or args.out_dir}: {exc}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as exc:  # no such folder, no permission; pyarrow: an unknown URL scheme
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"tokentrail: cannot write {args.out or args.out_dir}: {reason}", file=sys.stderr)
+        return 2
     engine = make_engine(settings.db)
     try:
         total = count_trajectories(engine, filters)
@@ -580,6 +632,96 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     if marked is not None:
         print(f"marked {marked} of {summary.trajectories} trajectories exported (others changed meanwhile)")
     return 0
+
+
+_SELECTION_OPTIONS = (
+    "db", "since", "until", "tag", "finished", "mode", "by_group", "min_weight_version", "max_staleness"
+)  # fmt: skip
+
+
+def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    import tokentrail.proxy.training.verify as verify
+
+    chosen = [name for name in _SELECTION_OPTIONS if getattr(args, name) not in (None, False, [], "merged")]
+    if args.file is not None and chosen:
+        options = ", ".join("--" + name.replace("_", "-") for name in chosen)
+        print(f"tokentrail: {options} select from the database: give them without FILE", file=sys.stderr)
+        return 2
+    if args.file is not None and not Path(args.file).is_file():
+        print(f"tokentrail: no file {args.file}", file=sys.stderr)
+        return 2
+    try:
+        scorer = verify.Scorer(args.model, args.device, args.dtype)
+        if args.file is not None:
+            path = Path(args.file)
+            with tqdm(total=verify.count_export(path), unit="seq", file=sys.stderr, disable=None) as bar:
+                report = verify.verify(scorer, verify.read_export(path), args.tolerance, bar.update)
+        else:
+            report = _verify_database(settings, args, scorer)
+    except verify.VerifyError as exc:
+        print(f"tokentrail: {exc}", file=sys.stderr)
+        return 2
+    passed = report.passed(args.max_over)
+    if args.json:
+        print(json.dumps({**report.as_dict(), "passed": passed}))
+    else:
+        columns = ["trajectory_id", "sequence", "compared", "mean_abs", "max_abs", "over", "first_over"]
+        shown = [s for s in report.sequences if not (args.quiet and s.ok)]
+        rows = [
+            (
+                s.trajectory_id,
+                s.sequence_index,
+                s.compared if not s.missing else f"{s.compared} ({s.missing} without logprob)",
+                f"{s.mean_abs_delta:.4f}",
+                f"{s.max_abs_delta:.4f}",
+                s.over_tolerance,
+                s.first_over if s.first_over is not None else s.first_missing,
+            )
+            for s in shown
+        ]
+        if rows:
+            print(format_table(columns, rows))
+        print(f"{'PASS' if passed else 'FAIL'}: {report.line()}")
+    return 0 if passed else 1
+
+
+def _verify_database(settings: Settings, args: argparse.Namespace, scorer: Any) -> Any:
+    from tqdm import tqdm
+
+    import tokentrail.proxy.training.verify as verify
+    from tokentrail.proxy.storage.engine import make_engine
+    from tokentrail.proxy.training.export import count_trajectories, export
+    from tokentrail.proxy.training.policy import PolicyFilter, UnknownWeightVersionError
+    from tokentrail.proxy.training.sequences import SequenceMode
+
+    try:
+        filters = _selection(args)
+    except ValueError as exc:
+        raise verify.VerifyError(str(exc)) from None
+    sink = verify.ScoringSink(scorer, args.tolerance)
+    engine = make_engine(settings.db)
+    try:
+        total = count_trajectories(engine, filters)
+        with tqdm(total=total, unit="traj", file=sys.stderr, disable=None) as bar:
+            export(
+                engine,
+                sink,
+                filters,
+                SequenceMode(args.mode),
+                max(1, args.batch),
+                lambda n: bar.update(n),
+                by_group=args.by_group,
+                policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness),
+            )
+    except UnknownWeightVersionError as exc:
+        raise verify.VerifyError(f"--min-weight-version: {exc}") from None
+    finally:
+        engine.dispose()
+    return sink.finish()
 
 
 def _drift(settings: Settings, trajectory_id: str, tokenizer_path: str, as_json: bool) -> int:

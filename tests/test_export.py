@@ -160,6 +160,8 @@ def test_jsonl_export_with_filters_and_rewards(tmp_path: Path) -> None:
         (["reward", "x" * 300, "1"], "256"),
         (["export", "--format", "jsonl", "--out", "x.jsonl", "--tag", "novalue"], "key=value"),
         (["export", "--format", "jsonl", "--out", "x.jsonl", "--since", "yesterday"], "ISO"),
+        (["export", "--format", "jsonl", "--out", "no/such/x.jsonl"], "cannot write no/such/x.jsonl"),
+        (["export", "--format", "parquet", "--out", "no/such/x.parquet"], "cannot write no/such/x.parquet"),
     ],
 )
 def test_bad_cli_input_is_refused_clearly(tmp_path: Path, args: list[str], message: str) -> None:
