@@ -106,6 +106,10 @@ class DriftJudge:
     def __init__(self, max_trajectories: int = 4096) -> None:
         self._max = max_trajectories
         self._recent: OrderedDict[str, deque[PastCall]] = OrderedDict()
+        # the seq of the last call this judge saw written per trajectory: a cache is current only when
+        # the call being written comes right after it (another process may have written in between)
+        self._last_seq: dict[str, int] = {}
+        self._pending_seq: dict[str, int] = {}  # the batch being written: kept once it is committed
 
     def judge(
         self, connection: Any, records: list[tuple[CallRecord, int]], forms: dict[str, StoredForm]
@@ -118,9 +122,12 @@ class DriftJudge:
         to ``remember`` then (a batch that fails leaves this judge as it was).
         """
         overlay: dict[str, deque[PastCall]] = {}
+        self._pending_seq.clear()  # (what a failed attempt at this batch left)
         for record, seq in records:
             try:
                 self._judge_one(connection, record, seq, overlay, forms)
+                if record.seq is not None:
+                    self._pending_seq[record.trajectory_id] = seq
             except Exception as exc:  # never lose a batch over a diagnosis
                 logger.warning(
                     "call_id=<%s>, error=<%s> | drift not judged", record.call_id, type(exc).__name__
@@ -145,6 +152,8 @@ class DriftJudge:
         candidates = overlay.get(trajectory_id)
         if candidates is None:
             cached = self._recent.get(trajectory_id)
+            if cached is not None and self._last_seq.get(trajectory_id) != seq - 1:
+                cached = None  # another process wrote calls since: read them
             if seq == 0:
                 candidates = deque(maxlen=CALLS_PER_TRAJECTORY)
             elif cached is not None:
@@ -178,10 +187,14 @@ class DriftJudge:
         for trajectory_id, candidates in overlay.items():
             self._recent.pop(trajectory_id, None)
             self._recent[trajectory_id] = candidates
+        self._last_seq.update(self._pending_seq)
+        self._pending_seq.clear()
         while len(self._recent) > self._max:
-            self._recent.popitem(last=False)
+            forgotten, _ = self._recent.popitem(last=False)
+            self._last_seq.pop(forgotten, None)
 
     def forget(self, trajectory_ids: set[str]) -> None:
         """Records were written outside ``remember`` (spool replay): read these from the database."""
         for trajectory_id in trajectory_ids:
             self._recent.pop(trajectory_id, None)
+            self._last_seq.pop(trajectory_id, None)

@@ -57,10 +57,12 @@ class Fallback:
     UPSTREAM_REFUSED = "upstream_refused"  # vLLM answered the token-in request with a 4xx
     UPSTREAM_IGNORED = "upstream_ignored_ids"  # vLLM's prompt IDs are not the ones sent
     DATABASE_ERROR = "database_error"  # the trajectory's previous calls could not be read
+    REPLY_NOT_RECORDED = "reply_not_recorded"  # a reply in the history no recorded call gave (in time)
     PROXY_ERROR = "proxy_error"
 
 
 _KV_KEY = b'"kv_transfer_params"'
+_RECORD_POLL_S = 0.05  # how often a call whose previous turn is not yet recorded reads the database again
 
 
 def token_in_wanted(headers: list[tuple[bytes, bytes]], default: bool) -> bool:
@@ -169,7 +171,8 @@ class TokenIn:
         unsupported = _unsupported(request)
         if unsupported is not None:
             raise BuildFailed(unsupported)
-        if not self._memory.holds(trajectory_id):
+        read_now = not self._memory.holds(trajectory_id)
+        if read_now:
             await self._load(trajectory_id)
         waiting = self._memory.predecessors(trajectory_id, opened)
         if waiting:  # the client may already hold their answers while their records are being made
@@ -180,15 +183,37 @@ class TokenIn:
                 for wait in waits:
                     wait.cancel()
         found = best_continuation(self._memory.calls(trajectory_id), request)
-        if suffix_has_reply(found, request):
-            await self._load(trajectory_id)
-            found = best_continuation(self._memory.calls(trajectory_id), request)
+        if suffix_has_reply(found, request) or (not isinstance(found, Continuation) and not read_now):
+            found = await self._continuation_on_record(trajectory_id, request)
         if not isinstance(found, Continuation):
             raise BuildFailed(found)
         if not self._memory.claim_base(trajectory_id, opened, found.past.call_id):
             raise BuildFailed(Fallback.CONCURRENT)
         auth = [(n, v) for n, v in headers if n.lower() == b"authorization"]
         return await self._builder.build(self._upstream_of(trajectory_id), auth, request, found)
+
+    async def _continuation_on_record(
+        self, trajectory_id: str, request: dict[str, Any]
+    ) -> Continuation | str:
+        """What the call continues, by what the database holds, when memory does not prove it.
+
+        Memory is trusted only where the request itself shows it is current: a continuation whose new
+        messages hold no assistant reply. Otherwise another process may have relayed a later turn:
+        the database is read. A reply in the new messages that no recorded call gave may still be on
+        its way (another worker's writer is batching it): the database is read again until the wait
+        bound, and if it never comes the call falls back, for building on an older call would
+        re-render that reply from text and call the result exact.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_s
+        while True:
+            await self._load(trajectory_id)
+            found = best_continuation(self._memory.calls(trajectory_id), request)
+            if not suffix_has_reply(found, request):
+                return found
+            if loop.time() >= deadline:
+                return Fallback.REPLY_NOT_RECORDED
+            await asyncio.sleep(_RECORD_POLL_S)
 
     async def _load(self, trajectory_id: str) -> None:
         def read() -> list[Any]:
