@@ -77,6 +77,10 @@ def token_in_wanted(headers: list[tuple[bytes, bytes]], default: bool) -> bool:
     return default
 
 
+def _holds_a_reply(request: dict[str, Any]) -> bool:
+    return any(isinstance(m, dict) and m.get("role") == "assistant" for m in request["messages"])
+
+
 def _unsupported(request: dict[str, Any]) -> str | None:
     if request.get("echo"):
         return Fallback.ECHO
@@ -185,6 +189,10 @@ class TokenIn:
         found = best_continuation(self._memory.calls(trajectory_id), request)
         if suffix_has_reply(found, request) or (not isinstance(found, Continuation) and not read_now):
             found = await self._continuation_on_record(trajectory_id, request)
+        if found == Reason.FIRST_CALL and _holds_a_reply(request):
+            # no call of the trajectory is recorded, yet the history holds a model's reply: an earlier
+            # turn another process relayed and has not written yet (sticky routing avoids this)
+            raise BuildFailed(Fallback.REPLY_NOT_RECORDED)
         if not isinstance(found, Continuation):
             raise BuildFailed(found)
         if not self._memory.claim_base(trajectory_id, opened, found.past.call_id):
