@@ -120,7 +120,8 @@ class RecordedCall:
         state = self.state
         watcher = watch_client(self.scope, receive, state)
         try:
-            await self._pass_the_gate()
+            if self.context.rl is not None and self.context.rl.gate.paused:  # (no coroutine otherwise)
+                await self._pass_the_gate()
             upstream, body = await self._open()
             self.record.status_code = upstream.status_code
             if upstream.status_code == 200 and upstream.content_type.startswith("text/event-stream"):
@@ -263,7 +264,8 @@ class RecordedCall:
         # Building the prompt read the database and rendered through vLLM: a pause may have come
         # meanwhile, and this call is not yet one that a pause waits for. Checked again here, with
         # no await until the upstream is picked (and the RL loop counts the call as running).
-        await self._pass_the_gate()
+        if self.context.rl is not None and self.context.rl.gate.paused:
+            await self._pass_the_gate()
         if rewritten is None:
             return None
         response = await self._send(rewritten)
