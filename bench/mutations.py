@@ -23,10 +23,12 @@ It edits files of the working tree in place (the strict editable install imports
 with ``PYTHONDONTWRITEBYTECODE`` so no mutated bytecode is left behind, and restores each file in
 ``finally``; it refuses to touch a file with uncommitted changes.
 
-Why this script and not mutmut or cosmic-ray: those generate hundreds of operator mutants per module
-and run the test command for each; the tests here start uvicorn, PostgreSQL and fake upstreams over
-real sockets (a few seconds per test file), so one module's mutants would take hours. A hand-written
-catalogue of plausible bugs, each with its own few tests, runs in minutes.
+Why this script and not mutmut or cosmic-ray (not tried; an estimate from this lane's own figures):
+those generate an operator mutant for nearly every comparison, constant and call of a module
+(hundreds for ``writer.py`` alone) and run the test command for each, while one run of the tests
+here, which start uvicorn, PostgreSQL and fake upstreams over real sockets, takes 3 to 40 s
+(measured per mutation below): one module's mutants would take hours. Hand-written plausible bugs,
+each with the few tests that guard it, run in minutes and say what each bug means.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -176,6 +179,42 @@ MUTATIONS = [
         "a token-in call vLLM answered with a 5xx (it may have run it) is sent again",
     ),
     Mutation(
+        "flag-error-always-resent",
+        "proxy/relay/recorded_call.py",
+        "        if not any(marker in body for marker in _FLAG_SHAPED):\n            return response, body\n",
+        "",
+        (
+            "tests/test_relay_hardening.py::test_a_400_that_does_not_mention_the_flag_is_relayed_without_sending_again",
+        ),
+        "any 400/422 is sent again without the added flag, even one the flag cannot have shaped",
+    ),
+    Mutation(
+        "flag-error-never-resent",
+        "proxy/relay/recorded_call.py",
+        "if not self.strip or response.status_code not in _VALIDATION_STATUSES:",
+        "if True:",
+        (
+            "tests/test_relay_hardening.py::test_a_400_that_mentions_the_flag_is_answered_for_the_clients_own_request",
+        ),
+        "a client gets vLLM's error about a return_token_ids flag it never sent",
+    ),
+    Mutation(
+        "sealed-outcome-changed",
+        "proxy/relay/recorded_call.py",
+        "        if self.sealed:\n            return\n        self.record.outcome = outcome",
+        "        self.record.outcome = outcome",
+        ("tests/test_relay_hardening.py::test_durable_records_keep_the_outcome_they_were_handed_over_with",),
+        "a record's outcome is changed after it was handed to the writer",
+    ),
+    Mutation(
+        "local-connect-error-marks-down",
+        "proxy/relay/call.py",
+        "            if exc.local:\n                raise\n",
+        "",
+        ("tests/test_relay_hardening.py::test_a_local_connect_error_does_not_mark_an_upstream_down",),
+        "this machine running out of sockets marks a healthy upstream down",
+    ),
+    Mutation(
         "own-headers-forwarded",
         "proxy/relay/headers.py",
         "if not name.startswith(OWN_HEADER_PREFIXES)",
@@ -225,6 +264,16 @@ MUTATIONS = [
         "            pass\n",
         ("tests/test_no_duplicate_requests.py",),
         "a request the caller said must not be re-sent is re-sent on a stale connection",
+    ),
+    Mutation(
+        "late-close-taken-for-stale",
+        "proxy/upstream/connection.py",
+        "            if reused and (self.writing_paused or early):",
+        "            if reused:",
+        (
+            "tests/test_no_duplicate_requests.py::test_a_post_dropped_on_a_reused_connection_after_work_is_not_sent_again",
+        ),
+        "a reused connection closed after vLLM may have run the request is re-sent as stale",
     ),
     # ---- proxy/server/uvicorn_hooks.py ----
     Mutation(
@@ -277,7 +326,7 @@ MUTATIONS = [
         "proxy/recording/writer.py",
         "                elif self._take_skipped(trajectory_id, expected):\n                    pass\n",
         "",
-        ("tests/test_writer.py::test_a_full_queue_spills_to_the_fallback_file_instead_of_blocking",),
+        ("tests/test_writer.py::test_a_call_after_one_that_spilled_is_written_without_waiting_for_it",),
         "after a record spills, its trajectory's later records wait for it forever",
     ),
     Mutation(
@@ -303,6 +352,7 @@ MUTATIONS = [
         "                elif False:",
         (
             "tests/test_writer.py::test_a_record_the_database_refuses_is_set_aside_and_does_not_block_the_replay",
+            "tests/test_writer.py::test_a_refused_record_is_set_aside_by_the_idle_replay_too",
         ),
         "records the database refused on their own are replayed again and again",
     ),
@@ -332,12 +382,21 @@ MUTATIONS = [
         "the spool grows past TOKENTRAIL_SPOOL_MAX_BYTES",
     ),
     Mutation(
-        "spool-loses-prompt-text",
+        "unfinished-replay-overwritten",
         "proxy/recording/spool.py",
-        "    record.load_prompt_ids()\n    row = dataclasses.asdict(record)",
-        "    row = dataclasses.asdict(record)",
-        ("tests/test_outage.py", "tests/test_writer.py"),
-        "a spooled chat record whose long prompt IDs are still text loses them",
+        "            if self._replay_waiting:\n                return self.replaying\n",
+        "",
+        ("tests/test_writer.py::test_a_replay_cut_by_a_crash_is_finished_by_the_next_writer_exactly_once",),
+        "a replay a crash cut short is overwritten by the next spool (or never finished)",
+    ),
+    # ---- proxy/recording/records.py ----
+    Mutation(
+        "long-prompt-count-unchecked",
+        "proxy/recording/records.py",
+        "if count != self.prompt_tokens and mismatch not in self.integrity:",
+        "if False:",
+        ("tests/test_capture.py::test_a_long_prompt_is_kept_as_text_on_the_loop_and_parsed_once_later",),
+        "a long chat prompt (kept as text, counted when parsed) is never checked against usage",
     ),
     # ---- proxy/recording/stored_form.py and proxy/storage/stored_calls.py: the stored form ----
     Mutation(
@@ -351,7 +410,8 @@ MUTATIONS = [
     Mutation(
         "stored-form-key-order",
         "proxy/recording/stored_form.py",
-        "    while count and jsonio.dumps_text(messages[:count]) != jsonio.dumps_text(base_messages[:count]):",
+        "    while count and jsonio.dumps_text(messages[:count])"
+        " != jsonio.dumps_text(base_messages[:count]):",
         "    while False:",
         ("tests/test_stored_calls.py",),
         "messages equal in value but not in key order are shared: the request reads back reordered",
@@ -387,7 +447,7 @@ MUTATIONS = [
         "proxy/storage/queries.py",
         '.where(CALLS.c.trajectory_id.in_(ids), CALLS.c.outcome == "ok")',
         ".where(CALLS.c.trajectory_id.in_(ids))",
-        ("tests/test_api.py", "tests/test_export.py"),
+        ("tests/test_api.py::test_a_call_that_did_not_end_ok_is_left_out_of_the_sequences",),
         "calls that did not end ok (cut, aborted, errors) go into the training sequences",
     ),
     # ---- proxy/storage/bulk.py ----
@@ -447,9 +507,7 @@ MUTATIONS = [
         "proxy/training/policy.py",
         "            oldest = min(known, key=ranks.__getitem__)",
         "            oldest = max(known, key=ranks.__getitem__)",
-        (
-            "tests/test_rl.py::test_the_export_gives_versions_staleness_and_group_advantages_and_filters_on_them",
-        ),
+        ("tests/test_rl.py::test_a_sequence_over_several_versions_is_stamped_with_its_oldest",),
         "a sequence is stamped with its newest policy version, not its oldest",
     ),
     Mutation(
@@ -457,7 +515,7 @@ MUTATIONS = [
         "proxy/training/export.py",
         '        after = (rows[-1]["created_at"], rows[-1]["id"])',
         '        after = (rows[0]["created_at"], rows[0]["id"])',
-        ("tests/test_export.py",),
+        ("tests/test_export.py::test_an_export_read_in_small_batches_gives_each_trajectory_once",),
         "the export's next page starts after the first row of the last one: trajectories repeat",
     ),
     # ---- proxy/token_in/: the prompt IDs built for a continuing call, and drift ----
@@ -480,7 +538,8 @@ MUTATIONS = [
     Mutation(
         "fallback-stays-token-in",
         "proxy/token_in/planner.py",
-        "    def _fall_back(self, record: CallRecord, reason: str) -> None:\n        record.token_in = False\n",
+        "    def _fall_back(self, record: CallRecord, reason: str) -> None:\n"
+        "        record.token_in = False\n",
         "    def _fall_back(self, record: CallRecord, reason: str) -> None:\n",
         ("tests/test_token_in.py",),
         "a call that fell back (vLLM refused the IDs) is still recorded as token_in",
@@ -514,7 +573,8 @@ MUTATIONS = [
     Mutation(
         "tools-change-ignored",
         "proxy/token_in/messages.py",
-        "    if _render_options(request) != _render_options(past.request):\n        return Reason.OPTIONS_CHANGED\n",
+        "    if _render_options(request) != _render_options(past.request):\n"
+        "        return Reason.OPTIONS_CHANGED\n",
         "",
         ("tests/test_token_in.py",),
         "a call whose chat template options changed is continued with the old rendering",
@@ -580,7 +640,8 @@ MUTATIONS = [
     Mutation(
         "policy-header-ignored",
         "proxy/rl/loop.py",
-        "record.weight_version = policy_header if policy_header is not None else self.weights.current(upstream)",
+        "record.weight_version = policy_header if policy_header is not None"
+        " else self.weights.current(upstream)",
         "record.weight_version = self.weights.current(upstream)",
         ("tests/test_rl.py",),
         "a call's X-Policy-Version is replaced by the upstream's version",
@@ -598,7 +659,8 @@ MUTATIONS = [
         "shutdown-no-wait",
         "proxy/app.py",
         "            if not await relay.in_flight.wait_idle(_DRAIN_AFTER_SHUTDOWN_S):\n"
-        '                logger.error("in_flight=<%d> | calls still open at shutdown", relay.in_flight.count)\n',
+        '                logger.error("in_flight=<%d> | calls still open at shutdown", '
+        "relay.in_flight.count)\n",
         "",
         ("tests/test_shutdown.py::test_a_call_open_when_the_lifespan_ends_is_answered_and_recorded",),
         "shutdown closes the writer without waiting for the calls in flight",
@@ -652,8 +714,9 @@ def check(mutations: list[Mutation]) -> dict[str, list[str]]:
     return found
 
 
-def run(mutation: Mutation) -> tuple[str, float]:
-    """Apply ``mutation``, run its tests, restore the file: 'caught', 'MISSED' or 'STALE: why'."""
+def run(mutation: Mutation, show: bool = False) -> tuple[str, float]:
+    """Apply ``mutation``, run its tests, restore the file: 'caught', 'MISSED' or 'STALE: why'
+    (``show``: print which tests failed, to see that they failed for the bug)."""
     wrong = problems(mutation)
     if wrong:
         return "STALE: " + "; ".join(wrong), 0.0
@@ -667,21 +730,30 @@ def run(mutation: Mutation) -> tuple[str, float]:
     command += ["-m", "not vllm and not browser", *mutation.tests]
     try:
         path.write_bytes(original.decode().replace(mutation.old, mutation.new).encode())
-        try:
-            done = subprocess.run(
-                command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
-            )
-        except subprocess.TimeoutExpired:
-            return "caught (timeout)", time.monotonic() - started
+        # its own process group: on a timeout the servers and CLIs the tests started go with it
+        with subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        ) as process:  # fmt: skip
+            try:
+                output, _ = process.communicate(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                return "caught (timeout)", time.monotonic() - started
     finally:
         path.write_bytes(original)
     seconds = time.monotonic() - started
-    if done.returncode in (1, 2):  # tests failed (or could not be collected with the bug in)
+    if show:
+        for line in output.splitlines():
+            if line.startswith(("FAILED ", "ERROR tests")):
+                print(f"    {line[:200]}")
+    if process.returncode in (1, 2):  # tests failed (or could not be collected with the bug in)
         return "caught", seconds
-    if done.returncode == 0:
+    if process.returncode == 0:
         return "MISSED", seconds
-    tail = (done.stdout + done.stderr).strip().splitlines()[-1:]
-    return f"STALE: pytest exit {done.returncode} {' '.join(tail)}", seconds
+    tail = output.strip().splitlines()[-1:]
+    return f"STALE: pytest exit {process.returncode} {' '.join(tail)}", seconds
 
 
 def report(results: list[tuple[Mutation, str]]) -> tuple[float, list[str]]:
@@ -704,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--check", action="store_true", help="check every mutation applies; run no test")
     parser.add_argument("--module", action="append", default=[], help="only the mutations of this file")
+    parser.add_argument("--show", action="store_true", help="print the tests that failed for each mutation")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - {m.name for m in MUTATIONS})
     if unknown:
@@ -730,9 +803,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[tuple[Mutation, str]] = []
     started = time.monotonic()
     for mutation in chosen:
-        verdict, seconds = run(mutation)
+        verdict, seconds = run(mutation, args.show)
         results.append((mutation, verdict))
-        print(f"{mutation.name:34} {verdict:8} {seconds:6.1f} s  {mutation.path}: {mutation.what}", flush=True)
+        print(
+            f"{mutation.name:34} {verdict:8} {seconds:6.1f} s  {mutation.path}: {mutation.what}", flush=True
+        )
     score, lines = report(results)
     print(f"score per module ({time.monotonic() - started:.0f} s in all):")
     print("\n".join(lines))
