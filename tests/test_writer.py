@@ -200,9 +200,10 @@ def test_a_refused_record_is_set_aside_by_the_idle_replay_too(tmp_path: Path, db
     writer = RecordWriter(
         make_engine(db_url), queue_size=100, batch_size=50, retries=0, fallback_path=fallback
     )
-    bad = _record(writer, "poison")
+    good = _record(writer, "t")  # one trajectory: the batch holds them in arrival order, good first
+    bad = _record(writer, "t")
     bad.choices = [ChoiceRecord(index=0, token_ids=[1]), ChoiceRecord(index=0, token_ids=[2])]  # same key
-    writer.submit(_record(writer, "good"))  # first in the batch: written alone, so bad is refused alone
+    writer.submit(good)  # written alone after the batch fails, so bad is then refused alone
     writer.submit(bad)
     writer.start()
     assert writer.wait_settled(2, timeout=30)
