@@ -6,7 +6,7 @@ written as an exact text replacement in one file of the modules that decide what
 script applies it, runs the few tests named for it (without the real vLLM or the browser), restores
 the file, and reports whether the tests failed (caught) or passed (MISSED).
 
-    .venv/bin/python bench/mutations.py                  # the whole lane (about 15 minutes on 2 cores)
+    .venv/bin/python bench/mutations.py                  # the whole lane (about 9 minutes on 2 cores)
     .venv/bin/python bench/mutations.py --check          # every mutation still applies; runs no test
     .venv/bin/python bench/mutations.py --list           # names, files, what each bug is
     .venv/bin/python bench/mutations.py token-in-tail stale-gauges-added   # some of them
