@@ -1,42 +1,66 @@
-"""Deliberate bugs on the recording path, each of which the test suite must catch.
+"""Deliberate bugs on the recording path, each of which the test suite must catch: the mutation lane.
 
-Why: a suite can be green and still miss the bug it claims to guard against (an audit found six such
-tests). Each mutation below is one plausible bug, written as an exact text replacement in one file;
-the script applies it, runs the tests named for it (without the real vLLM, so a run takes minutes),
-restores the file, and reports whether the tests failed (caught) or passed (missed). Run it after
-changing the recording path or its tests; a missed mutation is a test to write.
+Why: a suite can be green and still miss the bug it claims to guard against (two audits planted
+plausible bugs and found 6, then 10, that no test saw). Each mutation below is one plausible bug,
+written as an exact text replacement in one file of the modules that decide what is recorded; the
+script applies it, runs the few tests named for it (without the real vLLM or the browser), restores
+the file, and reports whether the tests failed (caught) or passed (MISSED).
 
-    .venv/bin/python bench/mutations.py            # all of them
-    .venv/bin/python bench/mutations.py --list     # names only
-    .venv/bin/python bench/mutations.py strip-stream replay-duplicates
+    .venv/bin/python bench/mutations.py                  # the whole lane (about 9 minutes on 2 cores)
+    .venv/bin/python bench/mutations.py --check          # every mutation still applies; runs no test
+    .venv/bin/python bench/mutations.py --list           # names, files, what each bug is
+    .venv/bin/python bench/mutations.py token-in-tail stale-gauges-added   # some of them
+    .venv/bin/python bench/mutations.py --module proxy/recording/writer.py  # one module's
 
-It edits files of the working tree in place (the strict editable install imports them from there) and
-restores each in ``finally``; it refuses to touch a file with uncommitted changes.
+It cannot go stale silently: a mutation whose target text is not in its file exactly once, or that
+names a test file or test that does not exist, is an ERROR (``STALE``), never a skip, and makes the
+run exit non-zero. ``--check`` checks exactly that in a fraction of a second, and
+``tests/test_mutation_catalogue.py`` runs the same check in the README's test command, so CI fails the
+moment code moves under a mutation. The run exits non-zero when any mutation is missed or stale, or
+when fewer than ``BAR`` (95%) of the planted bugs are caught.
+
+It edits files of the working tree in place (the strict editable install imports them from there),
+with ``PYTHONDONTWRITEBYTECODE`` so no mutated bytecode is left behind, and restores each file in
+``finally``; it refuses to touch a file with uncommitted changes.
+
+Why this script and not mutmut or cosmic-ray (not tried; an estimate from this lane's own figures):
+those generate an operator mutant for nearly every comparison, constant and call of a module
+(hundreds for ``writer.py`` alone) and run the test command for each, while one run of the tests
+here, which start uvicorn, PostgreSQL and fake upstreams over real sockets, takes 3 to 40 s
+(measured per mutation below): one module's mutants would take hours. Hand-written plausible bugs,
+each with the few tests that guard it, run in minutes and say what each bug means.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BAR = 0.95  # the share of planted bugs the tests must catch
+TIMEOUT_S = 300.0  # one mutation's tests; a hang counts as caught (CI would time out), and says so
 
 
 @dataclass(frozen=True)
 class Mutation:
     name: str
-    path: str
-    old: str
+    path: str  # relative to the repository root
+    old: str  # must be in the file exactly once
     new: str
-    tests: tuple[str, ...]
-    what: str
+    tests: tuple[str, ...]  # test files or node ids (file::test), without the vllm or browser marks
+    what: str  # the bug, in one line
 
 
 MUTATIONS = [
+    # ---- proxy/recording/capture.py: what vLLM's answer says, and whether to trust it ----
     Mutation(
         "integrity-always-ok",
         "proxy/recording/capture.py",
@@ -54,6 +78,22 @@ MUTATIONS = [
         "generated IDs that do not match usage.completion_tokens pass",
     ),
     Mutation(
+        "completion-count-one-sided",
+        "proxy/recording/capture.py",
+        "if generated != record.completion_tokens:",
+        "if generated < (record.completion_tokens or 0):",
+        ("tests/test_capture.py::test_ids_that_disagree_with_vllms_usage_are_flagged",),
+        "only fewer generated IDs than usage counts are flagged, never more",
+    ),
+    Mutation(
+        "prompt-count-unchecked",
+        "proxy/recording/capture.py",
+        "elif self._prompt_count() != record.prompt_tokens:",
+        "elif False:",
+        ("tests/test_capture.py",),
+        "prompt IDs that do not match usage.prompt_tokens pass",
+    ),
+    Mutation(
         "logprobs-dropped",
         "proxy/recording/capture.py",
         "            choice.logprobs.extend(entries)",
@@ -62,10 +102,59 @@ MUTATIONS = [
         "logprobs are not kept",
     ),
     Mutation(
+        "logprobs-count-unchecked",
+        "proxy/recording/capture.py",
+        "c.logprobs is None or len(c.logprobs) != len(c.token_ids)",
+        "c.logprobs is None",
+        ("tests/test_capture.py::test_logprobs_that_are_not_one_per_token_are_flagged",),
+        "logprobs that are not one per generated token pass the integrity check",
+    ),
+    Mutation(
+        "flag-added-judged-unasked",
+        "proxy/recording/capture.py",
+        "if not self.ask.token_ids and not self.ask.flag_added:",
+        "if not self.ask.token_ids:",
+        ("tests/test_capture.py",),
+        "a call whose IDs the proxy asked for is judged no_token_ids and never checked",
+    ),
+    Mutation(
+        "flag-added-to-echo",
+        "proxy/recording/capture.py",
+        'add_flag = not asked_ids and not parsed.get("echo")',
+        "add_flag = not asked_ids",
+        ("tests/test_capture.py::test_completion_echo_is_not_given_the_flag",),
+        "an echo completion gets return_token_ids, which changes vLLM's answer to it",
+    ),
+    Mutation(
+        "secrets-stored",
+        "proxy/recording/capture.py",
+        '_SECRET_KEYS = frozenset({"api_key", "apikey", "authorization"})',
+        "_SECRET_KEYS: frozenset[str] = frozenset()",
+        ("tests/test_capture.py::test_prepare_request_adds_the_flag_and_remembers_the_ask",),
+        "an api_key in the request body is stored in the database",
+    ),
+    Mutation(
+        "flag-only-chunks-kept",
+        "proxy/recording/capture.py",
+        "return not (self.strip and self.capture.chat and _is_flag_only_chunk(obj))",
+        "return True",
+        ("tests/test_capture.py",),
+        "a client gets the empty chunks vLLM sends only because of the added flag",
+    ),
+    Mutation(
+        "completion-prompts-per-choice",
+        "proxy/recording/capture.py",
+        "for index, ids in self._completion_prompts.items() if index % n == 0)",
+        "for index, ids in self._completion_prompts.items())",
+        ("tests/test_capture.py",),
+        "an n>1 completion's prompt is counted once per choice and judged a mismatch",
+    ),
+    # ---- proxy/relay/: what crosses the proxy and when a request is sent ----
+    Mutation(
         "strip-stream",
-        "proxy/relay/asgi.py",
-        "StreamTap(capture, strip)",
-        "StreamTap(capture, False)",
+        "proxy/relay/recorded_call.py",
+        "StreamTap(self.capture, self.strip)",
+        "StreamTap(self.capture, False)",
         (
             "tests/test_relay_fake.py::test_a_client_that_did_not_ask_for_token_ids_gets_the_bytes_vllm_sends_without_the_flag",
         ),
@@ -73,7 +162,7 @@ MUTATIONS = [
     ),
     Mutation(
         "strip-body",
-        "proxy/relay/asgi.py",
+        "proxy/relay/recorded_call.py",
         "body = strip_token_ids(body)",
         "body = body",
         (
@@ -81,6 +170,112 @@ MUTATIONS = [
         ),
         "a JSON answer keeps the token IDs the client did not ask for",
     ),
+    Mutation(
+        "token-in-resent-after-5xx",
+        "proxy/relay/recorded_call.py",
+        "if 400 <= response.status_code < 500:",
+        "if 400 <= response.status_code < 600:",
+        ("tests/test_token_in.py",),
+        "a token-in call vLLM answered with a 5xx (it may have run it) is sent again",
+    ),
+    Mutation(
+        "flag-error-always-resent",
+        "proxy/relay/recorded_call.py",
+        "        if not any(marker in body for marker in _FLAG_SHAPED):\n            return response, body\n",
+        "",
+        (
+            "tests/test_relay_hardening.py::test_a_400_that_does_not_mention_the_flag_is_relayed_without_sending_again",
+        ),
+        "any 400/422 is sent again without the added flag, even one the flag cannot have shaped",
+    ),
+    Mutation(
+        "flag-error-never-resent",
+        "proxy/relay/recorded_call.py",
+        "if not self.strip or response.status_code not in _VALIDATION_STATUSES:",
+        "if True:",
+        (
+            "tests/test_relay_hardening.py::test_a_400_that_mentions_the_flag_is_answered_for_the_clients_own_request",
+        ),
+        "a client gets vLLM's error about a return_token_ids flag it never sent",
+    ),
+    Mutation(
+        "sealed-outcome-changed",
+        "proxy/relay/recorded_call.py",
+        "        if self.sealed:\n            return\n        self.record.outcome = outcome",
+        "        self.record.outcome = outcome",
+        ("tests/test_relay_hardening.py::test_durable_records_keep_the_outcome_they_were_handed_over_with",),
+        "a record's outcome is changed after it was handed to the writer",
+    ),
+    Mutation(
+        "local-connect-error-marks-down",
+        "proxy/relay/call.py",
+        "            if exc.local:\n                raise\n",
+        "",
+        ("tests/test_relay_hardening.py::test_a_local_connect_error_does_not_mark_an_upstream_down",),
+        "this machine running out of sockets marks a healthy upstream down",
+    ),
+    Mutation(
+        "own-headers-forwarded",
+        "proxy/relay/headers.py",
+        "if not name.startswith(OWN_HEADER_PREFIXES)",
+        "if name",
+        ("tests/test_relay_fake.py::test_passthrough_keeps_method_path_query_body_and_drops_hop_by_hop",),
+        "X-Trajectory-* and X-TokenTrail-* headers leak to vLLM",
+    ),
+    Mutation(
+        "hop-by-hop-forwarded",
+        "proxy/relay/headers.py",
+        "if lower in HOP_BY_HOP or lower in nominated or lower in drop:",
+        "if lower in drop:",
+        ("tests/test_relay_fake.py::test_passthrough_keeps_method_path_query_body_and_drops_hop_by_hop",),
+        "hop-by-hop headers (Proxy-Authorization, Connection) are forwarded",
+    ),
+    Mutation(
+        "failover-after-send",
+        "proxy/relay/call.py",
+        "        except UpstreamConnectError as exc:  # nothing was sent: another upstream may take the call",
+        "        except UpstreamError as exc:  # nothing was sent: another upstream may take the call",
+        ("tests/test_no_duplicate_requests.py", "tests/test_upstreams.py"),
+        "a call that failed after it was sent moves to another upstream: sent twice",
+    ),
+    Mutation(
+        "body-limit-unenforced",
+        "proxy/relay/request_body.py",
+        "        if size > limit:\n",
+        "        if False:\n",
+        (
+            "tests/test_limits_and_fuzz.py::test_a_body_over_the_limit_gets_413_whether_its_length_is_announced_or_not",
+        ),
+        "a chunked body over TOKENTRAIL_MAX_BODY_BYTES is read whole",
+    ),
+    Mutation(
+        "non-idempotent-passthrough-resent",
+        "proxy/relay/passthrough.py",
+        "resend_if_stale=method in IDEMPOTENT_METHODS,",
+        "resend_if_stale=True,",
+        ("tests/test_no_duplicate_requests.py",),
+        "a POST pass-through is sent again on a stale connection",
+    ),
+    # ---- proxy/upstream/client.py: never re-send a request vLLM may have run ----
+    Mutation(
+        "resend-ignores-caller",
+        "proxy/upstream/client.py",
+        "            if not resend_if_stale:\n                raise\n",
+        "            pass\n",
+        ("tests/test_no_duplicate_requests.py",),
+        "a request the caller said must not be re-sent is re-sent on a stale connection",
+    ),
+    Mutation(
+        "late-close-taken-for-stale",
+        "proxy/upstream/connection.py",
+        "            if reused and (self.writing_paused or early):",
+        "            if reused:",
+        (
+            "tests/test_no_duplicate_requests.py::test_a_post_dropped_on_a_reused_connection_after_work_is_not_sent_again",
+        ),
+        "a reused connection closed after vLLM may have run the request is re-sent as stale",
+    ),
+    # ---- proxy/server/uvicorn_hooks.py ----
     Mutation(
         "backpressure-ignored",
         "proxy/server/uvicorn_hooks.py",
@@ -91,6 +286,7 @@ MUTATIONS = [
         ),
         "the relay never pauses the upstream for a slow client",
     ),
+    # ---- proxy/recording/writer.py: nothing lost, nothing written twice, seq without gaps ----
     Mutation(
         "replay-duplicates",
         "proxy/recording/writer.py",
@@ -118,6 +314,66 @@ MUTATIONS = [
         "concurrent calls of a trajectory get the same arrival ordinal",
     ),
     Mutation(
+        "held-not-flushed-at-stop",
+        "proxy/recording/writer.py",
+        "ready = self._in_arrival_order(batch, flush=stopping)",
+        "ready = self._in_arrival_order(batch, flush=False)",
+        ("tests/test_writer.py::test_a_record_held_for_its_predecessor_is_written_when_the_writer_stops",),
+        "records held for an earlier-arrived call are never written when the writer stops",
+    ),
+    Mutation(
+        "spilled-ordinal-waited-for",
+        "proxy/recording/writer.py",
+        "                elif self._take_skipped(trajectory_id, expected):\n                    pass\n",
+        "",
+        ("tests/test_writer.py::test_a_call_after_one_that_spilled_is_written_without_waiting_for_it",),
+        "after a record spills, its trajectory's later records wait for it forever",
+    ),
+    Mutation(
+        "seq-reused-after-restart",
+        "proxy/recording/writer.py",
+        "            found[trajectory_id] = top + 1",
+        "            found[trajectory_id] = top",
+        ("tests/test_writer.py::test_seq_continues_where_the_database_left_off_after_a_restart",),
+        "a restarted writer numbers a trajectory's next call with the last seq again",
+    ),
+    Mutation(
+        "call-count-overwritten",
+        "proxy/recording/writer.py",
+        '"call_count = trajectories.call_count + excluded.call_count, "',
+        '"call_count = excluded.call_count, "',
+        ("tests/test_writer.py", "tests/test_api.py"),
+        "a trajectory's call_count is the last batch's, not the sum",
+    ),
+    Mutation(
+        "refused-records-replayed",
+        "proxy/recording/writer.py",
+        "                elif reason.startswith(REFUSED):",
+        "                elif False:",
+        (
+            "tests/test_writer.py::test_a_record_the_database_refuses_is_set_aside_and_does_not_block_the_replay",
+            "tests/test_writer.py::test_a_refused_record_is_set_aside_by_the_idle_replay_too",
+        ),
+        "records the database refused on their own are replayed again and again",
+    ),
+    Mutation(
+        "spool-never-replayed",
+        "proxy/recording/writer.py",
+        "if not self._spool.pending or time.monotonic() - self._last_replay < _REPLAY_EVERY_S:",
+        "if True:",
+        ("tests/test_outage.py::test_a_locked_database_spools_the_records_and_replays_them_exactly_once",),
+        "spooled records are never written to the database",
+    ),
+    Mutation(
+        "tokens-summed-wrong",
+        "proxy/recording/writer.py",
+        'row["completion_tokens"] += record.completion_tokens or 0',
+        'row["completion_tokens"] += record.prompt_tokens or 0',
+        ("tests/test_api.py::test_tags_from_the_header_reward_finish_and_filters", "tests/test_writer.py"),
+        "a trajectory's completion_tokens add up the prompt tokens",
+    ),
+    # ---- proxy/recording/spool.py ----
+    Mutation(
         "spool-ignores-limit",
         "proxy/recording/spool.py",
         "            if self._bytes + len(data) > self.max_bytes:",
@@ -125,62 +381,440 @@ MUTATIONS = [
         ("tests/test_outage.py",),
         "the spool grows past TOKENTRAIL_SPOOL_MAX_BYTES",
     ),
+    Mutation(
+        "unfinished-replay-overwritten",
+        "proxy/recording/spool.py",
+        "            if self._replay_waiting:\n                return self.replaying\n",
+        "",
+        ("tests/test_writer.py::test_a_replay_cut_by_a_crash_is_finished_by_the_next_writer_exactly_once",),
+        "a replay a crash cut short is overwritten by the next spool (or never finished)",
+    ),
+    # ---- proxy/recording/records.py ----
+    Mutation(
+        "long-prompt-count-unchecked",
+        "proxy/recording/records.py",
+        "if count != self.prompt_tokens and mismatch not in self.integrity:",
+        "if False:",
+        ("tests/test_capture.py::test_a_long_prompt_is_kept_as_text_on_the_loop_and_parsed_once_later",),
+        "a long chat prompt (kept as text, counted when parsed) is never checked against usage",
+    ),
+    # ---- proxy/recording/stored_form.py and proxy/storage/stored_calls.py: the stored form ----
+    Mutation(
+        "stored-form-shares-one-too-many",
+        "proxy/storage/stored_calls.py",
+        "    return low\n",
+        "    return low + 1\n",
+        ("tests/test_stored_calls.py",),
+        "the shared prefix of two prompts is one token too long: a prompt reads back wrong",
+    ),
+    Mutation(
+        "stored-form-key-order",
+        "proxy/recording/stored_form.py",
+        "    while count and jsonio.dumps_text(messages[:count])"
+        " != jsonio.dumps_text(base_messages[:count]):",
+        "    while False:",
+        ("tests/test_stored_calls.py",),
+        "messages equal in value but not in key order are shared: the request reads back reordered",
+    ),
+    Mutation(
+        "stored-form-generated-skipped",
+        "proxy/recording/stored_form.py",
+        "    return shared + common_prefix(prompt_ids[shared:], generated)",
+        "    return shared",
+        ("tests/test_stored_calls.py",),
+        "the base's generated IDs are never shared: storage grows with turns squared again",
+    ),
+    Mutation(
+        "rebuild-wrong-choice",
+        "proxy/storage/stored_calls.py",
+        "own += generated.get((link.id, after.form.base_choice_index or 0), [])",
+        "own += generated.get((link.id, 0), [])",
+        ("tests/test_stored_calls.py",),
+        "a prompt stored against choice 1 of an n=2 call is rebuilt from choice 0",
+    ),
+    # ---- proxy/storage/queries.py ----
+    Mutation(
+        "paging-no-tiebreak",
+        "proxy/storage/queries.py",
+        "            (TRAJECTORIES.c.created_at > created)\n"
+        "            | ((TRAJECTORIES.c.created_at == created) & (TRAJECTORIES.c.id > trajectory_id))\n",
+        "            TRAJECTORIES.c.created_at > created\n",
+        ("tests/test_api.py::test_pagination_of_trajectories_made_at_the_same_instant_walks_each_once",),
+        "paging drops the (created_at, id) tie-break: trajectories made at one instant are skipped",
+    ),
+    Mutation(
+        "failed-calls-trained-on",
+        "proxy/storage/queries.py",
+        '.where(CALLS.c.trajectory_id.in_(ids), CALLS.c.outcome == "ok")',
+        ".where(CALLS.c.trajectory_id.in_(ids))",
+        ("tests/test_api.py::test_a_call_that_did_not_end_ok_is_left_out_of_the_sequences",),
+        "calls that did not end ok (cut, aborted, errors) go into the training sequences",
+    ),
+    # ---- proxy/storage/bulk.py ----
+    Mutation(
+        "sqlite-time-truncated",
+        "proxy/storage/bulk.py",
+        "        micro = round(fraction * 1e6)",
+        "        micro = int(fraction * 1e6)",
+        ("tests/test_writer.py::test_sqlite_timestamps_are_the_text_sqlalchemy_would_store",),
+        "SQLite times are cut, not rounded, as SQLAlchemy would store them: ordering and paging drift",
+    ),
+    # ---- proxy/training/: sequences, export, policy ----
+    Mutation(
+        "unchosen-branch-dropped",
+        "proxy/training/sequences.py",
+        "            done.extend(b for b in open_branches if b is not parent)",
+        "            pass",
+        ("tests/test_api.py::test_an_n2_call_keeps_the_branch_its_next_call_did_not_continue",),
+        "the branches of an n>1 call that the next call did not continue are dropped",
+    ),
+    Mutation(
+        "loss-mask-off-by-one",
+        "proxy/training/sequences.py",
+        "loss_mask=self.loss_mask + [0] * len(tail) + [1] * len(generated),",
+        "loss_mask=self.loss_mask + [0] * (len(tail) + 1) + [1] * (len(generated) - 1),",
+        ("tests/test_api.py", "tests/test_export.py"),
+        "the loss mask starts one token late: the first generated token is not trained on",
+    ),
+    Mutation(
+        "prefix-break-hidden",
+        "proxy/training/sequences.py",
+        "            if open_branches:\n                latest = open_branches[0]",
+        "            if False:\n                latest = open_branches[0]",
+        ("tests/test_api.py::test_sequences_of_a_trajectory_count_prefix_mismatches",),
+        "a call whose prompt does not extend the previous one starts a new sequence silently",
+    ),
+    Mutation(
+        "logprobs-misaligned",
+        "proxy/training/sequences.py",
+        "logprobs=self.logprobs + [None] * len(tail) + logprobs,",
+        "logprobs=self.logprobs + logprobs + [None] * len(tail),",
+        ("tests/test_api.py", "tests/test_export.py"),
+        "the logprobs are put before the prompt tail, not on the generated tokens",
+    ),
+    Mutation(
+        "staleness-off-by-one",
+        "proxy/training/policy.py",
+        "    newest = len(ranks) - 1",
+        "    newest = len(ranks)",
+        (
+            "tests/test_rl.py::test_the_export_gives_versions_staleness_and_group_advantages_and_filters_on_them",
+        ),
+        "every sequence is one version staler than it is",
+    ),
+    Mutation(
+        "newest-version-stamped",
+        "proxy/training/policy.py",
+        "            oldest = min(known, key=ranks.__getitem__)",
+        "            oldest = max(known, key=ranks.__getitem__)",
+        ("tests/test_rl.py::test_a_sequence_over_several_versions_is_stamped_with_its_oldest",),
+        "a sequence is stamped with its newest policy version, not its oldest",
+    ),
+    Mutation(
+        "export-pages-repeat",
+        "proxy/training/export.py",
+        '        after = (rows[-1]["created_at"], rows[-1]["id"])',
+        '        after = (rows[0]["created_at"], rows[0]["id"])',
+        ("tests/test_export.py::test_an_export_read_in_small_batches_gives_each_trajectory_once",),
+        "the export's next page starts after the first row of the last one: trajectories repeat",
+    ),
+    # ---- proxy/token_in/: the prompt IDs built for a continuing call, and drift ----
+    Mutation(
+        "token-in-tail",
+        "proxy/token_in/prompt.py",
+        "*tail[sampled:]",
+        "*tail",
+        ("tests/test_token_in.py::test_the_end_of_turn_the_model_sampled_itself_is_not_added_again",),
+        "token-in adds the end-of-turn the model already sampled again",
+    ),
+    Mutation(
+        "token-in-tail-unchecked",
+        "proxy/token_in/prompt.py",
+        "if not tail or history.last(len(tail)) != tail:",
+        "if not tail:",
+        ("tests/test_token_in.py",),
+        "a history render that does not end with the template's tail is spliced anyway",
+    ),
+    Mutation(
+        "fallback-stays-token-in",
+        "proxy/token_in/planner.py",
+        "    def _fall_back(self, record: CallRecord, reason: str) -> None:\n"
+        "        record.token_in = False\n",
+        "    def _fall_back(self, record: CallRecord, reason: str) -> None:\n",
+        ("tests/test_token_in.py",),
+        "a call that fell back (vLLM refused the IDs) is still recorded as token_in",
+    ),
+    Mutation(
+        "ignored-ids-unnoticed",
+        "proxy/token_in/planner.py",
+        "if record.token_in and record.load_prompt_ids() not in (None, prompt_ids):",
+        "if False:",
+        ("tests/test_token_in.py",),
+        "vLLM answering with other prompt IDs than those sent is not noticed",
+    ),
+    Mutation(
+        "concurrent-same-base",
+        "proxy/token_in/state.py",
+        "if any(o.base == base for o in found.open if o is not opened):",
+        "if False:",
+        ("tests/test_token_in.py::test_two_open_calls_are_never_built_on_the_same_previous_call",),
+        "two open calls are built on the same previous call",
+    ),
+    Mutation(
+        "predecessor-not-waited-for",
+        "proxy/token_in/state.py",
+        "                waiting.append(other)",
+        "                pass",
+        (
+            "tests/test_token_in.py::test_a_call_sent_before_its_predecessor_is_recorded_waits_for_it_and_continues_it",
+        ),
+        "a call sent before its predecessor's record is made does not wait for it",
+    ),
+    Mutation(
+        "tools-change-ignored",
+        "proxy/token_in/messages.py",
+        "    if _render_options(request) != _render_options(past.request):\n"
+        "        return Reason.OPTIONS_CHANGED\n",
+        "",
+        ("tests/test_token_in.py",),
+        "a call whose chat template options changed is continued with the old rendering",
+    ),
+    Mutation(
+        "trimmed-history-continued",
+        "proxy/token_in/messages.py",
+        "    if len(current) <= len(previous):",
+        "    if len(current) < len(previous):",
+        ("tests/test_token_in.py",),
+        "a request that repeats the previous messages without the reply is not said to be trimmed",
+    ),
+    Mutation(
+        "drift-template-as-retokenized",
+        "proxy/token_in/drift.py",
+        "        return Drift.TEMPLATE, position",
+        "        return Drift.RETOKENIZED, position",
+        ("tests/test_token_in.py",),
+        "a prompt that differs inside the previous prompt is called retokenized, not template",
+    ),
+    Mutation(
+        "drift-token-in-as-extends",
+        "proxy/token_in/drift.py",
+        "return (Drift.TOKEN_IN if built else Drift.EXTENDS), None",
+        "return Drift.EXTENDS, None",
+        ("tests/test_token_in.py",),
+        "a token-in call is recorded as extends",
+    ),
+    # ---- proxy/metrics/snapshot.py: the sum over workers ----
+    Mutation(
+        "stale-gauges-added",
+        "proxy/metrics/snapshot.py",
+        "gauges=age <= STALE_S",
+        "gauges=True",
+        ("tests/test_metrics.py::test_a_stopped_workers_counters_still_count_but_its_gauges_do_not",),
+        "a stopped worker's gauges (queue, in flight) still add up",
+    ),
+    Mutation(
+        "stale-counters-dropped",
+        "proxy/metrics/snapshot.py",
+        "(metric.kind is Kind.GAUGE and not gauges)",
+        "not gauges",
+        ("tests/test_metrics.py::test_a_stopped_workers_counters_still_count_but_its_gauges_do_not",),
+        "a stopped worker's counters are dropped: they look like a counter reset",
+    ),
+    Mutation(
+        "upstream-up-max",
+        "proxy/metrics/snapshot.py",
+        "into[key] = min(float(mine), value)",
+        "into[key] = max(float(mine), value)",
+        ("tests/test_metrics.py::test_an_upstream_any_worker_sees_down_is_down",),
+        "upstream_up is combined with max: up while one worker sees it down",
+    ),
+    # ---- proxy/rl/: aborts, versions, groups ----
+    Mutation(
+        "aborted-never-set",
+        "proxy/rl/loop.py",
+        "            record.outcome = Outcome.ABORTED",
+        "            pass",
+        ("tests/test_rl.py::test_a_stream_an_abort_pause_ends_is_recorded_as_aborted",),
+        "the aborted outcome is never set",
+    ),
+    Mutation(
+        "policy-header-ignored",
+        "proxy/rl/loop.py",
+        "record.weight_version = policy_header if policy_header is not None"
+        " else self.weights.current(upstream)",
+        "record.weight_version = self.weights.current(upstream)",
+        ("tests/test_rl.py",),
+        "a call's X-Policy-Version is replaced by the upstream's version",
+    ),
+    Mutation(
+        "group-std-of-sample",
+        "proxy/rl/groups.py",
+        "std = math.sqrt(sum((r - mean) ** 2 for r in known) / len(known))",
+        "std = math.sqrt(sum((r - mean) ** 2 for r in known) / max(1, len(known) - 1))",
+        ("tests/test_rl.py::test_group_advantages_are_normalised_over_the_rewarded_trajectories",),
+        "group advantages divide by the sample std, not the population std the docs promise",
+    ),
+    # ---- proxy/app.py: shutdown ----
+    Mutation(
+        "shutdown-no-wait",
+        "proxy/app.py",
+        "            if not await relay.in_flight.wait_idle(_DRAIN_AFTER_SHUTDOWN_S):\n"
+        '                logger.error("in_flight=<%d> | calls still open at shutdown", '
+        "relay.in_flight.count)\n",
+        "",
+        ("tests/test_shutdown.py::test_a_call_open_when_the_lifespan_ends_is_answered_and_recorded",),
+        "shutdown closes the writer without waiting for the calls in flight",
+    ),
 ]
 
 
-def run(mutation: Mutation) -> tuple[str, float]:
-    """Apply ``mutation``, run its tests, restore the file; 'caught', 'MISSED' or an error word."""
+def module_of(mutation: Mutation) -> str:
+    return mutation.path
+
+
+def _test_problem(test: str) -> str | None:
+    """Why ``test`` (a file or a node id) does not name an existing test, or None."""
+    file, _, node = test.partition("::")
+    path = ROOT / file
+    if not path.is_file():
+        return f"test file {file} does not exist"
+    if node:
+        name = node.split("::")[-1].split("[")[0]
+        if not re.search(rf"^\s*(async\s+)?def {re.escape(name)}\(", path.read_text(), re.MULTILINE):
+            return f"test {name} is not in {file}"
+    return None
+
+
+def problems(mutation: Mutation) -> list[str]:
+    """Why ``mutation`` cannot run as written (its target is not there exactly once, a test it names
+    is missing); empty when it applies."""
+    found: list[str] = []
     path = ROOT / mutation.path
+    if not path.is_file():
+        return [f"{mutation.path} does not exist"]
+    count = path.read_text().count(mutation.old)
+    if count != 1:
+        found.append(f"its target text is in {mutation.path} {count} times, not once")
+    if mutation.old == mutation.new:
+        found.append("it changes nothing")
+    if not mutation.tests:
+        found.append("it names no test")
+    found += [p for p in map(_test_problem, mutation.tests) if p is not None]
+    return found
+
+
+def check(mutations: list[Mutation]) -> dict[str, list[str]]:
+    """Each mutation that cannot run, by name, with why; also duplicate names."""
+    found = {m.name: p for m in mutations if (p := problems(m))}
+    seen: set[str] = set()
+    for mutation in mutations:
+        if mutation.name in seen:
+            found.setdefault(mutation.name, []).append("the name is used twice")
+        seen.add(mutation.name)
+    return found
+
+
+def run(mutation: Mutation, show: bool = False) -> tuple[str, float]:
+    """Apply ``mutation``, run its tests, restore the file: 'caught', 'MISSED' or 'STALE: why'
+    (``show``: print which tests failed, to see that they failed for the bug)."""
+    wrong = problems(mutation)
+    if wrong:
+        return "STALE: " + "; ".join(wrong), 0.0
     if subprocess.run(["git", "diff", "--quiet", "--", mutation.path], cwd=ROOT, check=False).returncode:
-        return "skipped: file has uncommitted changes", 0.0
+        return "STALE: the file has uncommitted changes", 0.0
+    path = ROOT / mutation.path
     original = path.read_bytes()
-    text = original.decode()
-    if text.count(mutation.old) != 1:
-        return "stale: the code to mutate is not there once", 0.0
     started = time.monotonic()
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    command += ["-m", "not vllm and not browser", *mutation.tests]
     try:
-        path.write_text(text.replace(mutation.old, mutation.new))
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-x",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "-m",
-                "not vllm",
-                *mutation.tests,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        path.write_bytes(original.decode().replace(mutation.old, mutation.new).encode())
+        # its own process group: on a timeout the servers and CLIs the tests started go with it
+        with subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        ) as process:  # fmt: skip
+            try:
+                output, _ = process.communicate(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                return "caught (timeout)", time.monotonic() - started
     finally:
         path.write_bytes(original)
-    verdict = {0: "MISSED", 1: "caught"}.get(done.returncode, f"error (pytest exit {done.returncode})")
-    return verdict, time.monotonic() - started
+    seconds = time.monotonic() - started
+    if show:
+        for line in output.splitlines():
+            if line.startswith(("FAILED ", "ERROR tests")):
+                print(f"    {line[:200]}")
+    if process.returncode in (1, 2):  # tests failed (or could not be collected with the bug in)
+        return "caught", seconds
+    if process.returncode == 0:
+        return "MISSED", seconds
+    tail = output.strip().splitlines()[-1:]
+    return f"STALE: pytest exit {process.returncode} {' '.join(tail)}", seconds
+
+
+def report(results: list[tuple[Mutation, str]]) -> tuple[float, list[str]]:
+    """The score per module (printed) and overall (returned, with the lines)."""
+    by_module: dict[str, list[bool]] = defaultdict(list)
+    for mutation, verdict in results:
+        by_module[module_of(mutation)].append(verdict.startswith("caught"))
+    lines = []
+    for module, caught in sorted(by_module.items()):
+        lines.append(f"  {module:36} {sum(caught):3d}/{len(caught):<3d} {sum(caught) / len(caught):6.0%}")
+    total = [v.startswith("caught") for _, v in results]
+    score = sum(total) / len(total) if total else 0.0
+    lines.append(f"  {'overall':36} {sum(total):3d}/{len(total):<3d} {score:6.0%}  (bar {BAR:.0%})")
+    return score, lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--check", action="store_true", help="check every mutation applies; run no test")
+    parser.add_argument("--module", action="append", default=[], help="only the mutations of this file")
+    parser.add_argument("--show", action="store_true", help="print the tests that failed for each mutation")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
-    if args.list or not chosen:
-        for mutation in MUTATIONS:
-            print(f"{mutation.name:28} {mutation.path:32} {mutation.what}")
-        return 0 if args.list else 2
-    missed = 0
+    unknown = sorted(set(args.names) - {m.name for m in MUTATIONS})
+    if unknown:
+        parser.error(f"no mutation named {', '.join(unknown)} (see --list)")
+    chosen = [
+        m
+        for m in MUTATIONS
+        if (not args.names or m.name in args.names) and (not args.module or m.path in args.module)
+    ]
+    if args.list:
+        for mutation in chosen:
+            print(f"{mutation.name:34} {mutation.path:32} {mutation.what}")
+        return 0
+    if args.check:
+        started = time.monotonic()
+        found = check(chosen)
+        for name, why in found.items():
+            print(f"{name:34} STALE  {'; '.join(why)}")
+        seconds = time.monotonic() - started
+        print(f"{len(chosen) - len(found)} of {len(chosen)} mutations apply ({seconds:.2f} s)")
+        return 1 if found else 0
+    if not chosen:
+        parser.error("no mutation matches")
+    results: list[tuple[Mutation, str]] = []
+    started = time.monotonic()
     for mutation in chosen:
-        verdict, seconds = run(mutation)
-        missed += verdict != "caught"
-        print(f"{mutation.name:28} {verdict:8} {seconds:6.1f} s  {mutation.what}", flush=True)
-    print(f"{len(chosen) - missed} of {len(chosen)} mutations caught")
-    return 1 if missed else 0
+        verdict, seconds = run(mutation, args.show)
+        results.append((mutation, verdict))
+        print(
+            f"{mutation.name:34} {verdict:8} {seconds:6.1f} s  {mutation.path}: {mutation.what}", flush=True
+        )
+    score, lines = report(results)
+    print(f"score per module ({time.monotonic() - started:.0f} s in all):")
+    print("\n".join(lines))
+    bad = [m.name for m, v in results if not v.startswith("caught")]
+    if bad:
+        print(f"missed or stale: {', '.join(bad)}")
+    return 1 if bad or score < BAR else 0
 
 
 if __name__ == "__main__":

@@ -142,6 +142,29 @@ def test_sequences_of_a_trajectory_count_prefix_mismatches(fake_proxy: Proxy) ->
     assert len(last["sequences"]) == 2
 
 
+def test_a_call_that_did_not_end_ok_is_left_out_of_the_sequences(fake_proxy: Proxy) -> None:
+    """A stream vLLM broke off holds tokens a trainer must not learn from (outcome upstream_died)."""
+    _call(fake_proxy, "cut")
+    body = dict(BODY, stream=True, max_tokens=6)
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream(
+            "POST",
+            fake_proxy.url + CHAT,
+            json=body,
+            headers={"X-Trajectory-Id": "cut", "x-fake": "die-mid-stream"},
+        ) as response,
+    ):
+        response.read()
+    fake_proxy.wait_all_records()
+    outcomes = fake_proxy.rows("SELECT outcome FROM llm_calls WHERE trajectory_id = 'cut' ORDER BY seq")
+    assert [r["outcome"] for r in outcomes] == ["ok", "upstream_died"]
+    sequences = httpx.get(fake_proxy.url + API + "/cut/sequences").json()
+    assert sequences["prefix_mismatches"] == []
+    (only,) = sequences["sequences"]
+    assert only["input_ids"] == [*PROMPT_IDS, 100, 107, 114]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status"),
     [

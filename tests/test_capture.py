@@ -315,3 +315,58 @@ def test_a_long_prompt_is_kept_as_text_on_the_loop_and_parsed_once_later(cuts: l
         assert record.integrity == integrity  # judged once parsed
         assert record.prompt_ids_text is None
         assert record.choices[0].token_ids == [7]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["01_chat_nonstream_token_ids", "02b_chat_stream_token_ids_usage", "07a_completions_nonstream_token_ids"],
+)
+def test_a_call_whose_ids_the_proxy_asked_for_is_checked_like_one_the_client_asked_for(name: str) -> None:
+    """Most clients never ask for token IDs: the proxy adds the flag, and the record is still judged
+    (a wrong count is flagged), not waved through as ``no_token_ids``."""
+    sample = load_sample(name)
+    request = json.loads(sample.request)
+    del request["return_token_ids"]
+    prepared = prepare_request(sample.path, json.dumps(request).encode())
+    assert prepared.ask.flag_added
+    assert not prepared.ask.token_ids
+    for usage_delta, expected in ((0, Integrity.OK), (1, Integrity.COMPLETION_IDS_MISMATCH)):
+        record = CallRecord("c", "t", sample.path, 0.0)
+        capture = ResponseCapture(record, prepared.ask, chat=sample.path == CHAT_ROUTE)
+        response = _add_to_usage(sample.response, usage_delta)
+        if sample.content_type.startswith("text/event-stream"):
+            tap = StreamTap(capture, strip=True)
+            tap.feed(response)
+            tap.close()
+        else:
+            capture.feed_body(response)
+        capture.finish(True)
+        assert record.integrity == expected
+
+
+def _add_to_usage(response: bytes, delta: int) -> bytes:
+    """``response`` with ``delta`` added to every ``completion_tokens`` count it gives."""
+    return re.sub(
+        rb'"completion_tokens":(\d+)',
+        lambda m: b'"completion_tokens":%d' % (int(m.group(1)) + delta),
+        response,
+    )
+
+
+def test_the_prompt_of_an_n2_completion_is_counted_once_per_prompt() -> None:
+    """vLLM repeats the prompt IDs on each of the n choices; usage counts the prompt once."""
+    sample = load_sample("07a_completions_nonstream_token_ids")
+    body = json.loads(sample.response)
+    first = body["choices"][0]
+    second = dict(first, index=1)
+    body["choices"] = [first, second]
+    body["usage"]["completion_tokens"] *= 2
+    request = dict(json.loads(sample.request), n=2)
+    record = CallRecord("c", "t", COMPLETIONS_ROUTE, 0.0)
+    capture = ResponseCapture(
+        record, prepare_request(COMPLETIONS_ROUTE, json.dumps(request).encode()).ask, chat=False
+    )
+    capture.feed_body(json.dumps(body).encode())
+    capture.finish(True)
+    assert record.prompt_token_ids == first["prompt_token_ids"]
+    assert record.integrity == Integrity.OK

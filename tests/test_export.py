@@ -152,6 +152,17 @@ def test_jsonl_export_with_filters_and_rewards(tmp_path: Path) -> None:
     assert all(r["input_ids"] == PROMPT + FIRST + NEW_TURN + SECOND for r in rows)
 
 
+def test_an_export_read_in_small_batches_gives_each_trajectory_once(tmp_path: Path) -> None:
+    """Each batch starts after the last trajectory of the one before: none is repeated or skipped."""
+    db_url = f"sqlite:///{tmp_path / 'small.db'}"
+    fill(db_url, 5, tmp_path)
+    out = tmp_path / "all.jsonl"
+    result = _cli("export", "--format", "jsonl", "--out", str(out), "--batch", "2", "--db", db_url)
+    assert result.returncode == 0, result.stderr
+    exported = [json.loads(line)["trajectory_id"] for line in out.read_text().splitlines()]
+    assert exported == [f"traj-{i:05d}" for i in range(5)]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
+from tokentrail.proxy.training.policy import annotate
+from tokentrail.proxy.training.sequences import TrainingSequence
 
 CHAT = "/v1/chat/completions"
 BODY: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
@@ -227,6 +229,17 @@ def test_the_export_gives_versions_staleness_and_group_advantages_and_filters_on
     done, _ = _export(rl_proxy, tmp_path, "--min-weight-version", "v9")
     assert done.returncode == 2
     assert "no call ran under weight version 'v9'" in done.stderr
+
+
+def test_a_sequence_over_several_versions_is_stamped_with_its_oldest() -> None:
+    """A merged sequence's first tokens came from its oldest policy: that is the one a trainer must
+    weigh its staleness by (versions ordered as first seen, not by name)."""
+    sequence = TrainingSequence(
+        "t", 0, [1, 2, 3], [0, 1, 1], [None, None, None], None, ["c0", "c1", "c2"], [0, 0, 0]
+    )
+    versions = {"c0": "b-late", "c1": "a-early", "c2": None}
+    annotate([sequence], versions, {"a-early": 0, "b-late": 1, "c-newest": 2})
+    assert (sequence.weight_version, sequence.staleness) == ("a-early", 2)
 
 
 def test_a_wait_pause_lets_running_calls_finish_before_vllm_is_paused(

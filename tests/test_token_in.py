@@ -313,7 +313,10 @@ class TokenInFake:
         self.chats: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.refuse = False
+        self.refuse_status = 400  # what a refusal answers (a 5xx: vLLM may have run the request)
         self.tokenize_status = 200
+        self.ignore_ids = False  # answer as if the token-in IDs were not used (vLLM renders the messages)
+        self.history_without_end = False  # a template whose last assistant turn has no end-of-turn
         self.hold_next = False  # the next chat request waits until ``release`` is set
         self.held = threading.Event()
         # what every chat answer "samples" ([..., 2]: it stopped on its end of turn)
@@ -344,6 +347,9 @@ class TokenInFake:
             for m in parsed["messages"]:
                 content = m.get("content") or ""
                 tokens += [100 + sum(map(ord, content)) % 100, 2] if m["role"] == "assistant" else [50]
+            probe = parsed["messages"][0].get("content") == "x"  # the proxy's template-tail probe
+            if self.history_without_end and not parsed["add_generation_prompt"] and not probe:
+                tokens = tokens[:-1]
             tokens += [7] if parsed["add_generation_prompt"] else []
             await _answer(send, 200, {"count": len(tokens), "max_model_len": 99, "tokens": tokens})
             return
@@ -356,10 +362,13 @@ class TokenInFake:
         kv = parsed.get("kv_transfer_params")
         if kv is not None and self.refuse:
             await _answer(
-                send, 400, {"error": {"message": "bad ids", "type": "BadRequestError", "code": 400}}
+                send,
+                self.refuse_status,
+                {"error": {"message": "bad ids", "type": "BadRequestError", "code": self.refuse_status}},
             )
             return
-        prompt = kv["prompt_token_ids"] if kv else [50] * len(parsed["messages"]) + [7]
+        used = kv is not None and not self.ignore_ids
+        prompt = kv["prompt_token_ids"] if used else [50] * len(parsed["messages"]) + [7]
         answer = {
             "id": "x",
             "choices": [
@@ -425,6 +434,60 @@ def test_a_token_in_body_refused_with_400_is_sent_again_without_the_ids_and_the_
     assert all("x-tokentrail-token-in" not in h for h in fake.headers)
     rows = _rows(proxy)
     assert [r["token_in_fallback"] for r in rows] == ["first_call", "upstream_refused"]
+
+
+def test_a_token_in_call_vllm_answered_with_a_5xx_is_not_sent_again(
+    token_in_fake: tuple[TokenInFake, Proxy],
+) -> None:
+    """Only a 4xx says vLLM ran nothing of the token-in body; after a 5xx it may have, so the client
+    gets vLLM's answer and the call is never sent a second time."""
+    fake, proxy = token_in_fake
+    fake.refuse, fake.refuse_status = True, 500
+    messages: list[dict[str, Any]] = [USER]
+    statuses = []
+    for _ in range(2):
+        response = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "m", "messages": messages},
+            headers={"X-Trajectory-Id": "fake", "X-TokenTrail-Token-In": "true"},
+            timeout=30,
+        )
+        statuses.append(response.status_code)
+        messages = [*messages, {"role": "assistant", "content": "ok"}, USER]
+    assert statuses == [200, 500]
+    assert [("kv_transfer_params" in c) for c in fake.chats] == [False, True]
+    proxy.wait_all_records()
+    rows = proxy.rows("SELECT seq, outcome, token_in_fallback FROM llm_calls ORDER BY seq")
+    assert [(r["outcome"], r["token_in_fallback"]) for r in rows] == [
+        ("ok", "first_call"),
+        ("upstream_error", None),
+    ]
+
+
+def test_a_token_in_call_whose_ids_vllm_did_not_use_is_recorded_as_fallen_back(
+    token_in_fake: tuple[TokenInFake, Proxy],
+) -> None:
+    """vLLM's prompt IDs are the truth: when they are not the ones the proxy sent, the call is not
+    recorded as token-in (its drift is judged on what vLLM used)."""
+    fake, proxy = token_in_fake
+    fake.ignore_ids = True
+    _two_calls(proxy.url)
+    assert [("kv_transfer_params" in c) for c in fake.chats] == [False, True]
+    rows = _rows(proxy)
+    assert [r["token_in_fallback"] for r in rows] == ["first_call", "upstream_ignored_ids"]
+    assert rows[1]["drift"] != "token_in"
+
+
+def test_a_history_render_without_the_template_tail_falls_back(
+    token_in_fake: tuple[TokenInFake, Proxy],
+) -> None:
+    """The previous reply is followed by the template's tail only if the history render ends with it;
+    a template that renders the last turn otherwise gives no exact continuation, so no IDs are sent."""
+    fake, proxy = token_in_fake
+    fake.history_without_end = True
+    _two_calls(proxy.url)
+    assert [("kv_transfer_params" in c) for c in fake.chats] == [False, False]
+    assert [r["token_in_fallback"] for r in _rows(proxy)] == ["first_call", "template_tail_unknown"]
 
 
 def test_a_failing_tokenize_falls_back_to_the_call_as_it_is(token_in_fake: tuple[TokenInFake, Proxy]) -> None:

@@ -184,6 +184,64 @@ def test_a_record_the_database_refuses_is_set_aside_and_does_not_block_the_repla
     assert [tuple(r) for r in rows] == [("good", 0), ("good", 1), ("good", 2)]
 
 
+def _wait_until(condition: Any, timeout: float) -> bool:
+    """Poll ``condition`` (state another thread changes, with no event to wait on) until true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_refused_record_is_set_aside_by_the_idle_replay_too(tmp_path: Path, db_url: str) -> None:
+    """With no new call coming, the replay the writer makes while idle must not fail on a record the
+    database refused on its own (and so postpone every other spooled record forever)."""
+    upgrade_database(db_url)
+    fallback = tmp_path / "fallback.jsonl"
+    writer = RecordWriter(
+        make_engine(db_url), queue_size=100, batch_size=50, retries=0, fallback_path=fallback
+    )
+    good = _record(writer, "t")  # one trajectory: the batch holds them in arrival order, good first
+    bad = _record(writer, "t")
+    bad.choices = [ChoiceRecord(index=0, token_ids=[1]), ChoiceRecord(index=0, token_ids=[2])]  # same key
+    writer.submit(good)  # written alone after the batch fails, so bad is then refused alone
+    writer.submit(bad)
+    writer.start()
+    assert writer.wait_settled(2, timeout=30)
+    assert writer.spool.pending
+    assert writer.written == 1
+    try:
+        assert _wait_until(lambda: not writer.spool.pending, timeout=15), "the idle replay never drained"
+    finally:
+        writer.close()
+        writer._engine.dispose()
+    assert (writer.refused, writer.lost) == (1, 0)
+    (kept,) = (tmp_path / "fallback.jsonl.refused").read_text().splitlines()
+    assert json.loads(kept)["call_id"] == bad.call_id
+
+
+def test_a_call_after_one_that_spilled_is_written_without_waiting_for_it(tmp_path: Path, db_url: str) -> None:
+    """A record that went to the spool (queue full) is one its trajectory's later records must not
+    wait for: they are written while the proxy runs, not only when it stops."""
+    upgrade_database(db_url)
+    writer = _writer(db_url, tmp_path / "fallback.jsonl", queue_size=1)
+    writer.submit(_record(writer, "other"))  # fills the queue: the thread is not started yet
+    spilled = _record(writer, "a")
+    writer.submit(spilled)
+    assert writer.failed == 1
+    writer.start()
+    try:
+        assert writer.wait_settled(2, timeout=30)
+        later = _record(writer, "a")
+        writer.submit(later)
+        assert writer.wait_settled(3, timeout=15), "the later call waited for the one that spilled"
+        assert writer.written == 2
+    finally:
+        writer.close()
+        writer._engine.dispose()
+
+
 @given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False, allow_infinity=False))
 @settings(max_examples=3000, deadline=None)
 def test_sqlite_timestamps_are_the_text_sqlalchemy_would_store(epoch: float) -> None:
