@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 from tokentrail.proxy import __version__
-from tokentrail.proxy.api import control, detokenize, health, metrics, trajectories, worker_state
+from tokentrail.proxy.api import control, detokenize, health, metrics, trajectories
 from tokentrail.proxy.api.detokenize import TokenPieces
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
@@ -36,15 +36,18 @@ from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from
 from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
 from tokentrail.proxy.relay.asgi import Relay
 from tokentrail.proxy.rl.loop import RlLoop
+from tokentrail.proxy.server import worker_state
 from tokentrail.proxy.server.own_headers import WithOwnHeaders, own_headers
 from tokentrail.proxy.server.workers import worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.retention import Retention
 from tokentrail.proxy.token_in.planner import TokenIn
+from tokentrail.proxy.trajectory.drift import DriftJudge
 from tokentrail.proxy.ui import routes as ui
 from tokentrail.proxy.upstream.balancer import UpstreamBalancer
-from tokentrail.proxy.upstream.client import UpstreamClient, ignored_proxy_variables
+from tokentrail.proxy.upstream.client import ignored_proxy_variables
+from tokentrail.proxy.upstream.configured import upstream_client
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +55,6 @@ OWN_PREFIX = "/tokentrail/"
 API_PREFIX = "/tokentrail/v1"
 METRICS_PATH = "/tokentrail/metrics"
 _DRAIN_AFTER_SHUTDOWN_S = 10.0
-
-
-def upstream_client(settings: Settings) -> UpstreamClient:
-    """The one client to vLLM: no total deadline, no redirects, a keep-alive below vLLM's own."""
-    return UpstreamClient(
-        connect_timeout_s=settings.upstream_connect_timeout,
-        read_timeout_s=settings.upstream_read_timeout,
-        max_connections=settings.upstream_max_connections,
-        keepalive_s=settings.upstream_keepalive_expiry,
-    )
 
 
 @dataclass
@@ -211,6 +204,7 @@ def create_app(
             count=lambda connection, encoder, batch: persisted.add_counts(
                 connection, encoder, instance, persisted.batch_counts(batch)
             ),
+            judge=DriftJudge(),
         )
         writer.start()
         for name in ignored_proxy_variables(os.environ):

@@ -19,9 +19,9 @@ from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.test_relay_fake import _open_request
 from tests.test_workers import FRESH, _children, _load, _two_workers, _wait_rows, _workers_seen
-from tokentrail.proxy.api.worker_state import state_path
 from tokentrail.proxy.metrics import catalog, snapshot
 from tokentrail.proxy.metrics.calls import label_key
+from tokentrail.proxy.server.worker_state import state_path
 from tokentrail.proxy.server.workers import worker_spool_path
 
 CHAT = "/v1/chat/completions"

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 
-from tokentrail.proxy.api.worker_state import STALE_S, sibling_states, state_path, write_state
+from tokentrail.proxy.server.worker_state import STALE_S, sibling_states, state_path, write_state
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from tokentrail.proxy.errors import ProxyRequestError
 from tokentrail.proxy.relay.routing import validate_tags, validate_trajectory_id
 from tokentrail.proxy.storage import queries
 from tokentrail.proxy.training import policy
-from tokentrail.proxy.training.sequences import SequenceMode, build_sequences
+from tokentrail.proxy.training.sequences import SequenceMode, build_sequences, sequence_shapes
 
 MAX_PAGE = 1000
 
@@ -276,7 +276,7 @@ def _page(
     rows: list[dict[str, Any]] = []
     while len(rows) < want:
         batch = queries.list_trajectories(connection, filters, after, want)
-        shapes = queries.sequence_shapes(connection, [r["id"] for r in batch])
+        shapes = sequence_shapes(queries.load_call_tokens(connection, [r["id"] for r in batch]))
         for row in batch:
             found = shapes[row["id"]]
             row.update(sequence_count=found.sequences, prefix_breaks=found.prefix_breaks)

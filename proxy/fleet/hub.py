@@ -25,6 +25,7 @@ from tokentrail.proxy.rl.control import ControlPlane, SupersededError, Versions
 from tokentrail.proxy.rl.pause import PauseMode
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.upstream.client import UpstreamClient
+from tokentrail.proxy.upstream.configured import upstream_client
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,6 @@ class ControlHub:
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
-        from tokentrail.proxy.app import upstream_client  # (the app's settings of the client)
-
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         client: UpstreamClient = upstream_client(self.settings)

@@ -19,10 +19,10 @@ import contextlib
 import json
 from typing import Any
 
-from tokentrail.proxy.api.worker_state import STALE_S, sibling_states, state_path, write_state
 from tokentrail.proxy.metrics import catalog, persisted
 from tokentrail.proxy.metrics.calls import Values, label_key
 from tokentrail.proxy.metrics.catalog import Combine, Kind
+from tokentrail.proxy.server.worker_state import STALE_S, sibling_states, state_path, write_state
 
 KIND = "metrics"
 

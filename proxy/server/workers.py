@@ -160,7 +160,7 @@ class Supervisor:
         _check_port(self.settings)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        from tokentrail.proxy.fleet.hub import ControlHub  # (imports the app's upstream client)
+        from tokentrail.proxy.fleet.hub import ControlHub  # (only the supervisor needs it)
 
         self.hub = ControlHub(self.settings)
         self.hub.start()
