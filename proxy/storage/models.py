@@ -76,7 +76,7 @@ class LlmCall(SQLModel, table=True):
     weight_version: str | None = None
     weight_versions: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
-    # How the prompt relates to the trajectory's previous call (proxy/token_in/drift.py).
+    # How the prompt relates to the trajectory's previous call (proxy/trajectory/drift.py).
     drift: str | None = None
     drift_position: int | None = None
     token_in_fallback: str | None = None  # why token-in did not build this prompt (NULL: built, or off)

@@ -13,15 +13,9 @@ from sqlalchemy import Connection, Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
+from tokentrail.proxy.storage.call_tokens import CallTokens, ChoiceTokens, logprob_values
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
 from tokentrail.proxy.storage.stored_calls import STORED_FORM_COLUMNS, full_calls, rebuild, stored_call
-from tokentrail.proxy.training.sequences import (
-    CallTokens,
-    ChoiceTokens,
-    SequenceMode,
-    build_sequences,
-    logprob_values,
-)
 
 TRAJECTORIES = Trajectory.__table__  # type: ignore[attr-defined]
 CALLS = LlmCall.__table__  # type: ignore[attr-defined]
@@ -190,24 +184,6 @@ def outcome_problems(connection: Connection, trajectory_ids: list[str]) -> dict[
         )
         found.update({trajectory_id: count for trajectory_id, count in rows})
     return found
-
-
-@dataclass(frozen=True)
-class SequenceShape:
-    """How a trajectory merges into training sequences (``merged`` mode)."""
-
-    sequences: int
-    prefix_breaks: int
-
-
-def sequence_shapes(connection: Connection, trajectory_ids: list[str]) -> dict[str, SequenceShape]:
-    """For each trajectory, its merged sequences and prefix breaks (reads every token: a page at a time)."""
-    calls = load_call_tokens(connection, trajectory_ids)
-    shapes = {}
-    for trajectory_id in trajectory_ids:
-        built = build_sequences(trajectory_id, calls[trajectory_id], None, SequenceMode.MERGED)
-        shapes[trajectory_id] = SequenceShape(len(built.sequences), len(built.mismatches))
-    return shapes
 
 
 def _ensure_trajectory(connection: Connection, trajectory_id: str, now: datetime) -> None:

@@ -18,6 +18,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokentrail.proxy.storage.call_tokens import CallTokens, ChoiceTokens
 from tokentrail.proxy.storage.stored_calls import common_prefix
 
 
@@ -25,21 +26,6 @@ class SequenceMode(enum.StrEnum):
     MERGED = "merged"
     PER_CALL = "per_call"
     LAST_TURN = "last_turn"
-
-
-@dataclass(frozen=True, slots=True)
-class ChoiceTokens:
-    index: int
-    token_ids: list[int]
-    logprobs: list[float | None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CallTokens:
-    call_id: str
-    seq: int
-    prompt_token_ids: list[int]
-    choices: list[ChoiceTokens]
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +159,18 @@ def build_sequences(
     return result
 
 
-def logprob_values(entries: Any) -> list[float | None] | None:
-    """The sampled token's logprob of each stored entry (chat and completions store dicts)."""
-    if not isinstance(entries, list):
-        return None
-    values: list[float | None] = []
-    for entry in entries:
-        value = entry.get("logprob") if isinstance(entry, dict) else None
-        values.append(float(value) if isinstance(value, int | float) else None)
-    return values
+@dataclass(frozen=True)
+class SequenceShape:
+    """How a trajectory merges into training sequences (``merged`` mode)."""
+
+    sequences: int
+    prefix_breaks: int
+
+
+def sequence_shapes(calls: dict[str, list[CallTokens]]) -> dict[str, SequenceShape]:
+    """For each trajectory's calls, its merged sequences and prefix breaks."""
+    shapes = {}
+    for trajectory_id, its_calls in calls.items():
+        built = build_sequences(trajectory_id, its_calls, None, SequenceMode.MERGED)
+        shapes[trajectory_id] = SequenceShape(len(built.sequences), len(built.mismatches))
+    return shapes
