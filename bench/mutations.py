@@ -554,7 +554,7 @@ MUTATIONS = [
     ),
     Mutation(
         "concurrent-same-base",
-        "proxy/token_in/state.py",
+        "proxy/trajectory/memory.py",
         "if any(o.base == base for o in found.open if o is not opened):",
         "if False:",
         ("tests/test_token_in.py::test_two_open_calls_are_never_built_on_the_same_previous_call",),
@@ -562,7 +562,7 @@ MUTATIONS = [
     ),
     Mutation(
         "predecessor-not-waited-for",
-        "proxy/token_in/state.py",
+        "proxy/trajectory/memory.py",
         "                waiting.append(other)",
         "                pass",
         (
@@ -572,7 +572,7 @@ MUTATIONS = [
     ),
     Mutation(
         "tools-change-ignored",
-        "proxy/token_in/messages.py",
+        "proxy/trajectory/continuation.py",
         "    if _render_options(request) != _render_options(past.request):\n"
         "        return Reason.OPTIONS_CHANGED\n",
         "",
@@ -581,7 +581,7 @@ MUTATIONS = [
     ),
     Mutation(
         "trimmed-history-continued",
-        "proxy/token_in/messages.py",
+        "proxy/trajectory/continuation.py",
         "    if len(current) <= len(previous):",
         "    if len(current) < len(previous):",
         ("tests/test_token_in.py",),
@@ -589,7 +589,7 @@ MUTATIONS = [
     ),
     Mutation(
         "drift-template-as-retokenized",
-        "proxy/token_in/drift.py",
+        "proxy/trajectory/drift.py",
         "        return Drift.TEMPLATE, position",
         "        return Drift.RETOKENIZED, position",
         ("tests/test_token_in.py",),
@@ -597,7 +597,7 @@ MUTATIONS = [
     ),
     Mutation(
         "drift-token-in-as-extends",
-        "proxy/token_in/drift.py",
+        "proxy/trajectory/drift.py",
         "return (Drift.TOKEN_IN if built else Drift.EXTENDS), None",
         "return Drift.EXTENDS, None",
         ("tests/test_token_in.py",),

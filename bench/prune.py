@@ -53,6 +53,7 @@ from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integri
 from tokentrail.proxy.recording.writer import RecordWriter  # noqa: E402
 from tokentrail.proxy.storage.engine import make_engine  # noqa: E402
 from tokentrail.proxy.storage.migrate import upgrade_database, vacuum_database  # noqa: E402
+from tokentrail.proxy.trajectory.drift import DriftJudge  # noqa: E402
 
 CLI = [sys.executable, "-m", "tokentrail.proxy.cli"]
 PROMPT_START = 300  # tokens of a trajectory's first prompt
@@ -118,7 +119,12 @@ def fill(db_url: str, calls: int, turns: int, tmp: Path) -> float:
     upgrade_database(db_url)
     engine = make_engine(db_url)
     writer = RecordWriter(
-        engine, queue_size=10**6, batch_size=500, retries=0, fallback_path=tmp / "fill-spool.jsonl"
+        engine,
+        queue_size=10**6,
+        batch_size=500,
+        retries=0,
+        fallback_path=tmp / "fill-spool.jsonl",
+        judge=DriftJudge(),
     )
     writer.start()
     started = time.perf_counter()

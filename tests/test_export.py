@@ -16,6 +16,7 @@ from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integri
 from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import upgrade_database
+from tokentrail.proxy.trajectory.drift import DriftJudge
 
 PROMPT = list(range(1000, 1020))
 FIRST = list(range(2000, 2010))
@@ -51,7 +52,12 @@ def fill(db_url: str, trajectories: int, tmp_path: Path) -> float:
     """Two turns per trajectory, the second extending the first; returns the seconds it took."""
     upgrade_database(db_url)
     writer = RecordWriter(
-        make_engine(db_url), queue_size=50_000, batch_size=500, retries=0, fallback_path=tmp_path / "f.jsonl"
+        make_engine(db_url),
+        queue_size=50_000,
+        batch_size=500,
+        retries=0,
+        fallback_path=tmp_path / "f.jsonl",
+        judge=DriftJudge(),
     )
     writer.start()
     started = time.perf_counter()

@@ -91,6 +91,7 @@ def test_with_a_full_spool_and_reject_the_proxy_answers_503_until_the_spool_drai
             lock.execute("ROLLBACK")
         _wait_for(lambda: not _health(proxy)["writer"]["spool_full"])  # replayed while idle
         assert _call(proxy, "r").status_code == 200
+        proxy.wait_all_records()  # (the call's own record, written after its answer)
         assert _health(proxy)["writer"]["records_replayed"] == answered - 1  # all but the lost one
         assert proxy.rows("SELECT count(*) AS n FROM llm_calls") == [{"n": answered}]
 

@@ -35,7 +35,7 @@ from tokentrail.proxy.storage.stored_calls import (
     StoredFormError,
     rebuild,
 )
-from tokentrail.proxy.token_in.messages import PastCall, PastChoice
+from tokentrail.proxy.trajectory.continuation import PastCall, PastChoice
 
 CHAT = "/v1/chat/completions"
 

@@ -29,8 +29,9 @@ from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import alembic_config, upgrade_database
 from tokentrail.proxy.storage.stored_calls import common_prefix
 from tokentrail.proxy.token_in import planner
-from tokentrail.proxy.token_in.drift import Drift, classify
-from tokentrail.proxy.token_in.messages import (
+from tokentrail.proxy.token_in.planner import token_in_wanted, with_prompt_ids
+from tokentrail.proxy.token_in.prompt import BuildFailed, Rendered
+from tokentrail.proxy.trajectory.continuation import (
     Continuation,
     PastCall,
     PastChoice,
@@ -39,8 +40,7 @@ from tokentrail.proxy.token_in.messages import (
     continuation,
     normalise_message,
 )
-from tokentrail.proxy.token_in.planner import token_in_wanted, with_prompt_ids
-from tokentrail.proxy.token_in.prompt import BuildFailed, Rendered
+from tokentrail.proxy.trajectory.drift import Drift, DriftJudge, classify
 
 CHAT = "/v1/chat/completions"
 SYSTEM = {"role": "system", "content": "Be terse."}
@@ -256,6 +256,7 @@ def test_the_writer_judges_every_call_and_a_restarted_writer_reads_the_previous_
             batch_size=10,
             retries=0,
             fallback_path=tmp_path / f"f{number}",
+            judge=DriftJudge(),
         )
         writer.start()
         writer.submit(_record(writer, messages, prompt, generated))

@@ -25,13 +25,19 @@ from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import upgrade_database
+from tokentrail.proxy.trajectory.drift import DriftJudge
 
 CHAT = "/v1/chat/completions"
 
 
 def _writer(db_url: str, fallback: Path, queue_size: int = 100) -> RecordWriter:
     return RecordWriter(
-        make_engine(db_url), queue_size=queue_size, batch_size=50, retries=1, fallback_path=fallback
+        make_engine(db_url),
+        queue_size=queue_size,
+        batch_size=50,
+        retries=1,
+        fallback_path=fallback,
+        judge=DriftJudge(),
     )
 
 
@@ -160,7 +166,12 @@ def test_a_record_the_database_refuses_is_set_aside_and_does_not_block_the_repla
     upgrade_database(db_url)
     fallback = tmp_path / "fallback.jsonl"
     writer = RecordWriter(
-        make_engine(db_url), queue_size=100, batch_size=50, retries=0, fallback_path=fallback
+        make_engine(db_url),
+        queue_size=100,
+        batch_size=50,
+        retries=0,
+        fallback_path=fallback,
+        judge=DriftJudge(),
     )
     bad = _record(writer, "poison")
     bad.choices = [ChoiceRecord(index=0, token_ids=[1]), ChoiceRecord(index=0, token_ids=[2])]  # same key
@@ -200,7 +211,12 @@ def test_a_refused_record_is_set_aside_by_the_idle_replay_too(tmp_path: Path, db
     upgrade_database(db_url)
     fallback = tmp_path / "fallback.jsonl"
     writer = RecordWriter(
-        make_engine(db_url), queue_size=100, batch_size=50, retries=0, fallback_path=fallback
+        make_engine(db_url),
+        queue_size=100,
+        batch_size=50,
+        retries=0,
+        fallback_path=fallback,
+        judge=DriftJudge(),
     )
     good = _record(writer, "t")  # one trajectory: the batch holds them in arrival order, good first
     bad = _record(writer, "t")
@@ -297,7 +313,13 @@ def test_a_failing_metric_count_never_costs_a_record(tmp_path: Path, db_url: str
     upgrade_database(db_url)
     engine = make_engine(db_url, 5000)
     writer = RecordWriter(
-        engine, queue_size=10, batch_size=5, retries=0, fallback_path=tmp_path / "spool.jsonl", count=count
+        engine,
+        queue_size=10,
+        batch_size=5,
+        retries=0,
+        fallback_path=tmp_path / "spool.jsonl",
+        count=count,
+        judge=DriftJudge(),
     )
     writer.start()
     try:
@@ -325,6 +347,7 @@ def test_metric_counts_are_committed_with_their_records_and_survive_a_restart(
             retries=1,
             fallback_path=tmp_path / "spool.jsonl",
             count=lambda c, e, batch: add_counts(c, e, "me", batch_counts(batch)),
+            judge=DriftJudge(),
         )
         writer.start()
         for _ in range(3):

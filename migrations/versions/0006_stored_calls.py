@@ -27,8 +27,8 @@ from alembic import op
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.stored_form import split
 from tokentrail.proxy.storage.stored_calls import StoredForm, rebuild, stored_call
-from tokentrail.proxy.token_in.messages import PastCall, PastChoice
-from tokentrail.proxy.token_in.state import CALLS_PER_TRAJECTORY
+from tokentrail.proxy.trajectory.continuation import PastCall, PastChoice
+from tokentrail.proxy.trajectory.memory import CALLS_PER_TRAJECTORY
 
 revision = "0006_stored_calls"
 down_revision = "0005_rl_loop"

@@ -7,7 +7,7 @@ turns it into rows. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +101,7 @@ class CallRecord:
     # Token-in (proxy/token_in/): the proxy sent the prompt IDs, or why it did not (None: off).
     token_in: bool = False
     token_in_fallback: str | None = None
-    # How the prompt relates to the trajectory's previous call; set by the writer (token_in/drift.py).
+    # How the prompt relates to the trajectory's previous call; set by the writer (trajectory/drift.py).
     drift: str | None = None
     drift_position: int | None = None
     # Durable mode: called (from the writer thread) once the record is committed (True) or kept in
@@ -129,3 +129,22 @@ class CallRecord:
                     mismatch if self.integrity == Integrity.OK else f"{mismatch},{self.integrity}"
                 )
         return self.prompt_token_ids
+
+
+@dataclass(frozen=True, slots=True)
+class PastChoice:
+    index: int
+    token_ids: Sequence[int]
+    message: dict[str, Any]
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PastCall:
+    """What later calls of a trajectory are compared with: a finished (``ok``) call."""
+
+    call_id: str
+    route: str
+    request: dict[str, Any]
+    prompt_ids: Sequence[int]
+    choices: tuple[PastChoice, ...] = field(default=())

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokentrail.proxy import jsonio
+from tokentrail.proxy.recording.records import PastCall, PastChoice
 from tokentrail.proxy.storage.stored_calls import StoredForm, common_prefix, whole
-from tokentrail.proxy.token_in.messages import PastCall, PastChoice
 
 
 def shared_tokens(prompt_ids: list[int], before: Sequence[int], generated: Sequence[int]) -> int:

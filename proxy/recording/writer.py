@@ -35,7 +35,6 @@ from tokentrail.proxy.recording.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
 from tokentrail.proxy.storage.stored_calls import StoredForm, whole
-from tokentrail.proxy.token_in.drift import DriftJudge
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +79,37 @@ BatchCounter = Callable[[Any, RowEncoder, list[CallRecord]], None]
 """Adds a batch's metric counts, given the open connection of the batch's transaction."""
 
 
+class CallJudge(Protocol):
+    """How each call relates to its trajectory's earlier calls (``trajectory/drift.py``'s
+    ``DriftJudge``): its drift, and the form it is stored in, decided inside the batch's transaction."""
+
+    def judge(
+        self, connection: Any, records: list[tuple[CallRecord, int]], forms: dict[str, StoredForm]
+    ) -> Any:
+        """Set each record's drift and put its stored form in ``forms``; returns what ``remember``
+        keeps once the batch is committed."""
+
+    def remember(self, judged: Any) -> None: ...
+
+    def forget(self, trajectory_ids: set[str]) -> None:
+        """These trajectories were written outside ``judge`` (a spool replay)."""
+
+
+class _StoreWhole:
+    """No judge: every call stored whole, no drift (a writer made without one)."""
+
+    def judge(
+        self, connection: Any, records: list[tuple[CallRecord, int]], forms: dict[str, StoredForm]
+    ) -> None:
+        return None
+
+    def remember(self, judged: Any) -> None:
+        return None
+
+    def forget(self, trajectory_ids: set[str]) -> None:
+        return None
+
+
 class RecordWriter:
     """Owns the queue, the writer thread and the fallback file."""
 
@@ -95,6 +125,7 @@ class RecordWriter:
         spool_max_bytes: int = 2**30,
         reject_when_spool_full: bool = False,
         count: BatchCounter | None = None,
+        judge: CallJudge | None = None,
     ) -> None:
         # Adds each batch's metric counts in the transaction that writes the batch (the metrics), on
         # the writer thread, so that the request path pays nothing and the counts equal the database.
@@ -118,7 +149,7 @@ class RecordWriter:
         self._skipped: set[tuple[str, int]] = set()  # ordinals that went to the fallback file
         self._skipped_lock = threading.Lock()
         self._row_encoder: RowEncoder | None = None  # made on first write, for the engine's dialect
-        self._drift = DriftJudge()  # writer thread only
+        self._drift: CallJudge = judge or _StoreWhole()  # writer thread only
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._progress = threading.Condition()
         self.submitted = 0

@@ -27,10 +27,15 @@ from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.capture import CHAT_ROUTE
 from tokentrail.proxy.recording.records import CallRecord
 from tokentrail.proxy.storage.stored_calls import StoredFormError
-from tokentrail.proxy.token_in.drift import past_call, suffix_has_reply
-from tokentrail.proxy.token_in.messages import Continuation, Reason, best_continuation, has_non_text_content
 from tokentrail.proxy.token_in.prompt import BuildFailed, PromptBuilder
-from tokentrail.proxy.token_in.state import (
+from tokentrail.proxy.trajectory.continuation import (
+    Continuation,
+    Reason,
+    best_continuation,
+    has_non_text_content,
+)
+from tokentrail.proxy.trajectory.drift import past_call, suffix_has_reply
+from tokentrail.proxy.trajectory.memory import (
     CALLS_PER_TRAJECTORY,
     OpenCall,
     TrajectoryMemory,

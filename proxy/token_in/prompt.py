@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.token_in.messages import Continuation
+from tokentrail.proxy.trajectory.continuation import Continuation
 from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tokentrail.proxy.recording.capture import CHAT_ROUTE
+from tokentrail.proxy.recording.records import PastCall, PastChoice
+
+__all__ = ["Continuation", "PastCall", "PastChoice", "Reason", "best_continuation", "continuation"]
 
 # Request fields that change how the chat template renders the messages.
 RENDER_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "documents", "add_special_tokens")
@@ -44,25 +47,6 @@ class Reason:
     REPLY_EDITED = "reply_edited"  # the assistant reply differs from what the client received
     CHOICE_UNIDENTIFIED = "choice_unidentified"  # n > 1: no choice, or several different ones, match
     NO_NEW_MESSAGE = "no_new_message"  # the history ends with the reply
-
-
-@dataclass(frozen=True, slots=True)
-class PastChoice:
-    index: int
-    token_ids: Sequence[int]
-    message: dict[str, Any]
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PastCall:
-    """What later calls of a trajectory are compared with: a finished (``ok``) call."""
-
-    call_id: str
-    route: str
-    request: dict[str, Any]
-    prompt_ids: Sequence[int]
-    choices: tuple[PastChoice, ...] = field(default=())
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,14 @@ from typing import Any
 from tokentrail.proxy.recording.records import CallRecord, Outcome
 from tokentrail.proxy.recording.stored_form import PrefixMeter, split
 from tokentrail.proxy.storage.stored_calls import StoredForm
-from tokentrail.proxy.token_in.messages import Continuation, PastCall, PastChoice, Reason, best_continuation
-from tokentrail.proxy.token_in.state import CALLS_PER_TRAJECTORY, load_recent_calls
+from tokentrail.proxy.trajectory.continuation import (
+    Continuation,
+    PastCall,
+    PastChoice,
+    Reason,
+    best_continuation,
+)
+from tokentrail.proxy.trajectory.memory import CALLS_PER_TRAJECTORY, load_recent_calls
 
 logger = logging.getLogger(__name__)
 

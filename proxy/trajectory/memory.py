@@ -22,7 +22,7 @@ from sqlalchemy import Connection, select
 
 from tokentrail.proxy.storage.queries import CALLS, COMPLETIONS
 from tokentrail.proxy.storage.stored_calls import full_calls
-from tokentrail.proxy.token_in.messages import PastCall, PastChoice, normalise_message
+from tokentrail.proxy.trajectory.continuation import PastCall, PastChoice, normalise_message
 
 # Recent finished calls kept per trajectory: a call is compared with the latest one it continues
 # (parallel sub-agents of one trajectory each continue their own).
