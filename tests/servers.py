@@ -27,17 +27,18 @@ class _ReadyServer(uvicorn.Server):
         self.ready.set()
 
 
-def free_socket() -> socket.socket:
+def free_socket(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
 
 
 @contextmanager
-def serve_in_thread(app: Any, **config: Any) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a thread; yield its base URL; stop it (gracefully) afterwards."""
-    sock = free_socket()
+def serve_in_thread(app: Any, port: int = 0, **config: Any) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread; yield its base URL; stop it (gracefully) afterwards.
+    ``port``: that port (a server restarted where it was), else a free one."""
+    sock = free_socket(port)
     port = sock.getsockname()[1]
     server = _ReadyServer(
         uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5, **config)

@@ -7,6 +7,7 @@ The same behaviour against the real vLLM (started with VLLM_SERVER_DEV_MODE=1) i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
+from tests.servers import serve_in_thread
 from tokentrail.proxy.training.policy import annotate
 from tokentrail.proxy.training.sequences import TrainingSequence
 
@@ -381,3 +383,31 @@ def test_with_an_api_key_vllms_control_routes_need_it(fake: tuple[FakeUpstream, 
     assert models.status_code == 200
     assert "/pause?mode=abort" not in fake[0].control
     assert fake[0].weight_version == "default"
+
+
+def test_an_upstream_that_comes_back_is_asked_its_version_again_and_never_given_the_old_one(
+    tmp_path: Path,
+) -> None:
+    """vLLM restarted with other weights (and so another version) between two calls: the calls after
+    it are stamped with the new version, or none until it is known, never with the one before."""
+    with contextlib.ExitStack() as stack:
+        first = contextlib.ExitStack()
+        url = first.enter_context(serve_in_thread(FakeUpstream()))
+        proxy = stack.enter_context(running_proxy(url, tmp_path))
+        _until(lambda: _versions(proxy) == {url: "default"})
+        assert _call(proxy, "before").status_code == 200
+        first.close()  # vLLM goes away ...
+        assert _call(proxy, "gone").status_code == 502
+        restarted = FakeUpstream(weight_version="step-9")  # ... and comes back on its port, new weights
+        stack.enter_context(serve_in_thread(restarted, port=int(url.rsplit(":", 1)[1])))
+        assert _call(proxy, "after").status_code == 200
+        upstreams = httpx.get(proxy.url + "/tokentrail/health").json()["upstreams"]
+        assert [u["healthy"] for u in upstreams] == [True]  # (one upstream: nothing else probes it)
+        _until(lambda: _versions(proxy) == {url: "step-9"})
+        assert _call(proxy, "later").status_code == 200
+        proxy.wait_all_records()
+        rows = proxy.rows("SELECT trajectory_id, weight_version FROM llm_calls")
+    stamped = {r["trajectory_id"]: r["weight_version"] for r in rows}
+    assert stamped["before"] == "default"
+    assert stamped["after"] in (None, "step-9")  # unknown until asked, never the old one
+    assert stamped["later"] == "step-9"

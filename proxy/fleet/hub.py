@@ -175,6 +175,8 @@ class ControlHub:
                 answer["answers"] = [vars(a) for a in await plane.resume()]
             elif op == "versions":
                 await plane.share_versions(dict(message["versions"]))
+            elif op == "learn":
+                await plane.relearn()
             else:
                 answer["error"] = f"unknown op {op!r}"
         except SupersededError:

@@ -71,6 +71,10 @@ class FleetLink:
     async def share_versions(self, versions: Versions) -> None:
         await self._ask({"op": "versions", "versions": versions})
 
+    async def relearn(self) -> bool:
+        await self._ask({"op": "learn"})
+        return True
+
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         if self._writer is None or self._writer.is_closing():
             raise FleetUnavailableError("not connected to the control plane")

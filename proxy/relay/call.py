@@ -174,6 +174,7 @@ async def open_upstream(
             upstream = balancer.pick(trajectory_id, exclude=upstream)
             continue
         state.upstream = response
+        balancer.answered(upstream)
         return response
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -154,6 +154,10 @@ class ControlPlane:
             await self.members.set_versions(learned)
         return answered
 
+    async def relearn(self) -> bool:
+        """An upstream answered again after it was down (it may have restarted with other weights)."""
+        return await self.learn_versions()
+
     async def learn_versions_until_known(self, retry_s: float = 2.0) -> None:
         """At start (a background task): vLLM may come up after TokenTrail, so ask until it answers."""
         while not await self.learn_versions():  # noqa: ASYNC110 - nothing to wait on but time

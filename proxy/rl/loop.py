@@ -41,6 +41,8 @@ class Control(Protocol):
 
     async def share_versions(self, versions: Versions) -> None: ...
 
+    async def relearn(self) -> bool: ...
+
 
 class RlLoop:
     """Pause gate, policy versions and running calls of one proxy process; a ``Members`` of the
@@ -68,6 +70,11 @@ class RlLoop:
             lambda: [u.url for u in balancer.upstreams], client, self, learn_versions=learn_versions
         )
         self.control: Control = self.local_control
+        # An upstream that went away may come back restarted, with other weights: its version is
+        # unknown (None, never the old one) until it is asked again, as soon as it answers.
+        self._relearning: set[asyncio.Task[bool]] = set()
+        balancer.on_down.append(self._upstream_lost)
+        balancer.on_back.append(self._upstream_back)
 
     # ---- the relay's side ----
 
@@ -137,6 +144,24 @@ class RlLoop:
         after = self.weights.current(upstream)
         if after != before:
             await self.control.share_versions({upstream: after})
+
+    def _upstream_lost(self, upstream: str) -> None:
+        if self.weights.current(upstream) is not None:
+            self.weights.set(upstream, None)
+
+    def _upstream_back(self, upstream: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._relearn(upstream))
+        self._relearning.add(task)
+        task.add_done_callback(self._relearning.discard)
+
+    async def _relearn(self, upstream: str) -> bool:
+        try:
+            return await self.control.relearn()
+        except Exception as exc:  # the control plane is going away: the version stays unknown
+            logger.warning(
+                "upstream=<%s>, error=<%s> | version not learned again", upstream, type(exc).__name__
+            )
+            return False
 
     # ---- as a member of the control plane ----
 

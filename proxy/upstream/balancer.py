@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokentrail.proxy.upstream.client import UpstreamClient
@@ -50,6 +51,9 @@ class UpstreamBalancer:
         if not urls:
             raise ValueError("at least one upstream is needed")
         self.upstreams = [Upstream(url) for url in urls]
+        # told an upstream's URL when it is found down, and when it answers again after that
+        self.on_down: list[Callable[[str], None]] = []
+        self.on_back: list[Callable[[str], None]] = []
 
     def pick(self, trajectory_id: str | None, exclude: Upstream | None = None) -> Upstream:
         """The upstream for a call (``exclude``: one that just refused the connection)."""
@@ -68,8 +72,25 @@ class UpstreamBalancer:
     def mark_down(self, upstream: Upstream, reason: str) -> None:
         if upstream.healthy and len(self.upstreams) > 1:
             logger.warning("upstream=<%s>, reason=<%s> | upstream marked down", upstream.url, reason)
-        upstream.healthy = False
         upstream.downs += 1
+        if upstream.healthy:
+            upstream.healthy = False
+            for listener in self.on_down:
+                listener(upstream.url)
+
+    def answered(self, upstream: Upstream) -> None:
+        """The upstream answered a call: healthy again if it was down (with one upstream nothing else
+        probes it)."""
+        if not upstream.healthy:
+            self._set_healthy(upstream, True)
+
+    def _set_healthy(self, upstream: Upstream, healthy: bool) -> None:
+        if healthy == upstream.healthy:
+            return
+        logger.warning("upstream=<%s>, healthy=<%s> | upstream health changed", upstream.url, healthy)
+        upstream.healthy = healthy
+        for listener in self.on_back if healthy else self.on_down:
+            listener(upstream.url)
 
     async def probe(self, client: UpstreamClient) -> None:
         """Probe every upstream once."""
@@ -86,9 +107,7 @@ class UpstreamBalancer:
                 healthy = False
             if healthy and upstream.downs != downs:  # a call found it down while this probe ran
                 return
-            if healthy != upstream.healthy:
-                logger.warning("upstream=<%s>, healthy=<%s> | upstream health changed", upstream.url, healthy)
-            upstream.healthy = healthy
+            self._set_healthy(upstream, healthy)
 
         await asyncio.gather(*(one(u) for u in self.upstreams))
 
