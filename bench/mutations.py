@@ -665,6 +665,117 @@ MUTATIONS = [
         ("tests/test_shutdown.py::test_a_call_open_when_the_lifespan_ends_is_answered_and_recorded",),
         "shutdown closes the writer without waiting for the calls in flight",
     ),
+    # ---- issue 23: one story across processes (fleet control, metric counts, trajectory state) ----
+    Mutation(
+        "aborted-unfinished-ok",
+        "proxy/rl/loop.py",
+        "(aborting and (broken or unfinished))",
+        "(aborting and broken)",
+        ("tests/test_rl.py::test_a_stream_an_abort_pause_ends_is_recorded_as_aborted",),
+        "a stream vLLM aborted before its first token (no finish reason) is recorded ok",
+    ),
+    Mutation(
+        "pause-outlives-a-newer-resume",
+        "proxy/rl/control.py",
+        "            if not drained:\n",
+        "            if False:\n",
+        (
+            "tests/test_rl.py::test_a_resume_that_comes_while_a_wait_pause_drains_wins_and_nothing_stays_paused",
+        ),
+        "a wait pause superseded by a resume still pauses vLLM behind the open gate",
+    ),
+    Mutation(
+        "version-change-not-shared",
+        "proxy/rl/control.py",
+        "        self.state.versions.update(versions)\n        await self.members.set_versions(versions)\n",
+        "        self.state.versions.update(versions)\n",
+        (
+            "tests/test_fleet.py::test_a_version_set_through_one_worker_is_known_to_every_worker_before_its_answer",
+        ),
+        "a version set through one worker stays that worker's",
+    ),
+    Mutation(
+        "fleet-gates-never-opened",
+        "proxy/fleet/hub.py",
+        '        await self._all({"cmd": "open", "versions": versions})\n',
+        "        return None\n",
+        (
+            "tests/test_fleet.py::"
+            "test_calls_held_by_a_pause_on_any_worker_go_when_any_worker_resumes_with_the_new_version",
+        ),
+        "a resume opens no worker's gate: held calls wait until the pause limit",
+    ),
+    Mutation(
+        "restarted-worker-not-paused",
+        "proxy/fleet/link.py",
+        '        if state.get("paused"):',
+        "        if False:",
+        ("tests/test_fleet.py::test_a_worker_restarted_during_a_pause_holds_its_calls_too",),
+        "a worker restarted during a pause lets its calls through to a paused vLLM",
+    ),
+    Mutation(
+        "metric-counts-not-committed",
+        "proxy/recording/writer.py",
+        "            self._count_in(connection, encoder, batch)\n",
+        "",
+        (
+            "tests/test_writer.py::test_metric_counts_are_committed_with_their_records_and_survive_a_restart",
+            "tests/test_metrics.py::test_metrics_agree_with_the_database_after_a_mixed_load",
+        ),
+        "the counts of recorded calls are not written with the records",
+    ),
+    Mutation(
+        "gate-not-checked-after-build",
+        "proxy/relay/recorded_call.py",
+        "        if self.context.rl is not None and self.context.rl.gate.paused:\n"
+        "            await self._pass_the_gate()\n        if rewritten is None:",
+        "        if rewritten is None:",
+        (
+            "tests/test_token_in.py::"
+            "test_a_call_whose_prompt_was_being_built_when_the_pause_came_waits_at_the_gate",
+        ),
+        "a token-in call whose prompt was built during a pause reaches the paused vLLM",
+    ),
+    Mutation(
+        "memory-trusted-unproven",
+        "proxy/token_in/planner.py",
+        "if suffix_has_reply(found, request) or (not isinstance(found, Continuation) and not read_now)",
+        "if False",
+        ("tests/test_trajectory_state.py",),
+        "a call built on remembered calls although another process relayed a later turn",
+    ),
+    Mutation(
+        "unrecorded-reply-built-anyway",
+        "proxy/token_in/planner.py",
+        "                return Fallback.REPLY_NOT_RECORDED\n",
+        "                return found\n",
+        (
+            "tests/test_trajectory_state.py::"
+            "test_a_call_whose_previous_turn_is_never_written_in_time_falls_back_with_a_reason",
+        ),
+        "a reply no recorded call gave is re-rendered from text and the call still called token-in",
+    ),
+    Mutation(
+        "drift-cache-trusted-stale",
+        "proxy/trajectory/drift.py",
+        "                cached = None  # another process wrote calls since: read them\n",
+        "                pass\n",
+        (
+            "tests/test_trajectory_state.py::test_the_writer_judges_a_call_against_what_the_database_holds_not_its_cache",
+        ),
+        "the writer judges a call against its cache although another process wrote since",
+    ),
+    Mutation(
+        "kv-transfer-null-kept",
+        "proxy/token_in/planner.py",
+        "    if _KV_KEY in body:",
+        "    if False:",
+        (
+            "tests/test_token_in.py::test_the_prompt_ids_go_into_the_body_and_the_header_decides_per_call",
+            "tests/test_token_in.py::test_a_body_with_an_explicit_null_kv_transfer_params_still_carries_the_ids",
+        ),
+        "an explicit kv_transfer_params null stays in the body and vLLM ignores the IDs",
+    ),
 ]
 
 

@@ -6,6 +6,7 @@ reason), and token-in on every turn behind the shipped nginx recipe (``deploy/re
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -115,15 +116,23 @@ def _answers(url: str) -> bool:
 
 
 def _wait_calls(db_url: str, count: int) -> list[tuple[Any, ...]]:
+    """(trajectory, seq, turn, drift, fallback) of every call, once ``count`` are recorded; the turn
+    is read from the request (its number of messages), since across replicas ``seq`` is write order."""
     deadline = time.monotonic() + 60
     while True:
         rows = db_rows(
-            db_url, "SELECT trajectory_id, seq, drift, token_in_fallback FROM llm_calls ORDER BY 1, 2"
+            db_url,
+            "SELECT trajectory_id, seq, request, drift, token_in_fallback FROM llm_calls ORDER BY 1, 2",
         )
         if len(rows) >= count:
-            return rows
+            break
         assert time.monotonic() < deadline, f"only {len(rows)} of {count} calls recorded"
         time.sleep(0.05)
+    turns = []
+    for trajectory, seq, request, drift, fallback in rows:
+        messages = (json.loads(request) if isinstance(request, str) else request)["messages"]
+        turns.append((trajectory, seq, (len(messages) - 1) // 2, drift, fallback))
+    return turns
 
 
 def _fallbacks(replicas: list[str]) -> dict[tuple[str, ...], float]:
@@ -147,9 +156,10 @@ def test_without_sticky_routing_every_call_is_exact_or_falls_back_with_a_reason(
     for trajectory in range(TRAJECTORIES):
         mine = [r for r in rows if r[0] == f"conv-{trajectory}"]
         assert [r[1] for r in mine] == list(range(TURNS))  # gapless, whichever replica wrote it
-    for _trajectory, seq, drift, fallback in rows:
-        if seq == 0:
-            assert (drift, fallback) == ("first", "first_call")
+        assert sorted(r[2] for r in mine) == list(range(TURNS))  # every turn once
+    for _trajectory, _seq, turn, drift, fallback in rows:
+        if turn == 0:
+            assert fallback == "first_call"
         else:  # exact (the writer checked the IDs extend the last call's), or sent as text with a reason
             assert (drift == "token_in") == (fallback is None), (drift, fallback)
             assert fallback != "first_call"
@@ -173,7 +183,8 @@ def test_behind_the_sticky_recipe_every_turn_after_the_first_is_token_in(
             sum(by_label(scrape(r)[0], "tokentrail_calls_total", "outcome").values()) for r in replicas
         ]
     assert statuses == [200] * TRAJECTORIES * TURNS
-    assert [(r[2], r[3]) for r in rows if r[1] > 0] == [("token_in", None)] * TRAJECTORIES * (TURNS - 1)
+    assert [r[2] for r in rows] == list(range(TURNS)) * TRAJECTORIES  # one replica each: seq = turn
+    assert [(r[3], r[4]) for r in rows if r[2] > 0] == [("token_in", None)] * TRAJECTORIES * (TURNS - 1)
     assert all(per_replica), f"one replica took every trajectory ({per_replica}): the test proves little"
     assert sum(per_replica) == TRAJECTORIES * TURNS
 
