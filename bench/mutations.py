@@ -676,13 +676,13 @@ MUTATIONS = [
     ),
     Mutation(
         "pause-outlives-a-newer-resume",
-        "proxy/rl/control.py",
-        "            if not drained:\n",
-        "            if False:\n",
+        "proxy/rl/loop.py",
+        "        self._newer_request.set()  # wakes a drain of an older request\n",
+        "",
         (
             "tests/test_rl.py::test_a_resume_that_comes_while_a_wait_pause_drains_wins_and_nothing_stays_paused",
         ),
-        "a wait pause superseded by a resume still pauses vLLM behind the open gate",
+        "a wait pause superseded by a resume goes on waiting for the running calls",
     ),
     Mutation(
         "version-change-not-shared",
