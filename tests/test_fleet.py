@@ -16,12 +16,22 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.fake_upstream import FakeUpstream
 from tests.test_metrics import db_rows
 from tests.test_serve import BODY, CHAT, serve_process
 from tests.test_workers import FRESH, _children, _workers_seen
 from tests.test_workers import _wait_rows as wait_rows
+from tokentrail.proxy.fleet.hub import ControlHub
+from tokentrail.proxy.fleet.link import FleetLink
+from tokentrail.proxy.recording.records import CallRecord
+from tokentrail.proxy.rl.control import SupersededError
+from tokentrail.proxy.rl.loop import RlLoop
+from tokentrail.proxy.rl.pause import PauseMode
+from tokentrail.proxy.settings import Settings
+from tokentrail.proxy.upstream.balancer import UpstreamBalancer
+from tokentrail.proxy.upstream.configured import upstream_client
 
 WORKERS = "3"
 HELD = 12
@@ -145,3 +155,36 @@ def test_a_worker_restarted_during_a_pause_holds_its_calls_too(
             caller.join(30)
             assert statuses == [200] * HELD
         wait_rows(db_url, HELD)
+
+
+def test_two_requests_of_one_worker_in_flight_at_once_are_both_answered(
+    fake: tuple[FakeUpstream, str], tmp_path: Any
+) -> None:
+    """A worker's wait pause still drains when its resume comes; the pause ends first (409), and the
+    resume must still get its own answer (the supervisor's real control plane, over its socket)."""
+    settings = Settings(upstream=fake[1], db=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    hub = ControlHub(settings)
+    hub.start()
+
+    async def pause_then_resume() -> None:
+        client = upstream_client(settings)
+        loop = RlLoop(UpstreamBalancer(settings.upstreams), client, pause_max_wait_s=30)
+        link = FleetLink(hub.path, loop)
+        await link.start()
+        running = loop.begin(CallRecord("c", "t", CHAT, time.time()), fake[1], None, lambda: 0)
+        pausing = asyncio.ensure_future(loop.pause(PauseMode.WAIT))
+        while not loop.gate.paused:  # noqa: ASYNC110 - closed by the control plane's command
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(loop.resume(), 10)
+        with pytest.raises(SupersededError):
+            await asyncio.wait_for(pausing, 10)
+        assert not loop.gate.paused
+        loop.end(running, 0)
+        await link.aclose()
+        await client.aclose()
+
+    try:
+        asyncio.run(pause_then_resume())
+    finally:
+        hub.stop()
+    assert "/pause?mode=wait" not in fake[0].control

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tokentrail.proxy.fleet.wire import MAX_LINE, read_message, write_message
-from tokentrail.proxy.rl.control import ControlPlane, SupersededError, Versions
+from tokentrail.proxy.rl.control import CONTROL_TIMEOUT_S, ControlPlane, SupersededError, Versions
 from tokentrail.proxy.rl.pause import PauseMode
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.upstream.client import UpstreamClient
@@ -30,6 +30,7 @@ from tokentrail.proxy.upstream.configured import upstream_client
 logger = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
+COMMAND_TIMEOUT_S = 30.0  # a worker takes a close, open or versions command at once; a hung one is left out
 
 
 class _Worker:
@@ -43,16 +44,21 @@ class _Worker:
     def tell(self, message: dict[str, Any]) -> None:
         write_message(self.writer, message)
 
-    async def ask(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """Send a command and wait for its answer; None when the worker went away first."""
+    async def ask(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        """Send a command and wait for its answer; None when the worker went away first, or did
+        not answer within ``timeout_s``."""
         self._next_id += 1
+        request_id = self._next_id  # (another command may be sent while this one waits)
         future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-        self._waiting[self._next_id] = future
-        write_message(self.writer, {**message, "id": self._next_id})
+        self._waiting[request_id] = future
+        write_message(self.writer, {**message, "id": request_id})
         try:
-            return await future
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:  # a worker that does not answer holds no one up: it is left out
+            logger.error("command=<%s> | a worker did not answer the control plane", message.get("cmd"))
+            return None
         finally:
-            self._waiting.pop(self._next_id, None)
+            self._waiting.pop(request_id, None)
 
     def answered(self, message: dict[str, Any]) -> None:
         future = self._waiting.pop(int(message.get("re", -1)), None)
@@ -80,7 +86,7 @@ class HubMembers:
         await self._all({"cmd": "close", "mode": str(mode)})
 
     async def drain(self) -> bool:
-        answers = await self._all({"cmd": "drain"})
+        answers = await self._all({"cmd": "drain"}, CONTROL_TIMEOUT_S)
         return all(answer.get("drained", False) for answer in answers if answer is not None)
 
     async def open(self, versions: Versions) -> None:
@@ -89,8 +95,11 @@ class HubMembers:
     async def set_versions(self, versions: Versions) -> None:
         await self._all({"cmd": "versions", "versions": versions})
 
-    async def _all(self, command: dict[str, Any]) -> list[dict[str, Any] | None]:
-        return list(await asyncio.gather(*(worker.ask(command) for worker in list(self.workers))))
+    async def _all(
+        self, command: dict[str, Any], timeout_s: float = COMMAND_TIMEOUT_S
+    ) -> list[dict[str, Any] | None]:
+        asks = (worker.ask(command, timeout_s) for worker in list(self.workers))
+        return list(await asyncio.gather(*asks))
 
 
 class ControlHub:

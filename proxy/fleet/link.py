@@ -79,13 +79,14 @@ class FleetLink:
         if self._writer is None or self._writer.is_closing():
             raise FleetUnavailableError("not connected to the control plane")
         self._next_id += 1
+        request_id = self._next_id  # (another request may be sent while this one waits)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[self._next_id] = future
-        write_message(self._writer, {**message, "id": self._next_id})
+        self._waiting[request_id] = future
+        write_message(self._writer, {**message, "id": request_id})
         try:
             answer = await future
         finally:
-            self._waiting.pop(self._next_id, None)
+            self._waiting.pop(request_id, None)
         error = answer.get("error")
         if error == "superseded":
             raise SupersededError
@@ -118,15 +119,18 @@ class FleetLink:
 
     async def _run(self, command: dict[str, Any]) -> None:
         answer: dict[str, Any] = {"re": command.get("id")}
-        kind = command["cmd"]
-        if kind == "close":
-            await self._loop.close(PauseMode(command["mode"]))
-        elif kind == "drain":
-            answer["drained"] = await self._loop.drain()
-        elif kind == "open":
-            await self._loop.open(dict(command.get("versions") or {}))
-        elif kind == "versions":
-            await self._loop.set_versions(dict(command.get("versions") or {}))
+        try:
+            kind = command["cmd"]
+            if kind == "close":
+                await self._loop.close(PauseMode(command["mode"]))
+            elif kind == "drain":
+                answer["drained"] = await self._loop.drain()
+            elif kind == "open":
+                await self._loop.open(dict(command.get("versions") or {}))
+            elif kind == "versions":
+                await self._loop.set_versions(dict(command.get("versions") or {}))
+        except (KeyError, ValueError, TypeError) as exc:  # a command this worker cannot read: say so
+            answer["error"] = type(exc).__name__
         if self._writer is not None:
             with contextlib.suppress(ConnectionError):
                 write_message(self._writer, answer)

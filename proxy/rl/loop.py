@@ -143,7 +143,11 @@ class RlLoop:
         self.weights.observe(upstream, method, path, request, status, answer)
         after = self.weights.current(upstream)
         if after != before:
-            await self.control.share_versions({upstream: after})
+            try:
+                await self.control.share_versions({upstream: after})
+            except Exception as exc:  # the control plane is going away: this worker knows it at least
+                name = type(exc).__name__
+                logger.warning("upstream=<%s>, error=<%s> | version change not shared", upstream, name)
 
     def _upstream_lost(self, upstream: str) -> None:
         if self.weights.current(upstream) is not None:
