@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -231,6 +232,35 @@ def test_the_export_gives_versions_staleness_and_group_advantages_and_filters_on
     done, _ = _export(rl_proxy, tmp_path, "--min-weight-version", "v9")
     assert done.returncode == 2
     assert "no call ran under weight version 'v9'" in done.stderr
+
+
+def test_only_trajectories_an_export_wrote_whole_are_marked_exported_and_pruned(
+    rl_proxy: Proxy, tmp_path: Path
+) -> None:
+    """A policy filter that leaves a trajectory's sequences out did not export it: ``prune --exported``
+    must never delete what was not archived."""
+    assert _call(rl_proxy, "stale").status_code == 200
+    httpx.post(rl_proxy.url + "/update_weight_version", json={"new_version": "v2"}).raise_for_status()
+    assert _call(rl_proxy, "fresh").status_code == 200
+    rl_proxy.wait_all_records()
+    done, rows = _export(rl_proxy, tmp_path, "--max-staleness", "0", "--mark-exported")
+    assert done.returncode == 0, done.stderr
+    assert [r["trajectory_id"] for r in rows] == ["fresh"]
+    marked = rl_proxy.rows("SELECT id FROM trajectories WHERE exported_at IS NOT NULL")
+    assert [r["id"] for r in marked] == ["fresh"]
+    command = [
+        sys.executable,
+        "-m",
+        "tokentrail.proxy.cli",
+        "db",
+        "prune",
+        "--exported",
+        "--db",
+        rl_proxy.db_url,
+    ]
+    dry = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert dry.returncode == 0, dry.stderr
+    assert re.search(r"\b1 trajector", dry.stdout), dry.stdout
 
 
 def test_a_sequence_over_several_versions_is_stamped_with_its_oldest() -> None:

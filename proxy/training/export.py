@@ -232,7 +232,8 @@ def export(
                 if isinstance(sink, PartitionedSequenceSink):
                     sink.write_for(row, kept)
                 out.extend(kept)
-                if remember_read:
+                if remember_read and built.sequences and len(kept) == len(built.sequences):
+                    # only what was written whole: a trajectory a policy filter cut is not exported
                     summary.read.append((row["id"], row["updated_at"], row["call_count"]))
                 summary.prefix_mismatches += len(built.mismatches)
                 broken.extend(m.call_id for m in built.mismatches)
