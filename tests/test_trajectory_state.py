@@ -8,6 +8,7 @@ would (lock contention between workers, a retry's backoff).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -88,7 +89,7 @@ def _recorded(proxy: Proxy, calls: int) -> list[dict[str, Any]]:
     _until(
         lambda: len(proxy.rows("SELECT id FROM llm_calls")) >= calls, f"{calls} calls were not all recorded"
     )
-    return proxy.rows("SELECT seq, drift, token_in_fallback FROM llm_calls ORDER BY seq")
+    return proxy.rows("SELECT seq, drift, token_in_fallback, request FROM llm_calls ORDER BY seq")
 
 
 def test_a_call_whose_previous_turn_another_process_has_not_yet_written_waits_for_it(
@@ -137,7 +138,9 @@ def test_a_call_whose_previous_turn_is_never_written_in_time_falls_back_with_a_r
             assert _post(a, [*second, REPLY, USER]) == 200  # waited 0.3 s for turn 2, in vain
         assert "kv_transfer_params" not in fake.chats[2]  # sent as the client wrote it
         rows = _recorded(a, 3)
-    assert [r["token_in_fallback"] for r in rows] == ["first_call", None, "reply_not_recorded"]
+    by_turn = sorted(rows, key=lambda r: len(json.loads(r["request"])["messages"]))
+    # (across processes seq is write order: B's turn 2, held back, is written after A's turn 3)
+    assert [r["token_in_fallback"] for r in by_turn] == ["first_call", None, "reply_not_recorded"]
 
 
 def test_a_turn_another_process_relayed_with_a_new_history_is_continued_from_the_database(
@@ -186,3 +189,18 @@ def test_the_writer_judges_a_call_against_what_the_database_holds_not_its_cache(
         judged = a.rows("SELECT drift, drift_position FROM llm_calls WHERE seq = 2")
     assert [r["drift"] for r in rows] == ["first", "edited", "template"]
     assert judged == [{"drift": "template", "drift_position": 2}]  # the fake re-renders turn 2's IDs
+
+
+def test_an_edited_reply_of_a_call_this_process_relayed_falls_back_at_once(tmp_path: Path) -> None:
+    """The client edited the last reply (reasoning stripped, text normalised): that reply is a known
+    call's, so nothing is on its way and the call falls back at once, not after the wait bound."""
+    with _two_proxies(tmp_path, token_in_wait_s=60) as (fake, a, _b, _db_url):
+        second = [USER, REPLY, USER]
+        assert _post(a, [USER]) == 200
+        assert _post(a, second) == 200
+        _recorded(a, 2)
+        edited = {"role": "assistant", "content": "ok, edited"}
+        assert _post(a, [*second, edited, USER]) == 200  # would wait a minute for an unknown reply
+        assert "kv_transfer_params" not in fake.chats[2]
+        rows = _recorded(a, 3)
+    assert [r["token_in_fallback"] for r in rows] == ["first_call", None, "reply_edited"]

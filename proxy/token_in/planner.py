@@ -30,9 +30,11 @@ from tokentrail.proxy.storage.stored_calls import StoredFormError
 from tokentrail.proxy.token_in.prompt import BuildFailed, PromptBuilder
 from tokentrail.proxy.trajectory.continuation import (
     Continuation,
+    PastCall,
     Reason,
     best_continuation,
     has_non_text_content,
+    normalise_message,
 )
 from tokentrail.proxy.trajectory.drift import past_call, suffix_has_reply
 from tokentrail.proxy.trajectory.memory import (
@@ -80,6 +82,24 @@ def token_in_wanted(headers: list[tuple[bytes, bytes]], default: bool) -> bool:
             if lowered in _NO:
                 return False
     return default
+
+
+def _answered_by_a_later_call(calls: list[PastCall], found: Continuation, request: dict[str, Any]) -> bool:
+    """Whether a call after ``found``'s base had exactly the request's messages up to a reply: then the
+    reply in the request's new messages is that call's, edited by the client, not one on its way."""
+    messages = request["messages"]
+    later = calls[next(i for i, c in enumerate(calls) if c is found.past) + 1 :]
+    for call in later:
+        theirs = call.request.get("messages") or []
+        if len(theirs) >= len(messages):
+            continue
+        reply = messages[len(theirs)]
+        if not (isinstance(reply, dict) and reply.get("role") == "assistant"):
+            continue
+        repeated = zip(theirs, messages[: len(theirs)], strict=True)
+        if all(a == b or normalise_message(a) == normalise_message(b) for a, b in repeated):
+            return True
+    return False
 
 
 def _holds_a_reply(request: dict[str, Any]) -> bool:
@@ -221,9 +241,13 @@ class TokenIn:
         deadline = loop.time() + self._wait_s
         while True:
             await self._load(trajectory_id)
-            found = best_continuation(self._memory.calls(trajectory_id), request)
+            calls = self._memory.calls(trajectory_id)
+            found = best_continuation(calls, request)
             if not suffix_has_reply(found, request):
                 return found
+            assert isinstance(found, Continuation)
+            if _answered_by_a_later_call(calls, found, request):
+                return Reason.REPLY_EDITED  # that reply is a recorded call's, edited: nothing to wait for
             if loop.time() >= deadline:
                 return Fallback.REPLY_NOT_RECORDED
             await asyncio.sleep(_RECORD_POLL_S)
