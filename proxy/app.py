@@ -68,6 +68,7 @@ class Runtime:
     worker: int | None = None  # the worker's slot under ``serve --workers N``
     metrics_registry: CollectorRegistry | None = None
     token_pieces: TokenPieces | None = None  # the viewer's decoded tokens
+    last_counts: Any = None  # the metric counts last read from the database (served while it is down)
     retention: Retention | None = None  # TOKENTRAIL_RETENTION_DAYS (the first worker only)
 
 

@@ -14,12 +14,13 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.conftest import Proxy, running_proxy
 from tests.fake_upstream import FakeUpstream
 from tests.test_relay_fake import _open_request
 from tests.test_workers import FRESH, _children, _load, _two_workers, _wait_rows, _workers_seen
-from tokentrail.proxy.metrics import catalog, snapshot
+from tokentrail.proxy.metrics import catalog, persisted, snapshot
 from tokentrail.proxy.metrics.calls import label_key
 from tokentrail.proxy.server.worker_state import state_path
 from tokentrail.proxy.server.workers import worker_spool_path
@@ -289,3 +290,23 @@ def test_metrics_are_open_unless_told_to_require_the_key(
         response = httpx.get(proxy.url + "/tokentrail/metrics", headers={"Authorization": "Bearer k"})
         assert response.status_code == 200
         assert "# TYPE tokentrail_calls_total counter" in response.text
+
+
+def test_a_scrape_while_the_database_cannot_be_read_serves_the_last_counts_and_says_so(
+    fake: tuple[FakeUpstream, str], tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The spool, queue and upstream figures are the alerts for a database outage: they must come."""
+    with running_proxy(fake[1], tmp_path) as proxy:
+        assert httpx.post(proxy.url + CHAT, json=BODY).status_code == 200
+        proxy.wait_all_records()
+        before, _ = scrape(proxy.url)
+        assert before[("tokentrail_metric_counts_stale", frozenset())] == 0
+
+        def unreadable(*args: Any) -> Any:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+        monkeypatch.setattr(persisted, "read_counts", unreadable)
+        during, _ = scrape(proxy.url)
+    assert during[("tokentrail_metric_counts_stale", frozenset())] == 1
+    assert _calls_by_outcome(during) == _calls_by_outcome(before) == {("ok", "ok"): 1.0}
+    assert ("tokentrail_spool_bytes", frozenset()) in during

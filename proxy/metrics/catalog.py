@@ -96,6 +96,12 @@ QUEUE_CAPACITY = Metric(
 )
 SPOOL_BYTES = Metric("tokentrail_spool_bytes", Kind.GAUGE, "Bytes of records waiting in the spool.")
 IN_FLIGHT = Metric("tokentrail_in_flight_calls", Kind.GAUGE, "Calls being relayed now.")
+COUNTS_STALE = Metric(
+    "tokentrail_metric_counts_stale",
+    Kind.GAUGE,
+    "1 while the database cannot be read: the counts of recorded calls are the last ones read.",
+    combine=Combine.MIN,
+)
 UPSTREAM_UP = Metric(
     "tokentrail_upstream_up",
     Kind.GAUGE,
@@ -150,6 +156,7 @@ ALL: tuple[Metric, ...] = (
     QUEUE_CAPACITY,
     SPOOL_BYTES,
     IN_FLIGHT,
+    COUNTS_STALE,
     UPSTREAM_UP,
     UPSTREAM_IN_FLIGHT,
     WORKERS_REPORTING,

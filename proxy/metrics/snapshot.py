@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from tokentrail.proxy.metrics import catalog, persisted
 from tokentrail.proxy.metrics.calls import Values, label_key
 from tokentrail.proxy.metrics.catalog import Combine, Kind
 from tokentrail.proxy.server.worker_state import STALE_S, sibling_states, state_path, write_state
+
+logger = logging.getLogger(__name__)
 
 KIND = "metrics"
 
@@ -86,7 +91,15 @@ def all_values(runtime: Any) -> Values:
                 continue
             with contextlib.suppress(ValueError):
                 add(total, json.loads(content), gauges=age <= STALE_S)
-    counted = persisted.read_counts(runtime.engine, runtime.settings.instance_name)
+    try:
+        counted = persisted.read_counts(runtime.engine, runtime.settings.instance_name)
+        runtime.last_counts = counted
+        stale = 0.0
+    except SQLAlchemyError as exc:  # the database is down: the last counts read, and say they are old
+        logger.warning("error=<%s> | metric counts not read; the last ones are served", type(exc).__name__)
+        counted = runtime.last_counts or {}
+        stale = 1.0
+    total[catalog.COUNTS_STALE.name] = {label_key(): stale}
     total.update(counted)
     calls = counted.get(catalog.CALLS.name, {})
     written = sum(v for v in calls.values() if isinstance(v, float))
