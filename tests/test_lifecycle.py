@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from tests.conftest import Proxy, running_proxy
 from tests.conversations import record_conversation
 from tests.fake_upstream import FakeUpstream
+from tests.postgres import create_database
 from tests.servers import serve_in_thread
 from tests.test_metrics import scrape
 from tokentrail.proxy.app import create_app
@@ -511,3 +512,19 @@ def test_a_prune_that_cannot_get_the_database_says_so_after_retrying(tmp_path: P
     assert done.returncode == 1
     assert "tokentrail: database error, prune stopped: database is locked" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_replicas_started_together_on_a_new_postgresql_migrate_it_once(postgres_url: str) -> None:
+    """The compose replicas profile starts two ``serve`` at once on an empty database."""
+    db_url = create_database(postgres_url)
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tokentrail.proxy.cli", "db", "upgrade", "--db", db_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0] * 4, [err for _out, err in results]

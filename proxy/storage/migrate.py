@@ -48,6 +48,9 @@ def check_not_newer(url: str, engine: Engine) -> str | None:
     return revision
 
 
+_MIGRATION_LOCK = 0x746F6B656E  # PostgreSQL advisory lock key of TokenTrail's migrations ("token")
+
+
 def upgrade_database(url: str) -> tuple[str | None, str]:
     """Migrate the database at ``url`` to the newest revision; return (before, after)."""
     engine = make_engine(url)
@@ -55,6 +58,9 @@ def upgrade_database(url: str) -> tuple[str | None, str]:
         before = check_not_newer(url, engine)
         config = alembic_config(url)
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # replicas started together: one migrates, the others wait here and find it done
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
         return before, head_revision(url)
