@@ -17,7 +17,9 @@ names a test file or test that does not exist, is an ERROR (``STALE``), never a 
 run exit non-zero. ``--check`` checks exactly that in a fraction of a second, and
 ``tests/test_mutation_catalogue.py`` runs the same check in the README's test command, so CI fails the
 moment code moves under a mutation. The run exits non-zero when any mutation is missed or stale, or
-when fewer than ``BAR`` (95%) of the planted bugs are caught.
+when fewer than ``BAR`` (95%) of the planted bugs are caught. Each distinct set of tests is first run
+once with no bug planted: a set that fails then (a missing PostgreSQL, a flaky test) would "catch"
+every bug, so its mutations count as ``BROKEN``, not caught (``--no-baseline`` skips this).
 
 It edits files of the working tree in place (the strict editable install imports them from there),
 with ``PYTHONDONTWRITEBYTECODE`` so no mutated bytecode is left behind, and restores each file in
@@ -836,35 +838,55 @@ def run(mutation: Mutation, show: bool = False) -> tuple[str, float]:
     path = ROOT / mutation.path
     original = path.read_bytes()
     started = time.monotonic()
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-    command += ["-m", "not vllm and not browser", *mutation.tests]
     try:
         path.write_bytes(original.decode().replace(mutation.old, mutation.new).encode())
-        # its own process group: on a timeout the servers and CLIs the tests started go with it
-        with subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        ) as process:  # fmt: skip
-            try:
-                output, _ = process.communicate(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.communicate()
-                return "caught (timeout)", time.monotonic() - started
+        returncode, output = _pytest(mutation.tests)
     finally:
         path.write_bytes(original)
     seconds = time.monotonic() - started
+    if returncode is None:
+        return "caught (timeout)", seconds
     if show:
         for line in output.splitlines():
             if line.startswith(("FAILED ", "ERROR tests")):
                 print(f"    {line[:200]}")
-    if process.returncode in (1, 2):  # tests failed (or could not be collected with the bug in)
+    if returncode in (1, 2):  # tests failed (or could not be collected with the bug in)
         return "caught", seconds
-    if process.returncode == 0:
+    if returncode == 0:
         return "MISSED", seconds
     tail = output.strip().splitlines()[-1:]
-    return f"STALE: pytest exit {process.returncode} {' '.join(tail)}", seconds
+    return f"STALE: pytest exit {returncode} {' '.join(tail)}", seconds
+
+
+def _pytest(tests: tuple[str, ...]) -> tuple[int | None, str]:
+    """Run ``tests`` (without the vLLM or browser marks): pytest's exit code (None: timed out) and output."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    command += ["-m", "not vllm and not browser", *tests]
+    # its own process group: on a timeout the servers and CLIs the tests started go with it
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            output, _ = process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            return None, ""
+    return process.returncode, output
+
+
+def broken_without_bugs(chosen: list[Mutation]) -> dict[tuple[str, ...], str]:
+    """The test sets of ``chosen`` that fail with no bug planted (a failure with the bug would then
+    prove nothing): each distinct set is run once, unmutated."""
+    broken: dict[tuple[str, ...], str] = {}
+    for tests in dict.fromkeys(m.tests for m in chosen):
+        returncode, output = _pytest(tests)
+        if returncode != 0:
+            tail = output.strip().splitlines()[-1:] if output else ["timed out"]
+            broken[tests] = f"BROKEN: its tests fail with no bug planted ({' '.join(tail)[:120]})"
+    return broken
 
 
 def report(results: list[tuple[Mutation, str]]) -> tuple[float, list[str]]:
@@ -888,6 +910,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="check every mutation applies; run no test")
     parser.add_argument("--module", action="append", default=[], help="only the mutations of this file")
     parser.add_argument("--show", action="store_true", help="print the tests that failed for each mutation")
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip running each test set once with no bug planted (then a broken test counts as a catch)",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - {m.name for m in MUTATIONS})
     if unknown:
@@ -913,8 +940,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no mutation matches")
     results: list[tuple[Mutation, str]] = []
     started = time.monotonic()
+    broken = {} if args.no_baseline else broken_without_bugs(chosen)
+    if not args.no_baseline:
+        print(f"baseline: {len(broken)} broken test set(s), {time.monotonic() - started:.0f} s", flush=True)
     for mutation in chosen:
-        verdict, seconds = run(mutation, args.show)
+        verdict, seconds = (
+            (broken[mutation.tests], 0.0) if mutation.tests in broken else run(mutation, args.show)
+        )
         results.append((mutation, verdict))
         print(
             f"{mutation.name:34} {verdict:8} {seconds:6.1f} s  {mutation.path}: {mutation.what}", flush=True

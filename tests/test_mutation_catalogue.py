@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -30,9 +29,7 @@ def lane() -> ModuleType:
 
 
 def test_every_catalogued_mutation_applies_exactly_once_and_names_tests_that_exist(lane: ModuleType) -> None:
-    started = time.monotonic()
     assert lane.check(lane.MUTATIONS) == {}
-    assert time.monotonic() - started < 1.0
     assert len(lane.MUTATIONS) >= 40
 
 
