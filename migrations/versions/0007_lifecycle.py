@@ -76,13 +76,15 @@ def upgrade() -> None:
     op.add_column("trajectories", sa.Column("exported_calls", sa.Integer(), nullable=True))
     op.create_index(BASE_INDEX, "llm_calls_stored", ["base_call_id"])
     if connection.dialect.name != "sqlite":
+        # (in the one transaction of the upgrade: writes wait while the index is built and the key
+        # checked, seconds per million calls; upgrade at a quiet time, as the README says)
         op.create_foreign_key(FOREIGN_KEY, "llm_calls_stored", "llm_calls_stored", ["base_call_id"], ["id"])
         return
     views = _sqlite_views(connection)
     for name in reversed(_VIEWS):
         op.execute(f"DROP VIEW IF EXISTS {name}")
-    # The copy is checked row by row against the old table as it is filled (foreign keys are on);
-    # dropping the old table then finds no call left without its base.
+    # Foreign keys are off while the table is rebuilt (migrations/env.py); every reference is checked
+    # with PRAGMA foreign_key_check before the commit, and dangling bases were refused above.
     with op.batch_alter_table("llm_calls_stored", recreate="always") as batch:
         batch.create_foreign_key(FOREIGN_KEY, "llm_calls_stored", ["base_call_id"], ["id"])
     for view in views:
