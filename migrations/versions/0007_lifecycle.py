@@ -77,7 +77,7 @@ def upgrade() -> None:
     op.create_index(BASE_INDEX, "llm_calls_stored", ["base_call_id"])
     if connection.dialect.name != "sqlite":
         # (in the one transaction of the upgrade: writes wait while the index is built and the key
-        # checked, seconds per million calls; upgrade at a quiet time, as the README says)
+        # checked, longer the more calls; upgrade at a quiet time, as the README says)
         op.create_foreign_key(FOREIGN_KEY, "llm_calls_stored", "llm_calls_stored", ["base_call_id"], ["id"])
         return
     views = _sqlite_views(connection)
