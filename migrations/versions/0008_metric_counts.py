@@ -4,7 +4,7 @@ Why: each process counted its calls in memory, so under ``serve --workers`` a wo
 its counts with it and the total went down. The writer now adds each batch's counts (calls by route,
 outcome and integrity, tokens, token-in fallbacks, latency histogram buckets) in the transaction that
 writes the batch, per TokenTrail instance (one ``serve``: all its workers). A scrape reads them back,
-so they never go down and always equal what the database holds from that instance.
+so they never go down and always equal the records that instance committed.
 
 Revision ID: 0008_metric_counts
 Revises: 0007_lifecycle
