@@ -37,6 +37,7 @@ class FleetLink:
         self._next_id = 0
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._commands: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def start(self) -> None:
         """Connect and take the fleet's state before the worker serves its first call."""
@@ -54,6 +55,7 @@ class FleetLink:
         self._reading = asyncio.create_task(self._read(reader))
 
     async def aclose(self) -> None:
+        self._closing = True
         self._loop.control = self._loop.local_control
         if self._reading is not None:
             self._reading.cancel()
@@ -112,7 +114,8 @@ class FleetLink:
                     self._commands.add(task)
                     task.add_done_callback(self._commands.discard)
         finally:
-            logger.error("the supervisor's control plane went away")
+            if not self._closing:  # (this worker stopping ends the read: no news)
+                logger.error("the supervisor's control plane went away")
             for future in self._waiting.values():
                 if not future.done():
                     future.set_exception(FleetUnavailableError("the control plane went away"))
