@@ -37,7 +37,10 @@ def _workers_seen(proxy: str, want: set[int]) -> set[int]:
     deadline = time.monotonic() + 60
     with httpx.Client(limits=FRESH, timeout=30) as client:
         while not seen >= want and time.monotonic() < deadline:
-            seen.add(client.get(proxy + "/tokentrail/health").json()["worker"])
+            try:
+                seen.add(client.get(proxy + "/tokentrail/health").json()["worker"])
+            except httpx.TransportError:  # a connection queued at a worker just killed is reset
+                continue
     return seen
 
 

@@ -43,6 +43,9 @@ class PauseOut(BaseModel):
     upstreams: list[UpstreamAnswerOut] = Field(
         default_factory=list, description="vLLM's answers to the pause or resume just sent."
     )
+    worker: int | None = Field(
+        None, description="The worker that answered (serve --workers); held counts are its own."
+    )
 
 
 class GroupMember(BaseModel):
@@ -73,13 +76,14 @@ def _rl(request: Request) -> RlLoop:
     return rl
 
 
-def _state(rl: RlLoop, answers: list[UpstreamAnswer]) -> PauseOut:
+def _state(request: Request, rl: RlLoop, answers: list[UpstreamAnswer]) -> PauseOut:
     state = rl.gate.state()
     versions = {u.url: rl.weights.current(u.url) for u in rl.balancer.upstreams}
     return PauseOut(
         **vars(state),
         weight_versions=versions,
         upstreams=[UpstreamAnswerOut.model_validate(vars(a)) for a in answers],
+        worker=request.app.state.runtime.worker,
     )
 
 
@@ -112,7 +116,7 @@ async def pause(
             await rl.resume()
         detail = "; ".join(f"{a.upstream}: {a.status} {a.body[:200]}" for a in failed)
         raise HTTPException(502, f"not every upstream paused (is VLLM_SERVER_DEV_MODE=1 set?): {detail}")
-    return _state(rl, answers)
+    return _state(request, rl, answers)
 
 
 @router.post("/resume", response_model=PauseOut, responses={409: {}, 503: {}})
@@ -126,13 +130,13 @@ async def resume(request: Request) -> PauseOut:
         raise HTTPException(409, _SUPERSEDED) from None
     except FleetUnavailableError:
         raise HTTPException(503, _NO_FLEET) from None
-    return _state(rl, answers)
+    return _state(request, rl, answers)
 
 
 @router.get("/pause", response_model=PauseOut)
 async def pause_state(request: Request) -> PauseOut:
     """Whether the fleet is paused, how many calls wait, and each upstream's policy version."""
-    return _state(_rl(request), [])
+    return _state(request, _rl(request), [])
 
 
 def _group_id(group_id: Annotated[str, Path(description="The X-Trajectory-Group value")]) -> str:
