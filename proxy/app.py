@@ -228,6 +228,8 @@ def create_app(
             memory_trajectories=settings.token_in_memory_trajectories,
             wait_s=settings.token_in_wait_s,
             tokenize_timeout_s=settings.token_in_tokenize_timeout_s,
+            check_first=settings.token_in_check_first,
+            check_every=settings.token_in_check_every,
         )
         relay = Relay(
             balancer,

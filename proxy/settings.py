@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001"
@@ -154,7 +154,8 @@ class Settings(BaseSettings):
         False,
         description=(
             "Token-in: a chat call that continues the previous call of its trajectory is sent to vLLM "
-            "with that call's exact prompt + generated token IDs (kv_transfer_params.prompt_token_ids), "
+            "with that call's exact prompt + generated token IDs (prompt_token_ids where vLLM has the "
+            "field, else kv_transfer_params.prompt_token_ids), "
             "so the trajectory stays one exact training sequence; a request header "
             "'X-TokenTrail-Token-In: true|false' decides per call."
         ),
@@ -175,6 +176,21 @@ class Settings(BaseSettings):
     )
     token_in_tokenize_timeout_s: PositiveFloat = Field(
         10.0, description="Token-in: seconds for vLLM's /tokenize to answer; then the call falls back."
+    )
+    token_in_check_first: NonNegativeInt = Field(
+        8,
+        description=(
+            "Token-in: calls of each chat template whose new tokens are found both after a short "
+            "stand-in history and after the whole history, and compared, before the stand-in is "
+            "trusted (0: trusted at once)."
+        ),
+    )
+    token_in_check_every: NonNegativeInt = Field(
+        100,
+        description=(
+            "Token-in: after that, one call in this many is checked again (0: never); a template "
+            "that ever differs renders the whole history from then on."
+        ),
     )
     viewer: bool = Field(
         True, description="Serve the trajectory viewer at /tokentrail/ui/ (its data needs the API key)."

@@ -101,6 +101,8 @@ class CallRecord:
     # Token-in (proxy/token_in/): the proxy sent the prompt IDs, or why it did not (None: off).
     token_in: bool = False
     token_in_fallback: str | None = None
+    # How token-in found the new tokens (token_in/prompt.py ``How``); counted in metrics, not stored.
+    token_in_render: str | None = None
     # How the prompt relates to the trajectory's previous call; set by the writer (token_in/drift.py).
     drift: str | None = None
     drift_position: int | None = None
