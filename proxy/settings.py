@@ -140,7 +140,9 @@ class Settings(BaseSettings):
         True,
         description=(
             "Ask each upstream's GET /weight_info (vLLM's RL routes) at start and after a resume, so "
-            "every call records the policy version; off for upstreams that are not vLLM."
+            "every call records the policy version, and its /version, /v1/models and two small "
+            "/tokenize probes at start (the model identity in each call's certificate); off for "
+            "upstreams that are not vLLM."
         ),
     )
     pause_max_wait_s: PositiveFloat = Field(

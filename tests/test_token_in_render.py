@@ -10,6 +10,7 @@ stand-in history gives other tokens there, which the checks must catch.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,7 +142,7 @@ def _expected_prompts(fake: TemplateFake, sent: list[list[dict[str, Any]]]) -> l
     """Token-in's prompts with full renders: previous prompt + generated + the end of turn the reply
     was cut before + render(all) - render(history ending with the reply)."""
     prompts = [fake.render(sent[0], True)]
-    for before, now in zip(sent, sent[1:], strict=False):
+    for before, now in itertools.pairwise(sent):
         history = fake.render(now[: len(before) + 1], False)
         new = fake.render(now, True)[len(history) :]
         prompts.append([*prompts[-1], *GENERATED, 2, *new])

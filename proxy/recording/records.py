@@ -103,6 +103,9 @@ class CallRecord:
     token_in_fallback: str | None = None
     # How token-in found the new tokens (token_in/prompt.py ``How``); counted in metrics, not stored.
     token_in_render: str | None = None
+    # What the upstream serves (upstream/identity.py), as known when the call was sealed: the
+    # call's certificate is made of it and the request (recording/certificate.py).
+    upstream_identity: dict[str, str | None] | None = None
     # How the prompt relates to the trajectory's previous call; set by the writer (token_in/drift.py).
     drift: str | None = None
     drift_position: int | None = None
