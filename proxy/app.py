@@ -230,6 +230,7 @@ def create_app(
             memory_trajectories=settings.token_in_memory_trajectories,
             wait_s=settings.token_in_wait_s,
             tokenize_timeout_s=settings.token_in_tokenize_timeout_s,
+            stand_in=settings.token_in_stand_in,
             check_first=settings.token_in_check_first,
             check_every=settings.token_in_check_every,
         )

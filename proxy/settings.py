@@ -179,6 +179,13 @@ class Settings(BaseSettings):
     token_in_tokenize_timeout_s: PositiveFloat = Field(
         10.0, description="Token-in: seconds for vLLM's /tokenize to answer; then the call falls back."
     )
+    token_in_stand_in: bool = Field(
+        True,
+        description=(
+            "Token-in: find a continuing call's new tokens by rendering them after a short stand-in "
+            "history (checked per template, see the next two); false: always render the whole history."
+        ),
+    )
     token_in_check_first: NonNegativeInt = Field(
         8,
         description=(

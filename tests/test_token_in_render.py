@@ -239,3 +239,15 @@ def test_a_client_sending_its_own_prompt_token_ids_is_left_alone(
     assert [c["prompt_token_ids"] for c in fake.chats] == [[50, 7], [50, 7]]
     rows = proxy.rows("SELECT token_in_fallback FROM llm_calls ORDER BY seq")
     assert [r["token_in_fallback"] for r in rows] == ["client_prompt_token_ids"] * 2
+
+
+@pytest.mark.parametrize("fake_and_proxy", [({}, {"token_in_stand_in": False})], indirect=True)
+def test_with_the_stand_in_off_every_call_renders_its_whole_history(
+    fake_and_proxy: tuple[TemplateFake, Proxy],
+) -> None:
+    fake, proxy = fake_and_proxy
+    sent = _converse(proxy, 5)
+    prompts = [c["kv_transfer_params"]["prompt_token_ids"] for c in fake.chats[1:]]
+    assert prompts == _expected_prompts(fake, sent)[1:]
+    assert _renders(proxy) == {"full": 4}
+    assert not any(m[1] == {"role": "user", "content": "."} for m in fake.tokenized if len(m) > 1)

@@ -131,6 +131,7 @@ class TokenIn:
         memory_trajectories: int,
         wait_s: float,
         tokenize_timeout_s: float,
+        stand_in: bool = True,
         check_first: int = 8,
         check_every: int = 100,
     ) -> None:
@@ -139,7 +140,7 @@ class TokenIn:
         self._upstream_of = upstream_of
         self._memory = TrajectoryMemory(memory_trajectories)
         self._builder = PromptBuilder(
-            client, tokenize_timeout_s, check_first=check_first, check_every=check_every
+            client, tokenize_timeout_s, stand_in=stand_in, check_first=check_first, check_every=check_every
         )
         self._fields = PromptFieldDetector(client, tokenize_timeout_s)
         self._wait_s = wait_s

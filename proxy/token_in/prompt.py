@@ -180,12 +180,19 @@ class PromptBuilder:
     """Renders through vLLM's ``/tokenize`` and splices the previous call's IDs in."""
 
     def __init__(
-        self, client: UpstreamClient, timeout_s: float, *, check_first: int = 8, check_every: int = 100
+        self,
+        client: UpstreamClient,
+        timeout_s: float,
+        *,
+        stand_in: bool = True,
+        check_first: int = 8,
+        check_every: int = 100,
     ) -> None:
         self._client = client
         self._timeout_s = timeout_s
         self._tails: dict[tuple[str, str], list[int]] = {}
         self._trust: dict[str, TemplateTrust] = {}
+        self._use_stand_in = stand_in
         self._check_first = check_first
         self._check_every = check_every
 
@@ -203,7 +210,7 @@ class PromptBuilder:
         """The prompt IDs for ``request`` and how they were found; raises ``BuildFailed``."""
         messages = request["messages"]
         kept = found.kept
-        stand_in = stand_in_history(messages, kept)
+        stand_in = stand_in_history(messages, kept) if self._use_stand_in else None
         trust: TemplateTrust | None = None
         if stand_in is None:
             how = How.FULL
