@@ -11,6 +11,9 @@ What it speaks (byte layout as in ``tests/vllm_samples/``, captured from the rea
 * ``POST /tokenize`` (``messages`` or ``prompt``), in vLLM's shape: ``{"count", "max_model_len",
   "tokens", "token_strs"}``; the IDs are ``fake_chat``'s (what ``--agent-mode`` renders).
 * ``GET /health`` (200, empty) and ``GET /v1/models``.
+* ``GET /fake/tokenize-stats``: what it was asked to tokenize (``TokenizeStats``): ``/tokenize``
+  requests and their bytes, and the bytes of chat calls it rendered itself (no prompt IDs given),
+  each by the turn of the chat call they served; a ``POST`` there starts them again.
 
 Deterministic token IDs so a benchmark can check what a proxy stored: the prompt has
 ``prompt_token_count(body)`` IDs ``prompt_id(i)``, and choice ``j`` generates ``generated_id(i, j)``.
@@ -219,6 +222,58 @@ def _agent_prompt(body: dict[str, Any], messages: list[Any]) -> tuple[int, str]:
     return fake_chat.rendered_json(messages)
 
 
+class TokenizeStats:
+    """Bytes this fake tokenized, by the turn of the chat call they were for (1: a trajectory's first).
+
+    A ``/tokenize`` request is held under its last assistant message (a reply: token-in renders the
+    history up to the previous call's reply, or a stand-in ending with it) until a chat call arrives
+    whose last assistant message is that reply; its turn is its count of assistant messages + 1.
+    Replies in agent mode are a function of the messages, so different agents' do not collide.
+    Requests no chat call claims (the template's end-of-turn probes) stay ``unattributed``."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending: dict[str, list[int]] = {}  # reply -> [requests, bytes]
+        self.by_turn: dict[
+            int, list[int]
+        ] = {}  # turn -> [calls, tokenize requests, tokenize bytes, chat bytes]
+
+    def tokenized(self, body: dict[str, Any], size: int) -> None:
+        key = _last_reply(body.get("messages"))
+        held = self.pending.setdefault(key, [0, 0])
+        held[0] += 1
+        held[1] += size
+
+    def chat(self, body: dict[str, Any], size: int, rendered: bool) -> None:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return
+        turn = 1 + sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
+        row = self.by_turn.setdefault(turn, [0, 0, 0, 0])
+        requests, tokenized = self.pending.pop(_last_reply(messages), [0, 0]) if turn > 1 else (0, 0)
+        row[0] += 1
+        row[1] += requests
+        row[2] += tokenized
+        row[3] += size if rendered else 0
+
+    def as_json(self) -> bytes:
+        unattributed = [sum(v[0] for v in self.pending.values()), sum(v[1] for v in self.pending.values())]
+        return json.dumps({"by_turn": self.by_turn, "unattributed": unattributed}).encode()
+
+
+def _last_reply(messages: Any) -> str:
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "assistant":
+                return json.dumps(message.get("content"))
+    return ""
+
+
+STATS = TokenizeStats()
+
+
 def _tokenize(body: dict[str, Any]) -> bytes:
     """vLLM's ``/tokenize`` answer for ``messages`` (rendered) or ``prompt`` (encoded)."""
     messages = body.get("messages")
@@ -321,6 +376,11 @@ class FakeVllmProtocol(asyncio.Protocol):
             self._write(_response_head(200, _JSON, 0))
         elif method == "GET" and path == "/v1/models":
             self._write(_response_head(200, _JSON, len(_MODELS)) + _MODELS)
+        elif path == "/fake/tokenize-stats":
+            if method == "POST":
+                STATS.reset()
+            payload = STATS.as_json()
+            self._write(_response_head(200, _JSON, len(payload)) + payload)
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions", "/tokenize"):
             try:
                 parsed = json.loads(body)
@@ -330,10 +390,17 @@ class FakeVllmProtocol(asyncio.Protocol):
                 self._write(_response_head(400, _JSON, len(error)) + error)
                 return
             if path == "/tokenize":
+                STATS.tokenized(parsed, len(body))
                 payload = _tokenize(parsed)
                 self._write(_response_head(200, _JSON, len(payload)) + payload)
                 return
             FakeVllmProtocol.serial += 1
+            if path == "/v1/chat/completions":
+                kv = parsed.get("kv_transfer_params")
+                given = parsed.get("prompt_token_ids") or (
+                    kv.get("prompt_token_ids") if isinstance(kv, dict) else None
+                )
+                STATS.chat(parsed, len(body), rendered=not given)
             call = _Call(path, parsed, FakeVllmProtocol.serial, self.agent_mode)
             if call.stream:
                 if delay_s > 0:
