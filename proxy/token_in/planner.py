@@ -97,18 +97,21 @@ def _unsupported(request: dict[str, Any]) -> str | None:
 
 
 def with_prompt_ids(
-    body: bytes, prompt_ids: list[int], field: PromptField = PromptField.KV_TRANSFER
+    body: bytes,
+    prompt_ids: list[int],
+    field: PromptField = PromptField.KV_TRANSFER,
+    ids_text: bytes | None = None,
 ) -> bytes:
-    """``body`` (a JSON object whose ``field`` is absent or null) with the prompt IDs added first, in
-    ``field``. An explicit ``null`` of that field is removed first: with two keys, vLLM reads the last
-    one, the null, and would ignore the IDs."""
+    """``body`` (a JSON object whose ``field`` is absent or null) with the prompt IDs (``ids_text``:
+    already as JSON) added first, in ``field``. An explicit ``null`` of that field is removed first:
+    with two keys, vLLM reads the last one, the null, and would ignore the IDs."""
     key = _KV_KEY if field == PromptField.KV_TRANSFER else _IDS_KEY
     if key in body:  # rare (or only inside a message's text): the body is rewritten without it
         parsed = jsonio.loads(body)
         if isinstance(parsed, dict) and parsed.pop(str(field), None) is None:
             body = jsonio.dumps_text(parsed).encode()
     start = body.find(b"{")
-    ids = jsonio.dumps_text(prompt_ids).encode()
+    ids = jsonio.dumps_text(prompt_ids).encode() if ids_text is None else ids_text
     if field == PromptField.KV_TRANSFER:
         added = b'"kv_transfer_params":{"prompt_token_ids":' + ids + b"}"
     else:
@@ -144,7 +147,8 @@ class TokenIn:
         )
         self._fields = PromptFieldDetector(client, tokenize_timeout_s)
         self._wait_s = wait_s
-        self._open: dict[str, tuple[OpenCall, list[int] | None]] = {}
+        # open calls: (the trajectory's view of it, the prompt IDs sent and their JSON, once built)
+        self._open: dict[str, tuple[OpenCall, list[int] | None, bytes | None]] = {}
 
     async def rewrite(
         self, headers: list[tuple[bytes, bytes]], record: CallRecord, body: bytes
@@ -168,10 +172,11 @@ class TokenIn:
             logger.debug("call_id=<%s> | token-in failure details", record.call_id, exc_info=exc)
             self._fall_back(record, Fallback.PROXY_ERROR)
             return None
-        opened, _ = self._open[record.call_id]
-        self._open[record.call_id] = (opened, prompt_ids)
+        opened, _, _ = self._open[record.call_id]
+        ids_text = jsonio.dumps_text(prompt_ids).encode()  # once: sent, then compared with vLLM's
+        self._open[record.call_id] = (opened, prompt_ids, ids_text)
         record.token_in = True
-        return with_prompt_ids(body, prompt_ids, field)
+        return with_prompt_ids(body, prompt_ids, field, ids_text)
 
     def templates(self) -> dict[str, TemplateTrust]:
         """What was learned per template of the stand-in history (see ``prompt``)."""
@@ -195,7 +200,7 @@ class TokenIn:
             raise BuildFailed(Fallback.NO_TRAJECTORY)
         trajectory_id = record.trajectory_id
         opened = self._memory.open_call(trajectory_id, request["messages"])
-        self._open[record.call_id] = (opened, None)
+        self._open[record.call_id] = (opened, None, None)
         unsupported = _unsupported(request)
         if unsupported is not None:
             raise BuildFailed(unsupported)
@@ -250,14 +255,9 @@ class TokenIn:
                 if past is not None:
                     self._memory.add(record.trajectory_id, past)
             return
-        opened, prompt_ids = entry
+        opened, prompt_ids, ids_text = entry
         text = record.prompt_ids_text
-        if (
-            record.token_in
-            and prompt_ids
-            and text is not None
-            and text == jsonio.dumps_text(prompt_ids).encode()
-        ):
+        if record.token_in and prompt_ids and text is not None and text == ids_text:
             # vLLM answered with exactly the IDs it was sent: keep that list rather than parse the text
             # (writing 15,000 IDs costs a fifth of reading them); the writer still checks their count
             record.prompt_token_ids = prompt_ids
