@@ -5,6 +5,8 @@
     python bench/agents.py --profile /tmp/agents-profile.txt   # + a py-spy pass: top costs per thread
     python bench/agents.py --quick                   # 8 agents x 6 turns (what the test runs)
     python bench/agents.py --token-in                # TokenTrail with TOKENTRAIL_TOKEN_IN=true
+    python bench/agents.py --token-in-modes          # + token-in rendering the whole history, then
+                                                     #   only the new messages, side by side
 
 ``bench/run.py`` measures independent calls; this measures what a rollout of agents sends:
 ``--agents`` concurrent agents (``bench/agent_load.py``), each a ``--turns``-turn chat that re-sends its
@@ -27,6 +29,13 @@ prompt tokens + every call's generated tokens; bytes: the SQLite file and its WA
 stopped and checkpointed); ``tokentrail export --format parquet`` over it, in sequences/s and MB/s of
 Parquet written; and how the calls' prompts relate to the previous call's (``llm_calls.drift``).
 
+``--token-in-modes`` adds two TokenTrail passes after the others, each a fresh process on its own
+database: token-in rendering the whole history for every continuing call
+(``TOKENTRAIL_TOKEN_IN_STAND_IN=false``, what token-in did before) and token-in rendering only the new
+messages after a stand-in history (the default), with their databases checked like the main one
+(sampled prompt IDs equal the fake's); then the bytes sent to the fake's ``/tokenize`` per call at
+turns 4, 16 and the last, in every TokenTrail pass (the fake counts them, ``GET /fake/tokenize-stats``).
+
 ``--turns-list`` runs TokenTrail alone once more per other turn count, each on its own database, for
 bytes per trajectory token by conversation length. ``--profile`` runs one more TokenTrail pass under
 py-spy (apart, so that sampling does not slow the measured pass) and prints the top costs of the
@@ -46,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,6 +342,15 @@ def main() -> int:
         metavar="PATH",
         help="one more TokenTrail pass under py-spy: its raw stacks here, the top costs printed",
     )
+    parser.add_argument(
+        "--token-in-modes",
+        nargs="?",
+        const="full,stand-in",
+        default="",
+        metavar="ORDER",
+        help="after the targets, token-in rendering the whole history (full) and only the new messages "
+        "(stand-in), in this order (default full,stand-in; a mode may come again: stand-in,full,stand-in)",
+    )
     parser.add_argument("--json-out", type=Path, metavar="PATH", help="write every figure here as JSON")
     parser.add_argument("--keep-db", type=Path, metavar="PATH", help="copy TokenTrail's database here")
     add_target_options(parser, "direct,nginx,tokentrail")
@@ -352,7 +371,31 @@ def main() -> int:
             for name in names:
                 recording = (tmp / "bench.db", tmp) if name == "tokentrail" else None
                 pid = targets.pids.get(name, 0) if name != "direct" else 0
+                _tokenize_stats(targets.upstream, reset=True)
                 passes[name] = _measure(args, name, targets.urls[name], pid, args.turns, recording)
+                if name == "tokentrail":
+                    figures["tokenize"] = {name: _tokenize_stats(targets.upstream)}
+            for mode in filter(None, args.token_in_modes.split(",")):
+                if mode not in ("full", "stand-in"):
+                    raise SystemExit(f"--token-in-modes: {mode!r} is neither full nor stand-in")
+                name = f"ti-{mode}"
+                while name in passes:
+                    name += "'"
+                stand_in = "true" if mode == "stand-in" else "false"
+                targets.tokentrail_extra_env = {
+                    **env,
+                    "TOKENTRAIL_TOKEN_IN": "true",
+                    "TOKENTRAIL_TOKEN_IN_STAND_IN": stand_in,
+                }
+                _tokenize_stats(targets.upstream, reset=True)
+                passes[name], stored = _tokentrail_pass(args, targets, args.turns, tmp / name)
+                figures.setdefault("tokenize", {})[name] = _tokenize_stats(targets.upstream)
+                figures.setdefault("modes", {})[name] = stored
+                figures["modes"][name]["check"] = check_records(
+                    tmp / name / "tokentrail.db", passes[name].load["calls"], f"tokentrail-{args.turns}",
+                    shape, args.agents, args.turns, True,
+                )  # fmt: skip
+                targets.tokentrail_extra_env = env
             if targets.tokentrail_process is not None:
                 targets.stop_one(targets.tokentrail_process)  # SIGTERM: drains, checkpoints, closes
                 db_path = tmp / "bench.db"
@@ -382,6 +425,47 @@ def main() -> int:
         args.json_out.write_text(json.dumps({**figures, "profile": profile}, indent=1, default=str))
     failed = any(p.load["errors"] for p in passes.values())
     return 1 if failed or any("all ok" not in line for line in figures.get("check", [])) else 0
+
+
+def _tokenize_stats(upstream: str, *, reset: bool = False) -> dict[str, Any]:
+    """The fake vLLM's ``/tokenize`` counts (``bench/fake_vllm.py``: ``TokenizeStats``); ``reset``
+    starts them again."""
+    request = urllib.request.Request(  # noqa: S310 - the local fake
+        upstream + "/fake/tokenize-stats", method="POST" if reset else "GET"
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - the local fake
+        stats: dict[str, Any] = json.loads(answer.read())
+    return stats
+
+
+def _print_tokenize(figures: dict[str, Any], turns: int) -> None:
+    """``/tokenize`` bytes per call at a few turns, per TokenTrail pass."""
+    wanted = sorted({t for t in (4, 16, turns) if t <= turns})
+    names = list(figures.get("tokenize", {}))
+    if not names:
+        return
+    print("\n/tokenize per call (bytes sent to the fake vLLM's /tokenize; requests) at turn:")
+    print(f"{'':<24}" + "".join(f"{name:>16}" for name in names))
+    for turn in wanted:
+        cells = []
+        for name in names:
+            row = figures["tokenize"][name]["by_turn"].get(str(turn))
+            cells.append("-" if not row or not row[0] else f"{row[2] / row[0]:,.0f} B; {row[1] / row[0]:.1f}")
+        print(f"{f'  turn {turn}':<24}" + "".join(f"{c:>16}" for c in cells))
+    totals = []
+    for name in names:
+        rows = figures["tokenize"][name]["by_turn"].values()
+        calls = sum(r[0] for r in rows)
+        totals.append(f"{sum(r[2] for r in rows) / max(1, calls):,.0f} B")
+    print(f"{'  mean, every call':<24}" + "".join(f"{c:>16}" for c in totals))
+    chat = []
+    for name in names:
+        rows = figures["tokenize"][name]["by_turn"].values()
+        chat.append(f"{sum(r[3] for r in rows) / max(1, sum(r[0] for r in rows)):,.0f} B")
+    print(f"{'  chat bodies rendered':<24}" + "".join(f"{c:>16}" for c in chat))
+    for name, stored in figures.get("modes", {}).items():
+        check = "; ".join(stored["check"])
+        print(f"{name}: {check}; drift {stored['drift']}; fallbacks {stored['token_in_fallback']}")
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
@@ -466,6 +550,7 @@ def _print_report(
     print(f"prompts vs the previous call (llm_calls.drift): {main_db['drift']}")
     if main_db["token_in_fallback"]:
         print(f"token-in fallbacks: {main_db['token_in_fallback']}")
+    _print_tokenize(figures, args.turns)
     if figures.get("profile"):
         profiling.print_top_costs(figures["profile"])
 

@@ -11,6 +11,9 @@ What it speaks (byte layout as in ``tests/vllm_samples/``, captured from the rea
 * ``POST /tokenize`` (``messages`` or ``prompt``), in vLLM's shape: ``{"count", "max_model_len",
   "tokens", "token_strs"}``; the IDs are ``fake_chat``'s (what ``--agent-mode`` renders).
 * ``GET /health`` (200, empty) and ``GET /v1/models``.
+* ``GET /fake/tokenize-stats``: what it was asked to tokenize (``TokenizeStats``): ``/tokenize``
+  requests and their bytes, and the bytes of chat calls it rendered itself (no prompt IDs given),
+  each by the turn of the chat call they served; a ``POST`` there starts them again.
 
 Deterministic token IDs so a benchmark can check what a proxy stored: the prompt has
 ``prompt_token_count(body)`` IDs ``prompt_id(i)``, and choice ``j`` generates ``generated_id(i, j)``.
@@ -22,7 +25,9 @@ sleep between tokens, non-streaming calls once for all of them.
 
 ``--agent-mode`` (for ``bench/agents.py``): chat calls are answered by ``fake_chat``'s model instead:
 the prompt IDs are the ChatML rendering of the messages (or, when the body carries
-``kv_transfer_params.prompt_token_ids`` as TokenTrail's token-in sends, exactly those IDs), the reply
+``kv_transfer_params.prompt_token_ids`` as TokenTrail's token-in sends, exactly those IDs: taken as
+the body's own text, not parsed and written back, so that a prompt sent as IDs costs the fake no more
+than one sent as text, whose tokenizer is a table lookup), the reply
 text and its IDs a deterministic function of the messages. Streams are paced by the clock: token ``i``
 is due ``(i + 1) * delay`` after the first chunk and every token due is written at each wake-up, so a
 busy core delays tokens but does not slow the model down, as on a GPU.
@@ -84,7 +89,14 @@ def _word(token_id: int) -> str:
 class _Call:
     """One parsed completion request and the pieces of its answer."""
 
-    def __init__(self, route: str, body: dict[str, Any], serial: int, agent_mode: bool = False) -> None:
+    def __init__(
+        self,
+        route: str,
+        body: dict[str, Any],
+        serial: int,
+        agent_mode: bool = False,
+        given_json: str | None = None,
+    ) -> None:
         self.chat = route == "/v1/chat/completions"
         self.stream = body.get("stream") is True
         self.ids = body.get("return_token_ids") is True
@@ -100,7 +112,7 @@ class _Call:
         self.reply: fake_chat.Reply | None = None  # agent mode: the text and IDs of every choice
         messages = body.get("messages")
         if agent_mode and self.chat and isinstance(messages, list):
-            self.prompt_count, self.prompt_json = _agent_prompt(body, messages)
+            self.prompt_count, self.prompt_json = _agent_prompt(body, messages, given_json)
             self.reply = fake_chat.reply(messages, self.max_tokens)
         kind = "chat.completion.chunk" if self.stream else "chat.completion"
         self.head = (
@@ -210,13 +222,86 @@ class _Call:
         return events
 
 
-def _agent_prompt(body: dict[str, Any], messages: list[Any]) -> tuple[int, str]:
+_IDS_KEY = b'"prompt_token_ids":['
+
+
+def split_prompt_ids(raw: bytes) -> tuple[bytes, str | None]:
+    """A chat body with its ``kv_transfer_params.prompt_token_ids`` list cut out (``[0]`` in its place)
+    and that list's JSON text, or the body as it is and None. Parsing 15,000 IDs and writing them
+    back cost the fake 1.7 ms a call, four times what the same prompt costs it as text: under 64
+    agents whose calls come together, that made the fake the queue a benchmark measured."""
+    kv = raw.find(b'"kv_transfer_params":{')
+    start = raw.find(_IDS_KEY, kv) if kv >= 0 else -1
+    end = raw.find(b"]", start) if start >= 0 else -1
+    if end < 0:
+        return raw, None
+    first = start + len(_IDS_KEY) - 1
+    return raw[:first] + b"[0]" + raw[end + 1 :], raw[first : end + 1].decode()
+
+
+def _agent_prompt(
+    body: dict[str, Any], messages: list[Any], given_json: str | None = None
+) -> tuple[int, str]:
     """(count, JSON list) of an agent-mode chat call's prompt IDs: token-in's, or the rendering."""
+    if given_json is not None and given_json != "[]":
+        return given_json.count(",") + 1, given_json.replace(" ", "")
     kv = body.get("kv_transfer_params")
     given = kv.get("prompt_token_ids") if isinstance(kv, dict) else None
     if isinstance(given, list) and given:
         return len(given), "[" + ",".join(map(str, given)) + "]"
     return fake_chat.rendered_json(messages)
+
+
+class TokenizeStats:
+    """Bytes this fake tokenized, by the turn of the chat call they were for (1: a trajectory's first).
+
+    A ``/tokenize`` request is held under its last assistant message (a reply: token-in renders the
+    history up to the previous call's reply, or a stand-in ending with it) until a chat call arrives
+    whose last assistant message is that reply; its turn is its count of assistant messages + 1.
+    Replies in agent mode are a function of the messages, so different agents' do not collide.
+    Requests no chat call claims (the template's end-of-turn probes) stay ``unattributed``."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending: dict[str, list[int]] = {}  # reply -> [requests, bytes]
+        self.by_turn: dict[
+            int, list[int]
+        ] = {}  # turn -> [calls, tokenize requests, tokenize bytes, chat bytes]
+
+    def tokenized(self, body: dict[str, Any], size: int) -> None:
+        key = _last_reply(body.get("messages"))
+        held = self.pending.setdefault(key, [0, 0])
+        held[0] += 1
+        held[1] += size
+
+    def chat(self, body: dict[str, Any], size: int, rendered: bool) -> None:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return
+        turn = 1 + sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
+        row = self.by_turn.setdefault(turn, [0, 0, 0, 0])
+        requests, tokenized = self.pending.pop(_last_reply(messages), [0, 0]) if turn > 1 else (0, 0)
+        row[0] += 1
+        row[1] += requests
+        row[2] += tokenized
+        row[3] += size if rendered else 0
+
+    def as_json(self) -> bytes:
+        unattributed = [sum(v[0] for v in self.pending.values()), sum(v[1] for v in self.pending.values())]
+        return json.dumps({"by_turn": self.by_turn, "unattributed": unattributed}).encode()
+
+
+def _last_reply(messages: Any) -> str:
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "assistant":
+                return json.dumps(message.get("content"))
+    return ""
+
+
+STATS = TokenizeStats()
 
 
 def _tokenize(body: dict[str, Any]) -> bytes:
@@ -321,7 +406,16 @@ class FakeVllmProtocol(asyncio.Protocol):
             self._write(_response_head(200, _JSON, 0))
         elif method == "GET" and path == "/v1/models":
             self._write(_response_head(200, _JSON, len(_MODELS)) + _MODELS)
+        elif path == "/fake/tokenize-stats":
+            if method == "POST":
+                STATS.reset()
+            payload = STATS.as_json()
+            self._write(_response_head(200, _JSON, len(payload)) + payload)
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions", "/tokenize"):
+            given_json = None
+            size = len(body)
+            if self.agent_mode and path == "/v1/chat/completions":
+                body, given_json = split_prompt_ids(body)
             try:
                 parsed = json.loads(body)
                 assert isinstance(parsed, dict)
@@ -330,11 +424,18 @@ class FakeVllmProtocol(asyncio.Protocol):
                 self._write(_response_head(400, _JSON, len(error)) + error)
                 return
             if path == "/tokenize":
+                STATS.tokenized(parsed, len(body))
                 payload = _tokenize(parsed)
                 self._write(_response_head(200, _JSON, len(payload)) + payload)
                 return
             FakeVllmProtocol.serial += 1
-            call = _Call(path, parsed, FakeVllmProtocol.serial, self.agent_mode)
+            if path == "/v1/chat/completions":
+                kv = parsed.get("kv_transfer_params")
+                given = parsed.get("prompt_token_ids") or (
+                    kv.get("prompt_token_ids") if isinstance(kv, dict) else None
+                )
+                STATS.chat(parsed, size, rendered=not given)
+            call = _Call(path, parsed, FakeVllmProtocol.serial, self.agent_mode, given_json)
             if call.stream:
                 if delay_s > 0:
                     self.busy = True

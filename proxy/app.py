@@ -48,6 +48,7 @@ from tokentrail.proxy.ui import routes as ui
 from tokentrail.proxy.upstream.balancer import UpstreamBalancer
 from tokentrail.proxy.upstream.client import ignored_proxy_variables
 from tokentrail.proxy.upstream.configured import upstream_client
+from tokentrail.proxy.upstream.identity import UpstreamIdentities
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def create_app(
         rl_loop = RlLoop(
             balancer, client, settings.pause_max_wait_s, learn_versions=settings.learn_weight_versions
         )
+        identities = UpstreamIdentities(client, [u.url for u in balancer.upstreams])
         token_in = TokenIn(
             enabled=settings.token_in,
             engine=engine,
@@ -223,6 +225,9 @@ def create_app(
             memory_trajectories=settings.token_in_memory_trajectories,
             wait_s=settings.token_in_wait_s,
             tokenize_timeout_s=settings.token_in_tokenize_timeout_s,
+            stand_in=settings.token_in_stand_in,
+            check_first=settings.token_in_check_first,
+            check_every=settings.token_in_check_every,
         )
         relay = Relay(
             balancer,
@@ -236,6 +241,7 @@ def create_app(
             client_send_timeout_s=settings.client_send_timeout_s,
             rl=rl_loop,
             token_in=token_in,
+            identities=identities,
         )
         fleet: FleetLink | None = None
         versions: asyncio.Task[None] | None = None
@@ -244,6 +250,9 @@ def create_app(
             await fleet.start()
         else:  # a restarted proxy knows the version (vLLM may come up after it: asked until it answers)
             versions = asyncio.create_task(rl_loop.local_control.learn_versions_until_known())
+        learning = (
+            asyncio.create_task(identities.learn_until_known()) if settings.learn_weight_versions else None
+        )
         watcher = (
             asyncio.create_task(balancer.watch(client, settings.upstream_health_interval_s))
             if len(balancer.upstreams) > 1
@@ -268,7 +277,7 @@ def create_app(
             if not await relay.in_flight.wait_idle(_DRAIN_AFTER_SHUTDOWN_S):
                 logger.error("in_flight=<%d> | calls still open at shutdown", relay.in_flight.count)
             app.state.runtime = None
-            for task in (watcher, publisher, versions):
+            for task in (watcher, publisher, versions, learning):
                 if task is not None:
                     task.cancel()
             if fleet is not None:

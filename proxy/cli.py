@@ -80,6 +80,11 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="leave out sequences more than N policy versions behind the newest one seen",
     )
+    parser.add_argument(
+        "--certificate",
+        help="keep only sequences whose every call was made under this certificate "
+        "(llm_calls.certificate_id: template, tools, model, tokenizer, vLLM version, sampling, weights)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -618,7 +623,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
                 max(1, args.batch),
                 lambda n: bar.update(n),
                 by_group=args.by_group,
-                policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness),
+                policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness, args.certificate),
                 remember_read=args.mark_exported,
             )
         marked = mark_exported(engine, summary.read) if args.mark_exported else None
@@ -635,7 +640,8 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _SELECTION_OPTIONS = (
-    "db", "since", "until", "tag", "finished", "mode", "by_group", "min_weight_version", "max_staleness"
+    "db", "since", "until", "tag", "finished", "mode", "by_group", "min_weight_version", "max_staleness",
+    "certificate",
 )  # fmt: skip
 
 
@@ -715,7 +721,7 @@ def _verify_database(settings: Settings, args: argparse.Namespace, scorer: Any) 
                 max(1, args.batch),
                 lambda n: bar.update(n),
                 by_group=args.by_group,
-                policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness),
+                policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness, args.certificate),
             )
     except UnknownWeightVersionError as exc:
         raise verify.VerifyError(f"--min-weight-version: {exc}") from None

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001"
@@ -140,7 +140,9 @@ class Settings(BaseSettings):
         True,
         description=(
             "Ask each upstream's GET /weight_info (vLLM's RL routes) at start and after a resume, so "
-            "every call records the policy version; off for upstreams that are not vLLM."
+            "every call records the policy version, and its /version, /v1/models and two small "
+            "/tokenize probes at start (the model identity in each call's certificate); off for "
+            "upstreams that are not vLLM."
         ),
     )
     pause_max_wait_s: PositiveFloat = Field(
@@ -154,7 +156,8 @@ class Settings(BaseSettings):
         False,
         description=(
             "Token-in: a chat call that continues the previous call of its trajectory is sent to vLLM "
-            "with that call's exact prompt + generated token IDs (kv_transfer_params.prompt_token_ids), "
+            "with that call's exact prompt + generated token IDs (prompt_token_ids where vLLM has the "
+            "field, else kv_transfer_params.prompt_token_ids), "
             "so the trajectory stays one exact training sequence; a request header "
             "'X-TokenTrail-Token-In: true|false' decides per call."
         ),
@@ -175,6 +178,28 @@ class Settings(BaseSettings):
     )
     token_in_tokenize_timeout_s: PositiveFloat = Field(
         10.0, description="Token-in: seconds for vLLM's /tokenize to answer; then the call falls back."
+    )
+    token_in_stand_in: bool = Field(
+        True,
+        description=(
+            "Token-in: find a continuing call's new tokens by rendering them after a short stand-in "
+            "history (checked per template, see the next two); false: always render the whole history."
+        ),
+    )
+    token_in_check_first: NonNegativeInt = Field(
+        8,
+        description=(
+            "Token-in: calls of each chat template whose new tokens are found both after a short "
+            "stand-in history and after the whole history, and compared, before the stand-in is "
+            "trusted (0: trusted at once)."
+        ),
+    )
+    token_in_check_every: NonNegativeInt = Field(
+        100,
+        description=(
+            "Token-in: after that, one call in this many is checked again (0: never); a template "
+            "that ever differs renders the whole history from then on."
+        ),
     )
     viewer: bool = Field(
         True, description="Serve the trajectory viewer at /tokentrail/ui/ (its data needs the API key)."

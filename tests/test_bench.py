@@ -110,3 +110,24 @@ def test_storage_check_measures_before_and_after_on_one_database_and_reads_back_
     before, after = (float(cell.split()[0]) for cell in cells[4:6])
     assert after < before, out
     assert cells[8] == "same", out
+
+
+def test_agent_benchmark_token_in_modes_stand_in_tokenizes_flat_bytes_per_call() -> None:
+    """Token-in rendering whole histories against rendering only the new messages: both keep every
+    stored prompt equal to the fake's, and only the stand-in's /tokenize bytes per call stay flat."""
+    out = _run(str(BENCH / "agents.py"), "--quick", "--token-in-modes", "--targets", "tokentrail")
+    header = next(line.split() for line in out.splitlines() if line.strip().startswith("tokentrail"))
+    assert header == ["tokentrail", "ti-full", "ti-stand-in"]
+    assert _table_row(out, "errors") == ["0", "0", "0"], out
+    for mode in ("ti-full", "ti-stand-in"):
+        assert f"{mode}: 48 rows for 48 calls, all ok; 48 sampled calls' prompt IDs equal the fake's" in out
+    table = out.split("/tokenize per call", 1)[1]
+
+    def per_call(turn: int) -> list[int]:
+        cells = _table_row(table, f"  turn {turn}")
+        return [int(cells[i].replace(",", "")) for i in (0, 3, 6)]  # "N B; requests" per target
+
+    off, full, stand_in = zip(per_call(4), per_call(6), strict=True)
+    assert off == (0, 0)
+    assert full[1] > 1.3 * full[0]  # the whole history, twice, grows with every turn
+    assert stand_in[1] <= 1.05 * stand_in[0] < full[0]

@@ -57,6 +57,10 @@ def test_the_demo_records_an_agent_prints_its_trajectory_and_stops(vllm_url: str
         assert re.search(whole, out)
         assert "sequence 1:" not in out
         assert "Stop:  bash deploy/demo/try-cpu.sh stop" in out
+        # where to look, and what produced the tokens (learned from the vLLM it runs against)
+        assert f"trajectory:  http://127.0.0.1:{port}/tokentrail/ui/#/t/{trajectory_id}" in out
+        assert re.search(r"certificate [0-9a-f]{32} \(every call\):", out)
+        assert '  model: "tiny"' in out
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # TokenTrail is left running for the user's own client
     finally:

@@ -38,6 +38,16 @@ def token_in_proxy(vllm_url: str, tmp_path: Path) -> Iterator[Proxy]:
 
 
 @pytest.fixture
+def stand_in_proxy(vllm_url: str, tmp_path: Path) -> Iterator[Proxy]:
+    """Token-in that trusts the stand-in history at once and never checks it: every continuing call
+    whose history is longer than a stand-in renders only the new messages."""
+    with running_proxy(
+        vllm_url, tmp_path, token_in=True, token_in_check_first=0, token_in_check_every=0
+    ) as proxy:
+        yield proxy
+
+
+@pytest.fixture
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=120) as http:
         yield http
@@ -76,6 +86,9 @@ def assert_token_in_trajectory(
     if text_replies:
         for call in calls[1:]:
             assert_reads_as_the_template_renders_it(proxy, call)
+    token_in = proxy.runtime.relay.token_in
+    assert token_in is not None
+    assert not any(t.differs for t in token_in.templates().values())  # vLLM's template, both ways
     return calls
 
 
@@ -122,6 +135,66 @@ def test_a_tool_loop_is_one_exact_sequence_and_the_tool_call_still_comes_back_pa
     assert second.messages[0]["tool_calls"][0]["function"]["name"] == "get_weather"
     token_in_proxy.wait_all_records()
     assert [c["drift"] for c in calls_of(token_in_proxy.url, "forced-again")] == ["first", "token_in"]
+
+
+@pytest.mark.parametrize(
+    ("stream", "max_tokens", "tool_first"),
+    [(False, 24, False), (True, 3, False), (False, 3, False), (False, 24, True), (True, 24, True)],
+    ids=["plain", "streamed-cut", "cut-at-max-tokens", "tool-loop", "tool-loop-streamed"],
+)
+def test_new_tokens_rendered_after_a_stand_in_history_are_exactly_what_vllm_renders(
+    stand_in_proxy: Proxy, client: httpx.Client, stream: bool, max_tokens: int, tool_first: bool
+) -> None:
+    """The proof of the stand-in on vLLM's own template: vLLM's prompt IDs are the IDs sent (the
+    client's, the records' and token-in's agree, no ``upstream_ignored_ids``), and they decode to
+    what vLLM's template makes of the messages, with tools, tool results and replies cut short."""
+    conversation = converse(
+        client,
+        stand_in_proxy.url,
+        f"stand-in-{stream}-{max_tokens}-{tool_first}",
+        turns=5,
+        stream=stream,
+        max_tokens=max_tokens,
+        tool_first=tool_first,
+    )
+    calls = assert_token_in_trajectory(stand_in_proxy, conversation, text_replies=not tool_first)
+    if tool_first:  # the tool call is re-rendered from JSON by the template: compare after it
+        for call in calls[2:]:
+            assert_reads_as_the_template_renders_it_after_the_tool_call(stand_in_proxy, calls[1], call)
+    metrics = httpx.get(stand_in_proxy.url + "/tokentrail/metrics", timeout=30).text
+    assert 'tokentrail_token_in_renders_total{how="stand_in"} 3.0' in metrics  # calls 2, 3, 4
+
+
+def assert_reads_as_the_template_renders_it_after_the_tool_call(
+    proxy: Proxy, first_after: dict[str, Any], call: dict[str, Any]
+) -> None:
+    """After the forced tool call (whose IDs the template would re-render from JSON), the prompt of
+    ``call`` decodes to vLLM's rendering of its messages, tools included: compared from where
+    ``first_after``'s prompt ends, as text."""
+    request = call["request"]
+    rendered = httpx.post(
+        proxy.url + "/tokenize",
+        json={
+            "model": "tiny",
+            "messages": request["messages"],
+            "tools": request["tools"],
+            "add_generation_prompt": True,
+        },
+        timeout=60,
+    ).json()["tokens"]
+    before = httpx.post(
+        proxy.url + "/tokenize",
+        json={
+            "model": "tiny",
+            "messages": first_after["request"]["messages"],
+            "tools": request["tools"],
+            "add_generation_prompt": True,
+        },
+        timeout=60,
+    ).json()["tokens"]
+    assert rendered[: len(before)] == before
+    mine = call["prompt_token_ids"][len(first_after["prompt_token_ids"]) :]
+    assert _text(proxy, mine) == _text(proxy, rendered[len(before) :])
 
 
 class NullSink:

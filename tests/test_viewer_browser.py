@@ -215,6 +215,12 @@ def test_calls_show_messages_as_sent_the_reply_and_tool_calls(
     expect(body).to_contain_text("tool → call-1")
     expect(body.locator(".message.reply .tool-call")).to_have_count(1)  # the reply's own tool call
     expect(body).to_contain_text("Weight version: default")
+    # what produced the tokens: the call's certificate (the fake upstream is no vLLM: no version)
+    certificate = body.locator(".certificate")
+    expect(certificate).to_contain_text("Certificate: ")
+    expect(certificate).to_contain_text("vLLM: —")
+    expect(certificate).to_contain_text("Sampling: ")
+    expect(call.locator("summary")).to_contain_text("certificate ")
     shoot(page, shots, "05-trajectory-tool-call")
 
     page.goto(viewer.url + "/tokentrail/ui/#/t/agent-failed")

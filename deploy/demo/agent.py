@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 from strands import Agent, tool
@@ -104,6 +105,31 @@ def show_records(proxy: str, db: str, trajectory_id: str) -> None:
             "encoded them into other tokens; `tokentrail serve --token-in` keeps them exact, see the "
             "README's section on drift and token-in)"
         )
+    show_certificate(proxy, trajectory_id, sequences)
+
+
+def show_certificate(proxy: str, trajectory_id: str, sequences: list[dict[str, Any]]) -> None:
+    """What produced the tokens (the calls' certificate), and where the viewer shows it all."""
+    calls = httpx.get(
+        f"{proxy}/tokentrail/v1/trajectories/{trajectory_id}", params={"token_ids": "false"}, timeout=30
+    )
+    certificate = (calls.raise_for_status().json()["calls"] or [{}])[-1].get("certificate") or {}
+    shared = {s.get("certificate_id") for s in sequences}
+    print(
+        f"\ncertificate {certificate.get('id')} ({'every call' if None not in shared else 'the last call'}):"
+    )
+    for name in (
+        "model",
+        "model_root",
+        "tokenizer",
+        "vllm_version",
+        "template_hash",
+        "sampling",
+        "weight_version",
+    ):
+        print(f"  {name}: {json.dumps(certificate.get(name))}")
+    print(f"\nviewer:      {proxy}/tokentrail/ui/")
+    print(f"trajectory:  {proxy}/tokentrail/ui/#/t/{trajectory_id}   (open a call to see its certificate)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,25 @@ class CompletionOut(BaseModel):
     message: dict[str, Any] | None = None
 
 
+class CertificateOut(BaseModel):
+    """What produced a call's tokens (``certificates``; see the README's Certificates)."""
+
+    id: str
+    template_hash: str = Field(
+        description="The chat template (default and request's), tools and template arguments."
+    )
+    model: str | None = None
+    model_root: str | None = Field(None, description="The model's path or repository, from /v1/models.")
+    tokenizer: str | None = Field(
+        None, description="A fingerprint of the tokenizer's IDs for a fixed probe text."
+    )
+    vllm_version: str | None = None
+    sampling_digest: str
+    sampling: dict[str, Any] | None = Field(None, description="The sampling parameters digested.")
+    weight_version: str | None = None
+    first_seen_at: datetime
+
+
 class CallOut(BaseModel):
     id: str
     seq: int
@@ -138,6 +157,8 @@ class CallOut(BaseModel):
     token_in_fallback: str | None = Field(
         None, description="Why token-in did not build this call's prompt (null: it did, or it was off)."
     )
+    certificate_id: str | None = Field(None, description="What produced the call's tokens: see certificate.")
+    certificate: CertificateOut | None = None
     completions: list[CompletionOut]
 
 
@@ -169,6 +190,7 @@ class SequenceOut(BaseModel):
     staleness: int | None = Field(None, description="Policy versions seen after that one.")
     group_id: str | None = None
     advantage: float | None = Field(None, description="The trajectory's advantage within its group.")
+    certificate_id: str | None = Field(None, description="The certificate all its calls share (null: mixed).")
 
 
 class SequencesOut(BaseModel):

@@ -24,6 +24,7 @@ OBSERVED = (
     catalog.PROMPT_TOKENS,
     catalog.GENERATED_TOKENS,
     catalog.TOKEN_IN_FALLBACKS,
+    catalog.TOKEN_IN_RENDERS,
     catalog.ADDED_LATENCY,
     catalog.FIRST_TOKEN,
     catalog.DURATION,
@@ -60,6 +61,9 @@ class CallCounters:
         reason = getattr(record, "token_in_fallback", None)
         if reason:
             self._add(catalog.TOKEN_IN_FALLBACKS, str(reason), 1)
+        how = record.token_in_render
+        if how and record.token_in:
+            self._add(catalog.TOKEN_IN_RENDERS, how, 1)
         if record.upstream_first_byte_at is not None:
             self._observe(catalog.FIRST_TOKEN, route, record.upstream_first_byte_at - record.received_at)
         if record.finished_at is not None:

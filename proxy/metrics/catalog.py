@@ -58,6 +58,12 @@ TOKEN_IN_FALLBACKS = Metric(
     "Calls that fell back from token-in to text, by reason.",
     ("reason",),
 )
+TOKEN_IN_RENDERS = Metric(
+    "tokentrail_token_in_renders",
+    Kind.COUNTER,
+    "Token-in calls by how their new tokens were found: stand_in, full, checked, differs, untrusted.",
+    ("how",),
+)
 ADDED_LATENCY = Metric(
     "tokentrail_added_latency_seconds",
     Kind.HISTOGRAM,
@@ -144,6 +150,7 @@ ALL: tuple[Metric, ...] = (
     PROMPT_TOKENS,
     GENERATED_TOKENS,
     TOKEN_IN_FALLBACKS,
+    TOKEN_IN_RENDERS,
     ADDED_LATENCY,
     FIRST_TOKEN,
     DURATION,

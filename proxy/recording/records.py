@@ -101,6 +101,11 @@ class CallRecord:
     # Token-in (proxy/token_in/): the proxy sent the prompt IDs, or why it did not (None: off).
     token_in: bool = False
     token_in_fallback: str | None = None
+    # How token-in found the new tokens (token_in/prompt.py ``How``); counted in metrics, not stored.
+    token_in_render: str | None = None
+    # What the upstream serves (upstream/identity.py), as known when the call was sealed: the
+    # call's certificate is made of it and the request (recording/certificate.py).
+    upstream_identity: dict[str, str | None] | None = None
     # How the prompt relates to the trajectory's previous call; set by the writer (trajectory/drift.py).
     drift: str | None = None
     drift_position: int | None = None

@@ -27,9 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, inspect, select
 
 from tokentrail.proxy import jsonio
+from tokentrail.proxy.recording.certificate import certify
 from tokentrail.proxy.recording.records import CallRecord, Integrity
 from tokentrail.proxy.recording.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
@@ -59,6 +60,22 @@ _TRAJECTORY_INSERT = (
     ),
 )
 _WEIGHT_VERSION_INSERT = ("weight_versions", ("version", "first_seen_at"))
+CERTIFICATES_TABLE = "certificates"
+_CERTIFICATE_INSERT = (
+    CERTIFICATES_TABLE,
+    (
+        "id",
+        "template_hash",
+        "model",
+        "model_root",
+        "tokenizer",
+        "vllm_version",
+        "sampling_digest",
+        "sampling",
+        "weight_version",
+        "first_seen_at",
+    ),
+)
 # Values that say nothing is wrong (a check that could not be made is not a problem); the
 # trajectory_summary view counts integrity_problems the same way.
 _GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS, Integrity.NO_USAGE})
@@ -149,6 +166,9 @@ class RecordWriter:
         self._skipped: set[tuple[str, int]] = set()  # ordinals that went to the fallback file
         self._skipped_lock = threading.Lock()
         self._row_encoder: RowEncoder | None = None  # made on first write, for the engine's dialect
+        # Whether the schema has certificates (0009): a proxy may write into a database that an older
+        # TokenTrail made and has not migrated yet; its calls then get none. Looked at once.
+        self._certificates: bool | None = None
         self._drift: CallJudge = judge or _StoreWhole()  # writer thread only
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._progress = threading.Condition()
@@ -485,7 +505,14 @@ class RecordWriter:
             if tagged:
                 merge_tags(connection, tagged)
             _note_weight_versions(connection, batch, encoder)
-            encoder.insert(connection, LlmCall.__table__, calls)  # type: ignore[attr-defined]
+            if self._certificates is None:
+                self._certificates = inspect(connection).has_table(CERTIFICATES_TABLE)
+            table: Any = LlmCall.__table__  # type: ignore[attr-defined]
+            if self._certificates:
+                _note_certificates(connection, batch, calls, encoder)
+            else:
+                table = (table.name, tuple(c.name for c in table.columns if c.name != "certificate_id"))
+            encoder.insert(connection, table, calls)
             encoder.insert(connection, Completion.__table__, completions)  # type: ignore[attr-defined]
             self._count_in(connection, encoder, batch)
         self._drift.remember(judged)  # committed
@@ -602,6 +629,7 @@ def _call_row(record: CallRecord, seq: int, form: StoredForm, encoder: RowEncode
         "drift": record.drift,
         "drift_position": record.drift_position,
         "token_in_fallback": record.token_in_fallback,
+        "certificate_id": None,  # set by _note_certificates
     }
 
 
@@ -623,6 +651,34 @@ def _note_weight_versions(connection: Any, batch: list[CallRecord], encoder: Row
             f"first_seen_at = {earlier}(weight_versions.first_seen_at, excluded.first_seen_at)"
         )
         encoder.insert(connection, _WEIGHT_VERSION_INSERT, rows, suffix=on_conflict)
+
+
+def _note_certificates(
+    connection: Any, batch: list[CallRecord], calls: list[dict[str, Any]], encoder: RowEncoder
+) -> None:
+    """Each call's certificate id on its row, and the batch's certificates in ``certificates``
+    (once per distinct value: one already there is left as it is)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for record, row in zip(batch, calls, strict=True):
+        made = certify(record)
+        row["certificate_id"] = made.id
+        if made.id not in rows:
+            rows[made.id] = {
+                "id": made.id,
+                "template_hash": made.template_hash,
+                "model": made.model,
+                "model_root": made.model_root,
+                "tokenizer": made.tokenizer,
+                "vllm_version": made.vllm_version,
+                "sampling_digest": made.sampling_digest,
+                "sampling": encoder.json(made.sampling),
+                "weight_version": made.weight_version,
+                "first_seen_at": encoder.time(record.received_at),
+            }
+    if rows:
+        encoder.insert(
+            connection, _CERTIFICATE_INSERT, list(rows.values()), suffix="ON CONFLICT (id) DO NOTHING"
+        )
 
 
 def _completion_rows(record: CallRecord, encoder: RowEncoder) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from tokentrail.proxy.server.uvicorn_hooks import hooks_of
 from tokentrail.proxy.token_in.planner import TokenIn
 from tokentrail.proxy.upstream.balancer import UpstreamBalancer
 from tokentrail.proxy.upstream.client import UpstreamClient
+from tokentrail.proxy.upstream.identity import UpstreamIdentities
 
 Scope = dict[str, Any]
 
@@ -77,9 +78,18 @@ class Relay:
         client_send_timeout_s: float = 60.0,
         token_in: TokenIn | None = None,
         rl: RlLoop | None = None,
+        identities: UpstreamIdentities | None = None,
     ) -> None:
         self.context = RelayContext(
-            balancer, client, sink, spans, durable, client_send_timeout_s, token_in=token_in, rl=rl
+            balancer,
+            client,
+            sink,
+            spans,
+            durable,
+            client_send_timeout_s,
+            token_in=token_in,
+            rl=rl,
+            identities=identities,
         )
         self.token_in = token_in
         self.rl = rl

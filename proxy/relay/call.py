@@ -25,6 +25,7 @@ from tokentrail.proxy.token_in.planner import TokenIn
 from tokentrail.proxy.upstream.balancer import Upstream, UpstreamBalancer
 from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamResponse
 from tokentrail.proxy.upstream.errors import UpstreamConnectError, UpstreamError
+from tokentrail.proxy.upstream.identity import UpstreamIdentities
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -48,6 +49,7 @@ class RelayContext:
     send_timeout_s: float
     token_in: TokenIn | None = None  # token-in (proxy/token_in/): exact prompt IDs for continuing calls
     rl: RlLoop | None = None  # the RL loop (proxy/rl/): pause gate, policy versions
+    identities: UpstreamIdentities | None = None  # what each upstream serves (certificates)
 
 
 @dataclass(slots=True)

@@ -204,6 +204,8 @@ class RecordedCall:
             record.on_stored = notify
         if self.state.target is not None:
             record.upstream = self.state.target.url
+        if self.context.identities is not None:  # for the call's certificate (recording/certificate.py)
+            record.upstream_identity = self.context.identities.of(record.upstream, record.model)
         record.finished_at = time.time()
         self.capture.finish(record.outcome == Outcome.OK)
         if self.running is not None and self.context.rl is not None:

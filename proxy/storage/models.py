@@ -50,6 +50,7 @@ class LlmCall(SQLModel, table=True):
         Index("ix_llm_calls_received_at", "received_at"),
         Index("ix_llm_calls_outcome", "outcome"),
         Index("ix_llm_calls_base_call_id", "base_call_id"),
+        Index("ix_llm_calls_certificate_id", "certificate_id"),
     )
 
     id: str = Field(primary_key=True, max_length=32)
@@ -87,6 +88,28 @@ class LlmCall(SQLModel, table=True):
     base_choice_index: int | None = None
     prompt_shared_tokens: int = 0
     request_shared_messages: int = 0
+
+    # What produced the call's tokens (``certificates``, migration 0009; no foreign key: a
+    # certificate is kept when its calls are pruned).
+    certificate_id: str | None = Field(default=None, max_length=32)
+
+
+class Certificate(SQLModel, table=True):
+    """What produced a call's tokens, once per distinct value (``proxy/recording/certificate.py``):
+    the template (with tools and arguments), model, tokenizer, vLLM version, sampling, weights."""
+
+    __tablename__ = "certificates"
+
+    id: str = Field(primary_key=True, max_length=32)
+    template_hash: str = Field(max_length=64)
+    model: str | None = None
+    model_root: str | None = None
+    tokenizer: str | None = Field(default=None, max_length=64)
+    vllm_version: str | None = None
+    sampling_digest: str = Field(max_length=64)
+    sampling: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    weight_version: str | None = None
+    first_seen_at: datetime
 
 
 class WeightVersionSeen(SQLModel, table=True):

@@ -14,12 +14,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
 from tokentrail.proxy.storage.call_tokens import CallTokens, ChoiceTokens, logprob_values
-from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
+from tokentrail.proxy.storage.models import Certificate, Completion, LlmCall, Trajectory
 from tokentrail.proxy.storage.stored_calls import STORED_FORM_COLUMNS, full_calls, rebuild, stored_call
 
 TRAJECTORIES = Trajectory.__table__  # type: ignore[attr-defined]
 CALLS = LlmCall.__table__  # type: ignore[attr-defined]
 COMPLETIONS = Completion.__table__  # type: ignore[attr-defined]
+CERTIFICATES = Certificate.__table__  # type: ignore[attr-defined]
 
 
 class BadCursorError(ValueError):
@@ -132,6 +133,15 @@ def get_calls(connection: Connection, trajectory_id: str, *, prompt_ids: bool = 
     for call_id, call in by_id.items():
         call["request"] = full[call_id].request
         call["prompt_token_ids"] = full[call_id].prompt_token_ids
+    wanted = {c["certificate_id"] for c in by_id.values() if c.get("certificate_id")}
+    certificates = {}
+    if wanted:
+        certificates = {
+            row.id: dict(row._mapping)
+            for row in connection.execute(select(CERTIFICATES).where(CERTIFICATES.c.id.in_(sorted(wanted))))
+        }
+    for call in by_id.values():
+        call["certificate"] = certificates.get(call.get("certificate_id") or "")
     return list(by_id.values())
 
 

@@ -3,8 +3,10 @@
 The relay asks ``TokenIn.rewrite`` for the body to send (``None``: send its own), tells
 ``refused`` when vLLM answered the rewritten body with a 4xx (the relay then sends its own body once;
 vLLM refused before running anything, so nothing ran twice), and hands every finished record to
-``finished``. The body carries ``"kv_transfer_params": {"prompt_token_ids": [...]}``: vLLM 0.32 then
-uses exactly those IDs as the prompt, while ``messages`` still drive tool and reasoning parsing
+``finished``. The body carries the IDs in the field the upstream takes (``prompt_field``): the
+first-class ``"prompt_token_ids": [...]`` where vLLM has it (vllm-project/vllm#55771), else
+``"kv_transfer_params": {"prompt_token_ids": [...]}``: vLLM 0.32 then uses exactly those IDs as the
+prompt, while ``messages`` still drive tool and reasoning parsing
 (``vllm/renderers/online_renderer.py::_reused_prompt_token_ids``). The answer vLLM gives has the same
 shape either way (``kv_transfer_params`` is ``null`` in both), so nothing is changed on the way back.
 
@@ -27,7 +29,8 @@ from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.capture import CHAT_ROUTE
 from tokentrail.proxy.recording.records import CallRecord
 from tokentrail.proxy.storage.stored_calls import StoredFormError
-from tokentrail.proxy.token_in.prompt import BuildFailed, PromptBuilder
+from tokentrail.proxy.token_in.prompt import BuildFailed, PromptBuilder, TemplateTrust
+from tokentrail.proxy.token_in.prompt_field import PromptField, PromptFieldDetector
 from tokentrail.proxy.trajectory.continuation import (
     Continuation,
     PastCall,
@@ -58,6 +61,7 @@ class Fallback:
     NO_TRAJECTORY = "no_trajectory_id"
     ECHO = "echo"
     CLIENT_KV_PARAMS = "client_kv_transfer_params"
+    CLIENT_PROMPT_IDS = "client_prompt_token_ids"  # the client sent its own (first-class field)
     NON_TEXT = "non_text_content"
     OPTIONS_UNSUPPORTED = "options_unsupported"  # continue_final_message, add_generation_prompt false
     CONCURRENT = "concurrent_same_base"  # another open call is built on the same previous call
@@ -70,6 +74,7 @@ class Fallback:
 
 _KV_KEY = b'"kv_transfer_params"'
 _RECORD_POLL_S = 0.05  # how often a call whose previous turn is not yet recorded reads the database again
+_IDS_KEY = b'"prompt_token_ids"'
 
 
 def token_in_wanted(headers: list[tuple[bytes, bytes]], default: bool) -> bool:
@@ -111,6 +116,8 @@ def _unsupported(request: dict[str, Any]) -> str | None:
         return Fallback.ECHO
     if request.get("kv_transfer_params") is not None:
         return Fallback.CLIENT_KV_PARAMS
+    if request.get("prompt_token_ids") is not None:
+        return Fallback.CLIENT_PROMPT_IDS
     if has_non_text_content(request["messages"]):
         return Fallback.NON_TEXT
     if request.get("continue_final_message") or request.get("add_generation_prompt") is False:
@@ -120,23 +127,33 @@ def _unsupported(request: dict[str, Any]) -> str | None:
     return None
 
 
-def with_prompt_ids(body: bytes, prompt_ids: list[int]) -> bytes:
-    """``body`` (a JSON object whose ``kv_transfer_params`` is absent or null) with the prompt IDs
-    added first. An explicit ``"kv_transfer_params": null`` is removed first: with two keys, vLLM
-    reads the last one, the null, and ignores the IDs."""
-    if _KV_KEY in body:  # rare (or only inside a message's text): the body is rewritten without it
+def with_prompt_ids(
+    body: bytes,
+    prompt_ids: list[int],
+    field: PromptField = PromptField.KV_TRANSFER,
+    ids_text: bytes | None = None,
+) -> bytes:
+    """``body`` (a JSON object whose ``field`` is absent or null) with the prompt IDs (``ids_text``:
+    already as JSON) added first, in ``field``. An explicit ``null`` of that field is removed first:
+    with two keys, vLLM reads the last one, the null, and would ignore the IDs."""
+    key = _KV_KEY if field == PromptField.KV_TRANSFER else _IDS_KEY
+    if key in body:  # rare (or only inside a message's text): the body is rewritten without it
         parsed = jsonio.loads(body)
-        if isinstance(parsed, dict) and parsed.pop("kv_transfer_params", None) is None:
+        if isinstance(parsed, dict) and parsed.pop(str(field), None) is None:
             body = jsonio.dumps_text(parsed).encode()
     start = body.find(b"{")
-    field = b'"kv_transfer_params":{"prompt_token_ids":' + jsonio.dumps_text(prompt_ids).encode() + b"}"
+    ids = jsonio.dumps_text(prompt_ids).encode() if ids_text is None else ids_text
+    if field == PromptField.KV_TRANSFER:
+        added = b'"kv_transfer_params":{"prompt_token_ids":' + ids + b"}"
+    else:
+        added = b'"prompt_token_ids":' + ids
     rest = body[start + 1 :]
     separator = b"," if rest.strip() != b"}" else b""
-    return body[: start + 1] + field + separator + rest
+    return body[: start + 1] + added + separator + rest
 
 
 class TokenIn:
-    """Plans each chat call's prompt; holds the trajectories' recent calls (see ``state``)."""
+    """Plans each chat call's prompt; holds the trajectories' recent calls (see ``trajectory/memory.py``)."""
 
     def __init__(
         self,
@@ -148,14 +165,21 @@ class TokenIn:
         memory_trajectories: int,
         wait_s: float,
         tokenize_timeout_s: float,
+        stand_in: bool = True,
+        check_first: int = 8,
+        check_every: int = 100,
     ) -> None:
         self.enabled = enabled
         self._engine = engine
         self._upstream_of = upstream_of
         self._memory = TrajectoryMemory(memory_trajectories)
-        self._builder = PromptBuilder(client, tokenize_timeout_s)
+        self._builder = PromptBuilder(
+            client, tokenize_timeout_s, stand_in=stand_in, check_first=check_first, check_every=check_every
+        )
+        self._fields = PromptFieldDetector(client, tokenize_timeout_s)
         self._wait_s = wait_s
-        self._open: dict[str, tuple[OpenCall, list[int] | None]] = {}
+        # open calls: (the trajectory's view of it, the prompt IDs sent and their JSON, once built)
+        self._open: dict[str, tuple[OpenCall, list[int] | None, bytes | None]] = {}
 
     async def rewrite(
         self, headers: list[tuple[bytes, bytes]], record: CallRecord, body: bytes
@@ -164,7 +188,7 @@ class TokenIn:
         if not token_in_wanted(headers, self.enabled):
             return None
         try:
-            prompt_ids = await self._plan(headers, record)
+            prompt_ids, field = await self._plan(headers, record)
         except BuildFailed as exc:
             logger.info(
                 "call_id=<%s>, reason=<%s>, detail=<%s> | token-in fell back",
@@ -179,16 +203,27 @@ class TokenIn:
             logger.debug("call_id=<%s> | token-in failure details", record.call_id, exc_info=exc)
             self._fall_back(record, Fallback.PROXY_ERROR)
             return None
-        opened, _ = self._open[record.call_id]
-        self._open[record.call_id] = (opened, prompt_ids)
+        opened, _, _ = self._open[record.call_id]
+        ids_text = jsonio.dumps_text(prompt_ids).encode()  # once: sent, then compared with vLLM's
+        self._open[record.call_id] = (opened, prompt_ids, ids_text)
         record.token_in = True
-        return with_prompt_ids(body, prompt_ids)
+        return with_prompt_ids(body, prompt_ids, field, ids_text)
+
+    def templates(self) -> dict[str, TemplateTrust]:
+        """What was learned per template of the stand-in history (see ``prompt``)."""
+        return self._builder.templates()
+
+    def prompt_field(self, upstream_url: str) -> PromptField | None:
+        """The field the upstream takes the prompt IDs in, once learned."""
+        return self._fields.known(upstream_url)
 
     def _fall_back(self, record: CallRecord, reason: str) -> None:
         record.token_in = False
         record.token_in_fallback = reason
 
-    async def _plan(self, headers: list[tuple[bytes, bytes]], record: CallRecord) -> list[int]:
+    async def _plan(
+        self, headers: list[tuple[bytes, bytes]], record: CallRecord
+    ) -> tuple[list[int], PromptField]:
         request = record.request
         if record.route != CHAT_ROUTE or request is None or not isinstance(request.get("messages"), list):
             raise BuildFailed(Reason.NOT_CHAT)
@@ -196,7 +231,7 @@ class TokenIn:
             raise BuildFailed(Fallback.NO_TRAJECTORY)
         trajectory_id = record.trajectory_id
         opened = self._memory.open_call(trajectory_id, request["messages"])
-        self._open[record.call_id] = (opened, None)
+        self._open[record.call_id] = (opened, None, None)
         unsupported = _unsupported(request)
         if unsupported is not None:
             raise BuildFailed(unsupported)
@@ -223,7 +258,12 @@ class TokenIn:
         if not self._memory.claim_base(trajectory_id, opened, found.past.call_id):
             raise BuildFailed(Fallback.CONCURRENT)
         auth = [(n, v) for n, v in headers if n.lower() == b"authorization"]
-        return await self._builder.build(self._upstream_of(trajectory_id), auth, request, found)
+        upstream_url = self._upstream_of(trajectory_id)
+        built, field = await asyncio.gather(
+            self._builder.build(upstream_url, auth, request, found), self._fields.field(upstream_url, auth)
+        )
+        record.token_in_render = str(built.how)
+        return built.ids, field
 
     async def _continuation_on_record(
         self, trajectory_id: str, request: dict[str, Any]
@@ -277,14 +317,9 @@ class TokenIn:
                 if past is not None:
                     self._memory.add(record.trajectory_id, past)
             return
-        opened, prompt_ids = entry
+        opened, prompt_ids, ids_text = entry
         text = record.prompt_ids_text
-        if (
-            record.token_in
-            and prompt_ids
-            and text is not None
-            and text == jsonio.dumps_text(prompt_ids).encode()
-        ):
+        if record.token_in and prompt_ids and text is not None and text == ids_text:
             # vLLM answered with exactly the IDs it was sent: keep that list rather than parse the text
             # (writing 15,000 IDs costs a fifth of reading them); the writer still checks their count
             record.prompt_token_ids = prompt_ids

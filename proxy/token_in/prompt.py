@@ -3,7 +3,7 @@
 For a call whose messages are the previous call's messages ``M``, its reply ``R`` and new messages
 ``N`` (see ``messages.continuation``), the prompt is::
 
-    P + G + tail[k:] + (render(M + R + N, generation prompt) - render(M + R))
+    P + G + tail[k:] + new
 
 * ``P``, ``G``: the previous call's prompt IDs and the continued choice's generated IDs, exactly as
   vLLM used and sampled them.
@@ -11,18 +11,36 @@ For a call whose messages are the previous call's messages ``M``, its reply ``R`
   ``<|im_end|>`` and a newline), found once per template by rendering ``[user, assistant "a"]`` and
   ``[user, assistant "b"]`` and taking their common suffix. ``k``: how much of it the model sampled
   itself (``G`` ends with ``<|im_end|>`` when it stopped; a reply cut at ``max_tokens`` does not).
-* ``render``: ``POST /tokenize`` with ``messages`` on the same vLLM, with the request's ``tools``,
-  ``chat_template`` and ``chat_template_kwargs``. The second render must be a token prefix of the
-  first and end with ``tail``; otherwise (a template that renders earlier turns differently once the
-  conversation goes on) there is no exact continuation and the call falls back.
+* ``new``: what the template writes for ``N`` and the generation prompt after ``R``:
+  ``render(H + R + N, generation prompt) - render(H + R)``, through ``POST /tokenize`` on the same
+  vLLM with the request's ``tools``, ``chat_template`` and ``chat_template_kwargs``. The second
+  render must be a token prefix of the first and end with ``tail``; otherwise (a template that
+  renders earlier turns differently once the conversation goes on) there is no exact continuation
+  and the call falls back.
 
-The two renders go out at once; the template tail is cached per upstream, model and template.
+**Which history ``H``.** With ``H = M`` (a *full* render) both renders hold the whole history: on a
+long agent trajectory vLLM tokenizes twice 60 KB per call, for a few hundred new tokens. So ``H`` is
+a *stand-in*: ``M``'s system message (if it has one), then one short user message (see
+``stand_in_history``). Work is then proportional to the system prompt, the reply and the new
+messages, never to the history. That is exact when the template writes ``N`` after ``R`` without
+looking further back than ``R`` and the system message; most templates do (ChatML, Qwen, Llama 3,
+Hermes tool formats), but nothing guarantees it, so it is *learned per template* (``TemplateTrust``,
+keyed by upstream, model, chat template, its arguments and the tools): the first
+``check_first`` calls of a template render both ways at once and use the full render; the stand-in
+is used once that many agreed, and one call in ``check_every`` after that is checked again. A
+template whose two ``new`` ever differ renders in full for good. ``Built.how`` says which happened
+(``llm_calls`` does not store it; the metric ``tokentrail_token_in_renders`` counts it).
+
+The renders of one call go out at once; the template tail is cached per upstream, model and template.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import hashlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from tokentrail.proxy import jsonio
@@ -109,13 +127,78 @@ def _int_list(text: bytes) -> list[int]:
     return ids
 
 
+class How(enum.StrEnum):
+    """How a call's new tokens were found (``Built.how``; the label of ``tokentrail_token_in_renders``)."""
+
+    STAND_IN = "stand_in"  # after a stand-in history: work proportional to the new messages
+    FULL = "full"  # after the whole history (short history, or a template not trusted yet)
+    CHECKED = "checked"  # both, and they agreed: the full one was used
+    DIFFERS = "differs"  # both, and they differed: the template renders in full from now on
+    UNTRUSTED = "untrusted"  # in full, because the template once differed
+
+
+@dataclass(slots=True)
+class TemplateTrust:
+    """What this process learned of one template: how many checks agreed, whether one differed."""
+
+    agreed: int = 0
+    differs: bool = False
+    calls: int = 0  # calls with a stand-in history, checked or not (for the sampled checks)
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    ids: list[int]
+    how: How
+
+
+_STAND_IN_USER = {"role": "user", "content": "."}
+_HEAD_ROLES = frozenset({"system", "developer"})
+
+
+def stand_in_history(messages: list[Any], kept: int) -> list[Any] | None:
+    """A short history to render the new messages after: the system message of the real history (if
+    it has one), one short user message, then the reply ``messages[kept - 1]``. None when the real
+    history is no longer than that (a full render is as cheap)."""
+    history = messages[: kept - 1]
+    head = (
+        history[:1]
+        if history and isinstance(history[0], dict) and history[0].get("role") in _HEAD_ROLES
+        else []
+    )
+    stand_in = [*head, _STAND_IN_USER, messages[kept - 1]]
+    return stand_in if len(stand_in) < kept else None
+
+
+def template_key(upstream_url: str, request: dict[str, Any]) -> str:
+    """Which template a request renders with: upstream, model, and every field that changes rendering."""
+    fields = [upstream_url, request.get("model"), *(request.get(name) for name in _TEMPLATE_FIELDS)]
+    return hashlib.sha256(jsonio.dumps_text(fields).encode()).hexdigest()
+
+
 class PromptBuilder:
     """Renders through vLLM's ``/tokenize`` and splices the previous call's IDs in."""
 
-    def __init__(self, client: UpstreamClient, timeout_s: float) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        timeout_s: float,
+        *,
+        stand_in: bool = True,
+        check_first: int = 8,
+        check_every: int = 100,
+    ) -> None:
         self._client = client
         self._timeout_s = timeout_s
         self._tails: dict[tuple[str, str], list[int]] = {}
+        self._trust: dict[str, TemplateTrust] = {}
+        self._use_stand_in = stand_in
+        self._check_first = check_first
+        self._check_every = check_every
+
+    def templates(self) -> dict[str, TemplateTrust]:
+        """What was learned per template so far (for tests and the benchmark's report)."""
+        return dict(self._trust)
 
     async def build(
         self,
@@ -123,22 +206,71 @@ class PromptBuilder:
         headers: list[tuple[bytes, bytes]],
         request: dict[str, Any],
         found: Continuation,
-    ) -> list[int]:
-        """The prompt IDs for ``request``; raises ``BuildFailed``."""
+    ) -> Built:
+        """The prompt IDs for ``request`` and how they were found; raises ``BuildFailed``."""
         messages = request["messages"]
-        tail, history, rendered = await asyncio.gather(
-            self._tail(upstream_url, headers, request),
-            self._render(upstream_url, headers, request, messages[: found.kept], generation_prompt=False),
-            self._render(upstream_url, headers, request, messages, generation_prompt=True),
-        )
-        new = rendered.after(history)
+        kept = found.kept
+        stand_in = stand_in_history(messages, kept) if self._use_stand_in else None
+        trust: TemplateTrust | None = None
+        if stand_in is None:
+            how = How.FULL
+        else:
+            key = template_key(upstream_url, request)
+            trust = self._trust.get(key)
+            if trust is None:
+                if len(self._trust) >= _MAX_TAILS:
+                    self._trust.clear()
+                trust = self._trust[key] = TemplateTrust()
+            trust.calls += 1
+            if trust.differs:
+                how = How.UNTRUSTED
+            elif trust.agreed < self._check_first or (
+                self._check_every > 0 and trust.calls % self._check_every == 0
+            ):
+                how = How.CHECKED
+            else:
+                how = How.STAND_IN
+        renders: list[Any] = [self._tail(upstream_url, headers, request)]
+        if how != How.STAND_IN:  # the full renders
+            renders += [
+                self._render(upstream_url, headers, request, messages[:kept], generation_prompt=False),
+                self._render(upstream_url, headers, request, messages, generation_prompt=True),
+            ]
+        if how in (How.STAND_IN, How.CHECKED):
+            assert stand_in is not None
+            renders += [
+                self._render(upstream_url, headers, request, stand_in, generation_prompt=False),
+                self._render(
+                    upstream_url, headers, request, [*stand_in, *messages[kept:]], generation_prompt=True
+                ),
+            ]
+        tail, *rendered = await asyncio.gather(*renders)
+        history, whole = rendered[0], rendered[1]
+        new = whole.after(history)
+        if how == How.CHECKED:
+            assert trust is not None
+            try:
+                short = rendered[3].after(rendered[2])
+            except BuildFailed:
+                short = None
+            if short == new and rendered[2].last(len(tail)) == tail:
+                trust.agreed += 1
+            else:
+                trust.differs = True
+                how = How.DIFFERS
+                logger.warning(
+                    "upstream=<%s>, model=<%s> | the stand-in history renders differently with this "
+                    "template: full renders from now on",
+                    upstream_url,
+                    request.get("model"),
+                )
         if not tail or history.last(len(tail)) != tail:
             raise BuildFailed("template_tail_unknown")
         generated = list(found.choice.token_ids)
         sampled = next(
             (k for k in range(len(tail), 0, -1) if generated[-k:] == tail[:k]), 0
         )  # the part of the tail the model sampled itself
-        return [*found.past.prompt_ids, *generated, *tail[sampled:], *new]
+        return Built([*found.past.prompt_ids, *generated, *tail[sampled:], *new], how)
 
     async def _tail(
         self, upstream_url: str, headers: list[tuple[bytes, bytes]], request: dict[str, Any]

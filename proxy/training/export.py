@@ -100,6 +100,7 @@ def parquet_schema() -> Any:
             ("staleness", pa.int32()),
             ("group_id", pa.string()),
             ("advantage", pa.float64()),
+            ("certificate_id", pa.string()),
         ]
     )
 
@@ -213,6 +214,7 @@ def export(
                 calls = queries.load_call_tokens(connection, [r["id"] for r in rows])
                 call_ids = [call.call_id for chain in calls.values() for call in chain]
                 versions = policy.call_versions(connection, call_ids)
+                certificates = policy.call_certificates(connection, call_ids)
                 advantages = policy.group_advantage_of(
                     connection, {r["group_id"] for r in rows if r["group_id"]}
                 )
@@ -220,7 +222,7 @@ def export(
             broken: list[str] = []
             for row in rows:
                 built = build_sequences(row["id"], calls[row["id"]], row["reward"], mode)
-                policy.annotate(built.sequences, versions, ranks)
+                policy.annotate(built.sequences, versions, ranks, certificates)
                 kept = []
                 for sequence in built.sequences:
                     sequence.group_id = row["group_id"]

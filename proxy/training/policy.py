@@ -27,10 +27,15 @@ VERSIONS = WeightVersionSeen.__table__  # type: ignore[attr-defined]
 class PolicyFilter:
     min_weight_version: str | None = None
     max_staleness: int | None = None
+    certificate: str | None = None  # keep only sequences whose every call has this certificate
 
     @property
     def active(self) -> bool:
-        return self.min_weight_version is not None or self.max_staleness is not None
+        return (
+            self.min_weight_version is not None
+            or self.max_staleness is not None
+            or self.certificate is not None
+        )
 
 
 class UnknownWeightVersionError(ValueError):
@@ -54,12 +59,29 @@ def call_versions(connection: Connection, call_ids: Iterable[str]) -> dict[str, 
     return {call_id: version for call_id, version in rows}
 
 
+def call_certificates(connection: Connection, call_ids: Iterable[str]) -> dict[str, str | None]:
+    """Each call's certificate id (``certificates``, recording/certificate.py)."""
+    ids = list(call_ids)
+    if not ids:
+        return {}
+    calls = queries.CALLS
+    rows = connection.execute(select(calls.c.id, calls.c.certificate_id).where(calls.c.id.in_(ids)))
+    return {call_id: certificate for call_id, certificate in rows}
+
+
 def annotate(
-    sequences: list[TrainingSequence], versions: dict[str, str | None], ranks: dict[str, int]
+    sequences: list[TrainingSequence],
+    versions: dict[str, str | None],
+    ranks: dict[str, int],
+    certificates: dict[str, str | None] | None = None,
 ) -> None:
-    """Set each sequence's oldest policy version and its staleness."""
+    """Set each sequence's oldest policy version, its staleness and its certificate (the one all
+    its calls share)."""
     newest = len(ranks) - 1
     for sequence in sequences:
+        if certificates is not None:
+            shared = {certificates.get(c) for c in sequence.call_ids}
+            sequence.certificate_id = shared.pop() if len(shared) == 1 else None
         known = [v for v in (versions.get(c) for c in sequence.call_ids) if v is not None and v in ranks]
         if known:
             oldest = min(known, key=ranks.__getitem__)
@@ -71,10 +93,11 @@ def describe(connection: Connection, trajectory: dict[str, Any], sequences: list
     """One trajectory's sequences with their policy version, staleness, group and advantage (the
     read API; the export does the same a batch at a time)."""
     ranks = version_ranks(connection)
-    versions = call_versions(connection, [call for s in sequences for call in s.call_ids])
+    call_ids = [call for s in sequences for call in s.call_ids]
+    versions = call_versions(connection, call_ids)
     group_id = trajectory.get("group_id")
     advantages = group_advantage_of(connection, [group_id] if group_id else [])
-    annotate(sequences, versions, ranks)
+    annotate(sequences, versions, ranks, call_certificates(connection, call_ids))
     for sequence in sequences:
         sequence.group_id = group_id
         sequence.advantage = advantages.get(trajectory["id"])
@@ -88,6 +111,10 @@ def check_known(policy: PolicyFilter, ranks: dict[str, int]) -> None:
 
 def keep(sequence: TrainingSequence, policy: PolicyFilter, ranks: dict[str, int]) -> bool:
     if not policy.active:
+        return True
+    if policy.certificate is not None and sequence.certificate_id != policy.certificate:
+        return False
+    if policy.min_weight_version is None and policy.max_staleness is None:
         return True
     if sequence.weight_version is None or sequence.staleness is None:
         return False

@@ -54,6 +54,9 @@ class TrainingSequence:
     staleness: int | None = None
     group_id: str | None = None
     advantage: float | None = None
+    # The certificate every call of the sequence was made under (recording/certificate.py); None
+    # when its calls have different ones, or none.
+    certificate_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +74,7 @@ class TrainingSequence:
             "staleness": self.staleness,
             "group_id": self.group_id,
             "advantage": self.advantage,
+            "certificate_id": self.certificate_id,
         }
 
 

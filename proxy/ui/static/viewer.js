@@ -312,6 +312,18 @@
       contentNode(message.content ?? message.text), toolCalls(message.tool_calls));
   }
 
+  function certificateNode(cert) {  // what produced the call's tokens (README: Certificates)
+    if (!cert) return el("p", { class: "empty certificate", text: "Certificate: (none recorded)" });
+    const rows = [
+      ["Certificate", cert.id], ["Template", cert.template_hash.slice(0, 16)], ["Model", show(cert.model)],
+      ["Model root", show(cert.model_root)], ["Tokenizer", show(cert.tokenizer)], ["vLLM", show(cert.vllm_version)],
+      ["Sampling", `${cert.sampling_digest.slice(0, 16)} ${JSON.stringify(cert.sampling || {})}`],
+      ["Weight version", show(cert.weight_version)],
+    ];
+    return el("div", { class: "certificate" }, el("h5", { text: "Certificate" }),
+      el("p", { class: "call-facts" }, rows.map(([k, v]) => el("span", {}, `${k}: `, el("strong", { text: v })))));
+  }
+
   function callBody(call) {
     const request = call.request || {};
     const sent = Array.isArray(request.messages) ? request.messages.map((m) => messageNode(m))
@@ -329,6 +341,7 @@
     return el("div", { class: "call-body" },
       el("p", { class: "call-facts" }, facts.map(([k, v]) => el("span", {}, `${k}: `, el("strong", { text: v })))),
       call.error ? el("p", { class: "bad", text: `Error: ${call.error}` }) : null,
+      certificateNode(call.certificate),
       el("h5", { text: "Messages as sent" }), sent,
       el("h5", { text: "Reply" }), replies.length ? replies : el("p", { class: "empty", text: "(no reply recorded)" }));
   }
@@ -339,7 +352,8 @@
       el("summary", {}, el("h4", { text: `Call ${call.seq}` }),
         el("span", { class: "meta" },
           `${call.outcome} · ${call.latency_ms == null ? NONE : `${Math.round(call.latency_ms)} ms`} · ` +
-          `${show(call.prompt_tokens)} prompt → ${show(call.completion_tokens)} generated tokens · ${show(call.model)}`)));
+          `${show(call.prompt_tokens)} prompt → ${show(call.completion_tokens)} generated tokens · ${show(call.model)}` +
+          (call.certificate_id ? ` · certificate ${call.certificate_id.slice(0, 8)}` : ""))));
     let filled = false;
     details.addEventListener("toggle", () => {  // the messages of 50 calls are large: built when opened
       if (details.open && !filled) {
