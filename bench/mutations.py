@@ -569,6 +569,7 @@ MUTATIONS = [
         "                pass",
         (
             "tests/test_token_in.py::test_a_call_sent_before_its_predecessor_is_recorded_waits_for_it_and_continues_it",
+            "tests/test_token_in.py::test_a_call_sent_before_its_predecessor_is_written_continues_it_from_memory",
         ),
         "a call sent before its predecessor's record is made does not wait for it",
     ),

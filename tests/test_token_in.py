@@ -5,7 +5,9 @@ SQLite and PostgreSQL, the migration, and the fallbacks against a fake vLLM (a 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -644,6 +646,30 @@ def test_a_call_sent_before_its_predecessor_is_recorded_waits_for_it_and_continu
         ("token_in", None),
         ("token_in", None),
     ]
+
+
+def test_a_call_sent_before_its_predecessor_is_written_continues_it_from_memory(
+    token_in_fake: tuple[TokenInFake, Proxy], tmp_path: Path
+) -> None:
+    """The predecessor's record cannot be committed (another writer holds the database): waiting for
+    the open call gives its exact IDs from memory, where reading the database would find nothing."""
+    fake, proxy = token_in_fake
+    statuses: list[int] = []
+    second, held = _first_then_held_follow_up(fake, proxy, statuses)
+    with contextlib.closing(sqlite3.connect(tmp_path / "tokentrail.db", isolation_level=None)) as lock:
+        lock.execute("BEGIN IMMEDIATE")  # nothing is committed from here until the end of the test
+        third = threading.Thread(
+            target=_post, args=(proxy, [*second, {"role": "assistant", "content": "ok"}, USER], statuses)
+        )
+        third.start()
+        _wait_open_calls(proxy, 2)
+        fake.release.set()
+        held.join(30)
+        third.join(30)
+        assert statuses == [200, 200, 200]
+        second_prompt = fake.chats[1]["kv_transfer_params"]["prompt_token_ids"]
+        assert fake.chats[2]["kv_transfer_params"]["prompt_token_ids"] == [*second_prompt, 300, 301, 2, 50, 7]
+        lock.execute("ROLLBACK")
 
 
 def test_a_database_that_cannot_be_read_falls_back_and_the_call_goes_on(
