@@ -651,8 +651,8 @@ def test_a_call_sent_before_its_predecessor_is_recorded_waits_for_it_and_continu
 def test_a_call_sent_before_its_predecessor_is_written_continues_it_from_memory(
     token_in_fake: tuple[TokenInFake, Proxy], tmp_path: Path
 ) -> None:
-    """The predecessor's record cannot be committed (another writer holds the database): waiting for
-    the open call gives its exact IDs from memory, where reading the database would find nothing."""
+    """The predecessor's record cannot be committed (another writer holds the database): its exact IDs
+    come from memory, once the open call it continues has ended."""
     fake, proxy = token_in_fake
     statuses: list[int] = []
     second, held = _first_then_held_follow_up(fake, proxy, statuses)
