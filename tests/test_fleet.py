@@ -93,6 +93,26 @@ def _all_workers_say(client: httpx.Client, proxy: str, field: str, value: Any) -
     return True
 
 
+def _held_then_resumed(
+    upstream: FakeUpstream,
+    control: httpx.Client,
+    proxy: str,
+    prefix: str,
+    while_held: Any = None,
+) -> None:
+    """``HELD`` calls sent while the fleet is paused: all held (none reached vLLM), then ``while_held``,
+    then a resume, after which every one is answered (a worker nobody resumed would hold its calls
+    for the two minutes of ``TOKENTRAIL_PAUSE_MAX_WAIT_S``)."""
+    caller, statuses = _in_background(proxy, HELD, prefix)
+    _until(lambda: _in_flight(proxy) == HELD, "calls not all held")
+    assert "/v1/chat/completions" not in [r["path"] for r in upstream.requests]
+    if while_held is not None:
+        while_held()
+    assert control.post(proxy + RESUME).status_code == 200
+    caller.join(30)
+    assert statuses == [200] * HELD
+
+
 def test_calls_held_by_a_pause_on_any_worker_go_when_any_worker_resumes_with_the_new_version(
     fake: tuple[FakeUpstream, str], tmp_path: Any
 ) -> None:
@@ -107,15 +127,13 @@ def test_calls_held_by_a_pause_on_any_worker_go_when_any_worker_resumes_with_the
         assert _workers_seen(proxy, {0, 1, 2}) == {0, 1, 2}
         with httpx.Client(limits=FRESH, timeout=30) as control:
             assert control.post(proxy + PAUSE + "?mode=keep").status_code == 200
-            caller, statuses = _in_background(proxy, HELD, "held")
-            _until(lambda: _in_flight(proxy) == HELD, "calls not all held")
-            assert "/v1/chat/completions" not in [r["path"] for r in upstream.requests]
-            version = control.post(proxy + "/update_weight_version", json={"new_version": "v2"})
-            assert version.status_code == 200
-            assert _all_workers_say(control, proxy, "paused", True)
-            assert control.post(proxy + RESUME).status_code == 200
-            caller.join(30)
-            assert statuses == [200] * HELD
+
+            def set_version() -> None:
+                version = control.post(proxy + "/update_weight_version", json={"new_version": "v2"})
+                assert version.status_code == 200
+                assert _all_workers_say(control, proxy, "paused", True)
+
+            _held_then_resumed(upstream, control, proxy, "held", while_held=set_version)
             assert _all_workers_say(control, proxy, "paused", False)
         wait_rows(db_url, HELD)
         assert process.poll() is None
@@ -157,12 +175,7 @@ def test_a_worker_restarted_during_a_pause_holds_its_calls_too(
             os.kill(victim, signal.SIGKILL)
             _until(lambda: len(_children(process.pid) - {victim}) == 3, "the worker was not replaced")
             assert _workers_seen(proxy, {0, 1, 2}) == {0, 1, 2}
-            caller, statuses = _in_background(proxy, HELD, "late")
-            _until(lambda: _in_flight(proxy) == HELD, "calls not all held")
-            assert "/v1/chat/completions" not in [r["path"] for r in upstream.requests]
-            assert control.post(proxy + RESUME).status_code == 200
-            caller.join(30)
-            assert statuses == [200] * HELD
+            _held_then_resumed(upstream, control, proxy, "late")
         wait_rows(db_url, HELD)
 
 
