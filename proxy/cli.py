@@ -575,19 +575,14 @@ def _selection(args: argparse.Namespace) -> Any:
 def _export(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from tokentrail.proxy.storage.engine import make_engine
     from tokentrail.proxy.training.archive import PartitionedSink, describe, partition_key
     from tokentrail.proxy.training.export import (
         SequenceSink,
-        count_trajectories,
-        export,
         mark_exported,
         open_sink,
     )
-    from tokentrail.proxy.training.policy import PolicyFilter, UnknownWeightVersionError
-    from tokentrail.proxy.training.sequences import SequenceMode
+    from tokentrail.proxy.training.policy import UnknownWeightVersionError
 
     try:
         filters = _selection(args)
@@ -613,19 +608,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     engine = make_engine(settings.db)
     try:
-        total = count_trajectories(engine, filters)
-        with tqdm(total=total, unit="traj", file=sys.stderr, disable=None) as bar:
-            summary = export(
-                engine,
-                sink,
-                filters,
-                SequenceMode(args.mode),
-                max(1, args.batch),
-                lambda n: bar.update(n),
-                by_group=args.by_group,
-                policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness, args.certificate),
-                remember_read=args.mark_exported,
-            )
+        summary = _sequences_into(engine, sink, filters, args, remember_read=args.mark_exported)
         marked = mark_exported(engine, summary.read) if args.mark_exported else None
     except UnknownWeightVersionError as exc:
         print(f"tokentrail: --min-weight-version: {exc}", file=sys.stderr)
@@ -637,6 +620,32 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     if marked is not None:
         print(f"marked {marked} of {summary.trajectories} trajectories exported (others changed meanwhile)")
     return 0
+
+
+def _sequences_into(
+    engine: Any, sink: Any, filters: Any, args: argparse.Namespace, *, remember_read: bool = False
+) -> Any:
+    """The selected trajectories' sequences into ``sink`` with a progress bar (``export`` and
+    ``verify --db`` alike); raises ``UnknownWeightVersionError``."""
+    from tqdm import tqdm
+
+    from tokentrail.proxy.training.export import count_trajectories, export
+    from tokentrail.proxy.training.policy import PolicyFilter
+    from tokentrail.proxy.training.sequences import SequenceMode
+
+    total = count_trajectories(engine, filters)
+    with tqdm(total=total, unit="traj", file=sys.stderr, disable=None) as bar:
+        return export(
+            engine,
+            sink,
+            filters,
+            SequenceMode(args.mode),
+            max(1, args.batch),
+            lambda n: bar.update(n),
+            by_group=args.by_group,
+            policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness, args.certificate),
+            remember_read=remember_read,
+        )
 
 
 _SELECTION_OPTIONS = (
@@ -696,13 +705,10 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _verify_database(settings: Settings, args: argparse.Namespace, scorer: Any) -> Any:
-    from tqdm import tqdm
 
     import tokentrail.proxy.training.verify as verify
     from tokentrail.proxy.storage.engine import make_engine
-    from tokentrail.proxy.training.export import count_trajectories, export
-    from tokentrail.proxy.training.policy import PolicyFilter, UnknownWeightVersionError
-    from tokentrail.proxy.training.sequences import SequenceMode
+    from tokentrail.proxy.training.policy import UnknownWeightVersionError
 
     try:
         filters = _selection(args)
@@ -711,18 +717,7 @@ def _verify_database(settings: Settings, args: argparse.Namespace, scorer: Any) 
     sink = verify.ScoringSink(scorer, args.tolerance)
     engine = make_engine(settings.db)
     try:
-        total = count_trajectories(engine, filters)
-        with tqdm(total=total, unit="traj", file=sys.stderr, disable=None) as bar:
-            export(
-                engine,
-                sink,
-                filters,
-                SequenceMode(args.mode),
-                max(1, args.batch),
-                lambda n: bar.update(n),
-                by_group=args.by_group,
-                policy_filter=PolicyFilter(args.min_weight_version, args.max_staleness, args.certificate),
-            )
+        _sequences_into(engine, sink, filters, args)
     except UnknownWeightVersionError as exc:
         raise verify.VerifyError(f"--min-weight-version: {exc}") from None
     finally:
