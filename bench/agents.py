@@ -351,6 +351,13 @@ def main() -> int:
         help="after the targets, token-in rendering the whole history (full) and only the new messages "
         "(stand-in), in this order (default full,stand-in; a mode may come again: stand-in,full,stand-in)",
     )
+    parser.add_argument(
+        "--recorder-modes",
+        default="",
+        metavar="ORDER",
+        help="after the targets, TokenTrail passes with the records written by a thread of the proxy "
+        "(thread) and by the recorder process (process), in this order, e.g. thread,process,thread,process",
+    )
     parser.add_argument("--json-out", type=Path, metavar="PATH", help="write every figure here as JSON")
     parser.add_argument("--keep-db", type=Path, metavar="PATH", help="copy TokenTrail's database here")
     add_target_options(parser, "direct,nginx,tokentrail")
@@ -394,6 +401,20 @@ def main() -> int:
                 figures["modes"][name]["check"] = check_records(
                     tmp / name / "tokentrail.db", passes[name].load["calls"], f"tokentrail-{args.turns}",
                     shape, args.agents, args.turns, True,
+                )  # fmt: skip
+                targets.tokentrail_extra_env = env
+            for mode in filter(None, args.recorder_modes.split(",")):
+                if mode not in ("thread", "process"):
+                    raise SystemExit(f"--recorder-modes: {mode!r} is neither thread nor process")
+                name = f"rec-{mode}"
+                while name in passes:
+                    name += "'"
+                targets.tokentrail_extra_env = {**env, "TOKENTRAIL_RECORDER": mode}
+                passes[name], stored = _tokentrail_pass(args, targets, args.turns, tmp / name)
+                figures.setdefault("modes", {})[name] = stored
+                figures["modes"][name]["check"] = check_records(
+                    tmp / name / "tokentrail.db", passes[name].load["calls"], f"tokentrail-{args.turns}",
+                    shape, args.agents, args.turns, args.token_in,
                 )  # fmt: skip
                 targets.tokentrail_extra_env = env
             if targets.tokentrail_process is not None:

@@ -2,6 +2,7 @@
 
     python bench/cpu_per_call.py --against ../baseline          # prints the table
     python bench/cpu_per_call.py --against ../baseline --max-regression 0.10   # exit 1 past +10%
+    python bench/cpu_per_call.py --against . --env TOKENTRAIL_RECORDER=process   # one setting vs another
 
 Why CPU time: on a shared machine throughput and latency move with whatever else runs, while the CPU
 seconds the proxy process (all its threads, the writer's included) spends per call stay steady. Both
@@ -53,13 +54,13 @@ CELLS = (
 
 
 def _measure(
-    checkout: Path, cell: Cell, upstream: str, args: argparse.Namespace, tmp: Path
+    checkout: Path, cell: Cell, upstream: str, args: argparse.Namespace, tmp: Path, extra: dict[str, str]
 ) -> tuple[float, int]:
     """(CPU seconds, calls) of one ``tokentrail serve`` from ``checkout`` over one cell."""
     python = checkout / ".venv" / "bin" / "python"
     port = free_port()
     db_url = f"sqlite:///{tmp / 'bench.db'}"
-    env = tokentrail_env(upstream, db_url, port, tmp)
+    env = tokentrail_env(upstream, db_url, port, tmp, **extra)
     command = [str(python), "-m", "tokentrail.proxy.cli", "serve"]
     process = subprocess.Popen(pinned(args.proxy_core, command, args.no_pin), env=env, cwd=checkout)
     try:
@@ -92,11 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two (median)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of load per cell")
     parser.add_argument("--max-regression", type=float, help="exit 1 when this checkout is this much worse")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="a setting for this checkout"
+    )
+    parser.add_argument(
+        "--against-env", action="append", default=[], metavar="KEY=VALUE", help="a setting for the other"
+    )
     parser.add_argument("--proxy-core", default="0")
     parser.add_argument("--other-core", default="1")
     parser.add_argument("--no-pin", action="store_true")
     args = parser.parse_args(argv)
     checkouts = {"this": ROOT, "against": args.against.resolve()}
+    settings = {
+        "this": dict(item.split("=", 1) for item in args.env),
+        "against": dict(item.split("=", 1) for item in args.against_env),
+    }
     per_1000: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="tokentrail-cpu-") as tmp_dir:
         port = free_port()
@@ -110,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:
                         tmp = Path(tmp_dir) / f"{name}-{round_}-{cell.name.replace(' ', '-')}"
                         tmp.mkdir()
-                        cpu_s, calls = _measure(checkouts[name], cell, upstream, args, tmp)
+                        cpu_s, calls = _measure(checkouts[name], cell, upstream, args, tmp, settings[name])
                         per_1000.setdefault((cell.name, name), []).append(1000 * 1000 * cpu_s / max(calls, 1))
                         print(f"round {round_ + 1} {cell.name:16} {name:8} {calls:6} calls, "
                               f"{1000 * cpu_s / max(calls, 1):.3f} ms CPU per call", flush=True)  # fmt: skip

@@ -30,20 +30,22 @@ from tokentrail.proxy.api.detokenize import TokenPieces
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
 from tokentrail.proxy.fleet.link import FleetLink
-from tokentrail.proxy.metrics import persisted, snapshot
+from tokentrail.proxy.metrics import snapshot
 from tokentrail.proxy.metrics.exposition import make_registry
+from tokentrail.proxy.recorder.assembly import make_writer
+from tokentrail.proxy.recorder.keeper import RecorderKeeper
+from tokentrail.proxy.recorder.link import RecorderLink
 from tokentrail.proxy.recording.telemetry import CallSpans, tracer_provider_from_environment
-from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
+from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.relay.asgi import Relay
 from tokentrail.proxy.rl.loop import RlLoop
 from tokentrail.proxy.server import worker_state
 from tokentrail.proxy.server.own_headers import WithOwnHeaders, own_headers
-from tokentrail.proxy.server.workers import worker_spool_path
+from tokentrail.proxy.server.workers import relay_spool_path, worker_spool_path
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.retention import Retention
 from tokentrail.proxy.token_in.planner import TokenIn
-from tokentrail.proxy.trajectory.drift import DriftJudge
 from tokentrail.proxy.ui import routes as ui
 from tokentrail.proxy.upstream.balancer import UpstreamBalancer
 from tokentrail.proxy.upstream.client import ignored_proxy_variables
@@ -64,7 +66,7 @@ class Runtime:
 
     settings: Settings
     engine: Engine
-    writer: RecordWriter
+    writer: RecordWriter | RecorderLink  # this process's writer thread, or its link to the recorder
     relay: Relay
     worker: int | None = None  # the worker's slot under ``serve --workers N``
     metrics_registry: CollectorRegistry | None = None
@@ -179,36 +181,41 @@ def create_app(
     tracer_provider: TracerProvider | None = None,
     worker: int | None = None,
     fleet_socket: Path | None = None,
+    recorder_socket: Path | None = None,
 ) -> TokenTrailApp:
     """Build the proxy for ``settings``; the database must already be migrated.
 
     ``tracer_provider`` turns on spans (tests pass one); without it the OTEL_* variables decide.
     ``worker``: this process's slot when it is one of several (``serve --workers``);
-    ``fleet_socket``: then where the supervisor's control plane listens (``proxy/fleet/``).
+    ``fleet_socket``: then where the supervisor's control plane listens (``proxy/fleet/``);
+    ``recorder_socket``: then where the host's recorder process listens (``TOKENTRAIL_RECORDER=process``;
+    a single proxy starts its own).
     """
     provider = tracer_provider or tracer_provider_from_environment(os.environ)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.db, settings.db_busy_timeout_ms)
-        instance = settings.instance_name
-        writer = RecordWriter(
-            engine,
-            queue_size=settings.writer_queue_size,
-            batch_size=settings.writer_batch_size,
-            retries=settings.writer_retries,
-            fallback_path=worker_spool_path(settings.fallback_path, worker or 0),
-            # Durable calls wait for their commit: write what is queued at once (records that arrive
-            # meanwhile form the next batch) instead of gathering for a moment first.
-            gather_s=0.0 if settings.durable else GATHER_S,
-            spool_max_bytes=settings.spool_max_bytes,
-            reject_when_spool_full=settings.spool_full == "reject",
-            count=lambda connection, encoder, batch: persisted.add_counts(
-                connection, encoder, instance, persisted.batch_counts(batch)
-            ),
-            judge=DriftJudge(),
-        )
-        writer.start()
+        keeper: RecorderKeeper | None = None
+        writer: RecordWriter | RecorderLink
+        if settings.recorder == "process":
+            socket_path = recorder_socket
+            if socket_path is None:  # a single proxy: its own recorder
+                keeper = RecorderKeeper({**os.environ, **settings.environment()})
+                keeper.start()
+                socket_path = keeper.path
+            writer = RecorderLink(
+                socket_path,
+                relay_spool_path(settings.fallback_path, worker or 0),
+                max_unacked=settings.writer_queue_size,
+                wait_s=settings.recorder_wait_s,
+                spool_max_bytes=settings.spool_max_bytes,
+                reject_when_spool_full=settings.spool_full == "reject",
+            )
+            await writer.start()
+        else:
+            writer = make_writer(settings, engine, worker_spool_path(settings.fallback_path, worker or 0))
+            writer.start()
         for name in ignored_proxy_variables(os.environ):
             logger.warning("variable=<%s> | set, but not used: TokenTrail connects to vLLM directly", name)
         client = upstream_client(settings)
@@ -285,7 +292,12 @@ def create_app(
             await client.aclose()
             if runtime.retention is not None:
                 await asyncio.to_thread(runtime.retention.close)
-            writer.close()
+            if isinstance(writer, RecorderLink):
+                await writer.close(settings.graceful_shutdown_s)
+                if keeper is not None:
+                    await asyncio.to_thread(keeper.stop, settings.graceful_shutdown_s)
+            else:
+                writer.close()
             engine.dispose()
             if provider is not None and tracer_provider is None:
                 provider.shutdown()

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tokentrail.proxy.server.workers import (
     WorkersError,
     die_with_supervisor,
     listening_socket,
+    relay_spool_path,
     stranded_spools,
     worker_spool_path,
 )
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)  # both set by the supervisor
     serve.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--fleet-socket", type=Path, help=argparse.SUPPRESS)
+    serve.add_argument("--recorder-socket", type=Path, help=argparse.SUPPRESS)
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -296,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
-            return _serve(settings, args.worker_slot, args.supervisor_pid, args.fleet_socket)
+            sockets = Sockets(args.fleet_socket, args.recorder_socket)
+            return _serve(settings, args.worker_slot, args.supervisor_pid, sockets)
         if args.command == "db":
             if args.db_command == "prune":
                 return _db_prune(settings, args)
@@ -323,11 +327,19 @@ def _configure_logging(level: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Sockets:
+    """Where a worker reaches its supervisor's control plane and the host's recorder."""
+
+    fleet: Path | None = None
+    recorder: Path | None = None
+
+
 def _serve(
     settings: Settings,
     worker_slot: int | None,
     supervisor_pid: int | None = None,
-    fleet_socket: Path | None = None,
+    sockets: Sockets | None = None,
 ) -> int:
     """One proxy process; or, with several workers and no slot, the supervisor that starts them."""
     _configure_logging(settings.log_level)
@@ -341,15 +353,23 @@ def _serve(
             )
     if worker_slot is None and settings.workers > 1:
         _migrate(settings)  # once, before any worker opens the database
-        return Supervisor(settings).run()
+        recorder = None
+        if settings.recorder == "process":
+            from tokentrail.proxy.recorder.keeper import RecorderKeeper
+
+            recorder = RecorderKeeper({**os.environ, **settings.environment()})
+        return Supervisor(settings, recorder).run()
     if worker_slot is not None:
         die_with_supervisor(supervisor_pid or os.getppid())
     # First: a second proxy on this spool stops here.
-    claim = SpoolClaim(worker_spool_path(settings.fallback_path, worker_slot or 0))
+    spool_path = (relay_spool_path if settings.recorder == "process" else worker_spool_path)(
+        settings.fallback_path, worker_slot or 0
+    )
+    claim = SpoolClaim(spool_path)
     try:
         if worker_slot is None:
             _migrate(settings)
-        _run_uvicorn(settings, worker_slot, fleet_socket)
+        _run_uvicorn(settings, worker_slot, sockets or Sockets())
     finally:
         claim.release()
     return 0
@@ -363,7 +383,7 @@ def _migrate(settings: Settings) -> None:
         logger.info("from=<%s>, to=<%s> | database migrated", before, after)
 
 
-def _run_uvicorn(settings: Settings, worker_slot: int | None, fleet_socket: Path | None) -> None:
+def _run_uvicorn(settings: Settings, worker_slot: int | None, sockets: Sockets) -> None:
     import uvicorn
 
     from tokentrail.proxy.app import create_app
@@ -371,7 +391,9 @@ def _run_uvicorn(settings: Settings, worker_slot: int | None, fleet_socket: Path
     from tokentrail.proxy.server.own_headers import UVICORN_OPTIONS
 
     config = uvicorn.Config(
-        create_app(settings, worker=worker_slot, fleet_socket=fleet_socket),
+        create_app(
+            settings, worker=worker_slot, fleet_socket=sockets.fleet, recorder_socket=sockets.recorder
+        ),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -387,15 +409,15 @@ def _run_uvicorn(settings: Settings, worker_slot: int | None, fleet_socket: Path
     )
     server = uvicorn.Server(config)
     # A worker binds the port shared (SO_REUSEPORT) with its siblings; a single proxy as uvicorn does.
-    sockets = None
+    listening = None
     if worker_slot is not None:
         try:
-            sockets = [listening_socket(settings.host, settings.port, shared=True)]
+            listening = [listening_socket(settings.host, settings.port, shared=True)]
         except OSError as exc:
             logger.error("worker=<%d>, error=<%s> | cannot listen on the port", worker_slot, exc.strerror)
             raise SystemExit(1) from None
     with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=sockets)
+        server.run(sockets=listening)
     if not server.started:
         raise SystemExit(3)  # what uvicorn.run does when startup fails
 

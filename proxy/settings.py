@@ -67,6 +67,21 @@ class Settings(BaseSettings):
         4.0,
         description="Seconds an idle upstream connection is kept; below vLLM's 5 s keep-alive.",
     )
+    recorder: Literal["thread", "process"] = Field(
+        "thread",
+        description=(
+            "Where records are written: 'thread', a thread of each proxy process; 'process', one "
+            "recorder process per host that every worker hands its records to (the relay then only "
+            "relays, and the host's calls are numbered in the order they arrived)."
+        ),
+    )
+    recorder_wait_s: PositiveFloat = Field(
+        30.0,
+        description=(
+            "With the recorder process: seconds a relay keeps records in memory while the recorder "
+            "cannot be reached (it is restarted when it dies); then they go to the relay's spool."
+        ),
+    )
     writer_queue_size: PositiveInt = Field(
         10_000,
         description="Records waiting for the database at most; past it records go to the fallback file.",
@@ -246,6 +261,23 @@ class Settings(BaseSettings):
         if len(set(urls)) != len(urls):
             raise ValueError("an upstream is given twice")
         return ",".join(urls)
+
+    def environment(self) -> dict[str, str]:
+        """These settings as the ``TOKENTRAIL_*`` variables that give them back (for the processes
+        ``serve`` starts: workers and the recorder), the instance name included as resolved here."""
+        variables: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if value is None:
+                text = ""
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            variables[f"TOKENTRAIL_{name.upper()}"] = text
+        variables["TOKENTRAIL_INSTANCE"] = self.instance_name
+        return variables
 
     @property
     def upstreams(self) -> list[str]:

@@ -75,15 +75,19 @@ def running_proxy(
     *,
     plain_uvicorn: bool = False,
     worker: int | None = None,
+    recorder_socket: Path | None = None,
     **overrides: Any,
 ) -> Iterator[Proxy]:
     """The proxy as ``tokentrail serve`` runs it; ``plain_uvicorn``: under uvicorn's own HTTP protocol
     instead of TokenTrail's (no head limits, streams written through ASGI ``send``); ``worker``: run as
-    that slot of ``serve --workers`` (with ``workers=N`` among the overrides)."""
+    that slot of ``serve --workers`` (with ``workers=N`` among the overrides); ``recorder_socket``: with
+    ``recorder="process"``, the recorder to use instead of starting one."""
     db_url = db_url or f"sqlite:///{tmp_path / 'tokentrail.db'}"
     upgrade_database(db_url)
     settings = Settings(upstream=upstream, db=db_url, fallback_path=tmp_path / "fallback.jsonl", **overrides)
-    app = create_app(settings, tracer_provider=tracer_provider, worker=worker)
+    app = create_app(
+        settings, tracer_provider=tracer_provider, worker=worker, recorder_socket=recorder_socket
+    )
     http: Any = (
         "httptools"
         if plain_uvicorn

@@ -109,6 +109,9 @@ class CallRecord:
     # How the prompt relates to the trajectory's previous call; set by the writer (trajectory/drift.py).
     drift: str | None = None
     drift_position: int | None = None
+    # Handed over again (the recorder restarted before it answered, or a relay's spool): the writer
+    # skips it when the database already holds its call_id. Not stored.
+    resent: bool = False
     # Durable mode: called (from the writer thread) once the record is committed (True) or kept in
     # the fallback file (False). Not stored.
     on_stored: Callable[[bool], None] | None = field(default=None, repr=False, compare=False)

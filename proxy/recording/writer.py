@@ -40,6 +40,18 @@ from tokentrail.proxy.storage.stored_calls import StoredForm, whole
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+class _Skip:
+    """Queued by ``skip``: an arrived call whose record will never come."""
+
+    __slots__ = ("ordinal", "trajectory_id")
+
+    def __init__(self, trajectory_id: str, ordinal: int) -> None:
+        self.trajectory_id = trajectory_id
+        self.ordinal = ordinal
+
+
 _RETRY_BACKOFF_S = (0.05, 0.25, 1.0, 2.0)
 _REPLAY_EVERY_S = 1.0
 GATHER_S = 0.02
@@ -82,9 +94,10 @@ _GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_T
 
 
 class RecordSink(Protocol):
-    """What the relay needs from the writer."""
+    """What the relay needs from the writer (or from the recorder process, ``proxy/recorder/``)."""
 
-    def next_ordinal(self, trajectory_id: str) -> int: ...
+    def arrive(self, call_id: str, trajectory_id: str) -> int:
+        """A call of a named trajectory arrived: its arrival ordinal."""
 
     def submit(self, record: CallRecord) -> None: ...
 
@@ -191,6 +204,14 @@ class RecordWriter:
             self._ordinals[trajectory_id] = ordinal + 1
         return ordinal
 
+    def arrive(self, call_id: str, trajectory_id: str) -> int:
+        return self.next_ordinal(trajectory_id)
+
+    def skip(self, trajectory_id: str, ordinal: int) -> None:
+        """The call given ``ordinal`` will never have a record (the relay that took it died): its
+        trajectory's later records are not held back for it."""
+        self._queue.put_nowait(_Skip(trajectory_id, ordinal))
+
     def submit(self, record: CallRecord) -> None:
         """Queue one finished record; never blocks. A full queue spills it to the fallback file."""
         self.submitted += 1
@@ -254,8 +275,11 @@ class RecordWriter:
                 self._maybe_replay(database_works=False)
                 continue
             batch: list[CallRecord] = []
+            skipped: set[str] = set()
             if first is _STOP:
                 stopping = True
+            elif isinstance(first, _Skip):
+                skipped.add(self._note_skip(first))
             else:
                 batch.append(first)
             # Gather for a moment: one transaction for many records costs little more than for one.
@@ -271,10 +295,13 @@ class RecordWriter:
                 if item is _STOP:
                     stopping = True
                     continue
+                if isinstance(item, _Skip):
+                    skipped.add(self._note_skip(item))
+                    continue
                 batch.append(item)
             for record in batch:
                 record.load_prompt_ids()  # parsed here, off the event loop (records.py)
-            ready = self._in_arrival_order(batch, flush=stopping)
+            ready = self._in_arrival_order(batch, flush=stopping, touched=skipped)
             if ready and self._write_with_retries(ready):
                 self._maybe_replay(database_works=True)
             with self._progress:
@@ -420,16 +447,24 @@ class RecordWriter:
             if record.on_stored is not None:
                 record.on_stored(True)
 
-    def _in_arrival_order(self, batch: list[CallRecord], *, flush: bool) -> list[CallRecord]:
-        """The records that may be written now, each trajectory's in arrival order (see the docstring)."""
+    def _note_skip(self, skip: _Skip) -> str:
+        with self._skipped_lock:
+            self._skipped.add((skip.trajectory_id, skip.ordinal))
+        return skip.trajectory_id
+
+    def _in_arrival_order(
+        self, batch: list[CallRecord], *, flush: bool, touched: set[str] | None = None
+    ) -> list[CallRecord]:
+        """The records that may be written now, each trajectory's in arrival order (see the docstring);
+        ``touched``: trajectories to look at even without a record in ``batch`` (a skip came)."""
         ready = [r for r in batch if r.seq is None]
-        touched = set()
+        touched = set(touched or ())
         for record in batch:
             if record.seq is not None:
                 self._held.setdefault(record.trajectory_id, {})[record.seq] = record
                 touched.add(record.trajectory_id)
         for trajectory_id in touched if not flush else list(self._held):
-            held = self._held[trajectory_id]
+            held = self._held.setdefault(trajectory_id, {})
             expected = self._next_to_write.get(trajectory_id, 0)
             while True:
                 if expected in held:
@@ -471,6 +506,10 @@ class RecordWriter:
 
     def _write_batch(self, batch: list[CallRecord]) -> None:
         with self._engine.begin() as connection:
+            if any(record.resent for record in batch):
+                batch = _not_written_yet(connection, batch, self._encoder(connection))
+                if not batch:
+                    return
             per_trajectory: dict[str, dict[str, Any]] = {}
             for record in batch:
                 _add_to_trajectory(per_trajectory, record)
@@ -557,6 +596,19 @@ class RecordWriter:
                 reason,
                 lost_because,
             )
+
+
+def _not_written_yet(connection: Any, batch: list[CallRecord], encoder: RowEncoder) -> list[CallRecord]:
+    """``batch`` without the records handed over again whose call the database already holds (the
+    recorder wrote them, then died before its answer reached the relay): each is written once."""
+    again = [record.call_id for record in batch if record.resent]
+    marks = ", ".join([encoder.mark] * len(again))
+    present = set(
+        connection.exec_driver_sql(
+            f"SELECT id FROM llm_calls_stored WHERE id IN ({marks})", tuple(again)
+        ).scalars()
+    )
+    return [record for record in batch if record.call_id not in present]
 
 
 def _next_seqs(connection: Any, trajectory_ids: set[str], encoder: RowEncoder) -> dict[str, int]:

@@ -94,11 +94,12 @@ class RecordedCall:
         prepared = prepare_request(route, body)
         self.body = prepared.body
         self.strip = prepared.body is not body  # the proxy added the flag: its effects are undone
+        call_id = new_id()
         if trajectory_id is None:
-            record = CallRecord(new_id(), generated_trajectory_id(), route, received_at)
+            record = CallRecord(call_id, generated_trajectory_id(), route, received_at)
         else:
-            ordinal = context.sink.next_ordinal(trajectory_id)
-            record = CallRecord(new_id(), trajectory_id, route, received_at, seq=ordinal)
+            ordinal = context.sink.arrive(call_id, trajectory_id)
+            record = CallRecord(call_id, trajectory_id, route, received_at, seq=ordinal)
         record.tags = tags
         record.group_id = None if rl_headers is None else rl_headers.group_id
         record.request = prepared.request

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tokentrail.proxy.settings import Settings
 
@@ -54,6 +54,12 @@ class WorkersError(RuntimeError):
 def worker_spool_path(path: Path, slot: int) -> Path:
     """Worker 0 keeps the configured spool (a single ``serve`` on the same settings replays it)."""
     return path if slot == 0 else path.with_name(f"{path.stem}.{slot}{path.suffix}")
+
+
+def relay_spool_path(path: Path, slot: int) -> Path:
+    """A relay's own spool when records go to the recorder process (which keeps ``path``): where
+    they wait while the recorder cannot take them."""
+    return path.with_name(f"{path.stem}.relay{slot}{path.suffix}")
 
 
 def stranded_spools(path: Path, workers: int) -> list[Path]:
@@ -111,16 +117,27 @@ def _check_port(settings: Settings) -> None:
         raise WorkersError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
 
 
+class Recorder(Protocol):
+    """The host's recorder process as the supervisor sees it (``recorder/keeper.py``)."""
+
+    path: Path
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float) -> None: ...
+
+
 class Supervisor:
     """Starts ``settings.workers`` workers, restarts one that dies, stops them all on a signal."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, recorder: Recorder | None = None) -> None:
         self.settings = settings
         self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}  # slot -> (process, start)
         self.stopping = False
         self.exit_code = 0
         self.quick_exits: dict[int, int] = {}  # slot -> quick exits in a row
         self.hub: ControlHub | None = None  # pause, resume and versions for all workers
+        self.recorder = recorder  # TOKENTRAIL_RECORDER=process: the host's recorder, started first
 
     def _environment(self, slot: int) -> dict[str, str]:
         """The worker's settings: the supervisor's own (options included), its spool, one process."""
@@ -141,6 +158,7 @@ class Supervisor:
             *(sys.executable, "-m", "tokentrail.proxy.cli", "serve"),
             *("--worker-slot", str(slot), "--supervisor-pid", str(os.getpid())),
             *("--fleet-socket", str(self.hub.path)),
+            *(("--recorder-socket", str(self.recorder.path)) if self.recorder is not None else ()),
         ]
         process = subprocess.Popen(command, env=self._environment(slot), start_new_session=True)
         self.children[slot] = (process, time.monotonic())
@@ -164,6 +182,8 @@ class Supervisor:
 
         self.hub = ControlHub(self.settings)
         self.hub.start()
+        if self.recorder is not None:
+            self.recorder.start()
         try:
             for slot in range(self.settings.workers):
                 self._start(slot)
@@ -171,6 +191,8 @@ class Supervisor:
                 pid, status = os.wait()  # a signal runs _stop, then the wait goes on (PEP 475)
                 self._reap(pid, os.waitstatus_to_exitcode(status))
         finally:
+            if self.recorder is not None:  # last: the workers handed it everything as they drained
+                self.recorder.stop(self.settings.graceful_shutdown_s)
             self.hub.stop()
         return self.exit_code
 
@@ -205,6 +227,7 @@ __all__ = [
     "WorkersError",
     "die_with_supervisor",
     "listening_socket",
+    "relay_spool_path",
     "stranded_spools",
     "worker_spool_path",
 ]

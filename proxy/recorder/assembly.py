@@ -1,0 +1,35 @@
+"""The ``RecordWriter`` as TokenTrail runs it, made in one place for the two places it runs: the
+recorder process (``main.py``) and, with ``TOKENTRAIL_RECORDER=thread``, the proxy itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from tokentrail.proxy.metrics import persisted
+from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
+from tokentrail.proxy.settings import Settings
+from tokentrail.proxy.trajectory.drift import DriftJudge
+
+
+def make_writer(settings: Settings, engine: Engine, fallback_path: Path) -> RecordWriter:
+    """A writer that judges drift, stores calls against their base and adds each batch's metric
+    counts (under this proxy's instance name) in the batch's own transaction."""
+    instance = settings.instance_name
+    return RecordWriter(
+        engine,
+        queue_size=settings.writer_queue_size,
+        batch_size=settings.writer_batch_size,
+        retries=settings.writer_retries,
+        fallback_path=fallback_path,
+        # Durable calls wait for their commit: write what is queued at once (records that arrive
+        # meanwhile form the next batch) instead of gathering for a moment first.
+        gather_s=0.0 if settings.durable else GATHER_S,
+        spool_max_bytes=settings.spool_max_bytes,
+        reject_when_spool_full=settings.spool_full == "reject",
+        count=lambda connection, encoder, batch: persisted.add_counts(
+            connection, encoder, instance, persisted.batch_counts(batch)
+        ),
+        judge=DriftJudge(),
+    )

@@ -1,0 +1,348 @@
+"""The relay's side of the socket: hands each call's record to the host's recorder and keeps it until
+the recorder says it is safe.
+
+The relay pays for a record one C call (``frames.encode_record``) and a buffered socket write; the
+prompt IDs go as the bytes vLLM sent. Every record handed over stays here, unacknowledged, until the
+recorder answers that it is committed (or in the recorder's own spool). So nothing is lost when the
+recorder dies: the link connects again (the keeper starts a new recorder) and hands over every
+unacknowledged record again, marked as such; the recorder writes each one whose call the database
+does not hold yet, so nothing is written twice either.
+
+Records go to this relay's own spool file instead, counted with a reason, when the recorder cannot
+take them: more than ``max_unacked`` wait (it is slow), or it has been unreachable for ``wait_s``
+(every record waiting then goes too). The spool is handed over, marked as sent again, once the
+recorder answers again. Durable mode (``CallRecord.on_stored``) answers the client only when its
+record is acknowledged or spooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from tokentrail.proxy.recorder.frames import (
+    ACKS,
+    ARRIVED,
+    RECORD,
+    RECORD_AGAIN,
+    FrameReader,
+    decode_acks,
+    encode_record,
+    frame,
+)
+from tokentrail.proxy.recording.records import CallRecord
+from tokentrail.proxy.recording.spool import Spool, record_to_line
+
+logger = logging.getLogger(__name__)
+
+_RECONNECT_S = (0.02, 0.05, 0.1, 0.2, 0.5)
+_GOOD_INTEGRITY = frozenset({"ok", "not_checked", "no_token_ids", "no_usage"})
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A record handed over (or to be), not yet acknowledged."""
+
+    payload: bytes
+    record: CallRecord | None  # None: a line replayed from the spool
+    again: bool = False
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, link: RecorderLink) -> None:
+        self.link = link
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not subclasses)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except ValueError:
+            assert self.transport is not None
+            self.transport.close()
+            return
+        for kind, payload in frames:
+            if kind == ACKS:
+                self.link.acknowledged(decode_acks(payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class RecorderLink:
+    """A ``RecordSink`` (``recording/writer.py``) whose writer is the recorder process."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        spool_path: Path,
+        *,
+        max_unacked: int,
+        wait_s: float,
+        spool_max_bytes: int = 2**30,
+        reject_when_spool_full: bool = False,
+    ) -> None:
+        self.socket_path = socket_path
+        self.max_unacked = max_unacked
+        self.wait_s = wait_s
+        self._spool = Spool(spool_path, spool_max_bytes)
+        self._reject_when_spool_full = reject_when_spool_full
+        self._waiting: dict[str, _Waiting] = {}
+        self._connection: _Connection | None = None
+        self._out: list[bytes] = []
+        self._keeper: asyncio.Task[None] | None = None
+        self._replay: asyncio.Task[None] | None = None
+        self._replaying: set[str] = set()  # call_ids of spooled records handed over, not acknowledged
+        self._replayed_all = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self.connects = 0
+        self._progress = threading.Condition()  # (wait_settled: tests and tools, from other threads)
+        # the figures health and metrics show, as RecordWriter has them (for what this relay handed over)
+        self.submitted = 0
+        self.written = 0
+        self.failed = 0
+        self.lost = 0
+        self.replayed = 0
+        self.refused = 0
+        self.failure_reasons: Counter[str] = Counter()
+        self.integrity_problems = 0
+        self.integrity_counts: Counter[str] = Counter()
+
+    # ---- RecordSink ----
+
+    def arrive(self, call_id: str, trajectory_id: str) -> int:
+        self._send(frame(ARRIVED, f"{call_id}\t{trajectory_id}".encode()))
+        return 0  # (the recorder numbers it; a named trajectory's record carries a seq, any seq)
+
+    def submit(self, record: CallRecord) -> None:
+        self.submitted += 1
+        if len(self._waiting) >= self.max_unacked:
+            self._spill([record], "recorder_slow")
+            return
+        waiting = _Waiting(encode_record(record), record)
+        self._waiting[record.call_id] = waiting
+        self._idle.clear()
+        self._send(frame(RECORD, waiting.payload))
+
+    @property
+    def accepting(self) -> bool:
+        return not (self._reject_when_spool_full and self._spool.full)
+
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None
+
+    # ---- the connection ----
+
+    def _send(self, data: bytes) -> None:
+        """Queue ``data``; one write per turn of the event loop carries what the turn queued."""
+        if self._connection is None:
+            return  # handed over (records) when connected; an arrival alone is not needed
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        connection = self._connection
+        if out and connection is not None and connection.transport is not None:
+            connection.transport.write(b"".join(out))
+
+    async def start(self) -> None:
+        self._keeper = asyncio.create_task(self._keep_connected())
+
+    async def _keep_connected(self) -> None:
+        """Connect, hand over what waits, stay until the connection is lost; again, forever."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        down_since = loop.time()
+        while not self._closing:
+            try:
+                _transport, connection = await loop.create_unix_connection(
+                    lambda: _Connection(self), str(self.socket_path)
+                )
+            except OSError:
+                if loop.time() - down_since > self.wait_s and self._waiting:
+                    self._spill_waiting("recorder_unreachable")
+                await asyncio.sleep(_RECONNECT_S[min(attempt, len(_RECONNECT_S) - 1)])
+                attempt += 1
+                continue
+            attempt = 0
+            self.connects += 1
+            if self.connects > 1:
+                logger.warning("waiting=<%d> | reconnected to the recorder", len(self._waiting))
+            self._connection = connection
+            for waiting in self._waiting.values():  # all of them again: any may have been lost
+                waiting.again = waiting.again or self.connects > 1
+                self._send(frame(RECORD_AGAIN if waiting.again else RECORD, waiting.payload))
+            self._maybe_replay()
+            await connection.lost
+            self._connection = None
+            self._out.clear()
+            for waiting in self._waiting.values():
+                waiting.again = True
+            if self._replay is not None:
+                self._replay.cancel()
+                self._replay = None
+            down_since = loop.time()
+            if not self._closing:
+                logger.error("waiting=<%d> | lost the recorder; reconnecting", len(self._waiting))
+
+    def acknowledged(self, acks: list[tuple[str, bool]]) -> None:
+        for call_id, ok in acks:
+            waiting = self._waiting.pop(call_id, None)
+            if waiting is None:
+                continue
+            if self._replaying:
+                self._replaying.discard(call_id)
+                if not self._replaying:
+                    self._replayed_all.set()
+            record = waiting.record
+            if ok:
+                if record is None:
+                    self.replayed += 1
+                else:
+                    self.written += 1
+                    self.integrity_counts[record.integrity] += 1
+                    if record.integrity not in _GOOD_INTEGRITY:
+                        self.integrity_problems += 1
+            else:
+                self.failed += 1
+                self.lost += 1
+                self.failure_reasons["recorder_lost"] += 1
+            if record is not None and record.on_stored is not None:
+                record.on_stored(ok)
+        if not self._waiting:
+            self._idle.set()
+        self._maybe_replay()
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._progress:
+            self._progress.notify_all()
+
+    def wait_settled(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` records in all were acknowledged or spilled (for tests and tools)."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self.written + self.failed >= count, timeout)
+
+    # ---- the spool ----
+
+    def _maybe_replay(self) -> None:
+        """Start handing the spool over when it holds records, the recorder is there and has room."""
+        if (
+            self._spool.pending
+            and self._replay is None
+            and self._connection is not None
+            and len(self._waiting) < self.max_unacked // 2
+        ):
+            self._replay = asyncio.get_running_loop().create_task(self._replay_spool())
+
+    def _spill_waiting(self, reason: str) -> None:
+        if self._replay is not None:  # its lines stay in their file, handed over next time
+            self._replay.cancel()
+            self._replay = None
+        records = [w.record for w in self._waiting.values() if w.record is not None]
+        self._waiting.clear()
+        self._replaying.clear()
+        self._idle.set()
+        self._spill(records, reason)
+
+    def _spill(self, records: list[CallRecord], reason: str) -> None:
+        if not records:
+            return
+        lines = [record_to_line(record, reason) for record in records]
+        lost_because = "spool_full"
+        try:
+            kept = self._spool.append(lines)
+        except OSError as exc:
+            kept, lost_because = False, f"spool_unwritable:{type(exc).__name__}"
+        self.failed += len(records)
+        if not kept:
+            self.lost += len(records)
+        self.failure_reasons[reason if kept else lost_because] += len(records)
+        for record in records:
+            if record.on_stored is not None:
+                record.on_stored(kept)
+        self._notify()
+        log = logger.warning if kept else logger.error
+        log(
+            "records=<%d>, reason=<%s>, kept=<%s> | records written to the relay's spool",
+            len(records),
+            reason,
+            kept,
+        )
+
+    async def _replay_spool(self) -> None:
+        """Hand the spool's records to the recorder as sent again, a bounded number at a time; the
+        file goes once every one of them is acknowledged (a break leaves it for the next time)."""
+        try:
+            path = self._spool.take()
+            if path is None:
+                return
+            chunk = max(1, self.max_unacked // 2)
+            count = 0
+            for record, _reason, line in Spool.read(path):
+                if record is None:
+                    self.lost += 1
+                    self.failure_reasons["spool_line_cut"] += 1
+                    continue
+                if record.call_id in self._waiting:
+                    continue
+                waiting = _Waiting(line.encode(), None, again=True)
+                self._waiting[record.call_id] = waiting
+                self._replaying.add(record.call_id)
+                self._replayed_all.clear()
+                self._idle.clear()
+                self._send(frame(RECORD_AGAIN, waiting.payload))
+                count += 1
+                if count % chunk == 0:
+                    await self._replayed_all.wait()
+            if self._replaying:
+                await self._replayed_all.wait()
+            self._spool.done(path)
+            logger.warning("records=<%d> | the relay's spooled records were handed to the recorder", count)
+        finally:
+            self._replay = None
+
+    # ---- shutdown ----
+
+    async def close(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until the recorder acknowledged every record; spool the rest."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        self._closing = True
+        if self._waiting:
+            self._spill_waiting("recorder_unreachable")
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        connection = self._connection
+        if connection is not None and connection.transport is not None:
+            self._flush()
+            connection.transport.close()
+
+    def figures(self) -> dict[str, Any]:
+        return {"waiting": len(self._waiting), "connects": self.connects}
