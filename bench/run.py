@@ -196,6 +196,7 @@ def main() -> int:
         names = [t for t in args.targets.split(",") if t in targets.urls]
         measurements: dict[tuple[str, str], list[dict[str, Any]]] = {}
         tokentrail_calls = 0
+        recorder_calls = 0
         rss: list[float] = []
         try:
             for repeat in range(args.repeat):
@@ -207,6 +208,8 @@ def main() -> int:
                         if name == "tokentrail":
                             tokentrail_calls += result["total_ok"]
                             rss.append(rss_mib(targets.tokentrail_pid))
+                        if name == "recorder":
+                            recorder_calls += result["total_ok"]
                         print(
                             f"  {scenario.name:<26}{name:<11}{result['calls_per_s']:>9.0f} calls/s",
                             file=sys.stderr,
@@ -214,6 +217,8 @@ def main() -> int:
             writer = (
                 wait_written(targets.db_url, targets.tmp, tokentrail_calls) if "tokentrail" in names else None
             )
+            if "recorder" in names:
+                wait_written(targets.recorder_db_url, targets.tmp / "recorder", recorder_calls)
         finally:
             targets.stop()
         problems = (
@@ -221,6 +226,11 @@ def main() -> int:
             if writer is not None
             else []
         )
+        if "recorder" in names:
+            problems += [
+                "recorder: " + p
+                for p in _verify(targets.recorder_db_url, recorder_calls, fake_ids=not args.upstream)
+            ]
         db_bytes = Path(targets.db_url.removeprefix("sqlite:///")).stat().st_size if writer is not None else 0
     _print_table(scenarios, names, measurements, args)
     if writer is not None:
@@ -284,15 +294,18 @@ def _print_table(
 def _print_extra_ratios(
     scenario: Scenario, names: list[str], measurements: dict[tuple[str, str], list[dict[str, Any]]]
 ) -> None:
-    if "tokentrail" not in names:
-        return
-    ours = measurements[(scenario.name, "tokentrail")]
     parts = []
-    for other in ("naive", "nginx"):
-        if other in names:
-            theirs = measurements[(scenario.name, other)]
-            ratio = _median([a["calls_per_s"] / b["calls_per_s"] for a, b in zip(ours, theirs, strict=True)])
-            parts.append(f"tokentrail/{other} {_fmt(ratio)}")
+    for ours_name in ("tokentrail", "recorder"):
+        if ours_name not in names:
+            continue
+        ours = measurements[(scenario.name, ours_name)]
+        for other in ("naive", "nginx"):
+            if other in names:
+                theirs = measurements[(scenario.name, other)]
+                ratio = _median(
+                    [a["calls_per_s"] / b["calls_per_s"] for a, b in zip(ours, theirs, strict=True)]
+                )
+                parts.append(f"{ours_name}/{other} {_fmt(ratio)}")
     if parts:
         print(f"{'':<26}{', '.join(parts)}")
 

@@ -66,10 +66,19 @@ def tokentrail_env(upstream: str, db_url: str, port: int, tmp: Path, **extra: st
 
 
 def _children(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (the recorder process is started by a thread of its
+    own, and ``/proc/<pid>/task/<pid>/children`` lists only the main thread's)."""
+    children: list[int] = []
     try:
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return []
+    for task in tasks:
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return children
 
 
 def rss_mib(pid: int) -> float:
@@ -125,7 +134,11 @@ def pinned(cores: str, command: list[str], no_pin: bool) -> list[str]:
 
 def add_target_options(parser: argparse.ArgumentParser, targets: str) -> None:
     """The options that say what runs where, as ``Targets`` reads them."""
-    parser.add_argument("--targets", default=targets, help=f"comma-separated, of: {targets}")
+    parser.add_argument(
+        "--targets",
+        default=targets,
+        help=f"comma-separated, of: {targets}, recorder (TokenTrail with TOKENTRAIL_RECORDER=process)",
+    )
     parser.add_argument("--proxy-core", default="0", help="core(s) of the proxy under test (taskset list)")
     parser.add_argument("--other-core", default="1", help="core(s) of the upstream and load generator")
     parser.add_argument(
@@ -189,6 +202,7 @@ class Targets:
         self.urls: dict[str, str] = {}
         self.pids: dict[str, int] = {}
         self.db_url = f"sqlite:///{tmp / 'bench.db'}"
+        self.recorder_db_url = ""
         self.tokentrail_pid = 0
         self.tokentrail_process: subprocess.Popen[bytes] | None = None
         self.upstream = ""
@@ -218,6 +232,14 @@ class Targets:
             self.urls["tokentrail"], process = self.start_tokentrail(self.db_url)
             self.tokentrail_pid = self.pids["tokentrail"] = process.pid
             self.tokentrail_process = process
+        if "recorder" in wanted:  # TokenTrail with its recorder process, on a database of its own
+            folder = self.tmp / "recorder"
+            folder.mkdir()
+            self.recorder_db_url = f"sqlite:///{folder / 'bench.db'}"
+            self.urls["recorder"], process = self.start_tokentrail(
+                self.recorder_db_url, folder, TOKENTRAIL_RECORDER="process"
+            )
+            self.pids["recorder"] = process.pid
 
     def _start_nginx(self) -> None:
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -271,10 +293,10 @@ class Targets:
         self.pids["naive"] = process.pid
 
     def start_tokentrail(
-        self, db_url: str, spool_dir: Path | None = None
+        self, db_url: str, spool_dir: Path | None = None, **settings: str
     ) -> tuple[str, subprocess.Popen[bytes]]:
         """One more ``tokentrail serve`` on the proxy core, recording to ``db_url``, its spool in
-        ``spool_dir`` (default: ``tmp``): its URL and process."""
+        ``spool_dir`` (default: ``tmp``), with ``settings`` (``TOKENTRAIL_*``): its URL and process."""
         port = free_port()
         env = tokentrail_env(
             self.upstream,
@@ -282,7 +304,7 @@ class Targets:
             port,
             spool_dir or self.tmp,
             TOKENTRAIL_WORKERS=str(self.args.workers),
-            **self.tokentrail_extra_env,
+            **{**self.tokentrail_extra_env, **settings},
         )
         process = self._pinned(self.args.proxy_core, TOKENTRAIL_SERVE, env=env)
         url = f"http://127.0.0.1:{port}"

@@ -41,7 +41,7 @@ from tokentrail.proxy.relay.asgi import Relay
 from tokentrail.proxy.rl.loop import RlLoop
 from tokentrail.proxy.server import worker_state
 from tokentrail.proxy.server.own_headers import WithOwnHeaders, own_headers
-from tokentrail.proxy.server.workers import relay_spool_path, worker_spool_path
+from tokentrail.proxy.server.workers import spool_of
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.retention import Retention
@@ -206,7 +206,7 @@ def create_app(
                 socket_path = keeper.path
             writer = RecorderLink(
                 socket_path,
-                relay_spool_path(settings.fallback_path, worker or 0),
+                spool_of(settings, worker or 0),
                 max_unacked=settings.writer_queue_size,
                 wait_s=settings.recorder_wait_s,
                 spool_max_bytes=settings.spool_max_bytes,
@@ -214,7 +214,7 @@ def create_app(
             )
             await writer.start()
         else:
-            writer = make_writer(settings, engine, worker_spool_path(settings.fallback_path, worker or 0))
+            writer = make_writer(settings, engine, spool_of(settings, worker or 0))
             writer.start()
         for name in ignored_proxy_variables(os.environ):
             logger.warning("variable=<%s> | set, but not used: TokenTrail connects to vLLM directly", name)

@@ -29,9 +29,8 @@ from tokentrail.proxy.server.workers import (
     WorkersError,
     die_with_supervisor,
     listening_socket,
-    relay_spool_path,
+    spool_of,
     stranded_spools,
-    worker_spool_path,
 )
 from tokentrail.proxy.settings import DEFAULT_DB, Settings
 
@@ -362,10 +361,7 @@ def _serve(
     if worker_slot is not None:
         die_with_supervisor(supervisor_pid or os.getppid())
     # First: a second proxy on this spool stops here.
-    spool_path = (relay_spool_path if settings.recorder == "process" else worker_spool_path)(
-        settings.fallback_path, worker_slot or 0
-    )
-    claim = SpoolClaim(spool_path)
+    claim = SpoolClaim(spool_of(settings, worker_slot or 0))
     try:
         if worker_slot is None:
             _migrate(settings)

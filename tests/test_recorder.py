@@ -98,7 +98,7 @@ class _Relay:
             data = self.sock.recv(65536)
             assert data, "the recorder hung up"
             for _kind, payload in self.reader.feed(data):
-                self.acks.update(decode_acks(payload))
+                self.acks.update((call_id, ok) for call_id, ok, _integrity in decode_acks(payload))
         return self.acks[call_id]
 
     def close(self) -> None:
@@ -117,6 +117,12 @@ def _record(trajectory_id: str, *, named: bool = True, prompt: list[int] | None 
     record.choices = [ChoiceRecord(0, [7, 8], None, "stop", None, {"role": "assistant", "content": "ab"})]
     record.integrity = Integrity.OK
     return record
+
+
+def _payload(record: CallRecord) -> bytes:
+    raw, payload = encode_record(record)
+    assert not raw
+    return payload
 
 
 # ---- through the proxy ----
@@ -240,10 +246,10 @@ def test_a_record_handed_over_again_is_written_once(tmp_path: Path) -> None:
         relay = _Relay(keeper.path)
         record = _record("again")
         relay.arrive(record.call_id, "again")
-        relay.send(RECORD, encode_record(record))
+        relay.send(RECORD, _payload(record))
         assert relay.wait_ack(record.call_id)
         del relay.acks[record.call_id]
-        relay.send(RECORD_AGAIN, encode_record(record))  # as after a recorder restart
+        relay.send(RECORD_AGAIN, _payload(record))  # as after a recorder restart
         assert relay.wait_ack(record.call_id)
         relay.close()
         assert _ids(db_path, "SELECT id, seq FROM llm_calls") == [(record.call_id, 0)]
@@ -260,11 +266,11 @@ def test_calls_are_numbered_in_the_order_they_reached_the_host_whichever_relay_t
         first.arrive(early.call_id, "order")
         # the arrival is read before the second relay speaks: a record answers only after its write
         probe = _record("probe", named=False)
-        first.send(RECORD, encode_record(probe))
+        first.send(RECORD, _payload(probe))
         assert first.wait_ack(probe.call_id)
         second.arrive(late.call_id, "order")
-        second.send(RECORD, encode_record(late))  # the later call ends first, on another relay
-        first.send(RECORD, encode_record(early))
+        second.send(RECORD, _payload(late))  # the later call ends first, on another relay
+        first.send(RECORD, _payload(early))
         assert first.wait_ack(early.call_id) and second.wait_ack(late.call_id)
         first.close()
         second.close()
@@ -278,10 +284,10 @@ def test_a_relay_that_dies_does_not_hold_back_its_trajectorys_later_calls(tmp_pa
         lost, kept = _record("t"), _record("t")
         dying.arrive(lost.call_id, "t")
         probe = _record("probe", named=False)
-        dying.send(RECORD, encode_record(probe))
+        dying.send(RECORD, _payload(probe))
         assert dying.wait_ack(probe.call_id)  # (its arrival was read first)
         living.arrive(kept.call_id, "t")
-        living.send(RECORD, encode_record(kept))
+        living.send(RECORD, _payload(kept))
         dying.close()  # killed with its call open: that call's record never comes
         assert living.wait_ack(kept.call_id), "the later call was held for a record that never comes"
         living.close()
@@ -294,7 +300,7 @@ def test_a_frame_too_large_closes_only_that_connection(tmp_path: Path) -> None:
         bad.sock.sendall(b"\xff\xff\xff\xff" + b"R")
         assert bad.sock.recv(10) == b""  # closed
         record = _record("fine", named=False)
-        good.send(RECORD, encode_record(record))
+        good.send(RECORD, _payload(record))
         assert good.wait_ack(record.call_id)
         bad.close()
         good.close()

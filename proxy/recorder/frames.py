@@ -11,11 +11,14 @@ From a relay:
   each call.
 * ``R`` a call's record (JSON, below); ``E`` the same, sent again after the recorder restarted or
   from the relay's spool: it may be written already, and the recorder writes it only if it is not.
+* ``W`` a record whose answer the relay did not read (``capture.RawAnswer``): a 4-byte length, the
+  record's JSON, then vLLM's answer as it came; the recorder reads it. ``X`` the same, sent again.
 
 From the recorder:
 
-* ``K`` acknowledgements: ``call_id<TAB>1`` once the record is committed or kept in the recorder's
-  spool (safe either way), ``call_id<TAB>0`` when it could not be kept; several per frame, one per line.
+* ``K`` acknowledgements: ``call_id<TAB>1<TAB>integrity`` once the record is committed or kept in
+  the recorder's spool (safe either way), ``call_id<TAB>0<TAB>integrity`` when it could not be kept;
+  several per frame, one per line. The integrity is the record's as judged, for the relay's figures.
 
 A record's JSON is ``orjson``'s rendering of the ``CallRecord`` dataclass in C, with the prompt IDs
 vLLM sent embedded as the bytes they came in (``orjson.Fragment``): the relay never parses them.
@@ -30,19 +33,25 @@ from typing import Any
 import orjson
 
 from tokentrail.proxy import jsonio
+from tokentrail.proxy.recording.capture import ClientAsk, RawAnswer, read_raw_answer
 from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity, Outcome
 from tokentrail.proxy.recording.spool import record_to_line
 
 ARRIVED = b"A"
 RECORD = b"R"
 RECORD_AGAIN = b"E"
+RAW_RECORD = b"W"
+RAW_RECORD_AGAIN = b"X"
 ACKS = b"K"
+RECORD_KINDS = {RECORD: (False, False), RECORD_AGAIN: (False, True), RAW_RECORD: (True, False)}
+RECORD_KINDS[RAW_RECORD_AGAIN] = (True, True)  # kind -> (raw, again)
 
 _HEAD = struct.Struct(">IB")
+_JSON_LENGTH = struct.Struct(">I")
 HEAD_BYTES = _HEAD.size
 MAX_FRAME = 1 << 30  # a record is at most the request body limit plus its answer
 
-_RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored", "prompt_ids_text"}
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored", "prompt_ids_text", "answer"}
 _CHOICE_FIELDS = {f.name for f in dataclasses.fields(ChoiceRecord)}
 
 
@@ -76,26 +85,42 @@ class FrameReader:
         return frames
 
 
+def record_kind(raw: bool, again: bool) -> bytes:
+    return (RAW_RECORD_AGAIN if again else RAW_RECORD) if raw else (RECORD_AGAIN if again else RECORD)
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, bytes):  # the prompt IDs' JSON text: embedded as it came
         return orjson.Fragment(value)
+    if isinstance(value, RawAnswer):  # its bytes follow the JSON
+        return {"stream": value.stream, "chat": value.chat, "ask": value.ask}
     if callable(value):  # on_stored: the relay's own
         return None
     raise TypeError
 
 
-def encode_record(record: CallRecord) -> bytes:
-    """The record's JSON, made in C; what orjson refuses (an integer past 64 bits in the request)
-    goes the spool's way (the standard library)."""
+def encode_record(record: CallRecord) -> tuple[bool, bytes]:
+    """(whether the answer is raw, the payload): the record's JSON, made in C, and the raw answer
+    after it. What orjson refuses (an integer past 64 bits in the request) goes the spool's way
+    (the standard library, the answer read first)."""
     try:
-        return orjson.dumps(record, default=_default)
+        text = orjson.dumps(record, default=_default)
     except TypeError:
-        return record_to_line(record, "").encode()
+        return False, record_to_line(record, "").encode()
+    answer = record.answer
+    if answer is None:
+        return False, text
+    return True, b"".join((_JSON_LENGTH.pack(len(text)), text, answer.data))
 
 
-def decode_record(payload: bytes | str) -> CallRecord:
-    """The record of a ``R``/``E`` payload or of a spool line (``ValueError``/``TypeError`` when it is
-    not one)."""
+def decode_record(payload: bytes | str, *, raw: bool = False) -> CallRecord:
+    """The record of a payload (``raw``: of a ``W``/``X`` frame, its answer read) or of a spool line;
+    ``ValueError``/``TypeError``/``KeyError`` when it is not one."""
+    answer = None
+    if raw:
+        assert isinstance(payload, bytes)
+        (length,) = _JSON_LENGTH.unpack_from(payload)
+        payload, answer = payload[4 : 4 + length], payload[4 + length :]
     row = jsonio.loads(payload)
     if not isinstance(row, dict):
         raise ValueError("a record is a JSON object")
@@ -110,16 +135,22 @@ def decode_record(payload: bytes | str) -> CallRecord:
     ids = row.get("prompt_ids_text")
     if isinstance(ids, list) and record.prompt_token_ids is None:
         record.prompt_token_ids = ids  # counted against usage by load_prompt_ids (prompt_count_unchecked)
+    how = row.get("answer")
+    if answer is not None and isinstance(how, dict):
+        ask = ClientAsk(**how["ask"])
+        record.answer = RawAnswer(answer, bool(how["stream"]), bool(how["chat"]), ask)
+        read_raw_answer(record)
     return record
 
 
-def encode_acks(acks: list[tuple[str, bool]]) -> bytes:
-    return frame(ACKS, "\n".join(f"{call_id}\t{int(ok)}" for call_id, ok in acks).encode())
+def encode_acks(acks: list[tuple[str, bool, str]]) -> bytes:
+    lines = "\n".join(f"{call_id}\t{int(ok)}\t{integrity}" for call_id, ok, integrity in acks)
+    return frame(ACKS, lines.encode())
 
 
-def decode_acks(payload: bytes) -> list[tuple[str, bool]]:
+def decode_acks(payload: bytes) -> list[tuple[str, bool, str]]:
     acks = []
     for line in payload.decode().split("\n"):
-        call_id, _, ok = line.partition("\t")
-        acks.append((call_id, ok == "1"))
+        call_id, ok, integrity = line.split("\t")
+        acks.append((call_id, ok == "1", integrity))
     return acks

@@ -29,12 +29,12 @@ from typing import Any, cast
 from tokentrail.proxy.recorder.frames import (
     ACKS,
     ARRIVED,
-    RECORD,
     RECORD_AGAIN,
     FrameReader,
     decode_acks,
     encode_record,
     frame,
+    record_kind,
 )
 from tokentrail.proxy.recording.records import CallRecord
 from tokentrail.proxy.recording.spool import Spool, record_to_line
@@ -51,7 +51,12 @@ class _Waiting:
 
     payload: bytes
     record: CallRecord | None  # None: a line replayed from the spool
+    raw: bool = False  # the payload carries the answer unread (frames.RAW_RECORD)
     again: bool = False
+
+
+def _arrival(call_id: str, trajectory_id: str) -> bytes:
+    return frame(ARRIVED, f"{call_id}\t{trajectory_id}".encode())
 
 
 class _Connection(asyncio.Protocol):
@@ -99,6 +104,10 @@ class RecorderLink:
         self._spool = Spool(spool_path, spool_max_bytes)
         self._reject_when_spool_full = reject_when_spool_full
         self._waiting: dict[str, _Waiting] = {}
+        # calls of named trajectories that arrived and whose records are not acknowledged yet, in
+        # arrival order: told to every recorder this link connects to, before their records
+        self._arrived: dict[str, str] = {}
+        self._connected = asyncio.Event()
         self._connection: _Connection | None = None
         self._out: list[bytes] = []
         self._keeper: asyncio.Task[None] | None = None
@@ -124,7 +133,8 @@ class RecorderLink:
     # ---- RecordSink ----
 
     def arrive(self, call_id: str, trajectory_id: str) -> int:
-        self._send(frame(ARRIVED, f"{call_id}\t{trajectory_id}".encode()))
+        self._arrived[call_id] = trajectory_id
+        self._send(_arrival(call_id, trajectory_id))
         return 0  # (the recorder numbers it; a named trajectory's record carries a seq, any seq)
 
     def submit(self, record: CallRecord) -> None:
@@ -132,10 +142,16 @@ class RecorderLink:
         if len(self._waiting) >= self.max_unacked:
             self._spill([record], "recorder_slow")
             return
-        waiting = _Waiting(encode_record(record), record)
+        raw, payload = encode_record(record)
+        waiting = _Waiting(payload, record, raw)
         self._waiting[record.call_id] = waiting
         self._idle.clear()
-        self._send(frame(RECORD, waiting.payload))
+        self._send(frame(record_kind(raw, again=False), payload))
+
+    @property
+    def reads_answers(self) -> bool:
+        """The recorder reads vLLM's answers: the relay may pass them on unread."""
+        return True
 
     @property
     def accepting(self) -> bool:
@@ -169,8 +185,12 @@ class RecorderLink:
         if out and connection is not None and connection.transport is not None:
             connection.transport.write(b"".join(out))
 
-    async def start(self) -> None:
+    async def start(self, wait_s: float = 10.0) -> None:
+        """Connect, and wait (at most ``wait_s``) for the recorder to answer: a proxy that starts
+        with its recorder hands over its first records at once."""
         self._keeper = asyncio.create_task(self._keep_connected())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), wait_s)
 
     async def _keep_connected(self) -> None:
         """Connect, hand over what waits, stay until the connection is lost; again, forever."""
@@ -193,12 +213,16 @@ class RecorderLink:
             if self.connects > 1:
                 logger.warning("waiting=<%d> | reconnected to the recorder", len(self._waiting))
             self._connection = connection
+            self._connected.set()
+            for call_id, trajectory_id in self._arrived.items():  # (in arrival order)
+                self._send(_arrival(call_id, trajectory_id))
             for waiting in self._waiting.values():  # all of them again: any may have been lost
                 waiting.again = waiting.again or self.connects > 1
-                self._send(frame(RECORD_AGAIN if waiting.again else RECORD, waiting.payload))
+                self._send(frame(record_kind(waiting.raw, waiting.again), waiting.payload))
             self._maybe_replay()
             await connection.lost
             self._connection = None
+            self._connected.clear()
             self._out.clear()
             for waiting in self._waiting.values():
                 waiting.again = True
@@ -209,8 +233,9 @@ class RecorderLink:
             if not self._closing:
                 logger.error("waiting=<%d> | lost the recorder; reconnecting", len(self._waiting))
 
-    def acknowledged(self, acks: list[tuple[str, bool]]) -> None:
-        for call_id, ok in acks:
+    def acknowledged(self, acks: list[tuple[str, bool, str]]) -> None:
+        for call_id, ok, integrity in acks:
+            self._arrived.pop(call_id, None)
             waiting = self._waiting.pop(call_id, None)
             if waiting is None:
                 continue
@@ -224,8 +249,8 @@ class RecorderLink:
                     self.replayed += 1
                 else:
                     self.written += 1
-                    self.integrity_counts[record.integrity] += 1
-                    if record.integrity not in _GOOD_INTEGRITY:
+                    self.integrity_counts[integrity] += 1
+                    if integrity not in _GOOD_INTEGRITY:
                         self.integrity_problems += 1
             else:
                 self.failed += 1
@@ -272,6 +297,8 @@ class RecorderLink:
     def _spill(self, records: list[CallRecord], reason: str) -> None:
         if not records:
             return
+        for record in records:
+            self._arrived.pop(record.call_id, None)
         lines = [record_to_line(record, reason) for record in records]
         lost_because = "spool_full"
         try:

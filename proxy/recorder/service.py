@@ -20,8 +20,7 @@ from typing import cast
 
 from tokentrail.proxy.recorder.frames import (
     ARRIVED,
-    RECORD,
-    RECORD_AGAIN,
+    RECORD_KINDS,
     FrameReader,
     decode_record,
     encode_acks,
@@ -38,7 +37,7 @@ class _RelayConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
         self.arrived: dict[str, tuple[str, int]] = {}  # call_id -> (trajectory, ordinal), no record yet
-        self.acks: list[tuple[str, bool]] = []
+        self.acks: list[tuple[str, bool, str]] = []
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -58,12 +57,13 @@ class _RelayConnection(asyncio.Protocol):
             if kind == ARRIVED:
                 call_id, _, trajectory_id = payload.decode().partition("\t")
                 self.arrived[call_id] = (trajectory_id, writer.next_ordinal(trajectory_id))
-            elif kind in (RECORD, RECORD_AGAIN):
-                self._record(payload, again=kind == RECORD_AGAIN)
+            elif kind in RECORD_KINDS:
+                raw, again = RECORD_KINDS[kind]
+                self._record(payload, raw=raw, again=again)
 
-    def _record(self, payload: bytes, *, again: bool) -> None:
+    def _record(self, payload: bytes, *, raw: bool, again: bool) -> None:
         try:
-            record = decode_record(payload)
+            record = decode_record(payload, raw=raw)
         except (ValueError, TypeError, KeyError) as exc:
             logger.error("error=<%s> | a relay sent a record that could not be read", type(exc).__name__)
             return
@@ -76,15 +76,15 @@ class _RelayConnection(asyncio.Protocol):
         call_id = record.call_id
 
         def stored(ok: bool) -> None:  # called from the writer thread
-            self.loop.call_soon_threadsafe(self._acknowledge, call_id, ok)
+            self.loop.call_soon_threadsafe(self._acknowledge, call_id, ok, record.integrity)
 
         record.on_stored = stored
         self.service.writer.submit(record)
 
-    def _acknowledge(self, call_id: str, ok: bool) -> None:
+    def _acknowledge(self, call_id: str, ok: bool, integrity: str) -> None:
         if not self.acks:
             self.loop.call_soon(self.send_acks)
-        self.acks.append((call_id, ok))
+        self.acks.append((call_id, ok, integrity))
 
     def send_acks(self) -> None:
         acks, self.acks = self.acks, []

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity, Outcome
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -450,16 +450,30 @@ class StreamTap:
     With ``strip`` false the client gets every upstream read unchanged and at once. With ``strip``
     true (the proxy added the flag) it gets complete events with the token-ID fields restored to
     ``null`` and without the chunks the flag alone caused.
+
+    Without a capture (``capture`` None: the recorder process reads the answer, ``answer_bytes``)
+    the reads are only kept, and an event is parsed only to tell a chunk the flag alone caused,
+    which has an empty delta: an event without ``{}`` in it cannot be one.
     """
 
-    def __init__(self, capture: ResponseCapture, strip: bool) -> None:
+    def __init__(self, capture: ResponseCapture | None, strip: bool, *, chat: bool = True) -> None:
         self.capture = capture
         self.strip = strip
+        self.chat = chat
         self._buffer = b""
         self._scanned = 0  # how far into the buffer no blank line can start
+        self._reads: list[bytes] | None = [] if capture is None else None
+
+    def answer_bytes(self) -> bytes:
+        """Every byte vLLM sent so far, as it came (without a capture)."""
+        return b"".join(self._reads or ())
 
     def feed(self, chunk: bytes) -> bytes:
         """Take one upstream read; return the bytes to send to the client now (maybe empty)."""
+        if self._reads is not None:
+            self._reads.append(chunk)
+            if not self.strip:
+                return chunk
         blank = _blank_line(chunk, 0)
         if blank >= 0 and blank == len(chunk) - 2 and not self._buffer and b"\r" not in chunk:
             # The usual read under streaming: exactly one whole event.
@@ -509,11 +523,58 @@ class StreamTap:
             return True
         if not data.startswith(b"{") and data.strip() == b"[DONE]":
             return True
+        capture = self.capture
+        if capture is None:  # (only with strip) parsed only when it can be a flag-only chunk
+            return not (self.chat and b"{}" in data and _parses_to_flag_only_chunk(data))
         try:
-            obj = self.capture.parse(data)
+            obj = capture.parse(data)
         except (ValueError, UnicodeDecodeError):
             return True
         if not isinstance(obj, dict):
             return True
-        self.capture.feed_event(obj)
-        return not (self.strip and self.capture.chat and _is_flag_only_chunk(obj))
+        capture.feed_event(obj)
+        return not (self.strip and capture.chat and _is_flag_only_chunk(obj))
+
+
+def _parses_to_flag_only_chunk(data: bytes) -> bool:
+    try:
+        obj = jsonio.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(obj, dict) and _is_flag_only_chunk(obj)
+
+
+class RawAnswer:
+    """vLLM's answer to a call as the relay passed it on without reading it (``CallRecord.answer``):
+    the recorder process reads it (``read_raw_answer``). A plain class, not a dataclass: orjson would
+    render a dataclass itself, bytes and all, where the recorder's frames put the bytes apart."""
+
+    __slots__ = ("ask", "chat", "data", "stream")
+
+    def __init__(self, data: bytes, stream: bool, chat: bool, ask: ClientAsk) -> None:
+        self.data = data  # the JSON body, or the stream's bytes as they came
+        self.stream = stream
+        self.chat = chat
+        self.ask = ask
+
+
+def read_raw_answer(record: CallRecord) -> None:
+    """Read ``record.answer`` into the record and finish it as the relay finishes a call it read:
+    choices, usage, an error event making an ``ok`` call ``upstream_error``, the integrity; and, the
+    RL loop's rule (``rl/loop.py``), a choice vLLM ended with ``abort`` makes the call ``aborted``."""
+    answer = record.answer
+    if answer is None:
+        return
+    record.answer = None
+    capture = ResponseCapture(record, answer.ask, chat=answer.chat)
+    if answer.stream:
+        tap = StreamTap(capture, strip=False)
+        tap.feed(answer.data)
+        tap.close()
+        if record.error is not None and record.outcome == Outcome.OK:
+            record.outcome = Outcome.UPSTREAM_ERROR
+    else:
+        capture.feed_body(answer.data)
+    capture.finish(record.outcome == Outcome.OK)
+    if any(c.finish_reason == "abort" for c in record.choices):
+        record.outcome = Outcome.ABORTED

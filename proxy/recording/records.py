@@ -9,9 +9,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokentrail.proxy import jsonio
+
+if TYPE_CHECKING:
+    from tokentrail.proxy.recording.capture import RawAnswer
 
 
 class Outcome(enum.StrEnum):
@@ -109,6 +112,8 @@ class CallRecord:
     # How the prompt relates to the trajectory's previous call; set by the writer (trajectory/drift.py).
     drift: str | None = None
     drift_position: int | None = None
+    # vLLM's answer, not read by the relay: the recorder process reads it (capture.read_raw_answer).
+    answer: RawAnswer | None = field(default=None, repr=False)
     # Handed over again (the recorder restarted before it answered, or a relay's spool): the writer
     # skips it when the database already holds its call_id. Not stored.
     resent: bool = False

@@ -32,18 +32,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tokentrail.proxy.recording.capture import read_raw_answer
 from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity, Outcome
 
 logger = logging.getLogger(__name__)
 
-_RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored"}
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored", "answer"}
 _CHOICE_FIELDS = {f.name for f in dataclasses.fields(ChoiceRecord)}
 
 
 def record_to_line(record: CallRecord, reason: str) -> str:
+    read_raw_answer(record)
     record.load_prompt_ids()
     row = dataclasses.asdict(record)
-    del row["on_stored"], row["prompt_ids_text"]
+    del row["on_stored"], row["prompt_ids_text"], row["answer"]
     row["fallback_reason"] = reason
     return json.dumps(row, default=str)
 

@@ -104,6 +104,10 @@ class RecordSink(Protocol):
     @property
     def accepting(self) -> bool: ...
 
+    @property
+    def reads_answers(self) -> bool:
+        """Whether it reads a ``CallRecord.answer`` the relay did not (``capture.RawAnswer``)."""
+
 
 BatchCounter = Callable[[Any, RowEncoder, list[CallRecord]], None]
 """Adds a batch's metric counts, given the open connection of the batch's transaction."""
@@ -223,6 +227,10 @@ class RecordWriter:
                     self._skipped.add((record.trajectory_id, record.seq))
             record.load_prompt_ids()
             self._spill([record], "queue_full")
+
+    @property
+    def reads_answers(self) -> bool:
+        return False  # this thread shares the relay's core: the relay reads answers as they pass
 
     @property
     def accepting(self) -> bool:

@@ -24,9 +24,11 @@ from tokentrail.proxy.errors import PausedTooLongError
 from tokentrail.proxy.ids import new_id
 from tokentrail.proxy.recording.capture import (
     CHAT_ROUTE,
+    RawAnswer,
     ResponseCapture,
     StreamTap,
     prepare_request,
+    read_raw_answer,
     strip_token_ids,
 )
 from tokentrail.proxy.recording.records import CallRecord, Outcome
@@ -107,6 +109,10 @@ class RecordedCall:
         record.stream = prepared.ask.stream
         self.record = record
         self.capture = ResponseCapture(record, prepared.ask, chat=route == CHAT_ROUTE)
+        # With the recorder process, vLLM's answer is passed on unread and read there, unless
+        # something here needs it when the call ends (``_keep_answer_unread``).
+        self.raw = context.sink.reads_answers
+        self.tap: StreamTap | None = None
         self.state = CallState()
         self.running: RunningCall | None = None  # the RL loop's view of this call while it runs
         policy = None if rl_headers is None else rl_headers.policy_version
@@ -208,9 +214,18 @@ class RecordedCall:
         if self.context.identities is not None:  # for the call's certificate (recording/certificate.py)
             record.upstream_identity = self.context.identities.of(record.upstream, record.model)
         record.finished_at = time.time()
-        self.capture.finish(record.outcome == Outcome.OK)
+        if self.raw:
+            if self.tap is not None:
+                answer = self.tap.answer_bytes()
+                record.answer = RawAnswer(answer, True, self.capture.chat, self.capture.ask)
+            if not self._keep_answer_unread():
+                read_raw_answer(record)  # read here after all: the same reading the recorder does
+            generated = max((len(c.token_ids) for c in record.choices), default=0)
+        else:
+            self.capture.finish(record.outcome == Outcome.OK)
+            generated = self.capture.generated_so_far()
         if self.running is not None and self.context.rl is not None:
-            self.context.rl.end(self.running, self.capture.generated_so_far())
+            self.context.rl.end(self.running, generated)
         if self.context.token_in is not None:  # token-in: keep the call for its trajectory's next one
             self.context.token_in.finished(record)
         if self.context.spans is not None:  # the span carries the IDs: parsed now, integrity final
@@ -231,6 +246,28 @@ class RecordedCall:
         self.context.sink.submit(record)
         if stored is not None:
             await stored
+
+    def _keep_answer_unread(self) -> bool:
+        """Whether nothing here needs the answer read once the call ends: no span, no token-in for
+        the call or its trajectory, no version change while it ran and no abort pause."""
+        context = self.context
+        if context.spans is not None:
+            return False
+        if context.token_in is not None and context.token_in.reads_replies(
+            self.scope["headers"], self.record
+        ):
+            return False
+        return self.running is None or context.rl is None or not context.rl.reads_answer(self.running)
+
+    def _generated_so_far(self) -> int:
+        """Tokens generated so far (the RL loop asks when the version changes while the call runs)."""
+        if self.tap is None or not self.raw:
+            return self.capture.generated_so_far()
+        counted = ResponseCapture(
+            CallRecord("", "", self.route, 0.0), self.capture.ask, chat=self.capture.chat
+        )
+        StreamTap(counted, strip=False).feed(self.tap.answer_bytes())  # (a cut event is not counted)
+        return counted.generated_so_far()
 
     async def _open(self) -> tuple[UpstreamResponse, bytes | None]:
         """Send the call to vLLM; the response, and its body when it had to be read here.
@@ -285,7 +322,7 @@ class RecordedCall:
         assert rl is not None
         if self.running is not None:
             rl.forget(self.running)
-        self.running = rl.begin(self.record, upstream.url, policy, self.capture.generated_so_far)
+        self.running = rl.begin(self.record, upstream.url, policy, self._generated_so_far)
 
     async def _send(self, body: bytes) -> UpstreamResponse:
         headers = upstream_request_headers(self.scope["headers"], recorded=True)
@@ -319,7 +356,10 @@ class RecordedCall:
         if body is None:
             body = await self._read_whole(upstream)
         if upstream.status_code == 200:
-            self.capture.feed_body(body)
+            if self.raw:
+                self.record.answer = RawAnswer(body, False, self.capture.chat, self.capture.ask)
+            else:
+                self.capture.feed_body(body)
             if self.strip:
                 body = strip_token_ids(body)
         else:
@@ -345,7 +385,8 @@ class RecordedCall:
         """A stream: each upstream read goes out as it arrives (straight from the upstream's read
         callback under TokenTrail's protocol), fed to the capture on the way."""
         record, state, send = self.record, self.state, self.send
-        tap = StreamTap(self.capture, self.strip)
+        tap = StreamTap(None if self.raw else self.capture, self.strip, chat=self.capture.chat)
+        self.tap = tap
         timeout_s = self.context.send_timeout_s
         state.response_started = True
         await send(start_message(upstream.status_code, strip_hop_by_hop(upstream.raw_headers, _NO_LENGTH)))

@@ -103,6 +103,11 @@ class RlLoop:
         if not self._running:
             self._idle.set()
 
+    def reads_answer(self, call: RunningCall) -> bool:
+        """Whether ``end`` needs the call's answer read: the version changed while it ran (spans over
+        its tokens), or an abort pause is in force (an unfinished answer is then ``aborted``)."""
+        return bool(call.boundaries) or call in self._aborting
+
     def end(self, call: RunningCall, total_generated: int) -> None:
         """The call is over: version spans, and ``aborted`` for a call vLLM aborted: finish reason
         ``abort``, or, while an abort pause was in force, an answer broken off or one that ended with

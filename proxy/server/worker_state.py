@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tokentrail.proxy.server.workers import worker_spool_path
+from tokentrail.proxy.server.workers import spool_of
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,11 @@ def write_state(path: Path, text: str) -> None:
 
 def sibling_states(runtime: Any, kind: str) -> list[tuple[int, bytes | None, float]]:
     """(worker, its last ``kind`` file or None, the file's age in seconds) for every other worker."""
-    base: Path = runtime.settings.fallback_path  # every worker's spool follows from it
     states: list[tuple[int, bytes | None, float]] = []
     for slot in range(runtime.settings.workers):
         if slot == runtime.worker:
             continue
-        path = state_path(worker_spool_path(base, slot), kind)
+        path = state_path(spool_of(runtime.settings, slot), kind)  # every worker's follows from settings
         content: bytes | None = None
         age = float("inf")
         with contextlib.suppress(OSError):

@@ -62,6 +62,12 @@ def relay_spool_path(path: Path, slot: int) -> Path:
     return path.with_name(f"{path.stem}.relay{slot}{path.suffix}")
 
 
+def spool_of(settings: Settings, slot: int) -> Path:
+    """The spool a proxy process (worker ``slot``) keeps, in either place records are written."""
+    derive = relay_spool_path if settings.recorder == "process" else worker_spool_path
+    return derive(settings.fallback_path, slot)
+
+
 def stranded_spools(path: Path, workers: int) -> list[Path]:
     """Spools of worker slots this run does not start (an earlier run had more workers) that still hold
     records: nobody replays them until such a slot runs again, so they must be pointed out."""
@@ -228,6 +234,7 @@ __all__ = [
     "die_with_supervisor",
     "listening_socket",
     "relay_spool_path",
+    "spool_of",
     "stranded_spools",
     "worker_spool_path",
 ]

@@ -308,6 +308,14 @@ class TokenIn:
         logger.warning("call_id=<%s>, status=<%s> | vLLM refused the token-in prompt", record.call_id, status)
         self._fall_back(record, Fallback.UPSTREAM_REFUSED)
 
+    def reads_replies(self, headers: list[tuple[bytes, bytes]], record: CallRecord) -> bool:
+        """Whether ``finished`` needs this call's reply read (token-in used for it, or its
+        trajectory's calls kept in memory)."""
+        return record.call_id in self._open or (
+            record.seq is not None
+            and (token_in_wanted(headers, self.enabled) or self._memory.holds(record.trajectory_id))
+        )
+
     def finished(self, record: CallRecord) -> None:
         """The call ended (its record is final): keep it for the next call of its trajectory."""
         entry = self._open.pop(record.call_id, None)
