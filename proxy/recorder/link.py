@@ -42,6 +42,8 @@ from tokentrail.proxy.recording.spool import Spool, record_to_line
 logger = logging.getLogger(__name__)
 
 _RECONNECT_S = (0.02, 0.05, 0.1, 0.2, 0.5)
+FLUSH_S = 0.002
+FLUSH_BYTES = 256 * 1024
 _GOOD_INTEGRITY = frozenset({"ok", "not_checked", "no_token_ids", "no_usage"})
 
 
@@ -110,6 +112,8 @@ class RecorderLink:
         self._connected = asyncio.Event()
         self._connection: _Connection | None = None
         self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_at: asyncio.TimerHandle | asyncio.Handle | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._replay: asyncio.Task[None] | None = None
         self._replaying: set[str] = set()  # call_ids of spooled records handed over, not acknowledged
@@ -146,7 +150,7 @@ class RecorderLink:
         waiting = _Waiting(payload, record, raw)
         self._waiting[record.call_id] = waiting
         self._idle.clear()
-        self._send(frame(record_kind(raw, again=False), payload))
+        self._send(frame(record_kind(raw, again=False), payload), now=record.on_stored is not None)
 
     @property
     def reads_answers(self) -> bool:
@@ -171,13 +175,21 @@ class RecorderLink:
 
     # ---- the connection ----
 
-    def _send(self, data: bytes) -> None:
-        """Queue ``data``; one write per turn of the event loop carries what the turn queued."""
+    def _send(self, data: bytes, *, now: bool = False) -> None:
+        """Queue ``data``: what queues within ``FLUSH_S`` goes in one write (a write per call was a
+        tenth of the relay's time at 4,000 calls/s), sooner when ``FLUSH_BYTES`` wait or a caller
+        waits for it (``now``: a durable call's record)."""
         if self._connection is None:
             return  # handed over (records) when connected; an arrival alone is not needed
+        loop = asyncio.get_running_loop()
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._out_bytes = 0
+            self._flush_at = loop.call_later(FLUSH_S, self._flush)
         self._out.append(data)
+        self._out_bytes += len(data)
+        if (now or self._out_bytes >= FLUSH_BYTES) and isinstance(self._flush_at, asyncio.TimerHandle):
+            self._flush_at.cancel()
+            self._flush_at = loop.call_soon(self._flush)  # (once: a Handle is not cancelled again)
 
     def _flush(self) -> None:
         out, self._out = self._out, []

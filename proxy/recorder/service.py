@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import cast
 
@@ -37,7 +38,8 @@ class _RelayConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
         self.arrived: dict[str, tuple[str, int]] = {}  # call_id -> (trajectory, ordinal), no record yet
-        self.acks: list[tuple[str, bool, str]] = []
+        self.acks: list[tuple[str, bool, str]] = []  # filled by the writer thread
+        self.acks_lock = threading.Lock()
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,19 +77,19 @@ class _RelayConnection(asyncio.Protocol):
             )
         call_id = record.call_id
 
-        def stored(ok: bool) -> None:  # called from the writer thread
-            self.loop.call_soon_threadsafe(self._acknowledge, call_id, ok, record.integrity)
+        def stored(ok: bool) -> None:  # called from the writer thread, once per record of a batch
+            with self.acks_lock:
+                first = not self.acks
+                self.acks.append((call_id, ok, record.integrity))
+            if first:  # one wake-up of the event loop per batch, not per record
+                self.loop.call_soon_threadsafe(self.send_acks)
 
         record.on_stored = stored
         self.service.writer.submit(record)
 
-    def _acknowledge(self, call_id: str, ok: bool, integrity: str) -> None:
-        if not self.acks:
-            self.loop.call_soon(self.send_acks)
-        self.acks.append((call_id, ok, integrity))
-
     def send_acks(self) -> None:
-        acks, self.acks = self.acks, []
+        with self.acks_lock:
+            acks, self.acks = self.acks, []
         if acks and self.transport is not None and not self.transport.is_closing():
             self.transport.write(encode_acks(acks))
 
