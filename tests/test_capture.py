@@ -16,9 +16,11 @@ from tokentrail.proxy.recording.capture import (
     CHAT_ROUTE,
     COMPLETIONS_ROUTE,
     ClientAsk,
+    RawAnswer,
     ResponseCapture,
     StreamTap,
     prepare_request,
+    read_raw_answer,
     strip_token_ids,
 )
 from tokentrail.proxy.recording.records import CallRecord, Integrity
@@ -370,3 +372,51 @@ def test_the_prompt_of_an_n2_completion_is_counted_once_per_prompt() -> None:
     capture.finish(True)
     assert record.prompt_token_ids == first["prompt_token_ids"]
     assert record.integrity == Integrity.OK
+
+
+RECORDED_SAMPLES = [
+    n
+    for n in sample_names()
+    if load_sample(n).status == 200 and load_sample(n).path in (CHAT_ROUTE, COMPLETIONS_ROUTE)
+]
+
+
+@settings(max_examples=8, deadline=None)
+@given(cuts=st.lists(st.integers(0, 100_000), max_size=5))
+@pytest.mark.parametrize("name", RECORDED_SAMPLES)
+@pytest.mark.parametrize("client_asked_for_ids", [True, False])
+def test_an_answer_passed_on_unread_and_read_later_is_what_the_relay_reads_itself(
+    name: str, client_asked_for_ids: bool, cuts: list[int]
+) -> None:
+    """The recorder process reads what the relay passed on unread (``read_raw_answer``): the client
+    gets the same bytes, and the record is the same, as when the relay reads the answer itself (the
+    oracle), over every real vLLM answer, cut into reads anywhere."""
+    sample = load_sample(name)
+    request = json.loads(sample.request)
+    if not client_asked_for_ids:
+        request.pop("return_token_ids", None)
+    prepared = prepare_request(sample.path, json.dumps(request).encode())
+    chat = sample.path == CHAT_ROUTE
+    stream = sample.content_type.startswith("text/event-stream")
+    strip = prepared.ask.flag_added
+    response = sample.response
+    bounds = [0, *sorted(c % (len(response) + 1) for c in cuts), len(response)]
+    reads = [response[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    read_here = CallRecord("c", "t", sample.path, 0.0)
+    read_later = CallRecord("c", "t", sample.path, 0.0)
+    capture = ResponseCapture(read_here, prepared.ask, chat=chat)
+    if stream:
+        oracle, unread = StreamTap(capture, strip), StreamTap(None, strip, chat=chat)
+        sent_oracle = b"".join(oracle.feed(r) for r in reads) + oracle.close()
+        sent_unread = b"".join(unread.feed(r) for r in reads) + unread.close()
+        assert sent_unread == sent_oracle
+        read_later.answer = RawAnswer(unread.answer_bytes(), True, chat, prepared.ask)
+    else:
+        capture.feed_body(response)
+        read_later.answer = RawAnswer(response, False, chat, prepared.ask)
+    capture.finish(True)
+    read_raw_answer(read_later)
+    read_here.load_prompt_ids()
+    read_later.load_prompt_ids()
+    assert read_later == read_here
+    assert read_later.answer is None

@@ -59,7 +59,9 @@ def _recorder(tmp_path: Path, **overrides: object) -> Iterator[tuple[RecorderKee
     """The recorder process on a new database, as ``serve`` starts it; (keeper, database file)."""
     db_path = tmp_path / "recorder.db"
     upgrade_database(f"sqlite:///{db_path}")
-    settings = Settings(db=f"sqlite:///{db_path}", fallback_path=tmp_path / "recorder-spool.jsonl", **overrides)
+    settings = Settings(
+        db=f"sqlite:///{db_path}", fallback_path=tmp_path / "recorder-spool.jsonl", **overrides
+    )
     keeper = RecorderKeeper({**os.environ, **settings.environment()})
     keeper.start()
     try:
@@ -136,12 +138,11 @@ def test_records_are_written_by_the_recorder_process_not_the_relay(
     with proxy_factory(fake[1], recorder="process") as proxy:
         headers = {"X-Trajectory-Id": "rec", "X-Fake": "render"}
         whole = httpx.post(proxy.url + CHAT, json=body, headers=headers, timeout=30)
-        with httpx.stream(
-            "POST", proxy.url + CHAT, json={**body, "stream": True, "stream_options": {"include_usage": True}},
-            headers=headers, timeout=30,
-        ) as streamed:  # fmt: skip
+        streaming = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", proxy.url + CHAT, json=streaming, headers=headers, timeout=30) as streamed:
             streamed.read()
-        assert whole.status_code == 200 and streamed.status_code == 200
+        assert whole.status_code == 200
+        assert streamed.status_code == 200
         assert whole.json()["choices"][0].get("token_ids") is None  # the flag's effects undone
         proxy.wait_all_records()
         assert not [t for t in threading.enumerate() if t.name == THREAD_NAME]  # no writer here
@@ -152,7 +153,8 @@ def test_records_are_written_by_the_recorder_process_not_the_relay(
         prompt = json.loads(prompt) if isinstance(prompt, str) else prompt
         assert len(prompt) == rows[0]["prompt_tokens"] > 1000
         health = httpx.get(proxy.url + "/tokentrail/health").json()
-        assert health["writer"]["records_written"] == 2 and health["writer"]["queue_depth"] == 0
+        assert health["writer"]["records_written"] == 2
+        assert health["writer"]["queue_depth"] == 0
 
 
 def test_a_durable_answer_ends_after_the_recorder_committed_it(
@@ -179,14 +181,16 @@ def test_killing_the_recorder_loses_nothing_and_writes_nothing_twice(
         try:
             for _ in range(5):
                 httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": "k"}, timeout=30)
-            assert link.queue_depth == 5 and link.written == 1  # handed over, not acknowledged
+            assert link.queue_depth == 5
+            assert link.written == 1
             keeper_pid = _recorder_pid()
             os.kill(keeper_pid, signal.SIGKILL)
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert link.wait_settled(6, ACK_TIMEOUT_S), "the records never reached the new recorder"
-        assert link.connects >= 2 and link.failed == 0
+        assert link.connects >= 2
+        assert link.failed == 0
         rows = proxy.rows("SELECT id, seq FROM llm_calls WHERE trajectory_id = 'k' ORDER BY seq")
         assert [r["seq"] for r in rows] == list(range(6))
         assert len({r["id"] for r in rows}) == 6
@@ -271,7 +275,8 @@ def test_calls_are_numbered_in_the_order_they_reached_the_host_whichever_relay_t
         second.arrive(late.call_id, "order")
         second.send(RECORD, _payload(late))  # the later call ends first, on another relay
         first.send(RECORD, _payload(early))
-        assert first.wait_ack(early.call_id) and second.wait_ack(late.call_id)
+        assert first.wait_ack(early.call_id)
+        assert second.wait_ack(late.call_id)
         first.close()
         second.close()
         rows = _ids(db_path, "SELECT id, seq FROM llm_calls WHERE trajectory_id = 'order' ORDER BY seq")
@@ -338,7 +343,8 @@ def test_serve_with_the_recorder_drains_everything_on_sigterm(
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline and serve.poll() is None, "serve did not start"
+            assert time.monotonic() < deadline, "serve did not start"
+            assert serve.poll() is None, "serve ended"
             time.sleep(0.05)
         for turn in range(8):  # a fresh connection per call: under workers, any worker takes it
             response = httpx.post(url + CHAT, json=BODY, headers={"X-Trajectory-Id": "w"}, timeout=30)
