@@ -143,7 +143,7 @@ MUTATIONS = [
     Mutation(
         "flag-only-chunks-kept",
         "proxy/recording/capture.py",
-        "return not (self.strip and self.capture.chat and _is_flag_only_chunk(obj))",
+        "return not (self.strip and capture.chat and _is_flag_only_chunk(obj))",
         "return True",
         ("tests/test_capture.py",),
         "a client gets the empty chunks vLLM sends only because of the added flag",
@@ -160,8 +160,8 @@ MUTATIONS = [
     Mutation(
         "strip-stream",
         "proxy/relay/recorded_call.py",
-        "StreamTap(self.capture, self.strip)",
-        "StreamTap(self.capture, False)",
+        "StreamTap(None if self.raw else self.capture, self.strip, chat=self.capture.chat)",
+        "StreamTap(None if self.raw else self.capture, False, chat=self.capture.chat)",
         (
             "tests/test_relay_fake.py::test_a_client_that_did_not_ask_for_token_ids_gets_the_bytes_vllm_sends_without_the_flag",
         ),
@@ -323,8 +323,8 @@ MUTATIONS = [
     Mutation(
         "held-not-flushed-at-stop",
         "proxy/recording/writer.py",
-        "ready = self._in_arrival_order(batch, flush=stopping)",
-        "ready = self._in_arrival_order(batch, flush=False)",
+        "ready = self._in_arrival_order(batch, flush=stopping, touched=skipped)",
+        "ready = self._in_arrival_order(batch, flush=False, touched=skipped)",
         ("tests/test_writer.py::test_a_record_held_for_its_predecessor_is_written_when_the_writer_stops",),
         "records held for an earlier-arrived call are never written when the writer stops",
     ),
@@ -772,6 +772,67 @@ MUTATIONS = [
             "tests/test_token_in.py::test_a_body_with_an_explicit_null_kv_transfer_params_still_carries_the_ids",
         ),
         "an explicit kv_transfer_params null stays in the body and vLLM ignores the IDs",
+    ),
+    # ---- proxy/recorder/: the recorder process and the relays' link to it ----
+    Mutation(
+        "resent-written-twice",
+        "proxy/recording/writer.py",
+        "if any(record.resent for record in batch):",
+        "if False:",
+        ("tests/test_recorder.py::test_a_record_handed_over_again_is_written_once",),
+        "a record handed over again after a recorder restart is written a second time",
+    ),
+    Mutation(
+        "dead-relay-holds-trajectory",
+        "proxy/recorder/service.py",
+        "self.service.writer.skip(trajectory_id, ordinal)",
+        "pass",
+        ("tests/test_recorder.py::test_a_relay_that_dies_does_not_hold_back_its_trajectorys_later_calls",),
+        "a relay killed with a call open holds back its trajectory's later calls forever",
+    ),
+    Mutation(
+        "arrival-order-ignored",
+        "proxy/recorder/service.py",
+        "arrival[1] if arrival is not None else self.service.writer.next_ordinal(record.trajectory_id)",
+        "self.service.writer.next_ordinal(record.trajectory_id)",
+        (
+            "tests/test_recorder.py::test_calls_are_numbered_in_the_order_they_reached_the_host_whichever_relay_took_them",
+        ),
+        "calls are numbered in the order their records reach the recorder, not the order they arrived",
+    ),
+    Mutation(
+        "unacked-not-resent",
+        "proxy/recorder/link.py",
+        "for waiting in self._waiting.values():  # all of them again: any may have been lost",
+        "for waiting in []:",
+        ("tests/test_recorder.py::test_killing_the_recorder_loses_nothing_and_writes_nothing_twice",),
+        "records a killed recorder had not committed are never handed to the next one",
+    ),
+    Mutation(
+        "ack-before-commit",
+        "proxy/recorder/service.py",
+        "record.on_stored = stored\n        self.service.writer.submit(record)",
+        "self.service.writer.submit(record)\n        stored(True)",
+        ("tests/test_recorder.py::test_a_durable_answer_ends_after_the_recorder_committed_it",),
+        "the recorder acknowledges a record before it is committed: a durable answer ends too early",
+    ),
+    Mutation(
+        "spool-not-replayed-to-recorder",
+        "proxy/recorder/link.py",
+        "self._spool.pending\n            and self._replay is None",
+        "False\n            and self._replay is None",
+        ("tests/test_recorder.py::test_records_wait_in_the_relays_spool_while_no_recorder_answers",),
+        "records a relay spooled while its recorder was away stay in the spool",
+    ),
+    Mutation(
+        "raw-error-event-ok",
+        "proxy/recording/capture.py",
+        "if record.error is not None and record.outcome == Outcome.OK:",
+        "if False:",
+        (
+            "tests/test_recorder.py::test_a_stream_vllm_ends_with_an_error_event_is_recorded_as_an_upstream_error",
+        ),
+        "a stream vLLM ended with an error event is recorded ok when the recorder reads it",
     ),
 ]
 

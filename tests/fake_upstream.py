@@ -355,6 +355,10 @@ class FakeUpstream:
                 await _event(send, chunk)
             if mode == "die-mid-stream" and i == 1:
                 return  # uvicorn closes the connection: the response never completes
+            if mode == "error-event" and i == 1:  # as vLLM's create_streaming_error_response
+                error = {"object": "error", "message": "fake error mid-stream", "type": "Fake", "code": 500}
+                await _event(send, {"error": error})
+                break
         options = request.get("stream_options") or {}
         if options.get("include_usage"):
             await _event(send, dict(base, choices=[], usage=usage))

@@ -157,6 +157,21 @@ def test_records_are_written_by_the_recorder_process_not_the_relay(
         assert health["writer"]["queue_depth"] == 0
 
 
+@pytest.mark.parametrize("recorder", ["thread", "process"])
+def test_a_stream_vllm_ends_with_an_error_event_is_recorded_as_an_upstream_error(
+    fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory, recorder: str
+) -> None:
+    with proxy_factory(fake[1], recorder=recorder) as proxy:
+        headers = {"X-Trajectory-Id": "e", "X-Fake": "error-event"}
+        with httpx.stream(
+            "POST", proxy.url + CHAT, json={**BODY, "stream": True}, headers=headers
+        ) as streamed:
+            assert b"fake error mid-stream" in streamed.read()
+        proxy.wait_all_records()
+        (row,) = proxy.rows("SELECT outcome, error, completion_tokens FROM llm_calls")
+    assert row == {"outcome": "upstream_error", "error": "fake error mid-stream", "completion_tokens": None}
+
+
 def test_a_durable_answer_ends_after_the_recorder_committed_it(
     fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory
 ) -> None:
