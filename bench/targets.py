@@ -108,6 +108,15 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(child) for child in _children(pid))
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid``'s main thread alone: a proxy's event loop, without its writer thread or
+    any process it started (the recorder)."""
+    try:
+        return _stat_cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))
+    except OSError:
+        return 0.0
+
+
 def thread_cpu_seconds(pid: int, comm: str) -> float | None:
     """CPU time used so far by the threads named ``comm`` of ``pid`` and its children; None when
     there is none."""

@@ -343,10 +343,10 @@ def _serve(
     """One proxy process; or, with several workers and no slot, the supervisor that starts them."""
     _configure_logging(settings.log_level)
     if worker_slot is None:
-        for spool in stranded_spools(settings.fallback_path, settings.workers):
+        for spool in stranded_spools(settings.fallback_path, settings.workers, settings.recorder):
             logger.warning(
-                "path=<%s>, workers=<%d> | records wait in the spool of a worker this run does not start; "
-                "run with more workers to replay them",
+                "path=<%s>, workers=<%d> | records wait in the spool of a worker this run does not start "
+                "(or of the other TOKENTRAIL_RECORDER); run it that way again to replay them",
                 spool,
                 settings.workers,
             )

@@ -41,6 +41,7 @@ from tokentrail.proxy.recorder.keeper import RecorderKeeper
 from tokentrail.proxy.recorder.link import RecorderLink
 from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
 from tokentrail.proxy.recording.writer import THREAD_NAME
+from tokentrail.proxy.server.workers import stranded_spools
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.migrate import upgrade_database
 
@@ -257,6 +258,85 @@ def test_records_wait_in_the_relays_spool_while_no_recorder_answers(
             assert recorder.wait(30) == 0
 
 
+def test_a_record_spooled_because_the_recorder_was_slow_does_not_hold_back_its_trajectory(
+    fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory
+) -> None:
+    """Call 0 of a trajectory is still open when its later calls' records fill what a relay may keep
+    unacknowledged: its own record goes to the relay's spool, and the recorder, told so, writes the
+    later calls instead of waiting for call 0 forever; call 0 follows from the spool."""
+    upstream, url = fake
+    with proxy_factory(url, recorder="process", writer_queue_size=2) as proxy:
+        link = proxy.runtime.writer
+        assert isinstance(link, RecorderLink)
+        first: list[int] = []
+        opened = threading.Thread(
+            target=lambda: first.append(
+                httpx.post(
+                    proxy.url + CHAT,
+                    json=BODY,
+                    headers={"X-Trajectory-Id": "t", "X-Fake": "gate"},
+                    timeout=30,
+                ).status_code
+            )
+        )
+        opened.start()
+        assert upstream.hanging.acquire(timeout=30)  # call 0 is at vLLM
+        for _ in range(2):
+            assert (
+                httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": "t"}).status_code == 200
+            )
+        assert link.queue_depth == 2  # held by the recorder until call 0 is written
+        upstream.gate.set()
+        opened.join(30)
+        assert first == [200]
+        assert link.failure_reasons == {"recorder_slow": 1}
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while link.written + link.replayed < 3:
+            assert time.monotonic() < deadline, f"stuck: {link.written} written, {link.queue_depth} waiting"
+            time.sleep(0.02)
+        assert [r["seq"] for r in proxy.rows("SELECT seq FROM llm_calls ORDER BY seq")] == [0, 1, 2]
+
+
+def test_a_recorder_that_stops_answering_does_not_hold_durable_answers_for_ever(
+    fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory
+) -> None:
+    with proxy_factory(fake[1], recorder="process", durable=True, recorder_wait_s=1) as proxy:
+        link = proxy.runtime.writer
+        assert isinstance(link, RecorderLink)
+        recorder = _recorder_pid()
+        os.kill(recorder, signal.SIGSTOP)  # alive, connected, answering nothing
+        try:
+            response = httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": "z"}, timeout=20)
+            assert response.status_code == 200
+            assert link.failure_reasons == {"recorder_unresponsive": 1}  # kept in the relay's spool
+        finally:
+            os.kill(recorder, signal.SIGCONT)
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while link.replayed < 1:
+            assert time.monotonic() < deadline, "the spooled record was never handed over again"
+            time.sleep(0.02)
+        proxy.wait_all_records()
+        assert proxy.rows("SELECT response_id FROM llm_calls") == [{"response_id": response.json()["id"]}]
+
+
+def test_spools_nobody_replays_in_this_run_are_pointed_out(tmp_path: Path) -> None:
+    path = tmp_path / "spool.jsonl"
+    for name in ("spool.jsonl", "spool.1.jsonl", "spool.3.jsonl", "spool.relay0.jsonl", "spool.relay2.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    (tmp_path / "spool.relay1.jsonl").write_text("")  # empty: nothing waits
+    names = lambda found: sorted(p.name for p in found)  # noqa: E731
+    assert names(stranded_spools(path, 2, "thread")) == [
+        "spool.3.jsonl",
+        "spool.relay0.jsonl",
+        "spool.relay2.jsonl",
+    ]
+    assert names(stranded_spools(path, 2, "process")) == [
+        "spool.1.jsonl",
+        "spool.3.jsonl",
+        "spool.relay2.jsonl",
+    ]
+
+
 # ---- the recorder's side of the socket ----
 
 
@@ -362,13 +442,17 @@ def test_serve_with_the_recorder_drains_everything_on_sigterm(
             assert serve.poll() is None, "serve ended"
             time.sleep(0.05)
         for turn in range(8):  # a fresh connection per call: under workers, any worker takes it
-            response = httpx.post(url + CHAT, json=BODY, headers={"X-Trajectory-Id": "w"}, timeout=30)
+            body = {**BODY, "messages": [{"role": "user", "content": f"turn {turn}"}]}
+            response = httpx.post(url + CHAT, json=body, headers={"X-Trajectory-Id": "w"}, timeout=30)
             assert response.status_code == 200, turn
     finally:
         serve.send_signal(signal.SIGTERM)
         code = serve.wait(60)
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
-    assert _ids(db_path, "SELECT seq FROM llm_calls ORDER BY seq") == [(s,) for s in range(8)]
+    rows = _ids(db_path, "SELECT seq, request FROM llm_calls ORDER BY seq")
+    assert [seq for seq, _request in rows] == list(range(8))
+    turns = [json.loads(request)["messages"][0]["content"] for _seq, request in rows]
+    assert turns == [f"turn {t}" for t in range(8)]  # numbered in the order they were sent
     leftover = subprocess.run(
         ["pgrep", "-f", f"tokentrail.proxy.recorder.main.*--parent-pid {serve.pid}"],
         capture_output=True,

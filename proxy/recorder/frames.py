@@ -11,6 +11,7 @@ From a relay:
   each call.
 * ``R`` a call's record (JSON, below); ``E`` the same, sent again after the recorder restarted or
   from the relay's spool: it may be written already, and the recorder writes it only if it is not.
+* ``S`` an arrived call whose record will not come here (the relay spooled it): ``call_id``.
 * ``W`` a record whose answer the relay did not read (``capture.RawAnswer``): a 4-byte length, the
   record's JSON, then vLLM's answer as it came; the recorder reads it. ``X`` the same, sent again.
 
@@ -38,6 +39,7 @@ from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integri
 from tokentrail.proxy.recording.spool import record_to_line
 
 ARRIVED = b"A"
+SKIPPED = b"S"
 RECORD = b"R"
 RECORD_AGAIN = b"E"
 RAW_RECORD = b"W"
@@ -118,9 +120,9 @@ def decode_record(payload: bytes | str, *, raw: bool = False) -> CallRecord:
     ``ValueError``/``TypeError``/``KeyError`` when it is not one."""
     answer = None
     if raw:
-        assert isinstance(payload, bytes)
-        (length,) = _JSON_LENGTH.unpack_from(payload)
-        payload, answer = payload[4 : 4 + length], payload[4 + length :]
+        data = payload.encode() if isinstance(payload, str) else payload
+        (length,) = _JSON_LENGTH.unpack_from(data)
+        payload, answer = data[4 : 4 + length], data[4 + length :]
     row = jsonio.loads(payload)
     if not isinstance(row, dict):
         raise ValueError("a record is a JSON object")

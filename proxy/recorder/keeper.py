@@ -32,9 +32,8 @@ class RecorderKeeper:
     """The recorder process of this host, and the socket the relays reach it on."""
 
     def __init__(self, environment: dict[str, str] | None = None) -> None:
-        # A directory of its own, short (a Unix socket path is at most 107 bytes), owner-only.
-        self.directory = Path(tempfile.mkdtemp(prefix="tokentrail-recorder-"))
-        self.path = self.directory / SOCKET_NAME
+        self.directory: Path | None = None
+        self.path = Path()  # (set by start)
         self.environment = environment
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -43,6 +42,10 @@ class RecorderKeeper:
         self._thread = threading.Thread(target=self._keep, name="tokentrail-recorder-keeper", daemon=True)
 
     def start(self) -> None:
+        # A directory of its own, short (a Unix socket path is at most 107 bytes), owner-only; made
+        # here, so that a supervisor that fails before it starts anything leaves nothing behind.
+        self.directory = Path(tempfile.mkdtemp(prefix="tokentrail-recorder-"))
+        self.path = self.directory / SOCKET_NAME
         self._thread.start()
         self._started.wait()
 
@@ -60,7 +63,12 @@ class RecorderKeeper:
         quick_exits = 0
         while not self._stopping.is_set():
             began = time.monotonic()
-            self.process = self._spawn()
+            try:
+                self.process = self._spawn()
+            except OSError as exc:
+                logger.error("error=<%s> | the recorder could not be started", exc.strerror)
+                self._started.set()
+                return
             self._started.set()
             code = self.process.wait()
             if self._stopping.is_set():
@@ -88,7 +96,9 @@ class RecorderKeeper:
                 logger.error("timeout_s=<%s> | the recorder did not stop in time; killed", timeout_s)
                 process.kill()
                 process.wait()
-        self._thread.join(timeout_s)
-        self.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.directory.rmdir()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        if self.directory is not None:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()

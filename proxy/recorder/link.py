@@ -30,13 +30,14 @@ from tokentrail.proxy.recorder.frames import (
     ACKS,
     ARRIVED,
     RECORD_AGAIN,
+    SKIPPED,
     FrameReader,
     decode_acks,
     encode_record,
     frame,
     record_kind,
 )
-from tokentrail.proxy.recording.records import CallRecord
+from tokentrail.proxy.recording.records import GOOD_INTEGRITY, CallRecord
 from tokentrail.proxy.recording.spool import Spool, record_to_line
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 _RECONNECT_S = (0.02, 0.05, 0.1, 0.2, 0.5)
 FLUSH_S = 0.002
 FLUSH_BYTES = 256 * 1024
-_GOOD_INTEGRITY = frozenset({"ok", "not_checked", "no_token_ids", "no_usage"})
 
 
 @dataclass(slots=True)
@@ -113,7 +113,8 @@ class RecorderLink:
         self._connection: _Connection | None = None
         self._out: list[bytes] = []
         self._out_bytes = 0
-        self._flush_at: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._last_ack = 0.0  # (loop time) when the recorder last acknowledged anything
         self._keeper: asyncio.Task[None] | None = None
         self._replay: asyncio.Task[None] | None = None
         self._replaying: set[str] = set()  # call_ids of spooled records handed over, not acknowledged
@@ -147,10 +148,12 @@ class RecorderLink:
             self._spill([record], "recorder_slow")
             return
         raw, payload = encode_record(record)
+        if not self._waiting:
+            self._last_ack = asyncio.get_running_loop().time()  # (the wait for an answer starts now)
         waiting = _Waiting(payload, record, raw)
         self._waiting[record.call_id] = waiting
         self._idle.clear()
-        self._send(frame(record_kind(raw, again=False), payload), now=record.on_stored is not None)
+        self._send(frame(record_kind(raw, again=False), payload), now=True)
 
     @property
     def reads_answers(self) -> bool:
@@ -176,23 +179,24 @@ class RecorderLink:
     # ---- the connection ----
 
     def _send(self, data: bytes, *, now: bool = False) -> None:
-        """Queue ``data``: what queues within ``FLUSH_S`` goes in one write (a write per call was a
-        tenth of the relay's time at 4,000 calls/s), sooner when ``FLUSH_BYTES`` wait or a caller
-        waits for it (``now``: a durable call's record)."""
+        """Queue ``data``. Arrivals wait at most ``FLUSH_S`` (or until ``FLUSH_BYTES`` wait) and go
+        out together; a record goes out at once (``now``), with every arrival queued before it, so
+        the recorder has a call's arrival and record before its client has the answer's last bytes,
+        and so before the client can send the call after it, to any worker."""
         if self._connection is None:
             return  # handed over (records) when connected; an arrival alone is not needed
-        loop = asyncio.get_running_loop()
-        if not self._out:
-            self._out_bytes = 0
-            self._flush_at = loop.call_later(FLUSH_S, self._flush)
         self._out.append(data)
         self._out_bytes += len(data)
-        if (now or self._out_bytes >= FLUSH_BYTES) and isinstance(self._flush_at, asyncio.TimerHandle):
-            self._flush_at.cancel()
-            self._flush_at = loop.call_soon(self._flush)  # (once: a Handle is not cancelled again)
+        if now or self._out_bytes >= FLUSH_BYTES:
+            self._flush()
+        elif self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
 
     def _flush(self) -> None:
-        out, self._out = self._out, []
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        out, self._out, self._out_bytes = self._out, [], 0
         connection = self._connection
         if out and connection is not None and connection.transport is not None:
             connection.transport.write(b"".join(out))
@@ -232,7 +236,7 @@ class RecorderLink:
                 waiting.again = waiting.again or self.connects > 1
                 self._send(frame(record_kind(waiting.raw, waiting.again), waiting.payload))
             self._maybe_replay()
-            await connection.lost
+            await self._while_answering(connection)
             self._connection = None
             self._connected.clear()
             self._out.clear()
@@ -245,7 +249,27 @@ class RecorderLink:
             if not self._closing:
                 logger.error("waiting=<%d> | lost the recorder; reconnecting", len(self._waiting))
 
+    async def _while_answering(self, connection: _Connection) -> None:
+        """Until the connection is lost; or, when records wait and the recorder has acknowledged
+        nothing for ``wait_s`` (stopped, hung: alive enough to accept a connection, not to answer),
+        until this link spools what waits and drops the connection."""
+        loop = asyncio.get_running_loop()
+        while not connection.lost.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(connection.lost), self.wait_s / 4)
+            if self._waiting and loop.time() - self._last_ack > self.wait_s and not connection.lost.done():
+                logger.error(
+                    "waiting=<%d>, wait_s=<%s> | the recorder stopped answering; records go to the spool",
+                    len(self._waiting),
+                    self.wait_s,
+                )
+                self._spill_waiting("recorder_unresponsive")
+                if connection.transport is not None:
+                    connection.transport.abort()
+                await connection.lost
+
     def acknowledged(self, acks: list[tuple[str, bool, str]]) -> None:
+        self._last_ack = asyncio.get_running_loop().time()
         for call_id, ok, integrity in acks:
             self._arrived.pop(call_id, None)
             waiting = self._waiting.pop(call_id, None)
@@ -262,7 +286,7 @@ class RecorderLink:
                 else:
                     self.written += 1
                     self.integrity_counts[integrity] += 1
-                    if integrity not in _GOOD_INTEGRITY:
+                    if integrity not in GOOD_INTEGRITY:
                         self.integrity_problems += 1
             else:
                 self.failed += 1
@@ -310,7 +334,10 @@ class RecorderLink:
         if not records:
             return
         for record in records:
-            self._arrived.pop(record.call_id, None)
+            # its arrival was numbered: the recorder must not hold its trajectory's later calls for it
+            if self._arrived.pop(record.call_id, None) is not None:
+                self._send(frame(SKIPPED, record.call_id.encode()))
+        self._flush()
         lines = [record_to_line(record, reason) for record in records]
         lost_because = "spool_full"
         try:

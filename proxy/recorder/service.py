@@ -2,8 +2,9 @@
 
 Each relay connection is one ``_RelayConnection``. It reads frames (``frames.py``), numbers arrivals
 with the writer's ordinals (the order they reach this process is the host's arrival order), decodes
-records and queues them for the ``RecordWriter``, whose thread does what the relay no longer does:
-parses the prompt IDs, judges drift, builds the stored form and the certificate, commits, counts the
+records on this process's event loop (reading the answers the relays passed on unread) and queues
+them for the ``RecordWriter``, whose thread does the rest of what the relay no longer does: parses
+the prompt IDs, judges drift, builds the stored form and the certificate, commits, counts the
 metrics. When the writer has a record safe (committed, or in this process's spool) its
 acknowledgement goes back on the connection, batched per turn of the event loop.
 
@@ -22,6 +23,7 @@ from typing import cast
 from tokentrail.proxy.recorder.frames import (
     ARRIVED,
     RECORD_KINDS,
+    SKIPPED,
     FrameReader,
     decode_record,
     encode_acks,
@@ -62,11 +64,15 @@ class _RelayConnection(asyncio.Protocol):
             elif kind in RECORD_KINDS:
                 raw, again = RECORD_KINDS[kind]
                 self._record(payload, raw=raw, again=again)
+            elif kind == SKIPPED:
+                skipped = self.arrived.pop(payload.decode(), None)
+                if skipped is not None:
+                    writer.skip(*skipped)
 
     def _record(self, payload: bytes, *, raw: bool, again: bool) -> None:
         try:
             record = decode_record(payload, raw=raw)
-        except (ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # a bug: this record only (its relay keeps it until it stops)
             logger.error("error=<%s> | a relay sent a record that could not be read", type(exc).__name__)
             return
         record.resent = again

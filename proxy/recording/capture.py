@@ -566,6 +566,7 @@ def read_raw_answer(record: CallRecord) -> None:
     if answer is None:
         return
     record.answer = None
+    relays_error = record.error  # how the relay saw the call end (a broken stream) outranks an event's
     capture = ResponseCapture(record, answer.ask, chat=answer.chat)
     if answer.stream:
         tap = StreamTap(capture, strip=False)
@@ -575,6 +576,8 @@ def read_raw_answer(record: CallRecord) -> None:
             record.outcome = Outcome.UPSTREAM_ERROR
     else:
         capture.feed_body(answer.data)
+    if relays_error is not None:
+        record.error = relays_error
     capture.finish(record.outcome == Outcome.OK)
     if any(c.finish_reason == "abort" for c in record.choices):
         record.outcome = Outcome.ABORTED

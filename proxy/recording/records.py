@@ -45,6 +45,11 @@ class Integrity(enum.StrEnum):
     LOGPROBS_MISMATCH = "logprobs_mismatch"  # logprobs asked, but not one entry per token
 
 
+# Values that say nothing is wrong (a check that could not be made is not a problem); the
+# trajectory_summary view counts integrity_problems the same way.
+GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS, Integrity.NO_USAGE})
+
+
 @dataclass(slots=True)
 class ChoiceRecord:
     """One generated choice (``n`` > 1 gives several)."""

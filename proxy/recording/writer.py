@@ -31,7 +31,7 @@ from sqlalchemy import Engine, inspect, select
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.certificate import certify
-from tokentrail.proxy.recording.records import CallRecord, Integrity
+from tokentrail.proxy.recording.records import GOOD_INTEGRITY, CallRecord
 from tokentrail.proxy.recording.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
 from tokentrail.proxy.storage.models import Completion, LlmCall, Trajectory
@@ -88,9 +88,6 @@ _CERTIFICATE_INSERT = (
         "first_seen_at",
     ),
 )
-# Values that say nothing is wrong (a check that could not be made is not a problem); the
-# trajectory_summary view counts integrity_problems the same way.
-_GOOD_INTEGRITY = frozenset({Integrity.OK, Integrity.NOT_CHECKED, Integrity.NO_TOKEN_IDS, Integrity.NO_USAGE})
 
 
 class RecordSink(Protocol):
@@ -450,7 +447,7 @@ class RecordWriter:
         self.written += len(batch)
         for record in batch:
             self.integrity_counts[record.integrity] += 1
-            if record.integrity not in _GOOD_INTEGRITY:
+            if record.integrity not in GOOD_INTEGRITY:
                 self.integrity_problems += 1
             if record.on_stored is not None:
                 record.on_stored(True)
@@ -608,7 +605,8 @@ class RecordWriter:
 
 def _not_written_yet(connection: Any, batch: list[CallRecord], encoder: RowEncoder) -> list[CallRecord]:
     """``batch`` without the records handed over again whose call the database already holds (the
-    recorder wrote them, then died before its answer reached the relay): each is written once."""
+    recorder wrote them, then died before its answer reached the relay) or that came twice in this
+    batch (a relay gave up on a stalled recorder that then woke up): each is written once."""
     again = [record.call_id for record in batch if record.resent]
     marks = ", ".join([encoder.mark] * len(again))
     present = set(
@@ -616,7 +614,12 @@ def _not_written_yet(connection: Any, batch: list[CallRecord], encoder: RowEncod
             f"SELECT id FROM llm_calls_stored WHERE id IN ({marks})", tuple(again)
         ).scalars()
     )
-    return [record for record in batch if record.call_id not in present]
+    kept = []
+    for record in batch:
+        if record.call_id not in present:
+            present.add(record.call_id)
+            kept.append(record)
+    return kept
 
 
 def _next_seqs(connection: Any, trajectory_ids: set[str], encoder: RowEncoder) -> dict[str, int]:

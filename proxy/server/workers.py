@@ -68,15 +68,22 @@ def spool_of(settings: Settings, slot: int) -> Path:
     return derive(settings.fallback_path, slot)
 
 
-def stranded_spools(path: Path, workers: int) -> list[Path]:
-    """Spools of worker slots this run does not start (an earlier run had more workers) that still hold
-    records: nobody replays them until such a slot runs again, so they must be pointed out."""
+def stranded_spools(path: Path, workers: int, recorder: str = "thread") -> list[Path]:
+    """Spools that still hold records and that nobody in this run replays, so they must be pointed
+    out: those of worker slots this run does not start (an earlier run had more workers), and those
+    of the other place records are written (``TOKENTRAIL_RECORDER`` changed since: a thread's spool
+    ``<name>.N`` is nobody's under the recorder process, a relay's ``<name>.relayN`` nobody's without it)."""
     stranded = []
     for candidate in sorted(path.parent.glob(glob.escape(path.stem) + ".*")):
         slot = candidate.name.removeprefix(path.stem + ".").partition(".")[0]
-        if not slot.isdigit() or int(slot) < workers:
+        relay = slot.startswith("relay")
+        number = slot.removeprefix("relay")
+        if not number.isdigit():
             continue
-        spool = worker_spool_path(path, int(slot)).name
+        own_kind = relay == (recorder == "process")
+        if own_kind and int(number) < workers:
+            continue
+        spool = (relay_spool_path if relay else worker_spool_path)(path, int(number)).name
         if candidate.name in (spool, spool + ".replaying") and candidate.stat().st_size > 0:
             stranded.append(candidate)  # (not its .lock, .refused or .health.json)
     return stranded
