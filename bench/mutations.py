@@ -780,7 +780,7 @@ MUTATIONS = [
         "if any(record.resent for record in batch):",
         "if False:",
         ("tests/test_recorder.py::test_a_record_handed_over_again_is_written_once",),
-        "a record handed over again after a recorder restart is written a second time",
+        "a record handed over again after a recorder restart is tried again, refused and set aside as failed",
     ),
     Mutation(
         "dead-relay-holds-trajectory",

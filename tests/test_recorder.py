@@ -352,6 +352,10 @@ def test_a_record_handed_over_again_is_written_once(tmp_path: Path) -> None:
         assert relay.wait_ack(record.call_id)
         relay.close()
         assert _ids(db_path, "SELECT id, seq FROM llm_calls") == [(record.call_id, 0)]
+        spooled = sorted(
+            p.name for p in tmp_path.glob("recorder-spool.jsonl*") if not p.name.endswith(".lock")
+        )
+        assert spooled == []  # not refused by the database as a duplicate and set aside either
         (ids,) = _ids(db_path, "SELECT prompt_token_ids FROM llm_calls")
         assert json.loads(ids[0]) == [1, 2, 3]
 
