@@ -302,6 +302,31 @@ def _tokentrail_pass(
     return measured, storage(db_path)
 
 
+def _mode_passes(args: argparse.Namespace, passes: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(name, settings) of each TokenTrail pass ``--token-in-modes`` and ``--recorder-modes`` ask for,
+    in their order; a mode given again gets a ' more."""
+    wanted: list[tuple[str, dict[str, str]]] = []
+    for mode in filter(None, args.token_in_modes.split(",")):
+        if mode not in ("full", "stand-in"):
+            raise SystemExit(f"--token-in-modes: {mode!r} is neither full nor stand-in")
+        stand_in = "true" if mode == "stand-in" else "false"
+        wanted.append(
+            (f"ti-{mode}", {"TOKENTRAIL_TOKEN_IN": "true", "TOKENTRAIL_TOKEN_IN_STAND_IN": stand_in})
+        )
+    for mode in filter(None, args.recorder_modes.split(",")):
+        if mode not in ("thread", "process"):
+            raise SystemExit(f"--recorder-modes: {mode!r} is neither thread nor process")
+        wanted.append((f"rec-{mode}", {"TOKENTRAIL_RECORDER": mode}))
+    named = []
+    taken = set(passes)
+    for name, settings in wanted:
+        while name in taken:
+            name += "'"
+        taken.add(name)
+        named.append((name, settings))
+    return named
+
+
 def _profile_pass(args: argparse.Namespace, targets: Targets, folder: Path) -> list[profiling.ThreadCosts]:
     """A fresh TokenTrail under py-spy for one pass (not measured: sampling slows it)."""
     folder.mkdir()
@@ -382,39 +407,15 @@ def main() -> int:
                 passes[name] = _measure(args, name, targets.urls[name], pid, args.turns, recording)
                 if name == "tokentrail":
                     figures["tokenize"] = {name: _tokenize_stats(targets.upstream)}
-            for mode in filter(None, args.token_in_modes.split(",")):
-                if mode not in ("full", "stand-in"):
-                    raise SystemExit(f"--token-in-modes: {mode!r} is neither full nor stand-in")
-                name = f"ti-{mode}"
-                while name in passes:
-                    name += "'"
-                stand_in = "true" if mode == "stand-in" else "false"
-                targets.tokentrail_extra_env = {
-                    **env,
-                    "TOKENTRAIL_TOKEN_IN": "true",
-                    "TOKENTRAIL_TOKEN_IN_STAND_IN": stand_in,
-                }
+            for name, settings in _mode_passes(args, passes):
+                targets.tokentrail_extra_env = {**env, **settings}
                 _tokenize_stats(targets.upstream, reset=True)
                 passes[name], stored = _tokentrail_pass(args, targets, args.turns, tmp / name)
                 figures.setdefault("tokenize", {})[name] = _tokenize_stats(targets.upstream)
                 figures.setdefault("modes", {})[name] = stored
                 figures["modes"][name]["check"] = check_records(
                     tmp / name / "tokentrail.db", passes[name].load["calls"], f"tokentrail-{args.turns}",
-                    shape, args.agents, args.turns, True,
-                )  # fmt: skip
-                targets.tokentrail_extra_env = env
-            for mode in filter(None, args.recorder_modes.split(",")):
-                if mode not in ("thread", "process"):
-                    raise SystemExit(f"--recorder-modes: {mode!r} is neither thread nor process")
-                name = f"rec-{mode}"
-                while name in passes:
-                    name += "'"
-                targets.tokentrail_extra_env = {**env, "TOKENTRAIL_RECORDER": mode}
-                passes[name], stored = _tokentrail_pass(args, targets, args.turns, tmp / name)
-                figures.setdefault("modes", {})[name] = stored
-                figures["modes"][name]["check"] = check_records(
-                    tmp / name / "tokentrail.db", passes[name].load["calls"], f"tokentrail-{args.turns}",
-                    shape, args.agents, args.turns, args.token_in,
+                    shape, args.agents, args.turns, "TOKENTRAIL_TOKEN_IN" in settings or args.token_in,
                 )  # fmt: skip
                 targets.tokentrail_extra_env = env
             if targets.tokentrail_process is not None:

@@ -27,7 +27,6 @@ vLLM sent embedded as the bytes they came in (``orjson.Fragment``): the relay ne
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from typing import Any
 
@@ -35,8 +34,8 @@ import orjson
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.capture import ClientAsk, RawAnswer, read_raw_answer
-from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity, Outcome
-from tokentrail.proxy.recording.spool import record_to_line
+from tokentrail.proxy.recording.records import CallRecord
+from tokentrail.proxy.recording.spool import record_from_row, record_to_line
 
 ARRIVED = b"A"
 SKIPPED = b"S"
@@ -52,9 +51,6 @@ _HEAD = struct.Struct(">IB")
 _JSON_LENGTH = struct.Struct(">I")
 HEAD_BYTES = _HEAD.size
 MAX_FRAME = 1 << 30  # a record is at most the request body limit plus its answer
-
-_RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored", "prompt_ids_text", "answer"}
-_CHOICE_FIELDS = {f.name for f in dataclasses.fields(ChoiceRecord)}
 
 
 def frame(kind: bytes, payload: bytes) -> bytes:
@@ -126,14 +122,7 @@ def decode_record(payload: bytes | str, *, raw: bool = False) -> CallRecord:
     row = jsonio.loads(payload)
     if not isinstance(row, dict):
         raise ValueError("a record is a JSON object")
-    fields = {k: v for k, v in row.items() if k in _RECORD_FIELDS}
-    fields["choices"] = [
-        ChoiceRecord(**{k: v for k, v in c.items() if k in _CHOICE_FIELDS})
-        for c in fields.get("choices") or []
-    ]
-    fields["outcome"] = Outcome(fields.get("outcome", Outcome.OK))
-    fields["integrity"] = str(fields.get("integrity", Integrity.NOT_CHECKED))
-    record = CallRecord(**fields)
+    record = record_from_row(row)
     ids = row.get("prompt_ids_text")
     if isinstance(ids, list) and record.prompt_token_ids is None:
         record.prompt_token_ids = ids  # counted against usage by load_prompt_ids (prompt_count_unchecked)

@@ -37,7 +37,7 @@ from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integri
 
 logger = logging.getLogger(__name__)
 
-_RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored", "answer"}
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(CallRecord)} - {"on_stored", "answer", "prompt_ids_text"}
 _CHOICE_FIELDS = {f.name for f in dataclasses.fields(ChoiceRecord)}
 
 
@@ -56,6 +56,12 @@ REFUSED = "refused:"
 def record_from_line(line: str) -> tuple[CallRecord, str]:
     """The record of a spool line and the reason it was spooled."""
     row: dict[str, Any] = json.loads(line)
+    return record_from_row(row), str(row.get("fallback_reason", ""))
+
+
+def record_from_row(row: dict[str, Any]) -> CallRecord:
+    """A record from its fields as JSON gives them back (a spool line's, or the recorder's frames'):
+    what is not a field is ignored (``KeyError``/``TypeError``/``ValueError`` for what cannot be one)."""
     fields = {k: v for k, v in row.items() if k in _RECORD_FIELDS}
     fields["choices"] = [
         ChoiceRecord(**{k: v for k, v in c.items() if k in _CHOICE_FIELDS})
@@ -63,7 +69,7 @@ def record_from_line(line: str) -> tuple[CallRecord, str]:
     ]
     fields["outcome"] = Outcome(fields.get("outcome", Outcome.OK))
     fields["integrity"] = str(fields.get("integrity", Integrity.NOT_CHECKED))
-    return CallRecord(**fields), str(row.get("fallback_reason", ""))
+    return CallRecord(**fields)
 
 
 class Spool:
