@@ -230,6 +230,7 @@ class RecorderLink:
                 logger.warning("waiting=<%d> | reconnected to the recorder", len(self._waiting))
             self._connection = connection
             self._connected.set()
+            self._last_ack = loop.time()  # (a new recorder gets its own wait_s to answer)
             for call_id, trajectory_id in self._arrived.items():  # (in arrival order)
                 self._send(_arrival(call_id, trajectory_id))
             for waiting in self._waiting.values():  # all of them again: any may have been lost
