@@ -79,7 +79,8 @@ class Settings(BaseSettings):
         30.0,
         description=(
             "With the recorder process: seconds a relay keeps records in memory while the recorder "
-            "cannot be reached (it is restarted when it dies); then they go to the relay's spool."
+            "cannot be reached (it is restarted when it dies) or answers nothing; then they go to the "
+            "relay's spool."
         ),
     )
     writer_queue_size: PositiveInt = Field(
