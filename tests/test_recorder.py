@@ -243,6 +243,9 @@ def test_records_wait_in_the_relays_spool_while_no_recorder_answers(
             assert link.wait_settled(3, ACK_TIMEOUT_S)
             assert link.failure_reasons == {"recorder_unreachable": 3}
             assert len(spool.read_text().splitlines()) == 3
+            health = httpx.get(proxy.url + "/tokentrail/health").json()
+            assert health["status"] == "degraded"
+            assert health["recorder"] == {"connected": False, "connects": 0}
             recorder = subprocess.Popen(
                 [*command, "--parent-pid", str(os.getpid())], env={**os.environ, **settings.environment()}
             )
@@ -252,6 +255,8 @@ def test_records_wait_in_the_relays_spool_while_no_recorder_answers(
                 time.sleep(0.02)
             assert proxy.rows("SELECT seq FROM llm_calls ORDER BY seq") == [{"seq": s} for s in range(3)]
             assert not spool.exists()
+            health = httpx.get(proxy.url + "/tokentrail/health").json()
+            assert health["recorder"] == {"connected": True, "connects": 1}
     finally:
         if recorder is not None:  # (after the proxy: a recorder waits for its relays to go first)
             recorder.send_signal(signal.SIGTERM)

@@ -49,6 +49,15 @@ class WriterHealth(BaseModel):
     integrity: dict[str, int] = Field(description="Written records by integrity value.")
 
 
+class RecorderHealth(BaseModel):
+    """With ``TOKENTRAIL_RECORDER=process``: this proxy process's link to the host's recorder."""
+
+    connected: bool = Field(description="Whether the recorder is connected now (records go to it).")
+    connects: int = Field(
+        description="Connections made since this process started: more than 1, the recorder was restarted."
+    )
+
+
 class UpstreamHealth(BaseModel):
     url: str
     healthy: bool
@@ -73,7 +82,10 @@ class Health(BaseModel):
     """The proxy's health."""
 
     status: str = Field(
-        description="'ok', or 'degraded' while records wait in the spool, or after any was lost or refused."
+        description=(
+            "'ok', or 'degraded' while records wait in the spool, after any was lost or refused, or while "
+            "the recorder process is not connected."
+        )
     )
     upstream: str
     upstreams: list[UpstreamHealth]
@@ -83,6 +95,10 @@ class Health(BaseModel):
         description="Under 'serve --workers N': which worker (0 to N-1) answered.",
     )
     writer: WriterHealth
+    recorder: RecorderHealth | None = Field(
+        None,
+        description="With TOKENTRAIL_RECORDER=process: the link to the recorder, as this process sees it.",
+    )
     workers: list[WorkerSummary] | None = Field(
         None,
         description=(
@@ -105,8 +121,13 @@ def health(request: Request) -> Any:
 def own_health(runtime: Any) -> Health:
     """This process's figures."""
     writer = runtime.writer
+    recorder = None
+    if runtime.settings.recorder == "process":
+        recorder = RecorderHealth(connected=writer.connected, connects=writer.connects)
+    degraded = writer.spool.pending or writer.lost or writer.refused or (recorder and not recorder.connected)
     return Health(
-        status="degraded" if writer.spool.pending or writer.lost or writer.refused else "ok",
+        status="degraded" if degraded else "ok",
+        recorder=recorder,
         upstream=runtime.settings.upstream,
         upstreams=[
             UpstreamHealth(url=u.url, healthy=u.healthy, in_flight=u.in_flight)
