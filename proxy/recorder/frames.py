@@ -53,8 +53,14 @@ HEAD_BYTES = _HEAD.size
 MAX_FRAME = 1 << 30  # a record is at most the request body limit plus its answer
 
 
-def frame(kind: bytes, payload: bytes) -> bytes:
-    return _HEAD.pack(len(payload) + 1, kind[0]) + payload
+Pieces = tuple[bytes, ...]
+"""A payload as the pieces it is made of: written with ``writelines``, never joined into a copy."""
+
+
+def frame(kind: bytes, *pieces: bytes) -> Pieces:
+    """A frame as the pieces to write: its head, then ``pieces`` as they are (a record of an agent's
+    call is 150 KB: joining it would copy it once more per call on the relay's event loop)."""
+    return (_HEAD.pack(sum(map(len, pieces)) + 1, kind[0]), *pieces)
 
 
 class FrameReader:
@@ -76,7 +82,8 @@ class FrameReader:
             end = start + 4 + length
             if len(buffer) < end:
                 break
-            frames.append((bytes((kind,)), bytes(buffer[start + HEAD_BYTES : end])))
+            with memoryview(buffer) as view:  # one copy out of the buffer, not two
+                frames.append((bytes((kind,)), bytes(view[start + HEAD_BYTES : end])))
             start = end
         if start:
             del buffer[:start]
@@ -97,18 +104,18 @@ def _default(value: Any) -> Any:
     raise TypeError
 
 
-def encode_record(record: CallRecord) -> tuple[bool, bytes]:
-    """(whether the answer is raw, the payload): the record's JSON, made in C, and the raw answer
-    after it. What orjson refuses (an integer past 64 bits in the request) goes the spool's way
-    (the standard library, the answer read first)."""
+def encode_record(record: CallRecord) -> tuple[bool, Pieces]:
+    """(whether the answer is raw, the payload's pieces): the record's JSON, made in C, and the raw
+    answer after it. What orjson refuses (an integer past 64 bits in the request) goes the spool's
+    way (the standard library, the answer read first)."""
     try:
         text = orjson.dumps(record, default=_default)
     except TypeError:
-        return False, record_to_line(record, "").encode()
+        return False, (record_to_line(record, "").encode(),)
     answer = record.answer
     if answer is None:
-        return False, text
-    return True, b"".join((_JSON_LENGTH.pack(len(text)), text, answer.data))
+        return False, (text,)
+    return True, (_JSON_LENGTH.pack(len(text)), text, answer.data)
 
 
 def decode_record(payload: bytes | str, *, raw: bool = False) -> CallRecord:
@@ -134,7 +141,7 @@ def decode_record(payload: bytes | str, *, raw: bool = False) -> CallRecord:
     return record
 
 
-def encode_acks(acks: list[tuple[str, bool, str]]) -> bytes:
+def encode_acks(acks: list[tuple[str, bool, str]]) -> Pieces:
     lines = "\n".join(f"{call_id}\t{int(ok)}\t{integrity}" for call_id, ok, integrity in acks)
     return frame(ACKS, lines.encode())
 

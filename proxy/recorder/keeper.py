@@ -21,10 +21,10 @@ import threading
 import time
 from pathlib import Path
 
+from tokentrail.proxy.server.workers import QUICK_EXIT_S, QUICK_EXITS_TO_GIVE_UP  # a worker's rule
+
 logger = logging.getLogger(__name__)
 
-QUICK_EXIT_S = 10.0
-QUICK_EXITS_TO_GIVE_UP = 3
 SOCKET_NAME = "recorder.sock"
 
 
@@ -36,7 +36,6 @@ class RecorderKeeper:
         self.path = Path()  # (set by start)
         self.environment = environment
         self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
         self._stopping = threading.Event()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._keep, name="tokentrail-recorder-keeper", daemon=True)
@@ -55,7 +54,6 @@ class RecorderKeeper:
             *("--socket", str(self.path), "--parent-pid", str(os.getpid())),
         ]
         process = subprocess.Popen(command, env=self.environment)
-        self.starts += 1
         logger.info("pid=<%d> | recorder started", process.pid)
         return process
 

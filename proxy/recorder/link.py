@@ -24,7 +24,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from tokentrail.proxy.recorder.frames import (
     ACKS,
@@ -32,6 +32,7 @@ from tokentrail.proxy.recorder.frames import (
     RECORD_AGAIN,
     SKIPPED,
     FrameReader,
+    Pieces,
     decode_acks,
     encode_record,
     frame,
@@ -51,13 +52,13 @@ FLUSH_BYTES = 256 * 1024
 class _Waiting:
     """A record handed over (or to be), not yet acknowledged."""
 
-    payload: bytes
+    payload: Pieces
     record: CallRecord | None  # None: a line replayed from the spool
     raw: bool = False  # the payload carries the answer unread (frames.RAW_RECORD)
     again: bool = False
 
 
-def _arrival(call_id: str, trajectory_id: str) -> bytes:
+def _arrival(call_id: str, trajectory_id: str) -> Pieces:
     return frame(ARRIVED, f"{call_id}\t{trajectory_id}".encode())
 
 
@@ -153,7 +154,7 @@ class RecorderLink:
         waiting = _Waiting(payload, record, raw)
         self._waiting[record.call_id] = waiting
         self._idle.clear()
-        self._send(frame(record_kind(raw, again=False), payload), now=True)
+        self._send(frame(record_kind(raw, again=False), *payload), now=True)
 
     @property
     def reads_answers(self) -> bool:
@@ -178,15 +179,15 @@ class RecorderLink:
 
     # ---- the connection ----
 
-    def _send(self, data: bytes, *, now: bool = False) -> None:
+    def _send(self, pieces: Pieces, *, now: bool = False) -> None:
         """Queue ``data``. Arrivals wait at most ``FLUSH_S`` (or until ``FLUSH_BYTES`` wait) and go
         out together; a record goes out at once (``now``), with every arrival queued before it, so
         the recorder has a call's arrival and record before its client has the answer's last bytes,
         and so before the client can send the call after it, to any worker."""
         if self._connection is None:
             return  # handed over (records) when connected; an arrival alone is not needed
-        self._out.append(data)
-        self._out_bytes += len(data)
+        self._out.extend(pieces)
+        self._out_bytes += sum(map(len, pieces))
         if now or self._out_bytes >= FLUSH_BYTES:
             self._flush()
         elif self._flush_at is None:
@@ -199,7 +200,7 @@ class RecorderLink:
         out, self._out, self._out_bytes = self._out, [], 0
         connection = self._connection
         if out and connection is not None and connection.transport is not None:
-            connection.transport.write(b"".join(out))
+            connection.transport.writelines(out)
 
     async def start(self, wait_s: float = 10.0) -> None:
         """Connect, and wait (at most ``wait_s``) for the recorder to answer: a proxy that starts
@@ -235,7 +236,7 @@ class RecorderLink:
                 self._send(_arrival(call_id, trajectory_id))
             for waiting in self._waiting.values():  # all of them again: any may have been lost
                 waiting.again = waiting.again or self.connects > 1
-                self._send(frame(record_kind(waiting.raw, waiting.again), waiting.payload))
+                self._send(frame(record_kind(waiting.raw, waiting.again), *waiting.payload))
             self._maybe_replay()
             await self._while_answering(connection)
             self._connection = None
@@ -377,12 +378,12 @@ class RecorderLink:
                     continue
                 if record.call_id in self._waiting:
                     continue
-                waiting = _Waiting(line.encode(), None, again=True)
+                waiting = _Waiting((line.encode(),), None, again=True)
                 self._waiting[record.call_id] = waiting
                 self._replaying.add(record.call_id)
                 self._replayed_all.clear()
                 self._idle.clear()
-                self._send(frame(RECORD_AGAIN, waiting.payload))
+                self._send(frame(RECORD_AGAIN, *waiting.payload))
                 count += 1
                 if count % chunk == 0:
                     await self._replayed_all.wait()
@@ -410,6 +411,3 @@ class RecorderLink:
         if connection is not None and connection.transport is not None:
             self._flush()
             connection.transport.close()
-
-    def figures(self) -> dict[str, Any]:
-        return {"waiting": len(self._waiting), "connects": self.connects}

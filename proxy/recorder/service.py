@@ -42,7 +42,6 @@ class _RelayConnection(asyncio.Protocol):
         self.arrived: dict[str, tuple[str, int]] = {}  # call_id -> (trajectory, ordinal), no record yet
         self.acks: list[tuple[str, bool, str]] = []  # filled by the writer thread
         self.acks_lock = threading.Lock()
-        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not subclasses)
@@ -97,10 +96,9 @@ class _RelayConnection(asyncio.Protocol):
         with self.acks_lock:
             acks, self.acks = self.acks, []
         if acks and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode_acks(acks))
+            self.transport.writelines(encode_acks(acks))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
         self.service.connections.discard(self)
         for trajectory_id, ordinal in self.arrived.values():
             self.service.writer.skip(trajectory_id, ordinal)

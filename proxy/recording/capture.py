@@ -21,11 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity, Outcome
+from tokentrail.proxy.recording.records import (
+    CallRecord,
+    ChoiceRecord,
+    Integrity,
+    Outcome,
+    ended_by_vllm_abort,
+)
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 RECORDED_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
+# The fields of a chat request besides its messages that change what the chat template renders:
+# calls that differ in one are not one conversation (trajectory/continuation.py), nor one certificate.
+RENDER_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "documents", "add_special_tokens")
 
 # A key can only stand right after "{" or "," outside a JSON string: inside one every '"' is escaped.
 _TOKEN_IDS_ARRAY = re.compile(rb'([{,]\s*"(?:prompt_)?token_ids"\s*:\s*)\[[^\]]*\]')
@@ -579,5 +588,5 @@ def read_raw_answer(record: CallRecord) -> None:
     if relays_error is not None:
         record.error = relays_error
     capture.finish(record.outcome == Outcome.OK)
-    if any(c.finish_reason == "abort" for c in record.choices):
+    if ended_by_vllm_abort(record):
         record.outcome = Outcome.ABORTED

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentrail.proxy import jsonio
+from tokentrail.proxy.recording.capture import RENDER_FIELDS
 from tokentrail.proxy.recording.records import CallRecord
 
-TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "tools")
 NOT_SAMPLING = frozenset(
     {
         # what is rendered, and how (in template_hash)
@@ -113,7 +113,7 @@ def certify(record: CallRecord) -> Certificate:
     key = jsonio.dumps_text(
         [
             [identity.get(name) for name in _IDENTITY_FIELDS],
-            [request.get(name) for name in TEMPLATE_FIELDS],
+            [request.get(name) for name in RENDER_FIELDS],
             sampling,
             record.model,
             record.weight_version,
@@ -135,7 +135,7 @@ _made: dict[str, Certificate] = {}  # the writer thread's (the only caller)
 def _certify(
     record: CallRecord, request: dict[str, Any], identity: dict[str, Any], sampling: dict[str, Any]
 ) -> Certificate:
-    template_hash = _digest([identity.get("template"), *(request.get(name) for name in TEMPLATE_FIELDS)])
+    template_hash = _digest([identity.get("template"), *(request.get(name) for name in RENDER_FIELDS)])
     fields: dict[str, Any] = {
         "template_hash": template_hash,
         "model": identity.get("model") or record.model,

@@ -149,6 +149,12 @@ class CallRecord:
         return self.prompt_token_ids
 
 
+def ended_by_vllm_abort(record: CallRecord) -> bool:
+    """Whether vLLM aborted a choice of the call (finish reason ``abort``): the call is ``aborted``,
+    whoever reads its answer (the RL loop on the relay, or the recorder process)."""
+    return any(c.finish_reason == "abort" for c in record.choices)
+
+
 @dataclass(frozen=True, slots=True)
 class PastChoice:
     index: int

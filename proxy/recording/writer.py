@@ -18,6 +18,7 @@ PostgreSQL take turns and never hand out one ``seq`` twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine, inspect, select
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.recording.certificate import certify
+from tokentrail.proxy.recording.certificate import Certificate, certify
 from tokentrail.proxy.recording.records import GOOD_INTEGRITY, CallRecord
 from tokentrail.proxy.recording.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
@@ -73,21 +74,8 @@ _TRAJECTORY_INSERT = (
 )
 _WEIGHT_VERSION_INSERT = ("weight_versions", ("version", "first_seen_at"))
 CERTIFICATES_TABLE = "certificates"
-_CERTIFICATE_INSERT = (
-    CERTIFICATES_TABLE,
-    (
-        "id",
-        "template_hash",
-        "model",
-        "model_root",
-        "tokenizer",
-        "vllm_version",
-        "sampling_digest",
-        "sampling",
-        "weight_version",
-        "first_seen_at",
-    ),
-)
+CERTIFICATE_FIELDS = tuple(f.name for f in dataclasses.fields(Certificate))  # its columns, in order
+_CERTIFICATE_INSERT = (CERTIFICATES_TABLE, (*CERTIFICATE_FIELDS, "first_seen_at"))
 
 
 class RecordSink(Protocol):
@@ -727,15 +715,8 @@ def _note_certificates(
         row["certificate_id"] = made.id
         if made.id not in rows:
             rows[made.id] = {
-                "id": made.id,
-                "template_hash": made.template_hash,
-                "model": made.model,
-                "model_root": made.model_root,
-                "tokenizer": made.tokenizer,
-                "vllm_version": made.vllm_version,
-                "sampling_digest": made.sampling_digest,
+                **{name: getattr(made, name) for name in CERTIFICATE_FIELDS},
                 "sampling": encoder.json(made.sampling),
-                "weight_version": made.weight_version,
                 "first_seen_at": encoder.time(record.received_at),
             }
     if rows:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from tokentrail.proxy.recording.records import CallRecord, Outcome
+from tokentrail.proxy.recording.records import CallRecord, Outcome, ended_by_vllm_abort
 from tokentrail.proxy.rl.control import (
     CONTROL_TIMEOUT_S,
     ControlPlane,
@@ -121,7 +121,7 @@ class RlLoop:
         unfinished = record.outcome == Outcome.OK and (
             not record.choices or any(c.finish_reason is None for c in record.choices)
         )
-        if any(c.finish_reason == "abort" for c in record.choices) or (aborting and (broken or unfinished)):
+        if ended_by_vllm_abort(record) or (aborting and (broken or unfinished)):
             record.outcome = Outcome.ABORTED
         record.version_times = {
             version: self.weights.learned_at[version]

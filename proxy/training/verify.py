@@ -191,8 +191,8 @@ class Scorer:
                 logits = self.model(input_ids=ids, logits_to_keep=before).logits[0].float()
             except TypeError:  # a model class without logits_to_keep
                 logits = self.model(input_ids=ids).logits[0, before].float()
-            if logits.shape[0] != len(positions):  # a forward that took logits_to_keep into **kwargs
-                logits = self.model(input_ids=ids).logits[0, before].float()
+            if logits.shape[0] != len(positions):  # a forward that took logits_to_keep into **kwargs:
+                logits = logits[before]  # it gave every row; no second forward pass needed
             chosen = torch.tensor([input_ids[p] for p in positions], device=self.device)
             values = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None])[:, 0]
         return dict(zip(positions, values.tolist(), strict=True))

@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokentrail.proxy.recording.capture import CHAT_ROUTE
+from tokentrail.proxy.recording.capture import CHAT_ROUTE, RENDER_FIELDS
 from tokentrail.proxy.recording.records import PastCall, PastChoice
 
 __all__ = ["Continuation", "PastCall", "PastChoice", "Reason", "best_continuation", "continuation"]
 
 # Request fields that change how the chat template renders the messages.
-RENDER_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "documents", "add_special_tokens")
 # Message keys that do not change the meaning of a message the client sends back.
 _IGNORED_KEYS = frozenset(
     {"reasoning", "reasoning_content", "refusal", "annotations", "audio", "function_call"}
