@@ -202,7 +202,8 @@ def main() -> int:
             for repeat in range(args.repeat):
                 for index, scenario in enumerate(scenarios):
                     for name in names:
-                        prefix = f"bench-{repeat}-{index}" if name == "tokentrail" else None
+                        recording = name in ("tokentrail", "recorder")  # (both numbered per trajectory)
+                        prefix = f"bench-{repeat}-{index}" if recording else None
                         result = _load(args, targets.urls[name], scenario, model, prefix)
                         measurements.setdefault((scenario.name, name), []).append(result)
                         if name == "tokentrail":

@@ -195,8 +195,12 @@ def test_two_requests_of_one_worker_in_flight_at_once_are_both_answered(
         await link.start()
         running = loop.begin(CallRecord("c", "t", CHAT, time.time()), fake[1], None, lambda: 0)
         pausing = asyncio.ensure_future(loop.pause(PauseMode.WAIT))
-        while not loop.gate.paused:  # noqa: ASYNC110 - closed by the control plane's command
-            await asyncio.sleep(0.01)
+
+        async def paused() -> None:
+            while not loop.gate.paused:  # noqa: ASYNC110 - closed by the control plane's command
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(paused(), 30)  # (a gate that never closes fails, not hangs)
         await asyncio.wait_for(loop.resume(), 10)
         with pytest.raises(SupersededError):
             await asyncio.wait_for(pausing, 10)

@@ -90,7 +90,7 @@ class _Relay:
         self.acks: dict[str, bool] = {}
 
     def send(self, kind: bytes, payload: bytes) -> None:
-        self.sock.sendall(frame(kind, payload))
+        self.sock.sendall(b"".join(frame(kind, payload)))
 
     def arrive(self, call_id: str, trajectory_id: str) -> None:
         self.send(ARRIVED, f"{call_id}\t{trajectory_id}".encode())
@@ -123,9 +123,9 @@ def _record(trajectory_id: str, *, named: bool = True, prompt: list[int] | None 
 
 
 def _payload(record: CallRecord) -> bytes:
-    raw, payload = encode_record(record)
+    raw, pieces = encode_record(record)
     assert not raw
-    return payload
+    return b"".join(pieces)
 
 
 # ---- through the proxy ----
@@ -177,13 +177,34 @@ def test_a_durable_answer_ends_after_the_recorder_committed_it(
     fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory
 ) -> None:
     with proxy_factory(fake[1], recorder="process", durable=True) as proxy:
-        response = httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": "d"}, timeout=30)
+        link = proxy.runtime.writer
+        assert isinstance(link, RecorderLink)
+        answers: list[httpx.Response] = []
+        blocker = sqlite3.connect(Path(proxy.db_url.removeprefix("sqlite:///")), isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # no commit can happen: the answer must not end
+        try:
+            caller = threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(proxy.url + CHAT, json=BODY, headers={"X-Trajectory-Id": "d"}, timeout=60)
+                )
+            )
+            caller.start()
+            deadline = time.monotonic() + ACK_TIMEOUT_S
+            while link.queue_depth < 1:  # handed to the recorder, which cannot commit it
+                assert time.monotonic() < deadline, "the record never reached the recorder"
+                time.sleep(0.01)
+            caller.join(0.5)  # (the correct code never ends it here; a premature answer is caught)
+            assert caller.is_alive(), "the answer ended before its record was committed"
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        caller.join(60)
         # read the moment the answer is whole, without waiting for anything
-        assert proxy.rows("SELECT response_id FROM llm_calls") == [{"response_id": response.json()["id"]}]
+        assert proxy.rows("SELECT response_id FROM llm_calls") == [{"response_id": answers[0].json()["id"]}]
 
 
 def test_killing_the_recorder_loses_nothing_and_writes_nothing_twice(
-    fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory, tmp_path: Path
+    fake: tuple[FakeUpstream, str], proxy_factory: ProxyFactory
 ) -> None:
     """Records handed to a recorder that dies before it commits them are handed to the next one."""
     with proxy_factory(fake[1], recorder="process") as proxy:
