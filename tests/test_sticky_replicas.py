@@ -32,7 +32,7 @@ RECIPE = REPO / "deploy" / "replicas" / "nginx.conf"
 NGINX = Path("/usr/sbin/nginx")
 CHAT = "/v1/chat/completions"
 REPLY = {"role": "assistant", "content": "ok"}
-TRAJECTORIES = 6
+TRAJECTORIES = 12  # behind a hash on random ports, 6 all landed on one replica 1 time in 32
 TURNS = 5
 
 
