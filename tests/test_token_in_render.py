@@ -5,14 +5,18 @@ against a fake vLLM whose template and prompt field a test chooses (the real vLL
 The fake renders one token per message (an assistant one as its text's token, then 2 as its end of
 turn) and 7 as the generation prompt. With ``counting`` its template writes each user message with
 how many messages came before it, so what it writes for new messages depends on the whole history: a
-stand-in history gives other tokens there, which the checks must catch.
+stand-in history gives other tokens there, which the checks must catch. With ``after_reply`` it writes
+a message after an assistant reply with that reply's text (so the stand-in reply differs); with
+``refuse_stand_in`` its ``/tokenize`` refuses the stand-in user message (as a template that raises on
+it would, with a 400); ``epoch`` is written into the system message (a template that writes today's
+date), for a test to change between calls.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +36,18 @@ class TemplateFake:
     first-class ``prompt_token_ids`` (vllm-project/vllm#55771, listed in its OpenAPI schema). The
     other field is ignored, as an unknown field is by vLLM: the call is then rendered from text."""
 
-    def __init__(self, field: str = "kv_transfer_params", counting: bool = False) -> None:
+    def __init__(
+        self,
+        field: str = "kv_transfer_params",
+        counting: bool = False,
+        after_reply: bool = False,
+        refuse_stand_in: bool = False,
+    ) -> None:
         self.field = field
         self.counting = counting
+        self.after_reply = after_reply
+        self.refuse_stand_in = refuse_stand_in
+        self.epoch = 0
         self.chats: list[dict[str, Any]] = []
         self.tokenized: list[list[dict[str, Any]]] = []  # the messages of each /tokenize request
         self.schema_requests = 0
@@ -43,8 +56,13 @@ class TemplateFake:
         tokens: list[int] = []
         for position, message in enumerate(messages):
             content = message.get("content") or ""
+            before = messages[position - 1] if position else {}
             if message["role"] == "assistant":
                 tokens += [100 + sum(map(ord, content)) % 100, 2]
+            elif message["role"] == "system":
+                tokens += [40 + self.epoch]
+            elif self.after_reply and before.get("role") == "assistant":
+                tokens += [200 + sum(map(ord, before.get("content") or "")) % 100]
             else:
                 tokens += [50 + (position if self.counting and message["role"] == "user" else 0)]
         return tokens + ([7] if generation_prompt else [])
@@ -68,6 +86,9 @@ class TemplateFake:
         parsed = json.loads(raw)
         if path == "/tokenize":
             self.tokenized.append(parsed["messages"])
+            if self.refuse_stand_in and {"role": "user", "content": "."} in parsed["messages"]:
+                await _answer(send, 400, {"error": {"message": "roles must alternate", "code": 400}})
+                return
             tokens = self.render(parsed["messages"], parsed["add_generation_prompt"])
             await _answer(send, 200, {"count": len(tokens), "max_model_len": 99, "tokens": tokens})
             return
@@ -116,8 +137,11 @@ def fake_and_proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
         yield fake, proxy
 
 
-def _converse(proxy: Proxy, calls: int, **extra: Any) -> list[list[dict[str, Any]]]:
-    """An agent loop: system, user, then per call the reply and a tool result and a user message."""
+def _converse(
+    proxy: Proxy, calls: int, between: Callable[[int], None] | None = None, **extra: Any
+) -> list[list[dict[str, Any]]]:
+    """An agent loop: system, user, then per call the reply and a tool result and a user message
+    (``between(number)`` runs after call ``number``)."""
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be terse."},
         {"role": "user", "content": "Start."},
@@ -128,6 +152,8 @@ def _converse(proxy: Proxy, calls: int, **extra: Any) -> list[list[dict[str, Any
         response = httpx.post(proxy.url + CHAT, json=body, headers={"X-Trajectory-Id": "t"}, timeout=30)
         assert response.status_code == 200
         sent.append(messages)
+        if between is not None:
+            between(number)
         messages = [
             *messages,
             {"role": "assistant", "content": "ok"},
@@ -178,8 +204,10 @@ def test_new_tokens_come_from_a_stand_in_history_once_the_template_agreed_and_st
     assert _renders(proxy) == {"full": 1, "checked": 3, "stand_in": 3}
     longest = max(len(m) for m in fake.tokenized)
     stand_in_renders = [m for m in fake.tokenized if m[1] == {"role": "user", "content": "."}]
-    assert len(stand_in_renders) == 2 * 6  # two per checked or stand-in call
+    # two per checked call; one per stand-in call, whose stand-in history's render is kept
+    assert len(stand_in_renders) == 2 * 3 + 3
     assert all(len(m) <= 6 for m in stand_in_renders)  # system, stand-in user, reply, 3 new
+    assert all(m[2] == {"role": "assistant", "content": "."} for m in stand_in_renders)  # plain reply
     assert longest == len(sent[5])  # the last full render (call 5, checked) holds its whole history
     (trust,) = proxy.runtime.relay.token_in.templates().values()  # type: ignore[union-attr]
     assert (trust.agreed, trust.differs) == (3, False)
@@ -251,3 +279,68 @@ def test_with_the_stand_in_off_every_call_renders_its_whole_history(
     assert prompts == _expected_prompts(fake, sent)[1:]
     assert _renders(proxy) == {"full": 4}
     assert not any(m[1] == {"role": "user", "content": "."} for m in fake.tokenized if len(m) > 1)
+
+
+@pytest.mark.parametrize(
+    "fake_and_proxy",
+    [({"after_reply": True}, {"token_in_check_first": 2, "token_in_check_every": 4})],
+    indirect=True,
+)
+def test_a_template_that_writes_the_reply_into_the_next_message_goes_back_to_full_renders(
+    fake_and_proxy: tuple[TemplateFake, Proxy],
+) -> None:
+    """The stand-in reply is checked like the stand-in history: a template whose next message depends
+    on the reply's text differs on the first check, and every call stays exact."""
+    fake, proxy = fake_and_proxy
+    sent = _converse(proxy, 5)
+    prompts = [c["kv_transfer_params"]["prompt_token_ids"] for c in fake.chats[1:]]
+    assert prompts == _expected_prompts(fake, sent)[1:]
+    assert _renders(proxy) == {"full": 1, "differs": 1, "untrusted": 2}
+
+
+@pytest.mark.parametrize(
+    "fake_and_proxy",
+    [({"refuse_stand_in": True}, {"token_in_check_first": 2, "token_in_check_every": 4})],
+    indirect=True,
+)
+def test_a_template_that_refuses_the_stand_in_keeps_token_in_with_full_renders(
+    fake_and_proxy: tuple[TemplateFake, Proxy],
+) -> None:
+    """A checked call whose stand-in render is refused uses its full render (it succeeded) and the
+    template learns: later calls render in full rather than fall back."""
+    fake, proxy = fake_and_proxy
+    sent = _converse(proxy, 5)
+    prompts = [c["kv_transfer_params"]["prompt_token_ids"] for c in fake.chats[1:]]
+    assert prompts == _expected_prompts(fake, sent)[1:]
+    rows = proxy.rows("SELECT drift, token_in_fallback FROM llm_calls ORDER BY seq")
+    assert [(r["drift"], r["token_in_fallback"]) for r in rows] == [("first", "first_call")] + [
+        ("token_in", None)
+    ] * 4
+    assert _renders(proxy) == {"full": 1, "differs": 1, "untrusted": 2}
+    refused = [m for m in fake.tokenized if {"role": "user", "content": "."} in m]
+    assert len(refused) == 2  # the first checked call's two stand-in renders, never again
+
+
+@pytest.mark.parametrize(
+    "fake_and_proxy",
+    [({}, {"token_in_check_first": 1, "token_in_check_every": 0})],
+    indirect=True,
+)
+def test_a_kept_stand_in_render_the_template_no_longer_gives_is_rendered_again(
+    fake_and_proxy: tuple[TemplateFake, Proxy],
+) -> None:
+    """A template whose system message changes between calls (today's date): the kept render of the
+    stand-in history is no longer a prefix, so it is rendered again and the call stays exact."""
+    fake, proxy = fake_and_proxy
+
+    def new_day(number: int) -> None:
+        if number == 3:
+            fake.epoch = 1
+
+    sent = _converse(proxy, 6, between=new_day)
+    fake.epoch = 0  # the first prompt, the only one holding the system message, was made before
+    prompts = [c["kv_transfer_params"]["prompt_token_ids"] for c in fake.chats[1:]]
+    assert prompts == _expected_prompts(fake, sent)[1:]
+    assert _renders(proxy) == {"full": 1, "checked": 1, "stand_in": 3}
+    histories = [m for m in fake.tokenized if m[-1] == {"role": "assistant", "content": "."}]
+    assert len(histories) == 2  # rendered by the checked call, then again on the new day

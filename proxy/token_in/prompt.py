@@ -60,10 +60,11 @@ _TOKENS_KEY = b'"tokens":['  # an unescaped quote cannot be inside a JSON string
 class BuildFailed(Exception):
     """The prompt cannot be built; ``reason`` goes to ``llm_calls.token_in_fallback``."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, transport: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+        self.transport = transport  # the upstream could not be reached or failed, not the template
 
 
 class Rendered:
@@ -153,21 +154,38 @@ class Built:
 
 
 _STAND_IN_USER = {"role": "user", "content": "."}
+_STAND_IN_REPLY = {"role": "assistant", "content": "."}
 _HEAD_ROLES = frozenset({"system", "developer"})
+_PLAIN_REPLY_KEYS = frozenset({"role", "content"})
 
 
 def stand_in_history(messages: list[Any], kept: int) -> list[Any] | None:
     """A short history to render the new messages after: the system message of the real history (if
-    it has one), one short user message, then the reply ``messages[kept - 1]``. None when the real
-    history is no longer than that (a full render is as cheap)."""
+    it has one), one short user message, then the reply ``messages[kept - 1]``, itself a short
+    stand-in when it is plain text (no tool calls, reasoning or name: nothing a later message may
+    refer to). None when the real history is no longer than that (a full render is as cheap).
+
+    With a plain reply the stand-in history is the same for every call of a trajectory, so its
+    render is kept (``PromptBuilder``) and a call needs one ``/tokenize`` round trip, not two."""
     history = messages[: kept - 1]
     head = (
         history[:1]
         if history and isinstance(history[0], dict) and history[0].get("role") in _HEAD_ROLES
         else []
     )
-    stand_in = [*head, _STAND_IN_USER, messages[kept - 1]]
+    reply = messages[kept - 1]
+    if _is_plain_reply(reply):
+        reply = _STAND_IN_REPLY
+    stand_in = [*head, _STAND_IN_USER, reply]
     return stand_in if len(stand_in) < kept else None
+
+
+def _is_plain_reply(message: Any) -> bool:
+    return (
+        isinstance(message, dict)
+        and message.keys() <= _PLAIN_REPLY_KEYS
+        and isinstance(message.get("content"), str)
+    )
 
 
 def template_key(upstream_url: str, request: dict[str, Any]) -> str:
@@ -192,6 +210,7 @@ class PromptBuilder:
         self._timeout_s = timeout_s
         self._tails: dict[tuple[str, str], list[int]] = {}
         self._trust: dict[str, TemplateTrust] = {}
+        self._stand_in_renders: dict[tuple[str, str], Rendered] = {}  # (template, stand-in history)
         self._use_stand_in = stand_in
         self._check_first = check_first
         self._check_every = check_every
@@ -211,59 +230,78 @@ class PromptBuilder:
         messages = request["messages"]
         kept = found.kept
         stand_in = stand_in_history(messages, kept) if self._use_stand_in else None
-        trust: TemplateTrust | None = None
-        if stand_in is None:
-            how = How.FULL
-        else:
-            key = template_key(upstream_url, request)
-            trust = self._trust.get(key)
-            if trust is None:
-                if len(self._trust) >= _MAX_TAILS:
-                    self._trust.clear()
-                trust = self._trust[key] = TemplateTrust()
-            trust.calls += 1
-            if trust.differs:
-                how = How.UNTRUSTED
-            elif trust.agreed < self._check_first or (
-                self._check_every > 0 and trust.calls % self._check_every == 0
-            ):
-                how = How.CHECKED
-            else:
-                how = How.STAND_IN
-        renders: list[Any] = [self._tail(upstream_url, headers, request)]
-        if how != How.STAND_IN:  # the full renders
-            renders += [
-                self._render(upstream_url, headers, request, messages[:kept], generation_prompt=False),
-                self._render(upstream_url, headers, request, messages, generation_prompt=True),
-            ]
-        if how in (How.STAND_IN, How.CHECKED):
+        key = "" if stand_in is None else template_key(upstream_url, request)
+        trust = self._trust_of(key) if stand_in is not None else None
+        how = self._how(trust)
+        if how == How.STAND_IN:
             assert stand_in is not None
-            renders += [
-                self._render(upstream_url, headers, request, stand_in, generation_prompt=False),
-                self._render(
-                    upstream_url, headers, request, [*stand_in, *messages[kept:]], generation_prompt=True
-                ),
-            ]
-        tail, *rendered = await asyncio.gather(*renders)
-        history, whole = rendered[0], rendered[1]
-        new = whole.after(history)
-        if how == How.CHECKED:
             assert trust is not None
-            try:
-                short = rendered[3].after(rendered[2])
-            except BuildFailed:
-                short = None
-            if short == new and rendered[2].last(len(tail)) == tail:
-                trust.agreed += 1
-            else:
-                trust.differs = True
-                how = How.DIFFERS
-                logger.warning(
-                    "upstream=<%s>, model=<%s> | the stand-in history renders differently with this "
-                    "template: full renders from now on",
-                    upstream_url,
-                    request.get("model"),
+            tail, short = await asyncio.gather(
+                self._tail(upstream_url, headers, request),
+                self._after_stand_in(upstream_url, headers, request, stand_in, kept, key, fresh=False),
+            )
+            if not isinstance(short, BuildFailed):
+                return self._built(found, tail, *short, how)
+            # the template refuses the stand-in (a transport failure raised): full renders from now on
+            self._distrust(trust, upstream_url, request, short)
+            how = How.DIFFERS
+        renders: list[Any] = [
+            self._tail(upstream_url, headers, request),
+            self._after_full(upstream_url, headers, request, kept),
+        ]
+        if how == How.CHECKED:
+            assert stand_in is not None
+            renders.append(
+                self._after_stand_in(upstream_url, headers, request, stand_in, kept, key, fresh=True)
+            )
+        tail, (new, history), *checked = await asyncio.gather(*renders)
+        if checked:
+            assert trust is not None
+            short = checked[0]
+            if isinstance(short, BuildFailed) or short[0] != new or short[1].last(len(tail)) != tail:
+                self._distrust(
+                    trust, upstream_url, request, short if isinstance(short, BuildFailed) else None
                 )
+                how = How.DIFFERS
+            else:
+                trust.agreed += 1
+        return self._built(found, tail, new, history, how)
+
+    def _trust_of(self, key: str) -> TemplateTrust:
+        trust = self._trust.get(key)
+        if trust is None:
+            if len(self._trust) >= _MAX_TAILS:
+                self._trust.clear()
+            trust = self._trust[key] = TemplateTrust()
+        trust.calls += 1
+        return trust
+
+    def _how(self, trust: TemplateTrust | None) -> How:
+        if trust is None:
+            return How.FULL
+        if trust.differs:
+            return How.UNTRUSTED
+        if trust.agreed < self._check_first or (
+            self._check_every > 0 and trust.calls % self._check_every == 0
+        ):
+            return How.CHECKED
+        return How.STAND_IN
+
+    @staticmethod
+    def _distrust(
+        trust: TemplateTrust, upstream_url: str, request: dict[str, Any], failure: BuildFailed | None
+    ) -> None:
+        trust.differs = True
+        logger.warning(
+            "upstream=<%s>, model=<%s>, detail=<%s> | the stand-in history renders differently with this "
+            "template: full renders from now on",
+            upstream_url,
+            request.get("model"),
+            "" if failure is None else f"{failure.reason} {failure.detail}".strip(),
+        )
+
+    @staticmethod
+    def _built(found: Continuation, tail: list[int], new: list[int], history: Rendered, how: How) -> Built:
         if not tail or history.last(len(tail)) != tail:
             raise BuildFailed("template_tail_unknown")
         generated = list(found.choice.token_ids)
@@ -271,6 +309,63 @@ class PromptBuilder:
             (k for k in range(len(tail), 0, -1) if generated[-k:] == tail[:k]), 0
         )  # the part of the tail the model sampled itself
         return Built([*found.past.prompt_ids, *generated, *tail[sampled:], *new], how)
+
+    async def _after_full(
+        self, upstream_url: str, headers: list[tuple[bytes, bytes]], request: dict[str, Any], kept: int
+    ) -> tuple[list[int], Rendered]:
+        """The new tokens after the whole history, and the history's render."""
+        messages = request["messages"]
+        history, whole = await asyncio.gather(
+            self._render(upstream_url, headers, request, messages[:kept], generation_prompt=False),
+            self._render(upstream_url, headers, request, messages, generation_prompt=True),
+        )
+        return whole.after(history), history
+
+    async def _after_stand_in(
+        self,
+        upstream_url: str,
+        headers: list[tuple[bytes, bytes]],
+        request: dict[str, Any],
+        stand_in: list[Any],
+        kept: int,
+        key: str,
+        *,
+        fresh: bool,
+    ) -> tuple[list[int], Rendered] | BuildFailed:
+        """The new tokens after ``stand_in``, and its render; the failure, returned, where the template
+        does not take the stand-in (a transport failure is raised: it says nothing of the template).
+
+        The stand-in history's render is kept per template and stand-in, and checked again by every
+        call that uses it: it must be a prefix of the call's render, else (a template that writes
+        today's date, say) it is rendered again. A checked call (``fresh``) renders it again anyway,
+        so what is kept is checked as often as the template is."""
+        messages = [*stand_in, *request["messages"][kept:]]
+        remembered = (key, jsonio.dumps_text(stand_in))
+        kept_render = None if fresh else self._stand_in_renders.get(remembered)
+        try:
+            if kept_render is not None:
+                whole = await self._render(upstream_url, headers, request, messages, generation_prompt=True)
+                try:
+                    return whole.after(kept_render), kept_render
+                except BuildFailed:
+                    self._stand_in_renders.pop(remembered, None)
+                    history = await self._render(
+                        upstream_url, headers, request, stand_in, generation_prompt=False
+                    )
+            else:
+                history, whole = await asyncio.gather(
+                    self._render(upstream_url, headers, request, stand_in, generation_prompt=False),
+                    self._render(upstream_url, headers, request, messages, generation_prompt=True),
+                )
+            new = whole.after(history)
+        except BuildFailed as failed:
+            if failed.transport:
+                raise
+            return failed
+        if len(self._stand_in_renders) >= _MAX_TAILS:
+            self._stand_in_renders.clear()
+        self._stand_in_renders[remembered] = history
+        return new, history
 
     async def _tail(
         self, upstream_url: str, headers: list[tuple[bytes, bytes]], request: dict[str, Any]
@@ -325,11 +420,13 @@ class PromptBuilder:
             finally:
                 await response.aclose()
         except UpstreamError as exc:
-            raise BuildFailed("tokenize_failed", type(exc).__name__) from exc
+            raise BuildFailed("tokenize_failed", type(exc).__name__, transport=True) from exc
         payload = b"".join(chunks)
         if response.status_code != 200:
             raise BuildFailed(
-                "tokenize_failed", f"status {response.status_code}: {payload[:_MAX_ERROR_TEXT]!r}"
+                "tokenize_failed",
+                f"status {response.status_code}: {payload[:_MAX_ERROR_TEXT]!r}",
+                transport=response.status_code >= 500,  # a 4xx is vLLM refusing these messages
             )
         start = payload.find(_TOKENS_KEY)
         end = payload.find(b"]", start) if start >= 0 else -1
