@@ -255,11 +255,13 @@ def _agent_prompt(
 class TokenizeStats:
     """Bytes this fake tokenized, by the turn of the chat call they were for (1: a trajectory's first).
 
-    A ``/tokenize`` request is held under its last assistant message (a reply: token-in renders the
-    history up to the previous call's reply, or a stand-in ending with it) until a chat call arrives
-    whose last assistant message is that reply; its turn is its count of assistant messages + 1.
-    Replies in agent mode are a function of the messages, so different agents' do not collide.
-    Requests no chat call claims (the template's end-of-turn probes) stay ``unattributed``."""
+    A ``/tokenize`` request is held under its last message: token-in renders the history up to the
+    previous call's reply (held under that reply), and that history, or a stand-in one, with the new
+    messages (held under the last new message). A chat call claims what is held under its last
+    message and under its last reply; its turn is its count of assistant messages + 1. Replies and
+    tool results in agent mode are a function of the messages, so different agents' do not collide.
+    Requests no chat call claims (the template's end-of-turn probes, a stand-in history rendered
+    alone, which token-in keeps) stay ``unattributed``."""
 
     def __init__(self) -> None:
         self.reset()
@@ -271,7 +273,7 @@ class TokenizeStats:
         ] = {}  # turn -> [calls, tokenize requests, tokenize bytes, chat bytes]
 
     def tokenized(self, body: dict[str, Any], size: int) -> None:
-        key = _last_reply(body.get("messages"))
+        key = _last_message(body.get("messages"))
         held = self.pending.setdefault(key, [0, 0])
         held[0] += 1
         held[1] += size
@@ -282,7 +284,12 @@ class TokenizeStats:
             return
         turn = 1 + sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
         row = self.by_turn.setdefault(turn, [0, 0, 0, 0])
-        requests, tokenized = self.pending.pop(_last_reply(messages), [0, 0]) if turn > 1 else (0, 0)
+        requests = tokenized = 0
+        if turn > 1:
+            for key in {_last_message(messages), _last_message(messages, "assistant")}:
+                held = self.pending.pop(key, [0, 0])
+                requests += held[0]
+                tokenized += held[1]
         row[0] += 1
         row[1] += requests
         row[2] += tokenized
@@ -293,11 +300,12 @@ class TokenizeStats:
         return json.dumps({"by_turn": self.by_turn, "unattributed": unattributed}).encode()
 
 
-def _last_reply(messages: Any) -> str:
+def _last_message(messages: Any, role: str | None = None) -> str:
+    """The last message (of ``role``), as a key."""
     if isinstance(messages, list):
         for message in reversed(messages):
-            if isinstance(message, dict) and message.get("role") == "assistant":
-                return json.dumps(message.get("content"))
+            if isinstance(message, dict) and role in (None, message.get("role")):
+                return json.dumps([message.get("role"), message.get("content")])
     return ""
 
 
