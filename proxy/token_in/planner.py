@@ -213,10 +213,6 @@ class TokenIn:
         """What was learned per template of the stand-in history (see ``prompt``)."""
         return self._builder.templates()
 
-    def prompt_field(self, upstream_url: str) -> PromptField | None:
-        """The field the upstream takes the prompt IDs in, once learned."""
-        return self._fields.known(upstream_url)
-
     def _fall_back(self, record: CallRecord, reason: str) -> None:
         record.token_in = False
         record.token_in_fallback = reason
@@ -259,9 +255,14 @@ class TokenIn:
             raise BuildFailed(Fallback.CONCURRENT)
         auth = [(n, v) for n, v in headers if n.lower() == b"authorization"]
         upstream_url = self._upstream_of(trajectory_id)
-        built, field = await asyncio.gather(
-            self._builder.build(upstream_url, auth, request, found), self._fields.field(upstream_url, auth)
-        )
+        known = self._fields.known(upstream_url)
+        if known is None:  # asked once per upstream, beside the first call's renders
+            built, field = await asyncio.gather(
+                self._builder.build(upstream_url, auth, request, found),
+                self._fields.field(upstream_url, auth),
+            )
+        else:  # no task of its own: under load each one costs the call a turn of the event loop
+            built, field = await self._builder.build(upstream_url, auth, request, found), known
         record.token_in_render = str(built.how)
         return built.ids, field
 

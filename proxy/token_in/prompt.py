@@ -236,10 +236,14 @@ class PromptBuilder:
         if how == How.STAND_IN:
             assert stand_in is not None
             assert trust is not None
-            tail, short = await asyncio.gather(
-                self._tail(upstream_url, headers, request),
-                self._after_stand_in(upstream_url, headers, request, stand_in, kept, key, fresh=False),
+            standing_in = self._after_stand_in(
+                upstream_url, headers, request, stand_in, kept, key, fresh=False
             )
+            cached = self._tails.get(self._tail_key(upstream_url, request))
+            if cached is None:
+                tail, short = await asyncio.gather(self._tail(upstream_url, headers, request), standing_in)
+            else:  # no tasks: under load each one costs the call a turn of the event loop
+                tail, short = cached, await standing_in
             if not isinstance(short, BuildFailed):
                 return self._built(found, tail, *short, how)
             # the template refuses the stand-in (a transport failure raised): full renders from now on
@@ -367,11 +371,15 @@ class PromptBuilder:
         self._stand_in_renders[remembered] = history
         return new, history
 
+    @staticmethod
+    def _tail_key(upstream_url: str, request: dict[str, Any]) -> tuple[str, str]:
+        options = {name: request.get(name) for name in _TEMPLATE_FIELDS if name != "tools"}
+        return (upstream_url, jsonio.dumps_text([request.get("model"), options]))
+
     async def _tail(
         self, upstream_url: str, headers: list[tuple[bytes, bytes]], request: dict[str, Any]
     ) -> list[int]:
-        options = {name: request.get(name) for name in _TEMPLATE_FIELDS if name != "tools"}
-        key = (upstream_url, jsonio.dumps_text([request.get("model"), options]))
+        key = self._tail_key(upstream_url, request)
         tail = self._tails.get(key)
         if tail is None:
             first, second = (
