@@ -30,6 +30,7 @@ from tokentrail.proxy.api.detokenize import TokenPieces
 from tokentrail.proxy.api.trajectories import bearer_matches
 from tokentrail.proxy.errors import openai_error_body
 from tokentrail.proxy.fleet.link import FleetLink
+from tokentrail.proxy.fleet.replicas import ControlStore, ReplicaFleet
 from tokentrail.proxy.metrics import snapshot
 from tokentrail.proxy.metrics.exposition import make_registry
 from tokentrail.proxy.recorder.assembly import make_writer
@@ -251,11 +252,15 @@ def create_app(
             identities=identities,
         )
         fleet: FleetLink | None = None
+        replicas: ReplicaFleet | None = None
         versions: asyncio.Task[None] | None = None
         if fleet_socket is not None:  # pause, resume and versions are the supervisor's to decide
             fleet = FleetLink(fleet_socket, rl_loop)
             await fleet.start()
         else:  # a restarted proxy knows the version (vLLM may come up after it: asked until it answers)
+            if settings.fleet_control_in_database:  # and so do the other replicas on the database
+                replicas = ReplicaFleet(rl_loop.local_control, ControlStore(engine))
+                await replicas.start()
             versions = asyncio.create_task(rl_loop.local_control.learn_versions_until_known())
         learning = (
             asyncio.create_task(identities.learn_until_known()) if settings.learn_weight_versions else None
@@ -289,6 +294,8 @@ def create_app(
                     task.cancel()
             if fleet is not None:
                 await fleet.aclose()
+            if replicas is not None:
+                await replicas.stop()
             await client.aclose()
             if runtime.retention is not None:
                 await asyncio.to_thread(runtime.retention.close)

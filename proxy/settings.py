@@ -83,6 +83,14 @@ class Settings(BaseSettings):
             "relay's spool."
         ),
     )
+    fleet_control: Literal["auto", "database", "host"] = Field(
+        "auto",
+        description=(
+            "Where pause, resume and the policy versions are decided: 'database', for every replica "
+            "sharing the database (a control row they all apply and acknowledge); 'host', for this "
+            "serve and its workers only; 'auto', database on PostgreSQL (where replicas run), else host."
+        ),
+    )
     writer_queue_size: PositiveInt = Field(
         10_000,
         description="Records waiting for the database at most; past it records go to the fallback file.",
@@ -279,6 +287,13 @@ class Settings(BaseSettings):
             variables[f"TOKENTRAIL_{name.upper()}"] = text
         variables["TOKENTRAIL_INSTANCE"] = self.instance_name
         return variables
+
+    @property
+    def fleet_control_in_database(self) -> bool:
+        """Whether pause, resume and versions are shared by every replica on the database."""
+        if self.fleet_control == "auto":
+            return self.db.startswith(("postgresql", "postgres"))
+        return self.fleet_control == "database"
 
     @property
     def upstreams(self) -> list[str]:

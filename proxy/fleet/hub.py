@@ -20,10 +20,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from tokentrail.proxy.fleet.replicas import ControlStore, ReplicaFleet
 from tokentrail.proxy.fleet.wire import MAX_LINE, read_message, write_message
 from tokentrail.proxy.rl.control import CONTROL_TIMEOUT_S, ControlPlane, SupersededError, Versions
 from tokentrail.proxy.rl.pause import PauseMode
 from tokentrail.proxy.settings import Settings
+from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.upstream.client import UpstreamClient
 from tokentrail.proxy.upstream.configured import upstream_client
 
@@ -141,6 +143,12 @@ class ControlHub:
         self.plane = ControlPlane(
             lambda: urls, client, self.members, learn_versions=self.settings.learn_weight_versions
         )
+        replicas: ReplicaFleet | None = None
+        engine = None
+        if self.settings.fleet_control_in_database:  # the other replicas on the database too
+            engine = make_engine(self.settings.db)
+            replicas = ReplicaFleet(self.plane, ControlStore(engine))
+            await replicas.start()
         server = await asyncio.start_unix_server(self._connected, self.path, limit=MAX_LINE)
         self.path.chmod(0o600)
         learning = asyncio.create_task(self.plane.learn_versions_until_known())
@@ -150,6 +158,10 @@ class ControlHub:
         finally:
             learning.cancel()
             server.close()
+            if replicas is not None:
+                await replicas.stop()
+            if engine is not None:
+                engine.dispose()
             await client.aclose()
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

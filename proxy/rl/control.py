@@ -13,7 +13,8 @@ and every worker is a member over a Unix socket (``proxy/fleet/``). Either way:
 
 * pause and resume are serialised and the last request wins: each takes the next generation; a newer
   one ends a pause that still waits for calls to finish (``SupersededError``), and only the latest
-  acts on vLLM and on the gates, one at a time;
+  acts on vLLM and on the gates, one at a time (the ``Sequencer``: this host's, or with replicas on
+  one database every replica's, ``proxy/fleet/replicas.py``);
 * the versions are learned from every upstream's ``/weight_info`` before any gate opens again, so
   every relay knows the new version before it sends its next call;
 * a version changed by a control call passing through one relay (``/update_weight_version``) is told
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,6 +71,37 @@ class Members(Protocol):
         """Take ``versions`` (the gate stays as it is)."""
 
 
+class Sequencer(Protocol):
+    """Which pause or resume is the latest, and whose turn it is to act on vLLM and the gates."""
+
+    async def next(self) -> int:
+        """A new request's generation: greater than every one before it."""
+
+    async def latest(self) -> int:
+        """The latest request's generation."""
+
+    def turn(self) -> AbstractAsyncContextManager[None]:
+        """Held while one request acts (the others wait)."""
+
+
+class LocalSequencer:
+    """The sequencer of one host: a counter and a lock."""
+
+    def __init__(self) -> None:
+        self._generation = 0
+        self._lock = asyncio.Lock()
+
+    async def next(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    async def latest(self) -> int:
+        return self._generation
+
+    def turn(self) -> AbstractAsyncContextManager[None]:
+        return self._lock
+
+
 @dataclass
 class ControlState:
     paused: PauseMode | None
@@ -91,8 +124,7 @@ class ControlPlane:
         self.members = members
         self.learn = learn_versions
         self.state = ControlState(None, {})
-        self._generation = 0
-        self._lock = asyncio.Lock()
+        self.sequencer: Sequencer = LocalSequencer()
 
     async def pause(self, mode: PauseMode) -> list[UpstreamAnswer]:
         """Close every member's gate, then pause every upstream.
@@ -102,15 +134,16 @@ class ControlPlane:
         that one forever). Raises ``TimeoutError`` when they take longer than ``CONTROL_TIMEOUT_S``
         (the gates stay closed: resume opens them), ``SupersededError`` when a newer request came.
         """
-        generation = self._next_generation()
-        self.state.paused = mode
-        await self.members.close(mode)
-        if mode == PauseMode.WAIT:
-            drained = await asyncio.wait_for(self.members.drain(), CONTROL_TIMEOUT_S)
-            if not drained:
-                raise SupersededError
-        async with self._lock:
-            self._check_latest(generation)
+        generation = await self._next_generation()
+        async with self.sequencer.turn():
+            await self._check_latest(generation)
+            self.state.paused = mode
+            await self.members.close(mode)
+            if mode == PauseMode.WAIT:
+                drained = await asyncio.wait_for(self.members.drain(), CONTROL_TIMEOUT_S)
+                if not drained:
+                    raise SupersededError
+            await self._check_latest(generation)
             answers = await self._everywhere("POST", f"/pause?mode={mode}")
         logger.warning("mode=<%s> | fleet paused", mode)
         return answers
@@ -118,12 +151,12 @@ class ControlPlane:
     async def resume(self) -> list[UpstreamAnswer]:
         """Resume every upstream, learn their versions, then open every member's gate (unless a
         newer pause came meanwhile: ``SupersededError``, the gates stay closed)."""
-        generation = self._next_generation()
-        async with self._lock:
-            self._check_latest(generation)
+        generation = await self._next_generation()
+        async with self.sequencer.turn():
+            await self._check_latest(generation)
             answers = await self._everywhere("POST", "/resume")
             await self.learn_versions()  # weights may have changed by routes TokenTrail did not see
-            self._check_latest(generation)
+            await self._check_latest(generation)
             self.state.paused = None
             await self.members.open(dict(self.state.versions))
         logger.warning("fleet resumed")
@@ -163,13 +196,13 @@ class ControlPlane:
         while not await self.learn_versions():  # noqa: ASYNC110 - nothing to wait on but time
             await asyncio.sleep(retry_s)
 
-    def _next_generation(self) -> int:
-        self._generation += 1
+    async def _next_generation(self) -> int:
+        generation = await self.sequencer.next()
         self.members.newer()
-        return self._generation
+        return generation
 
-    def _check_latest(self, generation: int) -> None:
-        if generation != self._generation:
+    async def _check_latest(self, generation: int) -> None:
+        if generation != await self.sequencer.latest():
             raise SupersededError
 
     async def _everywhere(self, method: str, path: str) -> list[UpstreamAnswer]:

@@ -1,0 +1,400 @@
+"""Pause, resume and policy versions for every replica on one database: a control row they all apply.
+
+Why: a host's control plane (``rl/control.py``: one ``serve``, or its ``--workers`` supervisor) decides
+for that host only. Replicas on one PostgreSQL each had their own, so a pause through one replica let
+the others' calls go on to a paused vLLM, a resume through another left the first one's calls held,
+and a version set through one replica was unknown to the others.
+
+How: each replica's control plane gets ``ReplicaFleet`` as its ``Sequencer`` and ``Members``.
+
+* **State.** ``fleet_control`` (one row, migration 0010) holds the latest request's generation, the
+  pause mode (null: running) and every upstream's version, with a revision that every change raises.
+  A replica that acts writes it; every replica applies it to its own gates and versions (a watcher
+  reads it every ``POLL_S``) and acknowledges the revision it applied in its ``fleet_replicas`` row,
+  with a heartbeat. The acting replica waits for every live replica's acknowledgement before it
+  answers (a replica silent for ``LEASE_S`` is dead and left out; one that does not acknowledge
+  within ``ACK_TIMEOUT_S`` is logged and left out), so a held call never outlives a resume, and every
+  replica knows a new version before its next call is sent.
+* **Order.** A pause or resume takes the next generation from the row; the acting one holds the fleet
+  lock (PostgreSQL: an advisory lock; SQLite, whose replicas share one host: a file lock) while it
+  checks it is still the latest and acts on vLLM and the row, so the last request wins everywhere.
+  A replica whose wait pause is draining sees a newer generation in the row and gives way.
+* **Drain.** A wait pause waits for every live replica to report no call running at its generation.
+* **Start.** A replica applies the row before it serves: one started during a pause holds its calls.
+
+Cost: nothing on the call path (the gates are in memory); per replica one read and one write of
+the database every ``POLL_S``; per pause or resume a few ``POLL_S`` (``bench/fleet_control.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from tokentrail.proxy import jsonio
+from tokentrail.proxy.rl.control import ControlPlane, Members, Versions
+from tokentrail.proxy.rl.pause import PauseMode
+from tokentrail.proxy.storage.engine import sqlite_path
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.05  # how often a replica reads the control row (and how often an acting one looks again)
+LEASE_S = 5.0  # a replica whose heartbeat is older is dead: nobody waits for it (clocks within ~1 s)
+ACK_TIMEOUT_S = 30.0  # a live replica that applied nothing in this long is left out, and logged
+_LOCK_KEY = 0x546F6B54  # PostgreSQL advisory lock key: "TokT"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRow:
+    generation: int
+    revision: int
+    paused: PauseMode | None
+    versions: Versions
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRow:
+    replica: str
+    seen_revision: int
+    drained_generation: int
+    heartbeat_at: float
+
+
+class _Keep:
+    """``publish``'s default: leave the pause state as it is."""
+
+
+_KEEP = _Keep()
+
+
+class ControlStore:
+    """The control row and the replicas' rows (blocking: called in threads)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        path = sqlite_path(str(engine.url))
+        self._lock_path = None if path is None else path.with_name(path.name + ".fleet-lock")
+
+    def read(self) -> tuple[FleetRow, list[ReplicaRow]]:
+        with self.engine.connect() as connection:
+            return self._row(connection), [
+                ReplicaRow(str(r[0]), int(r[1]), int(r[2]), float(r[3]))
+                for r in connection.execute(
+                    text(
+                        "SELECT replica, seen_revision, drained_generation, heartbeat_at FROM fleet_replicas"
+                    )
+                )
+            ]
+
+    def next_generation(self) -> int:
+        with self.engine.begin() as connection:
+            connection.execute(text("UPDATE fleet_control SET generation = generation + 1 WHERE id = 1"))
+            return self._row(connection).generation
+
+    def publish(self, paused: PauseMode | _Keep | None = _KEEP, versions: Versions | None = None) -> FleetRow:
+        """Write a change (the pause state, and versions merged into the row's): the row as written."""
+        with self.engine.begin() as connection:
+            # the write first: it takes the row's lock, so the merge below reads the latest versions
+            connection.execute(text("UPDATE fleet_control SET revision = revision + 1 WHERE id = 1"))
+            row = self._row(connection)
+            merged = {**row.versions, **(versions or {})}
+            state = row.paused if isinstance(paused, _Keep) else paused
+            connection.execute(
+                text("UPDATE fleet_control SET paused = :paused, versions = :versions WHERE id = 1"),
+                {"paused": None if state is None else str(state), "versions": jsonio.dumps_text(merged)},
+            )
+            return FleetRow(row.generation, row.revision, state, merged)
+
+    def report(self, replica: str, seen_revision: int, drained_generation: int) -> None:
+        """This replica's acknowledgement and heartbeat."""
+        values = {
+            "replica": replica,
+            "seen": seen_revision,
+            "drained": drained_generation,
+            "now": time.time(),
+        }
+        with self.engine.begin() as connection:
+            updated = connection.execute(
+                text(
+                    "UPDATE fleet_replicas SET seen_revision = :seen, drained_generation = :drained, "
+                    "heartbeat_at = :now WHERE replica = :replica"
+                ),
+                values,
+            )
+            if updated.rowcount == 0:
+                connection.execute(
+                    text(
+                        "INSERT INTO fleet_replicas (replica, seen_revision, drained_generation, "
+                        "heartbeat_at) VALUES (:replica, :seen, :drained, :now)"
+                    ),
+                    values,
+                )
+
+    def leave(self, replica: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(text("DELETE FROM fleet_replicas WHERE replica = :r"), {"r": replica})
+
+    def try_lock(self) -> Any:
+        """The fleet lock if it is free (a handle for ``unlock``), else None."""
+        if self._lock_path is not None:
+            descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                return None
+            return descriptor
+        connection = self.engine.connect()
+        try:
+            taken = connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}).scalar()
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
+        if not taken:
+            connection.close()
+            return None
+        return connection
+
+    def unlock(self, handle: Any) -> None:
+        if isinstance(handle, int):
+            os.close(handle)  # (closing the descriptor releases its flock)
+            return
+        connection: Connection = handle
+        try:
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+            connection.commit()
+        except BaseException:
+            connection.invalidate()  # never back to the pool holding the lock: its session ends
+            raise
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _row(connection: Connection) -> FleetRow:
+        row = connection.execute(
+            text("SELECT generation, revision, paused, versions FROM fleet_control WHERE id = 1")
+        ).one()
+        versions = jsonio.loads(row[3]) if row[3] else {}
+        return FleetRow(int(row[0]), int(row[1]), None if row[2] is None else PauseMode(row[2]), versions)
+
+
+class ReplicaFleet:
+    """A host's control plane, made one of the replicas on a database (its ``Sequencer`` and
+    ``Members``); this host's own members (``inner``) do what the fleet's row says."""
+
+    def __init__(
+        self,
+        plane: ControlPlane,
+        store: ControlStore,
+        *,
+        poll_s: float = POLL_S,
+        lease_s: float = LEASE_S,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
+    ) -> None:
+        self.plane = plane
+        self.store = store
+        self.inner: Members = plane.members
+        self.replica = uuid.uuid4().hex
+        self.poll_s = poll_s
+        self.lease_s = lease_s
+        self.ack_timeout_s = ack_timeout_s
+        self.applied = -1  # the revision of the row this host applied
+        self._generation = 0  # the row's generation when this host applied it
+        self._own: set[int] = set()  # generations this host's requests took
+        self._closed: PauseMode | None = None  # the gates' state as this host last set it
+        self._closed_at = 0  # the generation this host's own close was published at
+        self._drained = 0  # the generation at which this host last had no call running while paused
+        self._draining: tuple[int, asyncio.Task[None]] | None = None
+        self._applying = asyncio.Lock()
+        self._local_turn = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----
+
+    async def start(self) -> bool:
+        """Apply the fleet's state (before this host serves a call), join, and watch for changes.
+
+        False, and this host decides alone, when the control row cannot be read (a database whose
+        schema is older than migration 0010, which ``serve`` applies at start unless told not to)."""
+        try:
+            row, _ = await asyncio.to_thread(self.store.read)
+        except SQLAlchemyError as exc:
+            logger.error(
+                "error=<%s> | the fleet control row cannot be read: pause, resume and versions are this "
+                "host's alone",
+                type(exc).__name__,
+            )
+            return False
+        self.plane.members = self
+        self.plane.sequencer = self
+        await self._apply(row)
+        await self._report()
+        self._watcher = asyncio.create_task(self._watch(), name="tokentrail-fleet-watch")
+        logger.info("replica=<%s> | pause, resume and versions shared over the database", self.replica)
+        return True
+
+    async def stop(self) -> None:
+        if self._watcher is None:
+            return
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._draining is not None:
+            self._draining[1].cancel()
+        with contextlib.suppress(SQLAlchemyError):
+            await asyncio.to_thread(self.store.leave, self.replica)
+
+    # ---- the sequencer ----
+
+    async def next(self) -> int:
+        generation = await asyncio.to_thread(self.store.next_generation)
+        self._own.add(generation)
+        return generation
+
+    async def latest(self) -> int:
+        row, _ = await asyncio.to_thread(self.store.read)
+        return row.generation
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        async with self._local_turn:
+            while (handle := await asyncio.to_thread(self.store.try_lock)) is None:  # noqa: ASYNC110
+                await asyncio.sleep(self.poll_s)  # another replica acts: no event says when it is done
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(self.store.unlock, handle)
+
+    # ---- the members: this host's, then every other replica's acknowledgement ----
+
+    def newer(self) -> None:
+        self.inner.newer()
+
+    async def close(self, mode: PauseMode) -> None:
+        row = await self._publish_and_apply(mode, None)
+        self._closed_at = row.generation
+        await self._acknowledged(row.revision)
+
+    async def drain(self) -> bool:
+        """This host's calls, then every live replica's, finished at this pause's generation; False
+        when a newer request came (here or at any replica)."""
+        mine = asyncio.ensure_future(self.inner.drain())
+        generation = self._closed_at
+        try:
+            while True:
+                row, replicas = await asyncio.to_thread(self.store.read)
+                if row.generation != generation:
+                    return False
+                if mine.done():
+                    if not mine.result():
+                        return False
+                    if all(r.drained_generation >= generation for r in self._others(replicas)):
+                        return True
+                await asyncio.wait([mine], timeout=self.poll_s)
+        finally:
+            mine.cancel()
+
+    async def open(self, versions: Versions) -> None:
+        row = await self._publish_and_apply(None, versions)
+        await self._acknowledged(row.revision)
+
+    async def set_versions(self, versions: Versions) -> None:
+        row = await self._publish_and_apply(_KEEP, versions)
+        await self._acknowledged(row.revision)
+
+    async def _publish_and_apply(
+        self, paused: PauseMode | _Keep | None, versions: Versions | None
+    ) -> FleetRow:
+        async with self._applying:
+            row = await asyncio.to_thread(self.store.publish, paused, versions)
+            await self._take(row)
+        return row
+
+    async def _acknowledged(self, revision: int) -> None:
+        """Until every other live replica applied ``revision`` (or ``ack_timeout_s``)."""
+        deadline = time.monotonic() + self.ack_timeout_s
+        while True:
+            _, replicas = await asyncio.to_thread(self.store.read)
+            behind = [r.replica for r in self._others(replicas) if r.seen_revision < revision]
+            if not behind:
+                return
+            if time.monotonic() >= deadline:
+                logger.error(
+                    "replicas=<%s>, revision=<%d> | replicas did not apply a fleet change in time",
+                    ",".join(behind),
+                    revision,
+                )
+                return
+            await asyncio.sleep(self.poll_s)
+
+    def _others(self, replicas: list[ReplicaRow]) -> list[ReplicaRow]:
+        alive_since = time.time() - self.lease_s
+        return [r for r in replicas if r.replica != self.replica and r.heartbeat_at >= alive_since]
+
+    # ---- applying the row ----
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                row, _ = await asyncio.to_thread(self.store.read)
+                await self._apply(row)
+                await self._report()
+            except Exception as exc:  # the database is away: the gates stay as they are
+                logger.warning("error=<%s> | fleet control row not applied", type(exc).__name__)
+            await asyncio.sleep(self.poll_s)
+
+    async def _apply(self, row: FleetRow) -> None:
+        async with self._applying:
+            if row.revision > self.applied:
+                if row.generation != self._generation and row.generation not in self._own:
+                    self.inner.newer()  # a newer request at another replica: a drain here gives way
+                await self._take(row)
+        if row.paused is not None and self._drained < row.generation:
+            self._drain_for(row.generation)
+
+    async def _take(self, row: FleetRow) -> None:
+        """Make this host's members and the plane's state what ``row`` says."""
+        state = self.plane.state
+        state.versions.update(row.versions)
+        state.paused = row.paused
+        if row.paused != self._closed:
+            if row.paused is None:
+                await self.inner.open(dict(row.versions))
+            else:
+                await self.inner.set_versions(dict(row.versions))
+                await self.inner.close(row.paused)
+        else:
+            await self.inner.set_versions(dict(row.versions))
+        self._closed = row.paused
+        self.applied = max(self.applied, row.revision)
+        self._generation = row.generation
+
+    def _drain_for(self, generation: int) -> None:
+        """Report once this host has no call running under the pause of ``generation``."""
+        if self._draining is not None:
+            if self._draining[0] == generation:
+                return
+            self._draining[1].cancel()
+
+        async def drain() -> None:
+            if await self.inner.drain():
+                self._drained = max(self._drained, generation)
+                await self._report()
+
+        self._draining = (generation, asyncio.create_task(drain()))
+
+    async def _report(self) -> None:
+        await asyncio.to_thread(self.store.report, self.replica, self.applied, self._drained)

@@ -1,0 +1,160 @@
+"""Pause, resume and policy versions across replicas on one database: real ``serve`` processes (one of
+them with ``--workers 2``), on PostgreSQL (``TOKENTRAIL_FLEET_CONTROL=auto``) and on one SQLite file
+(``database``, replicas on one host).
+
+Each test fails on a proxy whose replicas each decide alone: a pause through one replica lets the
+other's calls reach a paused vLLM, a resume through the other leaves the first one's calls held, a
+version set through one is unknown to the other, and a wait pause does not wait for the other's calls.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+from tests.postgres import create_database
+from tests.test_fleet import PAUSE, RESUME, _in_background, _in_flight, _until, _versions
+from tests.test_serve import BODY, CHAT, serve_process
+from tests.test_workers import FRESH
+from tests.test_workers import _wait_rows as wait_rows
+
+HELD = 6
+PATIENT = {"TOKENTRAIL_PAUSE_MAX_WAIT_S": "120"}  # a held call nobody resumes outlasts the test
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def shared_db(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """The database two replicas share, and the settings that make them share control over it."""
+    if request.param == "postgresql":
+        return create_database(request.getfixturevalue("postgres_url")), {}  # auto: on PostgreSQL
+    return f"sqlite:///{tmp_path / 'shared.sqlite'}", {"TOKENTRAIL_FLEET_CONTROL": "database"}
+
+
+@contextmanager
+def _replica(upstream: str, shared: tuple[str, dict[str, str]], **env: str) -> Iterator[str]:
+    db_url, settings = shared
+    with serve_process(upstream, db_url, **PATIENT, **settings, **env) as (process, url, _log):
+        yield url
+        assert process.poll() is None
+
+
+@contextmanager
+def _two_replicas(upstream: str, shared: tuple[str, dict[str, str]]) -> Iterator[tuple[str, str]]:
+    """Replica A with two workers, replica B alone."""
+    with _replica(upstream, shared, TOKENTRAIL_WORKERS="2") as a, _replica(upstream, shared) as b:
+        yield a, b
+
+
+def _paused(client: httpx.Client, proxy: str) -> bool:
+    return bool(client.get(proxy + PAUSE).json()["paused"])
+
+
+def _post_in_background(url: str, **kwargs: Any) -> tuple[threading.Thread, list[int]]:
+    statuses: list[int] = []
+
+    def post() -> None:
+        with httpx.Client(limits=FRESH, timeout=120) as client:
+            statuses.append(client.post(url, **kwargs).status_code)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, statuses
+
+
+def test_calls_held_by_a_pause_through_one_replica_go_when_the_other_resumes_with_the_new_version(
+    fake: tuple[FakeUpstream, str], shared_db: tuple[str, dict[str, str]]
+) -> None:
+    upstream, url = fake
+    with _two_replicas(url, shared_db) as (a, b), httpx.Client(limits=FRESH, timeout=30) as control:
+        assert control.post(a + PAUSE + "?mode=keep").status_code == 200
+        assert _paused(control, b)  # before the pause's answer
+        at_a, statuses_a = _in_background(a, HELD, "at-a")
+        at_b, statuses_b = _in_background(b, HELD, "at-b")
+        _until(lambda: _in_flight(a) == HELD and _in_flight(b) == HELD, "calls not all held")
+        assert CHAT not in [r["path"] for r in upstream.requests]
+        assert control.post(b + "/update_weight_version", json={"new_version": "v2"}).status_code == 200
+        assert control.post(b + RESUME).status_code == 200
+        at_a.join(60)
+        at_b.join(60)
+        assert statuses_a == statuses_b == [200] * HELD
+        assert not _paused(control, a)
+        wait_rows(shared_db[0], 2 * HELD)
+    assert _versions(shared_db[0], "at-a") == _versions(shared_db[0], "at-b") == ["v2"] * HELD
+    assert upstream.control.count("/pause?mode=keep") == 1
+    assert upstream.control.count("/resume") == 1
+
+
+def test_a_version_set_through_one_replica_is_known_to_the_other_before_its_answer(
+    fake: tuple[FakeUpstream, str], shared_db: tuple[str, dict[str, str]]
+) -> None:
+    url = fake[1]
+    with _replica(url, shared_db) as a, _replica(url, shared_db) as b, httpx.Client(timeout=30) as client:
+        learned = {url: "default"}
+        _until(lambda: client.get(b + PAUSE).json()["weight_versions"] == learned, "no version at start")
+        answer = client.post(a + "/update_weight_version", json={"new_version": "step-7"})
+        assert answer.status_code == 200
+        for i in range(HELD):  # at once, on the other replica
+            sent = client.post(b + CHAT, json=BODY, headers={"X-Trajectory-Id": f"after-{i}"})
+            assert sent.status_code == 200
+        wait_rows(shared_db[0], HELD)
+    assert _versions(shared_db[0], "after") == ["step-7"] * HELD
+
+
+def test_a_replica_started_during_a_pause_holds_its_calls(
+    fake: tuple[FakeUpstream, str], shared_db: tuple[str, dict[str, str]]
+) -> None:
+    upstream, url = fake
+    with _replica(url, shared_db) as a, httpx.Client(limits=FRESH, timeout=30) as control:
+        assert control.post(a + PAUSE + "?mode=keep").status_code == 200
+        with _replica(url, shared_db, TOKENTRAIL_WORKERS="2") as late:
+            assert _paused(control, late)
+            caller, statuses = _in_background(late, HELD, "late")
+            _until(lambda: _in_flight(late) == HELD, "calls not all held")
+            assert CHAT not in [r["path"] for r in upstream.requests]
+            assert control.post(a + RESUME).status_code == 200
+            caller.join(60)
+            assert statuses == [200] * HELD
+
+
+@pytest.mark.parametrize("then", ["finish", "resume"])
+def test_a_wait_pause_waits_for_the_other_replicas_calls_and_a_resume_there_supersedes_it(
+    fake: tuple[FakeUpstream, str], shared_db: tuple[str, dict[str, str]], then: str
+) -> None:
+    """A wait pause through A pauses vLLM only once B's running call finished; a resume through B
+    while A waits ends A's pause (409) and the whole fleet runs, vLLM never paused."""
+    upstream, url = fake
+    with (
+        _replica(url, shared_db) as a,
+        _replica(url, shared_db) as b,
+        httpx.Client(limits=FRESH, timeout=30) as control,
+    ):
+        running, ran = _post_in_background(
+            b + CHAT, json=BODY, headers={"X-Trajectory-Id": "long", "x-fake": "gate"}
+        )
+        _until(lambda: _in_flight(b) == 1, "the call did not start")
+        pausing, paused = _post_in_background(a + PAUSE + "?mode=wait")
+        _until(lambda: _paused(control, b), "B's gate did not close")
+        assert "/pause?mode=wait" not in upstream.control  # B's call still runs
+        if then == "finish":
+            upstream.gate.set()
+            pausing.join(60)
+            assert paused == [200]
+            assert upstream.control.count("/pause?mode=wait") == 1
+            assert control.post(b + RESUME).status_code == 200
+        else:
+            assert control.post(b + RESUME).status_code == 200
+            pausing.join(60)
+            assert paused == [409]
+            assert "/pause?mode=wait" not in upstream.control
+            upstream.gate.set()
+        running.join(60)
+        assert ran == [200]
+        assert not _paused(control, a)
+        assert not _paused(control, b)
