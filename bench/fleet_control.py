@@ -1,12 +1,16 @@
 """What the fleet's control plane costs: a pause and a resume through TokenTrail, one process against
-``serve --workers N`` (the supervisor's control plane, every worker told over its Unix socket).
+``serve --workers N`` (the supervisor's control plane, every worker told over its Unix socket), and
+replicas sharing control over their database (``TOKENTRAIL_FLEET_CONTROL=database``).
 
-    python bench/fleet_control.py                 # 1 and 3 workers, 20 pause/resume pairs each
+    python bench/fleet_control.py                 # 1 and 3 workers, then 1 and 2 replicas on PostgreSQL
+    python bench/fleet_control.py --db sqlite     # the replicas on one SQLite file instead
 
 A call pays nothing for it: the pause gate is each worker's own, set by the control plane, and read
-on the request path as before. A pause or resume pays one round of commands to every worker and
-waits for each to have done it; this prints the median and the slowest of each, beside the same
-pair sent straight to the fake vLLM (what the upstreams' own routes cost).
+on the request path as before. A pause or resume pays one round of commands to every worker and, with
+replicas, a write of the control row and every other replica's acknowledgement (each reads the row
+every 50 ms); this prints the median and the slowest of each, beside the same pair sent straight to
+the fake vLLM (what the upstreams' own routes cost). The last column is what an idle TokenTrail
+costs, all its processes together: with replicas it reads the control row and writes its heartbeat.
 """
 
 from __future__ import annotations
@@ -17,13 +21,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from targets import TOKENTRAIL_SERVE, free_port, tokentrail_env, wait_http  # noqa: E402
+sys.path.insert(0, str(BENCH.parent))
+from targets import TOKENTRAIL_SERVE, cpu_seconds, free_port, tokentrail_env, wait_http  # noqa: E402
+
+PAUSE, RESUME = "/tokentrail/v1/pause?mode=keep", "/tokentrail/v1/resume"
+IDLE_S = 5.0
 
 
 def _pairs(url: str, pause: str, resume: str, count: int) -> tuple[list[float], list[float]]:
@@ -39,50 +49,89 @@ def _pairs(url: str, pause: str, resume: str, count: int) -> tuple[list[float], 
     return pauses, resumes
 
 
-def _line(name: str, pauses: list[float], resumes: list[float]) -> str:
+def _line(name: str, pauses: list[float], resumes: list[float], idle: float | None = None) -> str:
+    idle_text = "" if idle is None else f"   idle CPU {1000 * idle:5.1f} ms/s"
     return (
-        f"{name:22} pause {statistics.median(pauses):6.1f} ms (max {max(pauses):6.1f})   "
-        f"resume {statistics.median(resumes):6.1f} ms (max {max(resumes):6.1f})"
+        f"{name:38} pause {statistics.median(pauses):6.1f} ms (max {max(pauses):6.1f})   "
+        f"resume {statistics.median(resumes):6.1f} ms (max {max(resumes):6.1f}){idle_text}"
     )
+
+
+@contextmanager
+def _serve(upstream: str, db_url: str, tmp: Path, **settings: str) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    tmp.mkdir()
+    process = subprocess.Popen(TOKENTRAIL_SERVE, env=tokentrail_env(upstream, db_url, port, tmp, **settings))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/tokentrail/health", process)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def _idle_cpu(pids: list[int]) -> float:
+    """CPU seconds per second of ``pids`` (and their children) while nothing is sent."""
+    before = sum(cpu_seconds(pid) for pid in pids)
+    time.sleep(IDLE_S)
+    return (sum(cpu_seconds(pid) for pid in pids) - before) / IDLE_S
+
+
+def _cell(
+    name: str, upstream: str, db_url: str, tmp: Path, replicas: int, pairs: int, **settings: str
+) -> None:
+    with ExitStack() as stack:
+        started = [
+            stack.enter_context(_serve(upstream, db_url, tmp / f"r{i}", **settings)) for i in range(replicas)
+        ]
+        idle = _idle_cpu([pid for _, pid in started])
+        print(_line(name, *_pairs(started[0][0], PAUSE, RESUME, pairs), idle), flush=True)
+
+
+@contextmanager
+def _postgres() -> Iterator[str]:
+    from tests.postgres import postgres_server  # (the tests' throwaway cluster)
+
+    with postgres_server() as server:
+        yield server
+
+
+def _fresh_database(server: str | None, tmp: Path) -> str:
+    if server is None:
+        return f"sqlite:///{tmp / f'replicas-{time.monotonic_ns()}.sqlite'}"
+    from tests.postgres import create_database
+
+    return create_database(server)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql", help="the replicas'")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tokentrail-fleet-") as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix="tokentrail-fleet-") as tmp_name, ExitStack() as stack:
+        tmp = Path(tmp_name)
         port = free_port()
         upstream = f"http://127.0.0.1:{port}"
         # the tests' fake vLLM: it has the RL control plane (/pause, /resume, /weight_info)
         fake_app = ["-m", "uvicorn", "tests.fake_upstream:app", "--port", str(port), "--log-level", "warning"]
         fake = subprocess.Popen([sys.executable, *fake_app], cwd=BENCH.parent)
-        try:
-            wait_http(upstream + "/weight_info", fake)
-            print(_line("vLLM's own routes", *_pairs(upstream, "/pause?mode=keep", "/resume", args.pairs)))
-            for workers in args.workers:
-                tmp = Path(tmp_dir) / f"w{workers}"
-                tmp.mkdir()
-                proxy_port = free_port()
-                env = tokentrail_env(
-                    upstream,
-                    f"sqlite:///{tmp / 'db.sqlite'}",
-                    proxy_port,
-                    tmp,
-                    TOKENTRAIL_WORKERS=str(workers),
-                )
-                process = subprocess.Popen(TOKENTRAIL_SERVE, env=env)
-                try:
-                    url = f"http://127.0.0.1:{proxy_port}"
-                    wait_http(url + "/tokentrail/health", process)
-                    pause, resume = "/tokentrail/v1/pause?mode=keep", "/tokentrail/v1/resume"
-                    print(_line(f"TokenTrail, {workers} worker(s)", *_pairs(url, pause, resume, args.pairs)))
-                finally:
-                    process.terminate()
-                    process.wait(60)
-        finally:
-            fake.terminate()
-            fake.wait(30)
+        stack.callback(fake.wait, 30)
+        stack.callback(fake.terminate)
+        wait_http(upstream + "/weight_info", fake)
+        print(_line("vLLM's own routes", *_pairs(upstream, "/pause?mode=keep", "/resume", args.pairs)))
+        for workers in args.workers:
+            sqlite = f"sqlite:///{tmp / f'w{workers}.sqlite'}"
+            name = f"one host, {workers} worker(s), SQLite"
+            _cell(name, upstream, sqlite, tmp / f"w{workers}", 1, args.pairs, TOKENTRAIL_WORKERS=str(workers))
+        server = stack.enter_context(_postgres()) if args.db == "postgresql" else None
+        for replicas, control in ((1, "host"), (1, "database"), (2, "database")):
+            name = f"{replicas} replica(s), {args.db}, control {control}"
+            db_url = _fresh_database(server, tmp)
+            settings = {"TOKENTRAIL_FLEET_CONTROL": control}
+            _cell(name, upstream, db_url, tmp / f"{replicas}-{control}", replicas, args.pairs, **settings)
     return 0
 
 

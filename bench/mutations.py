@@ -711,6 +711,40 @@ MUTATIONS = [
         "a worker restarted during a pause lets its calls through to a paused vLLM",
     ),
     Mutation(
+        "replica-drain-ignores-other-replicas",
+        "proxy/fleet/replicas.py",
+        "if all(r.drained_generation >= generation for r in self._others(replicas)):",
+        "if True:",
+        (
+            "tests/test_replica_control.py::"
+            "test_a_wait_pause_waits_for_the_other_replicas_calls_and_a_resume_there_supersedes_it",
+        ),
+        "a wait pause pauses vLLM while another replica's calls still run",
+    ),
+    Mutation(
+        "replica-versions-not-shared",
+        "proxy/fleet/replicas.py",
+        "        row = await self._publish_and_apply(_KEEP, versions)\n",
+        "        row = await self._publish_and_apply(_KEEP, None)\n"
+        "        await self.inner.set_versions(versions)\n",
+        (
+            "tests/test_replica_control.py::"
+            "test_a_version_set_through_one_replica_is_known_to_the_other_before_its_answer",
+        ),
+        "a version set through one replica stays that replica's: the others stamp the old one",
+    ),
+    Mutation(
+        "replica-gates-not-opened-by-the-row",
+        "proxy/fleet/replicas.py",
+        "                await self.inner.open(dict(row.versions))\n",
+        "                pass\n",
+        (
+            "tests/test_replica_control.py::"
+            "test_calls_held_by_a_pause_through_one_replica_go_when_the_other_resumes_with_the_new_version",
+        ),
+        "a resume through one replica leaves the other replicas' calls held",
+    ),
+    Mutation(
         "metric-counts-not-committed",
         "proxy/recording/writer.py",
         "            self._count_in(connection, encoder, batch)\n",
