@@ -60,7 +60,7 @@ def _line(name: str, pauses: list[float], resumes: list[float], idle: float | No
 @contextmanager
 def _serve(upstream: str, db_url: str, tmp: Path, **settings: str) -> Iterator[tuple[str, int]]:
     port = free_port()
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     process = subprocess.Popen(TOKENTRAIL_SERVE, env=tokentrail_env(upstream, db_url, port, tmp, **settings))
     try:
         url = f"http://127.0.0.1:{port}"

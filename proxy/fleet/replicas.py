@@ -49,9 +49,13 @@ from tokentrail.proxy.storage.engine import sqlite_path
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.05  # how often a replica reads the control row (and how often an acting one looks again)
+POLL_S = 0.05  # how often the row is read where no notification wakes a replica (SQLite)
+QUIET_POLL_S = 1.0  # how often it is read anyway on PostgreSQL, where NOTIFY wakes every replica
+HEARTBEAT_S = 1.0  # a replica writes its heartbeat at least this often
 LEASE_S = 5.0  # a replica whose heartbeat is older is dead: nobody waits for it (clocks within ~1 s)
 ACK_TIMEOUT_S = 30.0  # a live replica that applied nothing in this long is left out, and logged
+LISTEN_RETRY_S = 2.0  # a lost listening connection is made again after this long
+CHANNEL = "tokentrail_fleet"  # PostgreSQL's NOTIFY channel: "the control row or an acknowledgement changed"
 _LOCK_KEY = 0x546F6B54  # PostgreSQL advisory lock key: "TokT"
 
 
@@ -85,21 +89,27 @@ class ControlStore:
         self.engine = engine
         path = sqlite_path(str(engine.url))
         self._lock_path = None if path is None else path.with_name(path.name + ".fleet-lock")
+        self.notifies = engine.dialect.name == "postgresql"
 
-    def read(self) -> tuple[FleetRow, list[ReplicaRow]]:
+    def libpq_dsn(self) -> str:
+        """The database's address for a plain psycopg connection (the listener)."""
+        return self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def read(self) -> FleetRow:
         with self.engine.connect() as connection:
-            return self._row(connection), [
-                ReplicaRow(str(r[0]), int(r[1]), int(r[2]), float(r[3]))
-                for r in connection.execute(
-                    text(
-                        "SELECT replica, seen_revision, drained_generation, heartbeat_at FROM fleet_replicas"
-                    )
-                )
-            ]
+            return self._row(connection)
+
+    def replicas(self) -> list[ReplicaRow]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT replica, seen_revision, drained_generation, heartbeat_at FROM fleet_replicas")
+            )
+            return [ReplicaRow(str(r[0]), int(r[1]), int(r[2]), float(r[3])) for r in rows]
 
     def next_generation(self) -> int:
         with self.engine.begin() as connection:
             connection.execute(text("UPDATE fleet_control SET generation = generation + 1 WHERE id = 1"))
+            self._notify(connection)
             return self._row(connection).generation
 
     def publish(self, paused: PauseMode | _Keep | None = _KEEP, versions: Versions | None = None) -> FleetRow:
@@ -114,10 +124,11 @@ class ControlStore:
                 text("UPDATE fleet_control SET paused = :paused, versions = :versions WHERE id = 1"),
                 {"paused": None if state is None else str(state), "versions": jsonio.dumps_text(merged)},
             )
+            self._notify(connection)
             return FleetRow(row.generation, row.revision, state, merged)
 
-    def report(self, replica: str, seen_revision: int, drained_generation: int) -> None:
-        """This replica's acknowledgement and heartbeat."""
+    def report(self, replica: str, seen_revision: int, drained_generation: int, *, notify: bool) -> None:
+        """This replica's acknowledgement and heartbeat (``notify``: it acknowledges something)."""
         values = {
             "replica": replica,
             "seen": seen_revision,
@@ -140,6 +151,8 @@ class ControlStore:
                     ),
                     values,
                 )
+            if notify:
+                self._notify(connection)
 
     def leave(self, replica: str) -> None:
         with self.engine.begin() as connection:
@@ -181,6 +194,10 @@ class ControlStore:
         finally:
             connection.close()
 
+    def _notify(self, connection: Connection) -> None:
+        if self.notifies:  # delivered at commit
+            connection.execute(text(f"NOTIFY {CHANNEL}"))
+
     @staticmethod
     def _row(connection: Connection) -> FleetRow:
         row = connection.execute(
@@ -217,9 +234,12 @@ class ReplicaFleet:
         self._closed_at = 0  # the generation this host's own close was published at
         self._drained = 0  # the generation at which this host last had no call running while paused
         self._draining: tuple[int, asyncio.Task[None]] | None = None
+        self._reported = (-1, -1, 0.0)  # (revision, drained generation, when) last written
+        self._changed = asyncio.Event()  # set (and replaced) on every notification
+        self._listening = False
         self._applying = asyncio.Lock()
         self._local_turn = asyncio.Lock()
-        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle ----
 
@@ -229,7 +249,7 @@ class ReplicaFleet:
         False, and this host decides alone, when the control row cannot be read (a database whose
         schema is older than migration 0010, which ``serve`` applies at start unless told not to)."""
         try:
-            row, _ = await asyncio.to_thread(self.store.read)
+            row = await asyncio.to_thread(self.store.read)
         except SQLAlchemyError as exc:
             logger.error(
                 "error=<%s> | the fleet control row cannot be read: pause, resume and versions are this "
@@ -241,17 +261,20 @@ class ReplicaFleet:
         self.plane.sequencer = self
         await self._apply(row)
         await self._report()
-        self._watcher = asyncio.create_task(self._watch(), name="tokentrail-fleet-watch")
+        self._tasks.append(asyncio.create_task(self._watch(), name="tokentrail-fleet-watch"))
+        if self.store.notifies:
+            self._tasks.append(asyncio.create_task(self._listen(), name="tokentrail-fleet-listen"))
         logger.info("replica=<%s> | pause, resume and versions shared over the database", self.replica)
         return True
 
     async def stop(self) -> None:
-        if self._watcher is None:
+        if not self._tasks:
             return
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+                await task
         if self._draining is not None:
             self._draining[1].cancel()
         with contextlib.suppress(SQLAlchemyError):
@@ -265,8 +288,7 @@ class ReplicaFleet:
         return generation
 
     async def latest(self) -> int:
-        row, _ = await asyncio.to_thread(self.store.read)
-        return row.generation
+        return (await asyncio.to_thread(self.store.read)).generation
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -295,15 +317,22 @@ class ReplicaFleet:
         generation = self._closed_at
         try:
             while True:
-                row, replicas = await asyncio.to_thread(self.store.read)
-                if row.generation != generation:
+                changed = self._changed
+                if (await asyncio.to_thread(self.store.read)).generation != generation:
                     return False
                 if mine.done():
                     if not mine.result():
                         return False
+                    replicas = await asyncio.to_thread(self.store.replicas)
                     if all(r.drained_generation >= generation for r in self._others(replicas)):
                         return True
-                await asyncio.wait([mine], timeout=self.poll_s)
+                    await self._until_changed(changed)
+                else:
+                    notified = asyncio.ensure_future(changed.wait())
+                    try:
+                        await asyncio.wait([mine, notified], timeout=self._interval)
+                    finally:
+                        notified.cancel()
         finally:
             mine.cancel()
 
@@ -327,7 +356,8 @@ class ReplicaFleet:
         """Until every other live replica applied ``revision`` (or ``ack_timeout_s``)."""
         deadline = time.monotonic() + self.ack_timeout_s
         while True:
-            _, replicas = await asyncio.to_thread(self.store.read)
+            changed = self._changed
+            replicas = await asyncio.to_thread(self.store.replicas)
             behind = [r.replica for r in self._others(replicas) if r.seen_revision < revision]
             if not behind:
                 return
@@ -338,23 +368,58 @@ class ReplicaFleet:
                     revision,
                 )
                 return
-            await asyncio.sleep(self.poll_s)
+            await self._until_changed(changed)
 
     def _others(self, replicas: list[ReplicaRow]) -> list[ReplicaRow]:
         alive_since = time.time() - self.lease_s
         return [r for r in replicas if r.replica != self.replica and r.heartbeat_at >= alive_since]
 
+    # ---- noticing changes ----
+
+    @property
+    def _interval(self) -> float:
+        """How long to wait for a notification before reading again anyway."""
+        return QUIET_POLL_S if self._listening else self.poll_s
+
+    async def _until_changed(self, changed: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), self._interval)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _listen(self) -> None:
+        """PostgreSQL: wake the waiting loops on every NOTIFY (a change, an acknowledgement)."""
+        import psycopg  # (PostgreSQL installs only)
+
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.store.libpq_dsn(), autocommit=True
+                ) as connection:
+                    await connection.execute(f"LISTEN {CHANNEL}")
+                    self._listening = True
+                    self._wake()  # whatever changed while nobody listened
+                    async for _ in connection.notifies():
+                        self._wake()
+            except (psycopg.Error, OSError) as exc:
+                logger.warning("error=<%s> | fleet notifications lost: reading every %s s", exc, self.poll_s)
+            finally:
+                self._listening = False
+            await asyncio.sleep(LISTEN_RETRY_S)
+
     # ---- applying the row ----
 
     async def _watch(self) -> None:
         while True:
+            changed = self._changed
             try:
-                row, _ = await asyncio.to_thread(self.store.read)
-                await self._apply(row)
+                await self._apply(await asyncio.to_thread(self.store.read))
                 await self._report()
             except Exception as exc:  # the database is away: the gates stay as they are
                 logger.warning("error=<%s> | fleet control row not applied", type(exc).__name__)
-            await asyncio.sleep(self.poll_s)
+            await self._until_changed(changed)
 
     async def _apply(self, row: FleetRow) -> None:
         async with self._applying:
@@ -397,4 +462,11 @@ class ReplicaFleet:
         self._draining = (generation, asyncio.create_task(drain()))
 
     async def _report(self) -> None:
-        await asyncio.to_thread(self.store.report, self.replica, self.applied, self._drained)
+        """Acknowledge what changed at once (and notify), else a heartbeat every ``HEARTBEAT_S``."""
+        revision, drained, when = self._reported
+        news = (self.applied, self._drained) != (revision, drained)
+        now = time.monotonic()
+        if not news and now - when < HEARTBEAT_S:
+            return
+        await asyncio.to_thread(self.store.report, self.replica, self.applied, self._drained, notify=news)
+        self._reported = (self.applied, self._drained, now)
