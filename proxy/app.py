@@ -237,6 +237,8 @@ def create_app(
             check_first=settings.token_in_check_first,
             check_every=settings.token_in_check_every,
         )
+        balancer.on_back.append(identities.upstream_back)  # (the RL loop relearns its versions)
+        balancer.on_back.append(token_in.upstream_back)
         relay = Relay(
             balancer,
             client,

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001"
 DEFAULT_DB = "sqlite:///tokentrail.db"
@@ -290,10 +291,13 @@ class Settings(BaseSettings):
 
     @property
     def fleet_control_in_database(self) -> bool:
-        """Whether pause, resume and versions are shared by every replica on the database."""
+        """Whether pause, resume and versions are shared by every replica on the database (never for
+        an in-memory SQLite database, which no other process can open)."""
         if self.fleet_control == "auto":
             return self.db.startswith(("postgresql", "postgres"))
-        return self.fleet_control == "database"
+        url = make_url(self.db)
+        in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+        return self.fleet_control == "database" and not in_memory
 
     @property
     def upstreams(self) -> list[str]:

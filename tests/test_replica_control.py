@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.fake_upstream import FakeUpstream
 from tests.postgres import create_database
@@ -158,3 +159,26 @@ def test_a_wait_pause_waits_for_the_other_replicas_calls_and_a_resume_there_supe
         assert ran == [200]
         assert not _paused(control, a)
         assert not _paused(control, b)
+
+
+def test_a_pause_while_the_replicas_database_is_away_is_a_503_not_a_hang(
+    fake: tuple[FakeUpstream, str], postgres_url: str
+) -> None:
+    """The shared state cannot be read or written (here: its tables are gone): a pause or resume
+    through a replica, alone or through a worker, is refused with a 503 in the OpenAI error shape,
+    and calls go on as the fleet last decided."""
+    upstream, url = fake
+    shared = (create_database(postgres_url), {})
+    with _two_replicas(url, shared) as (a, b), httpx.Client(limits=FRESH, timeout=30) as control:
+        engine = create_engine(shared[0])
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE fleet_control"))
+        engine.dispose()
+        for replica in (a, b):
+            for route in (PAUSE + "?mode=keep", RESUME):
+                answer = control.post(replica + route)
+                assert answer.status_code == 503
+                assert answer.json()["error"]["type"] == "ServiceUnavailableError"
+                assert "Traceback" not in answer.text
+        assert "/pause?mode=keep" not in upstream.control
+        assert control.post(b + CHAT, json=BODY, headers={"X-Trajectory-Id": "on"}).status_code == 200

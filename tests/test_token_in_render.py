@@ -48,6 +48,7 @@ class TemplateFake:
         self.after_reply = after_reply
         self.refuse_stand_in = refuse_stand_in
         self.epoch = 0
+        self.tokenize_status = 200  # anything else: /tokenize answers with it
         self.chats: list[dict[str, Any]] = []
         self.tokenized: list[list[dict[str, Any]]] = []  # the messages of each /tokenize request
         self.schema_requests = 0
@@ -85,6 +86,9 @@ class TemplateFake:
             return
         parsed = json.loads(raw)
         if path == "/tokenize":
+            if self.tokenize_status != 200:
+                await _answer(send, self.tokenize_status, {"error": {"message": "not now"}})
+                return
             self.tokenized.append(parsed["messages"])
             if self.refuse_stand_in and {"role": "user", "content": "."} in parsed["messages"]:
                 await _answer(send, 400, {"error": {"message": "roles must alternate", "code": 400}})
@@ -138,7 +142,11 @@ def fake_and_proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
 
 
 def _converse(
-    proxy: Proxy, calls: int, between: Callable[[int], None] | None = None, **extra: Any
+    proxy: Proxy,
+    calls: int,
+    between: Callable[[int], None] | None = None,
+    reply: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> list[list[dict[str, Any]]]:
     """An agent loop: system, user, then per call the reply and a tool result and a user message
     (``between(number)`` runs after call ``number``)."""
@@ -156,7 +164,7 @@ def _converse(
             between(number)
         messages = [
             *messages,
-            {"role": "assistant", "content": "ok"},
+            reply or {"role": "assistant", "content": "ok"},
             {"role": "tool", "tool_call_id": "c", "content": f"result {number}"},
             {"role": "user", "content": f"Next {number}."},
         ]
@@ -185,16 +193,30 @@ def _renders(proxy: Proxy) -> dict[str, float]:
     return found
 
 
+# vLLM's own reply object, appended by an agent as it came: null and empty fields are plain text too
+AS_VLLM_SENT = {
+    "role": "assistant",
+    "content": "ok",
+    "refusal": None,
+    "annotations": None,
+    "audio": None,
+    "function_call": None,
+    "tool_calls": [],
+    "reasoning": None,
+}
+
+
+@pytest.mark.parametrize("reply", [None, AS_VLLM_SENT], ids=["role-and-content", "as-vllm-sent-it"])
 @pytest.mark.parametrize(
     "fake_and_proxy",
     [({}, {"token_in_check_first": 2, "token_in_check_every": 4})],
     indirect=True,
 )
 def test_new_tokens_come_from_a_stand_in_history_once_the_template_agreed_and_stay_exact(
-    fake_and_proxy: tuple[TemplateFake, Proxy],
+    fake_and_proxy: tuple[TemplateFake, Proxy], reply: dict[str, Any] | None
 ) -> None:
     fake, proxy = fake_and_proxy
-    sent = _converse(proxy, 8)
+    sent = _converse(proxy, 8, reply=reply)
     prompts = [c["kv_transfer_params"]["prompt_token_ids"] for c in fake.chats[1:]]
     assert prompts == _expected_prompts(fake, sent)[1:]
     rows = proxy.rows("SELECT drift, token_in_fallback FROM llm_calls ORDER BY seq")
@@ -344,3 +366,33 @@ def test_a_kept_stand_in_render_the_template_no_longer_gives_is_rendered_again(
     assert _renders(proxy) == {"full": 1, "checked": 1, "stand_in": 3}
     histories = [m for m in fake.tokenized if m[-1] == {"role": "assistant", "content": "."}]
     assert len(histories) == 2  # rendered by the checked call, then again on the new day
+
+
+@pytest.mark.parametrize(
+    "fake_and_proxy",
+    [({}, {"token_in_check_first": 1, "token_in_check_every": 0})],
+    indirect=True,
+)
+def test_a_tokenize_failure_that_is_not_the_templates_falls_back_that_call_alone(
+    fake_and_proxy: tuple[TemplateFake, Proxy],
+) -> None:
+    """A 429 (or 401, 404, 5xx) from /tokenize says nothing of the template: the calls meanwhile fall
+    back, and the stand-in is used again once /tokenize answers."""
+    fake, proxy = fake_and_proxy
+
+    def busy(number: int) -> None:
+        fake.tokenize_status = 429 if number in (2, 3) else 200
+
+    _converse(proxy, 6, between=busy)
+    rows = proxy.rows("SELECT drift, token_in_fallback FROM llm_calls ORDER BY seq")
+    assert [r["token_in_fallback"] for r in rows] == [
+        "first_call",
+        None,
+        None,
+        "tokenize_failed",
+        "tokenize_failed",
+        None,
+    ]
+    (trust,) = proxy.runtime.relay.token_in.templates().values()  # type: ignore[union-attr]
+    assert not trust.differs
+    assert _renders(proxy) == {"full": 1, "checked": 1, "stand_in": 1}  # call 5: the stand-in again

@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 
 from tokentrail.proxy.api.trajectories import TrajectoryId, TrajectoryOut, _existing, require_api_key
 from tokentrail.proxy.errors import ProxyRequestError
-from tokentrail.proxy.fleet.link import FleetUnavailableError
 from tokentrail.proxy.relay.routing import validate_trajectory_id
+from tokentrail.proxy.rl.control import FleetUnavailableError
 from tokentrail.proxy.rl.groups import group_advantages
 from tokentrail.proxy.rl.loop import RlLoop, SupersededError, UpstreamAnswer
 from tokentrail.proxy.rl.pause import PauseMode
@@ -88,7 +88,10 @@ def _state(request: Request, rl: RlLoop, answers: list[UpstreamAnswer]) -> Pause
 
 
 _SUPERSEDED = "a later pause or resume came before this one could act; the later one decides"
-_NO_FLEET = "the supervisor's control plane cannot be reached (is TokenTrail stopping?)"
+_NO_FLEET = (
+    "the fleet's control plane cannot be reached (is TokenTrail stopping, or the database the replicas "
+    "share away?)"
+)
 
 
 @router.post("/pause", response_model=PauseOut, responses={409: {}, 502: {}, 503: {}, 504: {}})

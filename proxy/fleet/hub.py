@@ -22,7 +22,13 @@ from typing import Any
 
 from tokentrail.proxy.fleet.replicas import ControlStore, ReplicaFleet
 from tokentrail.proxy.fleet.wire import MAX_LINE, read_message, write_message
-from tokentrail.proxy.rl.control import CONTROL_TIMEOUT_S, ControlPlane, SupersededError, Versions
+from tokentrail.proxy.rl.control import (
+    CONTROL_TIMEOUT_S,
+    ControlPlane,
+    FleetUnavailableError,
+    SupersededError,
+    Versions,
+)
 from tokentrail.proxy.rl.pause import PauseMode
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
@@ -204,6 +210,8 @@ class ControlHub:
             answer["error"] = "superseded"
         except TimeoutError:
             answer["error"] = "timeout"
+        except FleetUnavailableError as exc:  # the replicas' database is away
+            answer["error"] = f"unavailable: {exc}"
         except (KeyError, ValueError, TypeError) as exc:
             answer["error"] = f"bad request: {type(exc).__name__}"
         worker.tell(answer)

@@ -15,15 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from tokentrail.proxy.fleet.wire import MAX_LINE, read_message, write_message
-from tokentrail.proxy.rl.control import SupersededError, UpstreamAnswer, Versions
+from tokentrail.proxy.rl.control import (
+    CONTROL_TIMEOUT_S,
+    FleetUnavailableError,
+    SupersededError,
+    UpstreamAnswer,
+    Versions,
+)
 from tokentrail.proxy.rl.loop import RlLoop
 from tokentrail.proxy.rl.pause import PauseMode
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["FleetLink", "FleetUnavailableError"]
 
-class FleetUnavailableError(Exception):
-    """The supervisor's control plane cannot be reached (it is stopping, or gone)."""
+_ANSWER_GRACE_S = 60.0
 
 
 class FleetLink:
@@ -85,8 +91,10 @@ class FleetLink:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         write_message(self._writer, {**message, "id": request_id})
-        try:
-            answer = await future
+        try:  # the control plane always answers; a hung one is given up after its own longest wait
+            answer = await asyncio.wait_for(future, CONTROL_TIMEOUT_S + _ANSWER_GRACE_S)
+        except TimeoutError:
+            raise FleetUnavailableError("the control plane did not answer") from None
         finally:
             self._waiting.pop(request_id, None)
         error = answer.get("error")

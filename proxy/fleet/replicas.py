@@ -9,12 +9,14 @@ How: each replica's control plane gets ``ReplicaFleet`` as its ``Sequencer`` and
 
 * **State.** ``fleet_control`` (one row, migration 0010) holds the latest request's generation, the
   pause mode (null: running) and every upstream's version, with a revision that every change raises.
-  A replica that acts writes it; every replica applies it to its own gates and versions (a watcher
-  reads it every ``POLL_S``) and acknowledges the revision it applied in its ``fleet_replicas`` row,
-  with a heartbeat. The acting replica waits for every live replica's acknowledgement before it
-  answers (a replica silent for ``LEASE_S`` is dead and left out; one that does not acknowledge
-  within ``ACK_TIMEOUT_S`` is logged and left out), so a held call never outlives a resume, and every
-  replica knows a new version before its next call is sent.
+  A replica that acts writes it; every replica applies it to its own gates and versions and
+  acknowledges the revision it applied in its ``fleet_replicas`` row, with a heartbeat (the
+  database's clock, so the hosts' clocks do not matter). PostgreSQL's ``NOTIFY`` wakes every replica
+  at each change and acknowledgement; without it (SQLite) each reads the row every ``POLL_S``. The
+  acting replica waits for every live replica's acknowledgement before it answers (a replica silent
+  for ``LEASE_S`` is dead and left out; one that does not acknowledge within ``ACK_TIMEOUT_S`` is
+  logged and left out), so a held call never outlives a resume, and every replica knows a new
+  version before its next call is sent.
 * **Order.** A pause or resume takes the next generation from the row; the acting one holds the fleet
   lock (PostgreSQL: an advisory lock; SQLite, whose replicas share one host: a file lock) while it
   checks it is still the latest and acts on vLLM and the row, so the last request wins everywhere.
@@ -22,8 +24,13 @@ How: each replica's control plane gets ``ReplicaFleet`` as its ``Sequencer`` and
 * **Drain.** A wait pause waits for every live replica to report no call running at its generation.
 * **Start.** A replica applies the row before it serves: one started during a pause holds its calls.
 
-Cost: nothing on the call path (the gates are in memory); per replica one read and one write of
-the database every ``POLL_S``; per pause or resume a few ``POLL_S`` (``bench/fleet_control.py``).
+Cost: nothing on the call path (the gates are in memory); per replica, in the background, a read of
+the row and a heartbeat every second (PostgreSQL) or a read every ``POLL_S`` (SQLite); per pause or
+resume a few milliseconds on PostgreSQL (``bench/fleet_control.py``). Needs session-level features of
+PostgreSQL (an advisory lock, LISTEN): not through a transaction-pooling pgbouncer.
+
+The database being away makes a pause or resume fail with ``FleetUnavailableError`` (503): the
+gates stay as they are, and calls go on as the fleet last decided.
 """
 
 from __future__ import annotations
@@ -35,24 +42,27 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.rl.control import ControlPlane, Members, Versions
+from tokentrail.proxy.rl.control import ControlPlane, FleetUnavailableError, Members, Versions
 from tokentrail.proxy.rl.pause import PauseMode
 from tokentrail.proxy.storage.engine import sqlite_path
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 POLL_S = 0.05  # how often the row is read where no notification wakes a replica (SQLite)
 QUIET_POLL_S = 1.0  # how often it is read anyway on PostgreSQL, where NOTIFY wakes every replica
 HEARTBEAT_S = 1.0  # a replica writes its heartbeat at least this often
-LEASE_S = 5.0  # a replica whose heartbeat is older is dead: nobody waits for it (clocks within ~1 s)
+LEASE_S = 10.0  # a replica whose heartbeat is older is dead: nobody waits for it
+FORGET_S = 600.0  # a dead replica's row is deleted after this long
 ACK_TIMEOUT_S = 30.0  # a live replica that applied nothing in this long is left out, and logged
 LISTEN_RETRY_S = 2.0  # a lost listening connection is made again after this long
 CHANNEL = "tokentrail_fleet"  # PostgreSQL's NOTIFY channel: "the control row or an acknowledgement changed"
@@ -72,7 +82,7 @@ class ReplicaRow:
     replica: str
     seen_revision: int
     drained_generation: int
-    heartbeat_at: float
+    silent_s: float  # since its last heartbeat, by the database's clock
 
 
 class _Keep:
@@ -90,6 +100,17 @@ class ControlStore:
         path = sqlite_path(str(engine.url))
         self._lock_path = None if path is None else path.with_name(path.name + ".fleet-lock")
         self.notifies = engine.dialect.name == "postgresql"
+        # the database's clock, in seconds since the epoch
+        self._now = (
+            "EXTRACT(EPOCH FROM clock_timestamp())"
+            if self.notifies
+            else "((julianday('now') - 2440587.5) * 86400.0)"
+        )
+
+    def has_tables(self) -> bool:
+        """Whether the schema has the fleet's tables (migration 0010)."""
+        with self.engine.connect() as connection:
+            return bool(inspect(connection).has_table("fleet_control"))
 
     def libpq_dsn(self) -> str:
         """The database's address for a plain psycopg connection (the listener)."""
@@ -102,7 +123,10 @@ class ControlStore:
     def replicas(self) -> list[ReplicaRow]:
         with self.engine.connect() as connection:
             rows = connection.execute(
-                text("SELECT replica, seen_revision, drained_generation, heartbeat_at FROM fleet_replicas")
+                text(
+                    "SELECT replica, seen_revision, drained_generation, "
+                    f"{self._now} - heartbeat_at FROM fleet_replicas"
+                )
             )
             return [ReplicaRow(str(r[0]), int(r[1]), int(r[2]), float(r[3])) for r in rows]
 
@@ -128,18 +152,14 @@ class ControlStore:
             return FleetRow(row.generation, row.revision, state, merged)
 
     def report(self, replica: str, seen_revision: int, drained_generation: int, *, notify: bool) -> None:
-        """This replica's acknowledgement and heartbeat (``notify``: it acknowledges something)."""
-        values = {
-            "replica": replica,
-            "seen": seen_revision,
-            "drained": drained_generation,
-            "now": time.time(),
-        }
+        """This replica's acknowledgement and heartbeat (``notify``: it acknowledges something); the
+        rows of replicas silent for ``FORGET_S`` go."""
+        values = {"replica": replica, "seen": seen_revision, "drained": drained_generation}
         with self.engine.begin() as connection:
             updated = connection.execute(
                 text(
                     "UPDATE fleet_replicas SET seen_revision = :seen, drained_generation = :drained, "
-                    "heartbeat_at = :now WHERE replica = :replica"
+                    f"heartbeat_at = {self._now} WHERE replica = :replica"
                 ),
                 values,
             )
@@ -147,9 +167,13 @@ class ControlStore:
                 connection.execute(
                     text(
                         "INSERT INTO fleet_replicas (replica, seen_revision, drained_generation, "
-                        "heartbeat_at) VALUES (:replica, :seen, :drained, :now)"
+                        f"heartbeat_at) VALUES (:replica, :seen, :drained, {self._now})"
                     ),
                     values,
+                )
+                connection.execute(
+                    text(f"DELETE FROM fleet_replicas WHERE heartbeat_at < {self._now} - :forget"),
+                    {"forget": FORGET_S},
                 )
             if notify:
                 self._notify(connection)
@@ -173,6 +197,7 @@ class ControlStore:
             taken = connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}).scalar()
             connection.commit()
         except BaseException:
+            connection.invalidate()  # it may hold the lock: its session must end, not go back to the pool
             connection.close()
             raise
         if not taken:
@@ -229,14 +254,15 @@ class ReplicaFleet:
         self.ack_timeout_s = ack_timeout_s
         self.applied = -1  # the revision of the row this host applied
         self._generation = 0  # the row's generation when this host applied it
-        self._own: set[int] = set()  # generations this host's requests took
+        self._own: set[int] = set()  # generations this host's requests took (and may still act on)
+        self._acting = 0  # the generation of this host's request that holds the fleet's turn
         self._closed: PauseMode | None = None  # the gates' state as this host last set it
-        self._closed_at = 0  # the generation this host's own close was published at
         self._drained = 0  # the generation at which this host last had no call running while paused
         self._draining: tuple[int, asyncio.Task[None]] | None = None
         self._reported = (-1, -1, 0.0)  # (revision, drained generation, when) last written
         self._changed = asyncio.Event()  # set (and replaced) on every notification
         self._listening = False
+        self._database_away = False
         self._applying = asyncio.Lock()
         self._local_turn = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -246,21 +272,22 @@ class ReplicaFleet:
     async def start(self) -> bool:
         """Apply the fleet's state (before this host serves a call), join, and watch for changes.
 
-        False, and this host decides alone, when the control row cannot be read (a database whose
-        schema is older than migration 0010, which ``serve`` applies at start unless told not to)."""
+        False, and this host decides alone, when the database has no fleet tables (its schema is
+        older than migration 0010, which ``serve`` applies at start unless told not to). A database
+        that cannot be reached now is read again by the watcher until it answers."""
         try:
-            row = await asyncio.to_thread(self.store.read)
+            if not await asyncio.to_thread(self.store.has_tables):
+                logger.error(
+                    "the database has no fleet control row (migration 0010): this host decides alone"
+                )
+                return False
         except SQLAlchemyError as exc:
-            logger.error(
-                "error=<%s> | the fleet control row cannot be read: pause, resume and versions are this "
-                "host's alone",
-                type(exc).__name__,
-            )
-            return False
+            logger.error("error=<%s> | the fleet's state is not known yet: read again", type(exc).__name__)
         self.plane.members = self
         self.plane.sequencer = self
-        await self._apply(row)
-        await self._report()
+        with contextlib.suppress(SQLAlchemyError):
+            await self._apply(await asyncio.to_thread(self.store.read))
+            await self._report()
         self._tasks.append(asyncio.create_task(self._watch(), name="tokentrail-fleet-watch"))
         if self.store.notifies:
             self._tasks.append(asyncio.create_task(self._listen(), name="tokentrail-fleet-listen"))
@@ -268,37 +295,59 @@ class ReplicaFleet:
         return True
 
     async def stop(self) -> None:
-        if not self._tasks:
-            return
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        if self._draining is not None:
+            tasks.append(self._draining[1])
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._draining is not None:
-            self._draining[1].cancel()
-        with contextlib.suppress(SQLAlchemyError):
-            await asyncio.to_thread(self.store.leave, self.replica)
+        if self._tasks:
+            with contextlib.suppress(SQLAlchemyError):
+                await asyncio.to_thread(self.store.leave, self.replica)
 
     # ---- the sequencer ----
 
     async def next(self) -> int:
-        generation = await asyncio.to_thread(self.store.next_generation)
+        generation = await self._database(self.store.next_generation)
         self._own.add(generation)
         return generation
 
     async def latest(self) -> int:
-        return (await asyncio.to_thread(self.store.read)).generation
+        return (await self._database(self.store.read)).generation
 
     @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def turn(self, generation: int) -> AsyncIterator[None]:
         async with self._local_turn:
-            while (handle := await asyncio.to_thread(self.store.try_lock)) is None:  # noqa: ASYNC110
-                await asyncio.sleep(self.poll_s)  # another replica acts: no event says when it is done
+            handle = await self._fleet_lock()
+            self._acting = generation
             try:
                 yield
             finally:
-                await asyncio.to_thread(self.store.unlock, handle)
+                self._acting = 0
+                self._own = {g for g in self._own if g > generation}
+                with contextlib.suppress(SQLAlchemyError, OSError):
+                    await asyncio.to_thread(self.store.unlock, handle)
+
+    async def _fleet_lock(self) -> Any:
+        """The fleet lock's handle, once no other replica holds it. Cancelled meanwhile, a lock taken
+        in the thread is let go as soon as the thread returns it."""
+        while True:
+            taking = asyncio.ensure_future(self._database(self.store.try_lock))
+            try:
+                handle = await asyncio.shield(taking)
+            except asyncio.CancelledError:
+                taking.add_done_callback(self._unlock_late)
+                raise
+            if handle is not None:
+                return handle
+            await asyncio.sleep(self.poll_s)  # another replica acts: no event says when it is done
+
+    def _unlock_late(self, taking: asyncio.Future[Any]) -> None:
+        if not taking.cancelled() and taking.exception() is None and taking.result() is not None:
+            task = asyncio.ensure_future(asyncio.to_thread(self.store.unlock, taking.result()))
+            self._tasks.append(task)
 
     # ---- the members: this host's, then every other replica's acknowledgement ----
 
@@ -307,23 +356,22 @@ class ReplicaFleet:
 
     async def close(self, mode: PauseMode) -> None:
         row = await self._publish_and_apply(mode, None)
-        self._closed_at = row.generation
         await self._acknowledged(row.revision)
 
     async def drain(self) -> bool:
-        """This host's calls, then every live replica's, finished at this pause's generation; False
-        when a newer request came (here or at any replica)."""
+        """This host's calls, then every live replica's, finished under this pause; False when a
+        newer request came (here or at any replica)."""
+        generation = self._acting
         mine = asyncio.ensure_future(self.inner.drain())
-        generation = self._closed_at
         try:
             while True:
                 changed = self._changed
-                if (await asyncio.to_thread(self.store.read)).generation != generation:
+                if (await self._database(self.store.read)).generation != generation:
                     return False
                 if mine.done():
                     if not mine.result():
                         return False
-                    replicas = await asyncio.to_thread(self.store.replicas)
+                    replicas = await self._database(self.store.replicas)
                     if all(r.drained_generation >= generation for r in self._others(replicas)):
                         return True
                     await self._until_changed(changed)
@@ -337,7 +385,9 @@ class ReplicaFleet:
             mine.cancel()
 
     async def open(self, versions: Versions) -> None:
-        row = await self._publish_and_apply(None, versions)
+        # the row's versions are the fleet's: the resume published what it learned, and a version
+        # another replica set meanwhile must not be written over with this host's older one
+        row = await self._publish_and_apply(None, None)
         await self._acknowledged(row.revision)
 
     async def set_versions(self, versions: Versions) -> None:
@@ -348,7 +398,7 @@ class ReplicaFleet:
         self, paused: PauseMode | _Keep | None, versions: Versions | None
     ) -> FleetRow:
         async with self._applying:
-            row = await asyncio.to_thread(self.store.publish, paused, versions)
+            row = await self._database(lambda: self.store.publish(paused, versions))
             await self._take(row)
         return row
 
@@ -357,7 +407,7 @@ class ReplicaFleet:
         deadline = time.monotonic() + self.ack_timeout_s
         while True:
             changed = self._changed
-            replicas = await asyncio.to_thread(self.store.replicas)
+            replicas = await self._database(self.store.replicas)
             behind = [r.replica for r in self._others(replicas) if r.seen_revision < revision]
             if not behind:
                 return
@@ -371,8 +421,14 @@ class ReplicaFleet:
             await self._until_changed(changed)
 
     def _others(self, replicas: list[ReplicaRow]) -> list[ReplicaRow]:
-        alive_since = time.time() - self.lease_s
-        return [r for r in replicas if r.replica != self.replica and r.heartbeat_at >= alive_since]
+        return [r for r in replicas if r.replica != self.replica and r.silent_s <= self.lease_s]
+
+    async def _database(self, work: Callable[[], _T]) -> _T:
+        """``work`` in a thread; the database being away is ``FleetUnavailableError`` (a 503)."""
+        try:
+            return await asyncio.to_thread(work)
+        except SQLAlchemyError as exc:
+            raise FleetUnavailableError(f"the replicas' database: {type(exc).__name__}") from exc
 
     # ---- noticing changes ----
 
@@ -404,7 +460,11 @@ class ReplicaFleet:
                     async for _ in connection.notifies():
                         self._wake()
             except (psycopg.Error, OSError) as exc:
-                logger.warning("error=<%s> | fleet notifications lost: reading every %s s", exc, self.poll_s)
+                logger.warning(
+                    "error=<%s> | fleet notifications lost: reading every %s s",
+                    type(exc).__name__,
+                    self.poll_s,
+                )
             finally:
                 self._listening = False
             await asyncio.sleep(LISTEN_RETRY_S)
@@ -417,18 +477,22 @@ class ReplicaFleet:
             try:
                 await self._apply(await asyncio.to_thread(self.store.read))
                 await self._report()
+                if self._database_away:
+                    self._database_away = False
+                    logger.warning("the fleet's database answers again")
             except Exception as exc:  # the database is away: the gates stay as they are
-                logger.warning("error=<%s> | fleet control row not applied", type(exc).__name__)
+                if not self._database_away:
+                    self._database_away = True
+                    logger.error("error=<%s> | the fleet's database is away", type(exc).__name__)
             await self._until_changed(changed)
 
     async def _apply(self, row: FleetRow) -> None:
         async with self._applying:
-            if row.revision > self.applied:
-                if row.generation != self._generation and row.generation not in self._own:
-                    self.inner.newer()  # a newer request at another replica: a drain here gives way
-                await self._take(row)
-        if row.paused is not None and self._drained < row.generation:
-            self._drain_for(row.generation)
+            if row.revision <= self.applied:
+                return  # (an older read: what it says was applied, or overtaken)
+            if row.generation != self._generation and row.generation not in self._own:
+                self.inner.newer()  # a newer request at another replica: a drain here gives way
+            await self._take(row)
 
     async def _take(self, row: FleetRow) -> None:
         """Make this host's members and the plane's state what ``row`` says."""
@@ -446,6 +510,12 @@ class ReplicaFleet:
         self._closed = row.paused
         self.applied = max(self.applied, row.revision)
         self._generation = row.generation
+        if row.paused is None:
+            if self._draining is not None:
+                self._draining[1].cancel()
+                self._draining = None
+        elif self._drained < row.generation:
+            self._drain_for(row.generation)
 
     def _drain_for(self, generation: int) -> None:
         """Report once this host has no call running under the pause of ``generation``."""
@@ -457,7 +527,8 @@ class ReplicaFleet:
         async def drain() -> None:
             if await self.inner.drain():
                 self._drained = max(self._drained, generation)
-                await self._report()
+                with contextlib.suppress(SQLAlchemyError):
+                    await self._report()
 
         self._draining = (generation, asyncio.create_task(drain()))
 

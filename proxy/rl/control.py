@@ -52,6 +52,11 @@ class SupersededError(Exception):
     """A newer pause or resume came before this one could act; the newer one decides."""
 
 
+class FleetUnavailableError(Exception):
+    """The fleet's control plane cannot be reached: the supervisor is stopping or gone, or the
+    database the replicas share is away."""
+
+
 class Members(Protocol):
     """The relays a control plane speaks for (one, or every worker of a host)."""
 
@@ -80,8 +85,8 @@ class Sequencer(Protocol):
     async def latest(self) -> int:
         """The latest request's generation."""
 
-    def turn(self) -> AbstractAsyncContextManager[None]:
-        """Held while one request acts (the others wait)."""
+    def turn(self, generation: int) -> AbstractAsyncContextManager[None]:
+        """Held while the request of ``generation`` acts (the others wait)."""
 
 
 class LocalSequencer:
@@ -98,7 +103,7 @@ class LocalSequencer:
     async def latest(self) -> int:
         return self._generation
 
-    def turn(self) -> AbstractAsyncContextManager[None]:
+    def turn(self, generation: int) -> AbstractAsyncContextManager[None]:
         return self._lock
 
 
@@ -135,7 +140,7 @@ class ControlPlane:
         (the gates stay closed: resume opens them), ``SupersededError`` when a newer request came.
         """
         generation = await self._next_generation()
-        async with self.sequencer.turn():
+        async with self.sequencer.turn(generation):
             await self._check_latest(generation)
             self.state.paused = mode
             await self.members.close(mode)
@@ -152,7 +157,7 @@ class ControlPlane:
         """Resume every upstream, learn their versions, then open every member's gate (unless a
         newer pause came meanwhile: ``SupersededError``, the gates stay closed)."""
         generation = await self._next_generation()
-        async with self.sequencer.turn():
+        async with self.sequencer.turn(generation):
             await self._check_latest(generation)
             answers = await self._everywhere("POST", "/resume")
             await self.learn_versions()  # weights may have changed by routes TokenTrail did not see
@@ -192,8 +197,14 @@ class ControlPlane:
         return await self.learn_versions()
 
     async def learn_versions_until_known(self, retry_s: float = 2.0) -> None:
-        """At start (a background task): vLLM may come up after TokenTrail, so ask until it answers."""
-        while not await self.learn_versions():  # noqa: ASYNC110 - nothing to wait on but time
+        """At start (a background task): vLLM may come up after TokenTrail, so ask until it answers
+        (and until the fleet took what was learned)."""
+        while True:
+            try:
+                if await self.learn_versions():
+                    return
+            except FleetUnavailableError as exc:
+                logger.warning("error=<%s> | versions learned but not shared yet", exc)
             await asyncio.sleep(retry_s)
 
     async def _next_generation(self) -> int:

@@ -209,6 +209,12 @@ class TokenIn:
         record.token_in = True
         return with_prompt_ids(body, prompt_ids, field, ids_text)
 
+    def upstream_back(self, upstream_url: str) -> None:
+        """An upstream answered again after it was down: it may have restarted with another model,
+        template or vLLM, so what was learned of it is learned again."""
+        self._builder.forget(upstream_url)
+        self._fields.forget(upstream_url)
+
     def templates(self) -> dict[str, TemplateTrust]:
         """What was learned per template of the stand-in history (see ``prompt``)."""
         return self._builder.templates()

@@ -31,7 +31,11 @@ is used once that many agreed, and one call in ``check_every`` after that is che
 template whose two ``new`` ever differ renders in full for good. ``Built.how`` says which happened
 (``llm_calls`` does not store it; the metric ``tokentrail_token_in_renders`` counts it).
 
-The renders of one call go out at once; the template tail is cached per upstream, model and template.
+**One round trip.** A plain-text reply is itself replaced by a stand-in reply, so the stand-in history
+is the same for every call of a trajectory: its render is kept (``_after_stand_in``) and a trusted call
+sends one ``/tokenize`` request, whose render must start with the kept one. The renders a call does
+need go out at once; the template tail is cached per upstream, model and template; everything learned
+of an upstream is forgotten when it comes back after being down (``forget``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import asyncio
 import enum
 import hashlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +58,7 @@ TOKENIZE_PATH = "/tokenize"
 _TEMPLATE_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "add_special_tokens")
 _PROBES = tuple([{"role": "user", "content": "x"}, {"role": "assistant", "content": c}] for c in ("a", "b"))
 _MAX_TAILS = 256
+_MAX_STAND_IN_RENDERS = 1024  # distinct system prompts x templates, each a few KB of token IDs
 _MAX_ERROR_TEXT = 200
 _TOKENS_KEY = b'"tokens":['  # an unescaped quote cannot be inside a JSON string: this is the key
 
@@ -181,10 +187,12 @@ def stand_in_history(messages: list[Any], kept: int) -> list[Any] | None:
 
 
 def _is_plain_reply(message: Any) -> bool:
+    """Text and nothing else: vLLM's own reply object (``refusal``, ``tool_calls: []``, ``reasoning``
+    and the like, all null or empty) appended as it came counts."""
     return (
         isinstance(message, dict)
-        and message.keys() <= _PLAIN_REPLY_KEYS
         and isinstance(message.get("content"), str)
+        and all(k in _PLAIN_REPLY_KEYS or v is None or v == [] for k, v in message.items())
     )
 
 
@@ -210,7 +218,8 @@ class PromptBuilder:
         self._timeout_s = timeout_s
         self._tails: dict[tuple[str, str], list[int]] = {}
         self._trust: dict[str, TemplateTrust] = {}
-        self._stand_in_renders: dict[tuple[str, str], Rendered] = {}  # (template, stand-in history)
+        # (template, stand-in history) -> its render, least recently used first
+        self._stand_in_renders: OrderedDict[tuple[str, str], Rendered] = OrderedDict()
         self._use_stand_in = stand_in
         self._check_first = check_first
         self._check_every = check_every
@@ -218,6 +227,13 @@ class PromptBuilder:
     def templates(self) -> dict[str, TemplateTrust]:
         """What was learned per template so far (for tests and the benchmark's report)."""
         return dict(self._trust)
+
+    def forget(self, upstream_url: str) -> None:
+        """The upstream came back (maybe restarted with another template under the same model name):
+        its tails and kept renders are learned again. (Trust is keyed by a hash: all of it goes.)"""
+        self._tails = {k: v for k, v in self._tails.items() if k[0] != upstream_url}
+        self._stand_in_renders.clear()
+        self._trust.clear()
 
     async def build(
         self,
@@ -246,9 +262,9 @@ class PromptBuilder:
                 tail, short = cached, await standing_in
             if not isinstance(short, BuildFailed):
                 return self._built(found, tail, *short, how)
-            # the template refuses the stand-in (a transport failure raised): full renders from now on
-            self._distrust(trust, upstream_url, request, short)
-            how = How.DIFFERS
+            refused: BuildFailed | None = short  # (a transport failure raised): render in full
+        else:
+            refused = None
         renders: list[Any] = [
             self._tail(upstream_url, headers, request),
             self._after_full(upstream_url, headers, request, kept),
@@ -259,16 +275,20 @@ class PromptBuilder:
                 self._after_stand_in(upstream_url, headers, request, stand_in, kept, key, fresh=True)
             )
         tail, (new, history), *checked = await asyncio.gather(*renders)
+        # the full renders succeeded: a stand-in that failed or differs is the template's doing
         if checked:
             assert trust is not None
             short = checked[0]
             if isinstance(short, BuildFailed) or short[0] != new or short[1].last(len(tail)) != tail:
-                self._distrust(
-                    trust, upstream_url, request, short if isinstance(short, BuildFailed) else None
-                )
+                refused = short if isinstance(short, BuildFailed) else None
+                self._distrust(trust, upstream_url, request, refused)
                 how = How.DIFFERS
             else:
                 trust.agreed += 1
+        elif refused is not None:
+            assert trust is not None
+            self._distrust(trust, upstream_url, request, refused)
+            how = How.DIFFERS
         return self._built(found, tail, new, history, how)
 
     def _trust_of(self, key: str) -> TemplateTrust:
@@ -344,15 +364,19 @@ class PromptBuilder:
         today's date, say) it is rendered again. A checked call (``fresh``) renders it again anyway,
         so what is kept is checked as often as the template is."""
         messages = [*stand_in, *request["messages"][kept:]]
-        remembered = (key, jsonio.dumps_text(stand_in))
-        kept_render = None if fresh else self._stand_in_renders.get(remembered)
+        # only a stand-in ending with the stand-in reply comes again: only that one's render is kept
+        remembered = (key, jsonio.dumps_text(stand_in)) if stand_in[-1] is _STAND_IN_REPLY else None
+        kept_render = None if fresh or remembered is None else self._stand_in_renders.get(remembered)
+        if kept_render is not None and remembered is not None:
+            self._stand_in_renders.move_to_end(remembered)
         try:
             if kept_render is not None:
                 whole = await self._render(upstream_url, headers, request, messages, generation_prompt=True)
                 try:
                     return whole.after(kept_render), kept_render
                 except BuildFailed:
-                    self._stand_in_renders.pop(remembered, None)
+                    if remembered is not None:
+                        self._stand_in_renders.pop(remembered, None)
                     history = await self._render(
                         upstream_url, headers, request, stand_in, generation_prompt=False
                     )
@@ -366,9 +390,10 @@ class PromptBuilder:
             if failed.transport:
                 raise
             return failed
-        if len(self._stand_in_renders) >= _MAX_TAILS:
-            self._stand_in_renders.clear()
-        self._stand_in_renders[remembered] = history
+        if remembered is not None:
+            self._stand_in_renders[remembered] = history
+            if len(self._stand_in_renders) > _MAX_STAND_IN_RENDERS:
+                self._stand_in_renders.popitem(last=False)  # the least recently used
         return new, history
 
     @staticmethod
@@ -434,7 +459,9 @@ class PromptBuilder:
             raise BuildFailed(
                 "tokenize_failed",
                 f"status {response.status_code}: {payload[:_MAX_ERROR_TEXT]!r}",
-                transport=response.status_code >= 500,  # a 4xx is vLLM refusing these messages
+                # 400 and 422: vLLM refused these messages (their template); anything else (401,
+                # 404, 429, 5xx) says nothing of the template
+                transport=response.status_code not in (400, 422),
             )
         start = payload.find(_TOKENS_KEY)
         end = payload.find(b"]", start) if start >= 0 else -1

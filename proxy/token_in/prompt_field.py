@@ -52,6 +52,12 @@ class PromptFieldDetector:
         future = self._known.get(upstream_url)
         return future.result() if future is not None and future.done() else None
 
+    def forget(self, upstream_url: str) -> None:
+        """The upstream came back (maybe another vLLM): asked again by its next token-in call."""
+        future = self._known.get(upstream_url)
+        if future is not None and future.done():
+            del self._known[upstream_url]
+
     async def field(self, upstream_url: str, headers: list[tuple[bytes, bytes]]) -> PromptField:
         future = self._known.get(upstream_url)
         if future is None:

@@ -56,6 +56,7 @@ class UpstreamIdentities:
         self._client = client
         self._upstreams = list(upstreams)
         self._known: dict[str, dict[str, dict[str, str | None]]] = {}
+        self._relearning: set[asyncio.Task[None]] = set()
 
     def of(self, upstream: str | None, model: str | None) -> dict[str, str | None] | None:
         """The identity of ``model`` on ``upstream`` (the only model when ``model`` is not named or
@@ -67,9 +68,17 @@ class UpstreamIdentities:
             return models[model]
         return next(iter(models.values())) if len(models) == 1 else None
 
-    async def learn_until_known(self, retry_s: float = 2.0) -> None:
-        """Ask every upstream until each has answered."""
-        pending = list(self._upstreams)
+    def upstream_back(self, upstream: str) -> None:
+        """``upstream`` answered again after it was down (maybe restarted with another model or
+        vLLM): forgotten, and asked again in the background until it answers."""
+        self._known.pop(upstream, None)
+        task = asyncio.get_running_loop().create_task(self.learn_until_known([upstream]))
+        self._relearning.add(task)
+        task.add_done_callback(self._relearning.discard)
+
+    async def learn_until_known(self, upstreams: Sequence[str] | None = None, retry_s: float = 2.0) -> None:
+        """Ask every upstream (or those given) until each has answered."""
+        pending = list(self._upstreams if upstreams is None else upstreams)
         while pending:
             answers = await asyncio.gather(*(self.learn(url) for url in pending))
             pending = [url for url, ok in zip(pending, answers, strict=True) if not ok]
