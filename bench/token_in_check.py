@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,7 @@ class Run:
     hit_rate: float = 0.0
     tokenize_requests: float = 0.0
     follow_up_ms: list[float] = field(default_factory=list)
-    renders_ms: list[float] = field(default_factory=list)  # token-in's two /tokenize, timed alone
+    renders_ms: list[float] = field(default_factory=list)  # token-in's /tokenize, timed alone
 
 
 def metrics(upstream: str) -> dict[str, float]:
@@ -146,8 +145,11 @@ def _db_url(tmp: Path, mode: str) -> str:
 
 
 def time_renders(upstream: str, db_url: str) -> list[float]:
-    """Milliseconds for the two /tokenize requests token-in sends (at once) before each follow-up
-    call, replayed on the recorded requests: the latency token-in adds to a call."""
+    """Milliseconds for the ``/tokenize`` request token-in sends before each follow-up call once the
+    template is trusted (the new messages after a stand-in history, ``token_in/prompt.py``), replayed
+    on the recorded requests: the latency token-in adds to a call."""
+    from tokentrail.proxy.token_in.prompt import stand_in_history
+
     engine = create_engine(db_url)
     try:
         with engine.connect() as connection:
@@ -160,18 +162,17 @@ def time_renders(upstream: str, db_url: str) -> list[float]:
     finally:
         engine.dispose()
     timings = []
-    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(2) as pool:
+    with httpx.Client(timeout=60) as client:
         for request in requests:
             messages = request["messages"]
-            bodies = [
-                {"model": request["model"], "messages": messages[:-1], "add_generation_prompt": False},
-                {"model": request["model"], "messages": messages, "add_generation_prompt": True},
-            ]
-            for body in bodies:
-                if request.get("tools"):
-                    body["tools"] = request["tools"]
+            kept = max(i for i, m in enumerate(messages) if m.get("role") == "assistant") + 1
+            history = stand_in_history(messages, kept) or messages[:kept]
+            body = {"model": request["model"], "messages": [*history, *messages[kept:]]}
+            body["add_generation_prompt"] = True
+            if request.get("tools"):
+                body["tools"] = request["tools"]
             started = time.perf_counter()
-            list(pool.map(lambda b: client.post(upstream + "/tokenize", json=b).raise_for_status(), bodies))
+            client.post(upstream + "/tokenize", json=body).raise_for_status()
             timings.append((time.perf_counter() - started) * 1000)
     return timings
 
@@ -221,9 +222,9 @@ def report(runs: list[Run]) -> str:
         lines.append(f"{run.mode}: drift {causes(run.drift)}; token-in fallbacks {causes(run.fallbacks)}")
         if run.renders_ms:
             lines.append(
-                f"{run.mode}: the two /tokenize requests per continuing call take "
-                f"{statistics.mean(run.renders_ms):.1f} / {statistics.median(run.renders_ms):.1f} ms "
-                f"(mean / median of {len(run.renders_ms)}), sent at once before the call"
+                f"{run.mode}: the /tokenize request of a continuing call (the new messages after a "
+                f"stand-in history) takes {statistics.mean(run.renders_ms):.1f} / "
+                f"{statistics.median(run.renders_ms):.1f} ms (mean / median of {len(run.renders_ms)})"
             )
     return "\n".join(lines)
 
