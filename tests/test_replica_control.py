@@ -182,3 +182,24 @@ def test_a_pause_while_the_replicas_database_is_away_is_a_503_not_a_hang(
                 assert "Traceback" not in answer.text
         assert "/pause?mode=keep" not in upstream.control
         assert control.post(b + CHAT, json=BODY, headers={"X-Trajectory-Id": "on"}).status_code == 200
+
+
+def test_a_replica_killed_during_a_pause_holds_no_one_up(
+    fake: tuple[FakeUpstream, str], postgres_url: str, tmp_path: Path
+) -> None:
+    """B dies (SIGKILL) while the fleet is paused: once its heartbeat is older than the lease, a resume
+    through A no longer waits for it, and A's held calls go."""
+    upstream, url = fake
+    shared = (create_database(postgres_url), {})
+    with _replica(url, shared) as a, httpx.Client(limits=FRESH, timeout=60) as control:
+        with serve_process(url, shared[0], **PATIENT) as (doomed, b, _log):
+            assert control.post(b + PAUSE + "?mode=keep").status_code == 200
+            assert _paused(control, a)
+            caller, statuses = _in_background(a, HELD, "held")
+            _until(lambda: _in_flight(a) == HELD, "calls not all held")
+            doomed.kill()
+            doomed.wait(30)
+        assert control.post(a + RESUME).status_code == 200
+        caller.join(60)
+        assert statuses == [200] * HELD
+        assert upstream.control.count("/resume") == 1

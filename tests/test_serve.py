@@ -67,6 +67,7 @@ def serve_process(
     pumper.start()
     try:
         _wait_for_line(lines, "Application startup complete")
+        _wait_listening(port, process)  # (uvicorn binds once the startup is complete)
         yield process, f"http://127.0.0.1:{port}", lines
     finally:
         if process.poll() is None:
@@ -90,6 +91,18 @@ def _refuses_new_connections(url: str, timeout: float = 10) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def _wait_listening(port: int, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None, "tokentrail serve exited"
+            assert time.monotonic() < deadline, "tokentrail serve never listened"
+            time.sleep(0.02)
 
 
 def _wait_for_line(lines: queue.Queue[str], needle: str, timeout: float = 60) -> list[str]:
