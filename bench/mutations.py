@@ -543,6 +543,39 @@ MUTATIONS = [
         "a history render that does not end with the template's tail is spliced anyway",
     ),
     Mutation(
+        "token-in-kept-render-not-checked",
+        "proxy/token_in/prompt.py",
+        "                    return whole.after(kept_render), kept_render\n",
+        "                    return whole.ids()[len(kept_render.ids()) :], kept_render\n",
+        (
+            "tests/test_token_in_render.py::"
+            "test_a_kept_stand_in_render_the_template_no_longer_gives_is_rendered_again",
+        ),
+        "a kept stand-in render is used without checking it still starts the call's render",
+    ),
+    Mutation(
+        "token-in-any-4xx-distrusts-the-template",
+        "proxy/token_in/prompt.py",
+        "transport=response.status_code not in (400, 422),",
+        "transport=response.status_code >= 500,",
+        (
+            "tests/test_token_in_render.py::"
+            "test_a_tokenize_failure_that_is_not_the_templates_falls_back_that_call_alone",
+        ),
+        "a 429 from /tokenize sends the template back to full renders for good",
+    ),
+    Mutation(
+        "token-in-refused-stand-in-fails-the-call",
+        "proxy/token_in/prompt.py",
+        "            if failed.transport:\n                raise\n",
+        "            raise\n",
+        (
+            "tests/test_token_in_render.py::"
+            "test_a_template_that_refuses_the_stand_in_keeps_token_in_with_full_renders",
+        ),
+        "a stand-in vLLM refuses fails the call instead of teaching the template",
+    ),
+    Mutation(
         "fallback-stays-token-in",
         "proxy/token_in/planner.py",
         "    def _fall_back(self, record: CallRecord, reason: str) -> None:\n"
