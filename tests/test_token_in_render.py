@@ -28,6 +28,7 @@ from tests.fake_upstream import read_body
 from tests.servers import serve_in_thread
 
 CHAT = "/v1/chat/completions"
+STAND_IN_USER = {"role": "user", "content": "."}  # token-in's stand-in history holds it
 GENERATED = [300, 301]  # what every answer "samples": cut before its end of turn
 
 
@@ -48,7 +49,7 @@ class TemplateFake:
         self.after_reply = after_reply
         self.refuse_stand_in = refuse_stand_in
         self.epoch = 0
-        self.tokenize_status = 200  # anything else: /tokenize answers with it
+        self.tokenize_status = 200  # anything else: /tokenize answers a stand-in render with it
         self.chats: list[dict[str, Any]] = []
         self.tokenized: list[list[dict[str, Any]]] = []  # the messages of each /tokenize request
         self.schema_requests = 0
@@ -86,11 +87,11 @@ class TemplateFake:
             return
         parsed = json.loads(raw)
         if path == "/tokenize":
-            if self.tokenize_status != 200:
+            if self.tokenize_status != 200 and STAND_IN_USER in parsed["messages"]:
                 await _answer(send, self.tokenize_status, {"error": {"message": "not now"}})
                 return
             self.tokenized.append(parsed["messages"])
-            if self.refuse_stand_in and {"role": "user", "content": "."} in parsed["messages"]:
+            if self.refuse_stand_in and STAND_IN_USER in parsed["messages"]:
                 await _answer(send, 400, {"error": {"message": "roles must alternate", "code": 400}})
                 return
             tokens = self.render(parsed["messages"], parsed["add_generation_prompt"])
@@ -376,8 +377,9 @@ def test_a_kept_stand_in_render_the_template_no_longer_gives_is_rendered_again(
 def test_a_tokenize_failure_that_is_not_the_templates_falls_back_that_call_alone(
     fake_and_proxy: tuple[TemplateFake, Proxy],
 ) -> None:
-    """A 429 (or 401, 404, 5xx) from /tokenize says nothing of the template: the calls meanwhile fall
-    back, and the stand-in is used again once /tokenize answers."""
+    """A 429 (or 401, 404, 5xx) from /tokenize says nothing of the template, even when only the
+    stand-in render got it: the calls meanwhile fall back, and the stand-in is used again once
+    /tokenize answers."""
     fake, proxy = fake_and_proxy
 
     def busy(number: int) -> None:
