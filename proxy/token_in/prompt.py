@@ -339,11 +339,23 @@ class PromptBuilder:
     ) -> tuple[list[int], Rendered]:
         """The new tokens after the whole history, and the history's render."""
         messages = request["messages"]
-        history, whole = await asyncio.gather(
-            self._render(upstream_url, headers, request, messages[:kept], generation_prompt=False),
+        return await self._new_after(upstream_url, headers, request, messages[:kept], messages)
+
+    async def _new_after(
+        self,
+        upstream_url: str,
+        headers: list[tuple[bytes, bytes]],
+        request: dict[str, Any],
+        history: list[Any],
+        messages: list[Any],
+    ) -> tuple[list[int], Rendered]:
+        """``render(messages, generation prompt) - render(history)``, and the history's render (both
+        asked at once); ``BuildFailed`` when the second is not a prefix of the first."""
+        rendered, whole = await asyncio.gather(
+            self._render(upstream_url, headers, request, history, generation_prompt=False),
             self._render(upstream_url, headers, request, messages, generation_prompt=True),
         )
-        return whole.after(history), history
+        return whole.after(rendered), rendered
 
     async def _after_stand_in(
         self,
@@ -380,12 +392,9 @@ class PromptBuilder:
                     history = await self._render(
                         upstream_url, headers, request, stand_in, generation_prompt=False
                     )
+                new = whole.after(history)
             else:
-                history, whole = await asyncio.gather(
-                    self._render(upstream_url, headers, request, stand_in, generation_prompt=False),
-                    self._render(upstream_url, headers, request, messages, generation_prompt=True),
-                )
-            new = whole.after(history)
+                new, history = await self._new_after(upstream_url, headers, request, stand_in, messages)
         except BuildFailed as failed:
             if failed.transport:
                 raise
