@@ -237,7 +237,8 @@ def create_app(
             check_first=settings.token_in_check_first,
             check_every=settings.token_in_check_every,
         )
-        balancer.on_back.append(identities.upstream_back)  # (the RL loop relearns its versions)
+        if settings.learn_weight_versions:  # (the RL loop relearns its versions itself)
+            balancer.on_back.append(identities.upstream_back)
         balancer.on_back.append(token_in.upstream_back)
         relay = Relay(
             balancer,
@@ -298,6 +299,7 @@ def create_app(
                 await fleet.aclose()
             if replicas is not None:
                 await replicas.stop()
+            await identities.stop()
             await client.aclose()
             if runtime.retention is not None:
                 await asyncio.to_thread(runtime.retention.close)

@@ -37,7 +37,7 @@ def upgrade() -> None:
         sa.Column("replica", sa.String(length=64), primary_key=True),
         sa.Column("seen_revision", sa.BigInteger(), nullable=False),  # the control row it applied
         sa.Column("drained_generation", sa.BigInteger(), nullable=False),  # paused with no call running
-        sa.Column("heartbeat_at", sa.Float(), nullable=False),  # its clock, seconds since the epoch
+        sa.Column("heartbeat_at", sa.Float(), nullable=False),  # the database's clock, epoch seconds
     )
 
 

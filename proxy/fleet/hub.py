@@ -214,4 +214,9 @@ class ControlHub:
             answer["error"] = f"unavailable: {exc}"
         except (KeyError, ValueError, TypeError) as exc:
             answer["error"] = f"bad request: {type(exc).__name__}"
+        except Exception as exc:  # a worker waits for this answer: it always gets one
+            logger.error(
+                "op=<%s>, error=<%s> | a control request failed", message.get("op"), type(exc).__name__
+            )
+            answer["error"] = f"failed: {type(exc).__name__}"
         worker.tell(answer)

@@ -50,7 +50,13 @@ from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from tokentrail.proxy import jsonio
-from tokentrail.proxy.rl.control import ControlPlane, FleetUnavailableError, Members, Versions
+from tokentrail.proxy.rl.control import (
+    CONTROL_TIMEOUT_S,
+    ControlPlane,
+    FleetUnavailableError,
+    Members,
+    Versions,
+)
 from tokentrail.proxy.rl.pause import PauseMode
 from tokentrail.proxy.storage.engine import sqlite_path
 
@@ -259,7 +265,7 @@ class ReplicaFleet:
         self._closed: PauseMode | None = None  # the gates' state as this host last set it
         self._drained = 0  # the generation at which this host last had no call running while paused
         self._draining: tuple[int, asyncio.Task[None]] | None = None
-        self._reported = (-1, -1, 0.0)  # (revision, drained generation, when) last written
+        self._reported = (-1, -1)  # (revision, drained generation) last written
         self._changed = asyncio.Event()  # set (and replaced) on every notification
         self._listening = False
         self._database_away = False
@@ -289,6 +295,7 @@ class ReplicaFleet:
             await self._apply(await asyncio.to_thread(self.store.read))
             await self._report()
         self._tasks.append(asyncio.create_task(self._watch(), name="tokentrail-fleet-watch"))
+        self._tasks.append(asyncio.create_task(self._beat(), name="tokentrail-fleet-heartbeat"))
         if self.store.notifies:
             self._tasks.append(asyncio.create_task(self._listen(), name="tokentrail-fleet-listen"))
         logger.info("replica=<%s> | pause, resume and versions shared over the database", self.replica)
@@ -301,10 +308,14 @@ class ReplicaFleet:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # shutting down: nothing of this may stop the writer's drain
+                logger.warning("error=<%s> | a fleet task failed", type(exc).__name__)
         if self._tasks:
-            with contextlib.suppress(SQLAlchemyError):
+            with contextlib.suppress(SQLAlchemyError, OSError):
                 await asyncio.to_thread(self.store.leave, self.replica)
 
     # ---- the sequencer ----
@@ -327,12 +338,13 @@ class ReplicaFleet:
             finally:
                 self._acting = 0
                 self._own = {g for g in self._own if g > generation}
-                with contextlib.suppress(SQLAlchemyError, OSError):
-                    await asyncio.to_thread(self.store.unlock, handle)
+                await self._unlock_quietly(handle)
 
     async def _fleet_lock(self) -> Any:
-        """The fleet lock's handle, once no other replica holds it. Cancelled meanwhile, a lock taken
-        in the thread is let go as soon as the thread returns it."""
+        """The fleet lock's handle, once no other replica holds it (``FleetUnavailableError`` after
+        ``CONTROL_TIMEOUT_S``). Cancelled meanwhile, a lock taken in the thread is let go as soon as
+        the thread returns it."""
+        deadline = time.monotonic() + CONTROL_TIMEOUT_S
         while True:
             taking = asyncio.ensure_future(self._database(self.store.try_lock))
             try:
@@ -342,12 +354,19 @@ class ReplicaFleet:
                 raise
             if handle is not None:
                 return handle
+            if time.monotonic() >= deadline:
+                raise FleetUnavailableError("another replica has held the fleet lock too long")
             await asyncio.sleep(self.poll_s)  # another replica acts: no event says when it is done
 
     def _unlock_late(self, taking: asyncio.Future[Any]) -> None:
         if not taking.cancelled() and taking.exception() is None and taking.result() is not None:
-            task = asyncio.ensure_future(asyncio.to_thread(self.store.unlock, taking.result()))
-            self._tasks.append(task)
+            self._tasks.append(asyncio.ensure_future(self._unlock_quietly(taking.result())))
+
+    async def _unlock_quietly(self, handle: Any) -> None:
+        try:
+            await asyncio.to_thread(self.store.unlock, handle)
+        except (SQLAlchemyError, OSError) as exc:  # (a session that ends lets its lock go anyway)
+            logger.warning("error=<%s> | the fleet lock was not let go", type(exc).__name__)
 
     # ---- the members: this host's, then every other replica's acknowledgement ----
 
@@ -391,7 +410,11 @@ class ReplicaFleet:
         await self._acknowledged(row.revision)
 
     async def set_versions(self, versions: Versions) -> None:
-        row = await self._publish_and_apply(_KEEP, versions)
+        try:
+            row = await self._publish_and_apply(_KEEP, versions)
+        except FleetUnavailableError:
+            await self.inner.set_versions(versions)  # this host stamps what it knows meanwhile
+            raise
         await self._acknowledged(row.revision)
 
     async def _publish_and_apply(
@@ -427,7 +450,7 @@ class ReplicaFleet:
         """``work`` in a thread; the database being away is ``FleetUnavailableError`` (a 503)."""
         try:
             return await asyncio.to_thread(work)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:  # (OSError: the lock file next to a SQLite one)
             raise FleetUnavailableError(f"the replicas' database: {type(exc).__name__}") from exc
 
     # ---- noticing changes ----
@@ -532,12 +555,18 @@ class ReplicaFleet:
 
         self._draining = (generation, asyncio.create_task(drain()))
 
-    async def _report(self) -> None:
-        """Acknowledge what changed at once (and notify), else a heartbeat every ``HEARTBEAT_S``."""
-        revision, drained, when = self._reported
-        news = (self.applied, self._drained) != (revision, drained)
-        now = time.monotonic()
-        if not news and now - when < HEARTBEAT_S:
+    async def _report(self, *, beat: bool = False) -> None:
+        """Acknowledge what changed (and notify), or with ``beat`` write the heartbeat anyway."""
+        news = (self.applied, self._drained) != self._reported
+        if not news and not beat:
             return
         await asyncio.to_thread(self.store.report, self.replica, self.applied, self._drained, notify=news)
-        self._reported = (self.applied, self._drained, now)
+        self._reported = (self.applied, self._drained)
+
+    async def _beat(self) -> None:
+        """The heartbeat, every ``HEARTBEAT_S``, on its own: applying a change can wait on a hung
+        worker for longer than the lease, and this replica is alive all the same."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(SQLAlchemyError, OSError):  # (the watcher says the database is away)
+                await self._report(beat=True)

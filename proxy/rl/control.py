@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -142,8 +142,7 @@ class ControlPlane:
         generation = await self._next_generation()
         async with self.sequencer.turn(generation):
             await self._check_latest(generation)
-            self.state.paused = mode
-            await self.members.close(mode)
+            await self._set_gates(mode, self.members.close(mode))
             if mode == PauseMode.WAIT:
                 drained = await asyncio.wait_for(self.members.drain(), CONTROL_TIMEOUT_S)
                 if not drained:
@@ -162,10 +161,20 @@ class ControlPlane:
             answers = await self._everywhere("POST", "/resume")
             await self.learn_versions()  # weights may have changed by routes TokenTrail did not see
             await self._check_latest(generation)
-            self.state.paused = None
-            await self.members.open(dict(self.state.versions))
+            await self._set_gates(None, self.members.open(dict(self.state.versions)))
         logger.warning("fleet resumed")
         return answers
+
+    async def _set_gates(self, paused: PauseMode | None, members_done: Awaitable[None]) -> None:
+        """The state says ``paused`` (a worker that connects meanwhile is told it) while the members
+        take it; the state before comes back if they could not (the fleet's database is away)."""
+        before = self.state.paused
+        self.state.paused = paused
+        try:
+            await members_done
+        except FleetUnavailableError:
+            self.state.paused = before
+            raise
 
     async def share_versions(self, versions: Versions) -> None:
         """A relay saw a control call change a version: every member takes it before the call's

@@ -76,6 +76,12 @@ class UpstreamIdentities:
         self._relearning.add(task)
         task.add_done_callback(self._relearning.discard)
 
+    async def stop(self) -> None:
+        """Cancel the learning started by ``upstream_back`` (the client is about to close)."""
+        for task in list(self._relearning):
+            task.cancel()
+        await asyncio.gather(*self._relearning, return_exceptions=True)
+
     async def learn_until_known(self, upstreams: Sequence[str] | None = None, retry_s: float = 2.0) -> None:
         """Ask every upstream (or those given) until each has answered."""
         pending = list(self._upstreams if upstreams is None else upstreams)
