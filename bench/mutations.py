@@ -778,6 +778,14 @@ MUTATIONS = [
         "a resume through one replica leaves the other replicas' calls held",
     ),
     Mutation(
+        "replica-resume-writes-its-versions-back",
+        "proxy/fleet/replicas.py",
+        "        row = await self._publish_and_apply(None, None)\n",
+        "        row = await self._publish_and_apply(None, versions)\n",
+        ("tests/test_replica_control.py::test_a_resume_never_writes_an_older_version_over_the_fleets",),
+        "a resume writes the resuming replica's versions over a newer one another replica set",
+    ),
+    Mutation(
         "metric-counts-not-committed",
         "proxy/recording/writer.py",
         "            self._count_in(connection, encoder, batch)\n",

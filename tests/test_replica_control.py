@@ -9,6 +9,7 @@ version set through one is unknown to the other, and a wait pause does not wait 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,14 @@ from tests.test_fleet import PAUSE, RESUME, _in_background, _in_flight, _until, 
 from tests.test_serve import BODY, CHAT, serve_process
 from tests.test_workers import FRESH
 from tests.test_workers import _wait_rows as wait_rows
+from tokentrail.proxy.fleet.replicas import ControlStore, ReplicaFleet
+from tokentrail.proxy.rl.loop import RlLoop
+from tokentrail.proxy.rl.pause import PauseMode
+from tokentrail.proxy.settings import Settings
+from tokentrail.proxy.storage.engine import make_engine
+from tokentrail.proxy.storage.migrate import upgrade_database
+from tokentrail.proxy.upstream.balancer import UpstreamBalancer
+from tokentrail.proxy.upstream.configured import upstream_client
 
 HELD = 6
 PATIENT = {"TOKENTRAIL_PAUSE_MAX_WAIT_S": "120"}  # a held call nobody resumes outlasts the test
@@ -203,3 +212,37 @@ def test_a_replica_killed_during_a_pause_holds_no_one_up(
         caller.join(60)
         assert statuses == [200] * HELD
         assert upstream.control.count("/resume") == 1
+
+
+def test_a_resume_never_writes_an_older_version_over_the_fleets(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """Two replicas' control planes on one SQLite file, in one process: B sets v3; A, whose own state
+    still says v1 (it had not applied v3 yet), resumes. The fleet keeps v3, and A stamps v3."""
+    upstream, url = fake
+    db_url = f"sqlite:///{tmp_path / 'fleet.sqlite'}"
+    upgrade_database(db_url)
+
+    async def scenario() -> tuple[dict[str, str | None], str | None, str | None]:
+        engine = make_engine(db_url)
+        client = upstream_client(Settings(upstream=url, db=db_url))
+        loops = [RlLoop(UpstreamBalancer([url]), client, 30, learn_versions=False) for _ in "ab"]
+        fleets = [ReplicaFleet(loop.local_control, ControlStore(engine)) for loop in loops]
+        try:
+            for fleet in fleets:
+                assert await fleet.start()
+            a, b = loops
+            await b.local_control.share_versions({url: "v3"})  # A applies it before this returns
+            await a.pause(PauseMode.KEEP)
+            a.local_control.state.versions[url] = "v1"  # as if A had not applied v3 yet
+            await a.resume()
+            row = await asyncio.to_thread(fleets[0].store.read)
+            return row.versions, a.weights.current(url), b.weights.current(url)
+        finally:
+            for fleet in fleets:
+                await fleet.stop()
+            await client.aclose()
+            engine.dispose()
+
+    assert asyncio.run(scenario()) == ({url: "v3"}, "v3", "v3")
+    assert upstream.control.count("/resume") == 1
