@@ -27,8 +27,6 @@ from tokentrail.proxy.rl.pause import PauseMode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FleetLink", "FleetUnavailableError"]
-
 _ANSWER_GRACE_S = 60.0
 
 

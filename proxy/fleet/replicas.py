@@ -259,8 +259,6 @@ class ReplicaFleet:
         self.lease_s = lease_s
         self.ack_timeout_s = ack_timeout_s
         self.applied = -1  # the revision of the row this host applied
-        self._generation = 0  # the row's generation when this host applied it
-        self._own: set[int] = set()  # generations this host's requests took (and may still act on)
         self._acting = 0  # the generation of this host's request that holds the fleet's turn
         self._closed: PauseMode | None = None  # the gates' state as this host last set it
         self._drained = 0  # the generation at which this host last had no call running while paused
@@ -321,9 +319,7 @@ class ReplicaFleet:
     # ---- the sequencer ----
 
     async def next(self) -> int:
-        generation = await self._database(self.store.next_generation)
-        self._own.add(generation)
-        return generation
+        return await self._database(self.store.next_generation)
 
     async def latest(self) -> int:
         return (await self._database(self.store.read)).generation
@@ -337,7 +333,6 @@ class ReplicaFleet:
                 yield
             finally:
                 self._acting = 0
-                self._own = {g for g in self._own if g > generation}
                 await self._unlock_quietly(handle)
 
     async def _fleet_lock(self) -> Any:
@@ -510,12 +505,12 @@ class ReplicaFleet:
             await self._until_changed(changed)
 
     async def _apply(self, row: FleetRow) -> None:
+        """Take ``row`` unless this host applied it or a later one already. (A newer request at
+        another replica needs no word here: this host's wait pause reads the generation as it
+        drains, and gives way.)"""
         async with self._applying:
-            if row.revision <= self.applied:
-                return  # (an older read: what it says was applied, or overtaken)
-            if row.generation != self._generation and row.generation not in self._own:
-                self.inner.newer()  # a newer request at another replica: a drain here gives way
-            await self._take(row)
+            if row.revision > self.applied:
+                await self._take(row)
 
     async def _take(self, row: FleetRow) -> None:
         """Make this host's members and the plane's state what ``row`` says."""
@@ -532,7 +527,6 @@ class ReplicaFleet:
             await self.inner.set_versions(dict(row.versions))
         self._closed = row.paused
         self.applied = max(self.applied, row.revision)
-        self._generation = row.generation
         if row.paused is None:
             if self._draining is not None:
                 self._draining[1].cancel()

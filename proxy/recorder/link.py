@@ -180,7 +180,7 @@ class RecorderLink:
     # ---- the connection ----
 
     def _send(self, pieces: Pieces, *, now: bool = False) -> None:
-        """Queue ``data``. Arrivals wait at most ``FLUSH_S`` (or until ``FLUSH_BYTES`` wait) and go
+        """Queue ``pieces``. Arrivals wait at most ``FLUSH_S`` (or until ``FLUSH_BYTES`` wait) and go
         out together; a record goes out at once (``now``), with every arrival queued before it, so
         the recorder has a call's arrival and record before its client has the answer's last bytes,
         and so before the client can send the call after it, to any worker."""

@@ -49,13 +49,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokentrail.proxy import jsonio
+from tokentrail.proxy.recording.capture import RENDER_FIELDS
 from tokentrail.proxy.trajectory.continuation import Continuation
 from tokentrail.proxy.upstream.client import UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 
 TOKENIZE_PATH = "/tokenize"
-_TEMPLATE_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "add_special_tokens")
 _PROBES = tuple([{"role": "user", "content": "x"}, {"role": "assistant", "content": c}] for c in ("a", "b"))
 _MAX_TAILS = 256
 _MAX_STAND_IN_RENDERS = 1024  # distinct system prompts x templates, each a few KB of token IDs
@@ -198,7 +198,7 @@ def _is_plain_reply(message: Any) -> bool:
 
 def template_key(upstream_url: str, request: dict[str, Any]) -> str:
     """Which template a request renders with: upstream, model, and every field that changes rendering."""
-    fields = [upstream_url, request.get("model"), *(request.get(name) for name in _TEMPLATE_FIELDS)]
+    fields = [upstream_url, request.get("model"), *(request.get(name) for name in RENDER_FIELDS)]
     return hashlib.sha256(jsonio.dumps_text(fields).encode()).hexdigest()
 
 
@@ -407,7 +407,7 @@ class PromptBuilder:
 
     @staticmethod
     def _tail_key(upstream_url: str, request: dict[str, Any]) -> tuple[str, str]:
-        options = {name: request.get(name) for name in _TEMPLATE_FIELDS if name != "tools"}
+        options = {name: request.get(name) for name in RENDER_FIELDS if name != "tools"}
         return (upstream_url, jsonio.dumps_text([request.get("model"), options]))
 
     async def _tail(
@@ -446,7 +446,7 @@ class PromptBuilder:
         body: dict[str, Any] = {"messages": messages, "add_generation_prompt": generation_prompt}
         if request.get("model") is not None:
             body["model"] = request["model"]
-        for name in _TEMPLATE_FIELDS:
+        for name in RENDER_FIELDS:
             if request.get(name) is not None:
                 body[name] = request[name]
         try:

@@ -26,7 +26,6 @@ from tokentrail.proxy.recording.records import PastCall, PastChoice
 
 __all__ = ["Continuation", "PastCall", "PastChoice", "Reason", "best_continuation", "continuation"]
 
-# Request fields that change how the chat template renders the messages.
 # Message keys that do not change the meaning of a message the client sends back.
 _IGNORED_KEYS = frozenset(
     {"reasoning", "reasoning_content", "refusal", "annotations", "audio", "function_call"}
