@@ -204,3 +204,40 @@ def test_several_upstreams_are_paused_and_resumed_together(
     assert resumed_state["paused"] is False
     assert httpx.get(vllm_url + "/is_paused").json() == {"is_paused": False}
     assert fake[0].control[-3:] == ["/pause?mode=keep", "/resume", "/weight_info"]
+
+
+def test_two_replicas_on_postgresql_pause_and_resume_the_real_vllm_as_one_fleet(
+    vllm_url: str, postgres_url: str, resumed: None
+) -> None:
+    """Two ``serve`` replicas on one PostgreSQL in front of the real vLLM: a pause through A holds the
+    calls sent to both, a version set and a resume through B let them all go, every one recorded
+    with the new version (``proxy/fleet/replicas.py``; the fake-vLLM variants and the failure paths
+    are in ``tests/test_replica_control.py``)."""
+    from tests.postgres import create_database
+    from tests.test_fleet import PAUSE, RESUME, _in_background, _in_flight, _versions
+    from tests.test_serve import serve_process
+    from tests.test_workers import FRESH
+    from tests.test_workers import _wait_rows as wait_rows
+
+    db_url = create_database(postgres_url)
+    after = f"{_version(vllm_url)}+replicas"
+    held = 4
+    patient = {"TOKENTRAIL_PAUSE_MAX_WAIT_S": "120"}
+    with (
+        serve_process(vllm_url, db_url, **patient) as (_a, a, _la),
+        serve_process(vllm_url, db_url, **patient) as (_b, b, _lb),
+        httpx.Client(limits=FRESH, timeout=60) as control,
+    ):
+        assert control.post(a + PAUSE + "?mode=keep").status_code == 200
+        assert control.get(b + PAUSE).json()["paused"]
+        at_a, statuses_a = _in_background(a, held, "real-a")
+        at_b, statuses_b = _in_background(b, held, "real-b")
+        _until(lambda: _in_flight(a) == held and _in_flight(b) == held)
+        assert control.post(b + "/update_weight_version", json={"new_version": after}).status_code == 200
+        assert control.post(b + RESUME).status_code == 200
+        at_a.join(120)
+        at_b.join(120)
+        assert statuses_a == statuses_b == [200] * held
+        wait_rows(db_url, 2 * held)
+    assert _versions(db_url, "real-a") == _versions(db_url, "real-b") == [after] * held
+    assert _version(vllm_url) == after
