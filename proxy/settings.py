@@ -92,6 +92,15 @@ class Settings(BaseSettings):
             "serve and its workers only; 'auto', database on PostgreSQL (where replicas run), else host."
         ),
     )
+    order_wait_s: PositiveFloat = Field(
+        5.0,
+        description=(
+            "Where other workers' or replicas' writers share the database: seconds a record waits "
+            "for the record of a model reply its history holds, so that seq follows arrival order "
+            "(then it is written, counted as unproven in tokentrail_record_order_waits_total); keep "
+            "it below TOKENTRAIL_RECORDER_WAIT_S."
+        ),
+    )
     writer_queue_size: PositiveInt = Field(
         10_000,
         description="Records waiting for the database at most; past it records go to the fallback file.",

@@ -98,6 +98,16 @@ class _Keep:
 _KEEP = _Keep()
 
 
+def others_live(store: ControlStore) -> bool:
+    """Whether more than one replica is live (one of them may be the asker): blocking."""
+    try:
+        return sum(1 for row in store.replicas() if row.silent_s < LEASE_S) > 1
+    except SQLAlchemyError:
+        if not store.has_tables():  # a database not migrated to 0010 yet: no fleet
+            return False
+        raise
+
+
 class ControlStore:
     """The control row and the replicas' rows (blocking: called in threads)."""
 

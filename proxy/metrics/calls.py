@@ -25,6 +25,7 @@ OBSERVED = (
     catalog.GENERATED_TOKENS,
     catalog.TOKEN_IN_FALLBACKS,
     catalog.TOKEN_IN_RENDERS,
+    catalog.RECORD_ORDER_WAITS,
     catalog.ADDED_LATENCY,
     catalog.FIRST_TOKEN,
     catalog.DURATION,
@@ -64,6 +65,8 @@ class CallCounters:
         how = record.token_in_render
         if how and record.token_in:
             self._add(catalog.TOKEN_IN_RENDERS, how, 1)
+        if record.order_wait:
+            self._add(catalog.RECORD_ORDER_WAITS, record.order_wait, 1)
         if record.upstream_first_byte_at is not None:
             self._observe(catalog.FIRST_TOKEN, route, record.upstream_first_byte_at - record.received_at)
         if record.finished_at is not None:

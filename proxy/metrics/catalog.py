@@ -64,6 +64,13 @@ TOKEN_IN_RENDERS = Metric(
     "Token-in calls by how their new tokens were found: stand_in, full, checked, differs, untrusted.",
     ("how",),
 )
+RECORD_ORDER_WAITS = Metric(
+    "tokentrail_record_order_waits",
+    Kind.COUNTER,
+    "Records that waited for the record of a reply their history holds (another worker's or replica's "
+    "writer was behind): waited (seq follows it) or unproven (it never came in time; seq may precede it).",
+    ("how",),
+)
 ADDED_LATENCY = Metric(
     "tokentrail_added_latency_seconds",
     Kind.HISTOGRAM,
@@ -99,6 +106,12 @@ RECORDS_REFUSED = Metric(
 QUEUE_DEPTH = Metric("tokentrail_writer_queue_depth", Kind.GAUGE, "Records waiting for the writer thread.")
 QUEUE_CAPACITY = Metric(
     "tokentrail_writer_queue_capacity", Kind.GAUGE, "Records the queue holds before spilling to the spool."
+)
+RECORDS_HELD = Metric(
+    "tokentrail_records_held",
+    Kind.GAUGE,
+    "Records this process's writer holds until the record of a reply their history holds is written "
+    "(with TOKENTRAIL_RECORDER=process the recorder holds them: not reported).",
 )
 SPOOL_BYTES = Metric("tokentrail_spool_bytes", Kind.GAUGE, "Bytes of records waiting in the spool.")
 IN_FLIGHT = Metric("tokentrail_in_flight_calls", Kind.GAUGE, "Calls being relayed now.")
@@ -151,6 +164,7 @@ ALL: tuple[Metric, ...] = (
     GENERATED_TOKENS,
     TOKEN_IN_FALLBACKS,
     TOKEN_IN_RENDERS,
+    RECORD_ORDER_WAITS,
     ADDED_LATENCY,
     FIRST_TOKEN,
     DURATION,
@@ -161,6 +175,7 @@ ALL: tuple[Metric, ...] = (
     RECORDS_REFUSED,
     QUEUE_DEPTH,
     QUEUE_CAPACITY,
+    RECORDS_HELD,
     SPOOL_BYTES,
     IN_FLIGHT,
     COUNTS_STALE,

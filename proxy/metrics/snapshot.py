@@ -49,6 +49,9 @@ def process_values(runtime: Any) -> Values:
         *_retention_values(runtime.retention),
     ):
         values[metric.name] = {label_key(): float(number)}
+    held = writer.held
+    if held is not None:  # None: the recorder process holds them, and does not say
+        values[catalog.RECORDS_HELD.name] = {label_key(): float(held)}
     upstreams = runtime.relay.balancer.upstreams
     values[catalog.UPSTREAM_UP.name] = {u.url: 1.0 if u.healthy else 0.0 for u in upstreams}
     values[catalog.UPSTREAM_IN_FLIGHT.name] = {u.url: float(u.in_flight) for u in upstreams}

@@ -3,10 +3,12 @@ recorder process (``main.py``) and, with ``TOKENTRAIL_RECORDER=thread``, the pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine
 
+from tokentrail.proxy.fleet.replicas import ControlStore, others_live
 from tokentrail.proxy.metrics import persisted
 from tokentrail.proxy.recording.writer import GATHER_S, RecordWriter
 from tokentrail.proxy.settings import Settings
@@ -32,4 +34,17 @@ def make_writer(settings: Settings, engine: Engine, fallback_path: Path) -> Reco
             connection, encoder, instance, persisted.batch_counts(batch)
         ),
         judge=DriftJudge(),
+        order_wait_s=settings.order_wait_s,
+        peers=_peers(settings, engine),
     )
+
+
+def _peers(settings: Settings, engine: Engine) -> Callable[[], bool] | None:
+    """Whether other writers may be writing this database now (``recording/order.py``): always for
+    the workers' writer threads of one host; else while another replica is live in the fleet."""
+    if settings.workers > 1 and settings.recorder == "thread":
+        return lambda: True
+    if settings.fleet_control_in_database:
+        store = ControlStore(engine)
+        return lambda: others_live(store)
+    return None

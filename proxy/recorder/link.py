@@ -174,6 +174,11 @@ class RecorderLink:
         return len(self._waiting)
 
     @property
+    def held(self) -> int | None:
+        """Not known here: the recorder's writer holds records for an earlier turn's (``order.py``)."""
+        return None
+
+    @property
     def connected(self) -> bool:
         return self._connection is not None
 

@@ -117,6 +117,8 @@ class CallRecord:
     # How the prompt relates to the trajectory's previous call; set by the writer (trajectory/drift.py).
     drift: str | None = None
     drift_position: int | None = None
+    # Whether the writer held it for the record of a reply its history holds (recording/order.py).
+    order_wait: str | None = None
     # vLLM's answer, not read by the relay: the recorder process reads it (capture.read_raw_answer).
     answer: RawAnswer | None = field(default=None, repr=False)
     # Handed over again (the recorder restarted before it answered, or a relay's spool): the writer

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from sqlalchemy import Engine, inspect, select
 
 from tokentrail.proxy import jsonio
 from tokentrail.proxy.recording.certificate import Certificate, certify
+from tokentrail.proxy.recording.order import POLL_S, ReplyOrder
 from tokentrail.proxy.recording.records import GOOD_INTEGRITY, CallRecord
 from tokentrail.proxy.recording.spool import REFUSED, Spool, record_to_line
 from tokentrail.proxy.storage.bulk import RowEncoder
@@ -113,6 +114,9 @@ class CallJudge(Protocol):
     def forget(self, trajectory_ids: set[str]) -> None:
         """These trajectories were written outside ``judge`` (a spool replay)."""
 
+    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> bool:
+        """Whether ``record``'s history holds a reply no recorded call gave (``order.py``)."""
+
 
 class _StoreWhole:
     """No judge: every call stored whole, no drift (a writer made without one)."""
@@ -127,6 +131,9 @@ class _StoreWhole:
 
     def forget(self, trajectory_ids: set[str]) -> None:
         return None
+
+    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> bool:
+        return False
 
 
 class RecordWriter:
@@ -145,6 +152,8 @@ class RecordWriter:
         reject_when_spool_full: bool = False,
         count: BatchCounter | None = None,
         judge: CallJudge | None = None,
+        order_wait_s: float = 5.0,
+        peers: Callable[[], bool] | None = None,
     ) -> None:
         # Adds each batch's metric counts in the transaction that writes the batch (the metrics), on
         # the writer thread, so that the request path pays nothing and the counts equal the database.
@@ -172,6 +181,8 @@ class RecordWriter:
         # TokenTrail made and has not migrated yet; its calls then get none. Looked at once.
         self._certificates: bool | None = None
         self._drift: CallJudge = judge or _StoreWhole()  # writer thread only
+        # records waiting for the record of a reply their history holds (other writers: ``peers``)
+        self._order = ReplyOrder(order_wait_s, peers)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._progress = threading.Condition()
         self.submitted = 0
@@ -236,6 +247,11 @@ class RecordWriter:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def held(self) -> int | None:
+        """Records waiting for the record of a reply their history holds (``order.py``)."""
+        return self._order.held
+
     def wait_settled(self, count: int, timeout: float) -> bool:
         """Block until ``count`` records in all were written or spilled (for tests and tools)."""
         with self._progress:
@@ -262,14 +278,19 @@ class RecordWriter:
         stopping = False
         while not stopping:
             try:
-                # With records in the spool, wake up now and then to replay them even when idle.
-                first = self._queue.get(timeout=_REPLAY_EVERY_S if self._spool.pending else None)
+                # With records in the spool, wake up now and then to replay them even when idle, and
+                # more often while records wait for an earlier turn's (order.py).
+                first = self._queue.get(timeout=self._idle_wake_s())
             except queue.Empty:
-                self._maybe_replay(database_works=False)
-                continue
+                if not self._order.held:
+                    self._maybe_replay(database_works=False)
+                    continue
+                first = None
             batch: list[CallRecord] = []
             skipped: set[str] = set()
-            if first is _STOP:
+            if first is None:
+                pass
+            elif first is _STOP:
                 stopping = True
             elif isinstance(first, _Skip):
                 skipped.add(self._note_skip(first))
@@ -295,10 +316,16 @@ class RecordWriter:
             for record in batch:
                 record.load_prompt_ids()  # parsed here, off the event loop (records.py)
             ready = self._in_arrival_order(batch, flush=stopping, touched=skipped)
+            ready = self._order.release(self._engine, self._drift, ready, flush=stopping)
             if ready and self._write_with_retries(ready):
                 self._maybe_replay(database_works=True)
             with self._progress:
                 self._progress.notify_all()
+
+    def _idle_wake_s(self) -> float | None:
+        if self._order.held:
+            return POLL_S
+        return _REPLAY_EVERY_S if self._spool.pending else None
 
     def _count_in(self, connection: Any, encoder: RowEncoder, batch: list[CallRecord]) -> None:
         """Add the batch's metric counts, in a savepoint: a failure there (a bug in the metrics, a

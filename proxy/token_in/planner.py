@@ -33,13 +33,14 @@ from tokentrail.proxy.token_in.prompt import BuildFailed, PromptBuilder, Templat
 from tokentrail.proxy.token_in.prompt_field import PromptField, PromptFieldDetector
 from tokentrail.proxy.trajectory.continuation import (
     Continuation,
-    PastCall,
     Reason,
+    answered_by_a_later_call,
     best_continuation,
     has_non_text_content,
-    normalise_message,
+    holds_a_reply,
+    suffix_has_reply,
 )
-from tokentrail.proxy.trajectory.drift import past_call, suffix_has_reply
+from tokentrail.proxy.trajectory.drift import past_call
 from tokentrail.proxy.trajectory.memory import (
     CALLS_PER_TRAJECTORY,
     OpenCall,
@@ -87,28 +88,6 @@ def token_in_wanted(headers: list[tuple[bytes, bytes]], default: bool) -> bool:
             if lowered in _NO:
                 return False
     return default
-
-
-def _answered_by_a_later_call(calls: list[PastCall], found: Continuation, request: dict[str, Any]) -> bool:
-    """Whether a call after ``found``'s base had exactly the request's messages up to a reply: then the
-    reply in the request's new messages is that call's, edited by the client, not one on its way."""
-    messages = request["messages"]
-    later = calls[next(i for i, c in enumerate(calls) if c is found.past) + 1 :]
-    for call in later:
-        theirs = call.request.get("messages") or []
-        if len(theirs) >= len(messages):
-            continue
-        reply = messages[len(theirs)]
-        if not (isinstance(reply, dict) and reply.get("role") == "assistant"):
-            continue
-        repeated = zip(theirs, messages[: len(theirs)], strict=True)
-        if all(a == b or normalise_message(a) == normalise_message(b) for a, b in repeated):
-            return True
-    return False
-
-
-def _holds_a_reply(request: dict[str, Any]) -> bool:
-    return any(isinstance(m, dict) and m.get("role") == "assistant" for m in request["messages"])
 
 
 def _unsupported(request: dict[str, Any]) -> str | None:
@@ -251,7 +230,7 @@ class TokenIn:
         found = best_continuation(self._memory.calls(trajectory_id), request)
         if suffix_has_reply(found, request) or (not isinstance(found, Continuation) and not read_now):
             found = await self._continuation_on_record(trajectory_id, request)
-        if found == Reason.FIRST_CALL and _holds_a_reply(request):
+        if found == Reason.FIRST_CALL and holds_a_reply(request["messages"]):
             # no call of the trajectory is recorded, yet the history holds a model's reply: an earlier
             # turn another process relayed and has not written yet (sticky routing avoids this)
             raise BuildFailed(Fallback.REPLY_NOT_RECORDED)
@@ -293,7 +272,7 @@ class TokenIn:
             if not suffix_has_reply(found, request):
                 return found
             assert isinstance(found, Continuation)
-            if _answered_by_a_later_call(calls, found, request):
+            if answered_by_a_later_call(calls, found, request):
                 return Reason.REPLY_EDITED  # that reply is a recorded call's, edited: nothing to wait for
             if loop.time() >= deadline:
                 return Fallback.REPLY_NOT_RECORDED

@@ -24,7 +24,18 @@ from typing import Any
 from tokentrail.proxy.recording.capture import CHAT_ROUTE, RENDER_FIELDS
 from tokentrail.proxy.recording.records import PastCall, PastChoice
 
-__all__ = ["Continuation", "PastCall", "PastChoice", "Reason", "best_continuation", "continuation"]
+__all__ = [
+    "Continuation",
+    "PastCall",
+    "PastChoice",
+    "Reason",
+    "answered_by_a_later_call",
+    "best_continuation",
+    "continuation",
+    "holds_a_reply",
+    "suffix_has_reply",
+    "waits_for_a_reply",
+]
 
 # Message keys that do not change the meaning of a message the client sends back.
 _IGNORED_KEYS = frozenset(
@@ -170,3 +181,49 @@ def best_continuation(candidates: Sequence[PastCall], request: dict[str, Any]) -
         if reason == Reason.FIRST_CALL:
             reason = found
     return reason
+
+
+def holds_a_reply(messages: Sequence[Any]) -> bool:
+    """Whether ``messages`` hold a model's reply."""
+    return any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+
+
+def suffix_has_reply(found: Continuation | str, request: dict[str, Any]) -> bool:
+    """Whether the new messages after the continued reply hold another assistant reply: then a call
+    this process does not know of (another worker or replica) came in between, and what it knows
+    of the trajectory is stale."""
+    if not isinstance(found, Continuation) or found.kept == 0:
+        return False
+    return holds_a_reply((request.get("messages") or [])[found.kept :])
+
+
+def answered_by_a_later_call(calls: Sequence[PastCall], found: Continuation, request: dict[str, Any]) -> bool:
+    """Whether a call after ``found``'s base had exactly the request's messages up to a reply: then the
+    reply in the request's new messages is that call's, edited by the client, not one on its way."""
+    messages = request["messages"]
+    later = calls[next(i for i, c in enumerate(calls) if c is found.past) + 1 :]
+    for call in later:
+        theirs = call.request.get("messages") or []
+        if len(theirs) >= len(messages):
+            continue
+        reply = messages[len(theirs)]
+        if not (isinstance(reply, dict) and reply.get("role") == "assistant"):
+            continue
+        repeated = zip(theirs, messages[: len(theirs)], strict=True)
+        if all(a == b or normalise_message(a) == normalise_message(b) for a, b in repeated):
+            return True
+    return False
+
+
+def waits_for_a_reply(calls: Sequence[PastCall], request: dict[str, Any]) -> bool:
+    """Whether ``request``'s history holds a model's reply that none of ``calls`` (the trajectory's
+    recorded calls, oldest first) gave, after the one it continues: the call that gave it has not
+    been recorded yet (another worker's or replica's writer is behind), or never was (a history the
+    client made up, such as few-shot examples)."""
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return False
+    found = best_continuation(calls, request)
+    if isinstance(found, Continuation):
+        return suffix_has_reply(found, request) and not answered_by_a_later_call(calls, found, request)
+    return found == Reason.FIRST_CALL and holds_a_reply(messages)

@@ -34,6 +34,8 @@ from tokentrail.proxy.trajectory.continuation import (
     PastChoice,
     Reason,
     best_continuation,
+    suffix_has_reply,
+    waits_for_a_reply,
 )
 from tokentrail.proxy.trajectory.memory import CALLS_PER_TRAJECTORY, load_recent_calls
 
@@ -90,16 +92,6 @@ def past_call(record: CallRecord) -> PastCall | None:
     if not choices:
         return None
     return PastCall(record.call_id, record.route, record.request, prompt_ids, choices)
-
-
-def suffix_has_reply(found: Continuation | str, request: dict[str, Any]) -> bool:
-    """Whether the new messages after the continued reply hold another assistant reply: then a call
-    this process does not know of (another worker or replica) came in between, and what it knows
-    of the trajectory is stale."""
-    if not isinstance(found, Continuation) or found.kept == 0:
-        return False
-    messages = request.get("messages") or []
-    return any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages[found.kept :])
 
 
 class DriftJudge:
@@ -184,6 +176,20 @@ class DriftJudge:
         past = past_call(record)
         if past is not None:
             candidates.append(past)
+
+    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> bool:
+        """Whether ``record``'s history holds a reply that no recorded call of its trajectory gave
+        (``earlier``: the calls before it that are about to be written with it). The calls this judge
+        wrote last are looked at first; only when they lack the reply is the database read, so a
+        trajectory that one writer records whole costs no read."""
+        if record.seq is None or record.request is None:
+            return False
+        before = [p for p in map(past_call, earlier) if p is not None]
+        cached = self._recent.get(record.trajectory_id)
+        if cached is not None and not waits_for_a_reply([*cached, *before], record.request):
+            return False
+        recorded = self._load(connection, record.trajectory_id)
+        return waits_for_a_reply([*recorded, *before], record.request)
 
     def _load(self, connection: Any, trajectory_id: str) -> deque[PastCall]:
         return deque(load_recent_calls(connection, trajectory_id, CALLS_PER_TRAJECTORY), CALLS_PER_TRAJECTORY)

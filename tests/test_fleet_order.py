@@ -1,0 +1,132 @@
+"""``seq`` in arrival order across replicas without sticky routing (issue 23, finding 3).
+
+Two ``tokentrail serve`` replicas on one PostgreSQL: A records through its recorder process, which the
+test stops (SIGSTOP: the writer that is behind), B through its writer thread. A trajectory's first turn
+goes to A, its second, sent the moment the first was answered, to B. Token-in is off, so nothing but
+the writer orders the two. B's writer holds the second turn's record until the first is written, so
+``seq`` follows arrival; one that waits past ``TOKENTRAIL_ORDER_WAIT_S`` is written and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import httpx
+
+from tests.postgres import create_database
+from tests.servers import serve_in_thread
+from tests.test_metrics import by_label, db_rows, scrape
+from tests.test_serve import serve_process
+from tests.test_token_in import USER, TokenInFake
+from tokentrail.proxy.storage.migrate import upgrade_database
+
+CHAT = "/v1/chat/completions"
+REPLY = {"role": "assistant", "content": "ok"}  # what the fake answers
+TRAJECTORY = "order-1"
+
+
+@contextmanager
+def _two_replicas(db_url: str, **b_env: str) -> Iterator[tuple[str, str, int]]:
+    """(A's url, B's url, the pid of A's recorder process)."""
+    with serve_in_thread(TokenInFake()) as upstream, ExitStack() as stack:
+        common = {"TOKENTRAIL_TOKEN_IN": "false", "TOKENTRAIL_FLEET_CONTROL": "database"}
+        a_process, a_url, _ = stack.enter_context(
+            serve_process(upstream, db_url, TOKENTRAIL_RECORDER="process", TOKENTRAIL_INSTANCE="a", **common)
+        )
+        _b_process, b_url, _ = stack.enter_context(
+            serve_process(upstream, db_url, TOKENTRAIL_INSTANCE="b", **common, **b_env)
+        )
+        found = subprocess.run(
+            ["pgrep", "-f", f"tokentrail.proxy.recorder.main.*--parent-pid {a_process.pid}"],
+            capture_output=True, text=True, check=False,
+        ).stdout.split()  # fmt: skip
+        assert len(found) == 1, found
+        recorder = int(found[0])
+        try:
+            yield a_url, b_url, recorder
+        finally:
+            os.kill(recorder, signal.SIGCONT)
+
+
+def _turn(url: str, messages: list[dict[str, Any]]) -> None:
+    response = httpx.post(
+        url + CHAT,
+        json={"model": "m", "messages": messages},
+        headers={"X-Trajectory-Id": TRAJECTORY},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == REPLY["content"]
+
+
+def _calls(db_url: str) -> list[tuple[int, int]]:
+    """(seq, turn) of the trajectory's recorded calls, the turn read from the request."""
+    rows = db_rows(
+        db_url, f"SELECT seq, request FROM llm_calls WHERE trajectory_id = '{TRAJECTORY}' ORDER BY seq"
+    )
+    return [
+        (seq, (len((json.loads(r) if isinstance(r, str) else r)["messages"]) - 1) // 2) for seq, r in rows
+    ]
+
+
+def _both(db_url: str) -> list[tuple[int, int]] | None:
+    calls = _calls(db_url)
+    return calls if len(calls) == 2 else None
+
+
+def _until(what: str, done: Any) -> Any:
+    deadline = time.monotonic() + 30
+    while not (found := done()):
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.05)
+    return found
+
+
+def _held(url: str) -> float:
+    return sum(by_label(scrape(url)[0], "tokentrail_records_held").values())
+
+
+def _order_waits(url: str) -> dict[tuple[str, ...], float]:
+    return by_label(scrape(url)[0], "tokentrail_record_order_waits_total", "how")
+
+
+def test_a_turn_written_by_another_replica_first_waits_for_the_turn_before_it(postgres_url: str) -> None:
+    db_url = create_database(postgres_url)
+    upgrade_database(db_url)
+    with _two_replicas(db_url, TOKENTRAIL_ORDER_WAIT_S="60") as (a_url, b_url, recorder):
+        os.kill(recorder, signal.SIGSTOP)  # A's writer is behind
+        _turn(a_url, [USER])
+        _turn(b_url, [USER, REPLY, USER])  # sent the moment the first turn was answered
+        # B's writer has taken the second turn's record: it holds it (or, without the fix, wrote it)
+        _until("B holds or wrote the second turn", lambda: _held(b_url) == 1 or _calls(db_url))
+        os.kill(recorder, signal.SIGCONT)
+        calls = _until("both turns recorded", lambda: _both(db_url))
+        waits = _order_waits(b_url)
+    assert calls == [(0, 0), (1, 1)]  # seq is the order the fleet received them
+    assert waits == {("waited",): 1.0}
+
+
+def test_a_turn_whose_earlier_turn_never_comes_in_time_is_written_and_counted_unproven(
+    postgres_url: str,
+) -> None:
+    db_url = create_database(postgres_url)
+    upgrade_database(db_url)
+    with _two_replicas(db_url, TOKENTRAIL_ORDER_WAIT_S="0.5") as (a_url, b_url, recorder):
+        os.kill(recorder, signal.SIGSTOP)
+        _turn(a_url, [USER])
+        _turn(b_url, [USER, REPLY, USER])
+        _until("B wrote the second turn after its wait", lambda: _calls(db_url))
+        os.kill(recorder, signal.SIGCONT)
+        calls = _until("both turns recorded", lambda: _both(db_url))
+        waits = _order_waits(b_url)
+        held = _held(b_url)
+    assert calls == [(0, 1), (1, 0)]  # the earlier turn came too late: after it, and the record says so
+    assert waits == {("unproven",): 1.0}
+    assert held == 0
