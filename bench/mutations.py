@@ -809,6 +809,35 @@ MUTATIONS = [
         "a token-in call whose prompt was built during a pause reaches the paused vLLM",
     ),
     Mutation(
+        "record-never-waits-for-the-turn-before",
+        "proxy/recording/order.py",
+        "                        if now - since < self._wait_s:",
+        "                        if False:",
+        (
+            "tests/test_fleet_order.py::test_a_turn_written_by_another_replica_first_waits_for_the_turn_before_it",
+        ),
+        "across replicas a turn written before the one it follows takes the lower seq",
+    ),
+    Mutation(
+        "record-waits-past-its-bound",
+        "proxy/recording/order.py",
+        "                        if now - since < self._wait_s:",
+        "                        if True:",
+        (
+            "tests/test_fleet_order.py::"
+            "test_a_turn_whose_earlier_turn_never_comes_in_time_is_written_and_counted_unproven",
+        ),
+        "a record whose earlier turn never comes is held for good (never written)",
+    ),
+    Mutation(
+        "workers-writers-not-peers",
+        "proxy/recorder/assembly.py",
+        '    if settings.workers > 1 and settings.recorder == "thread":\n        return lambda: True\n',
+        "",
+        ("tests/test_fleet_order.py::test_records_wait_only_where_other_writers_share_the_database",),
+        "workers with the recorder thread never wait for each other's records",
+    ),
+    Mutation(
         "memory-trusted-unproven",
         "proxy/token_in/planner.py",
         "if suffix_has_reply(found, request) or (not isinstance(found, Continuation) and not read_now)",

@@ -16,15 +16,20 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import create_engine
 
 from tests.postgres import create_database
 from tests.servers import serve_in_thread
 from tests.test_metrics import by_label, db_rows, scrape
 from tests.test_serve import serve_process
 from tests.test_token_in import USER, TokenInFake
+from tokentrail.proxy.fleet.replicas import ControlStore
+from tokentrail.proxy.recorder.assembly import other_writers
+from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.migrate import upgrade_database
 
 CHAT = "/v1/chat/completions"
@@ -130,3 +135,33 @@ def test_a_turn_whose_earlier_turn_never_comes_in_time_is_written_and_counted_un
     assert calls == [(0, 1), (1, 0)]  # the earlier turn came too late: after it, and the record says so
     assert waits == {("unproven",): 1.0}
     assert held == 0
+
+
+def test_records_wait_only_where_other_writers_share_the_database(tmp_path: Path, postgres_url: str) -> None:
+    sqlite = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(sqlite)
+    engine = create_engine(sqlite)
+    try:
+        assert other_writers(Settings(db=sqlite), engine) is None  # a lone writer has every earlier turn
+        assert (
+            other_writers(Settings(db=sqlite, workers=2, recorder="process"), engine) is None
+        )  # one per host
+        workers = other_writers(Settings(db=sqlite, workers=2), engine)  # a writer thread per worker
+        assert workers is not None
+        assert workers()
+    finally:
+        engine.dispose()
+    db_url = create_database(postgres_url)
+    upgrade_database(db_url)
+    engine = create_engine(db_url)
+    try:
+        replicas = other_writers(Settings(db=db_url), engine)
+        assert replicas is not None
+        store = ControlStore(engine)
+        assert not replicas()
+        store.report("a", 0, 0, notify=False)
+        assert not replicas()  # only itself
+        store.report("b", 0, 0, notify=False)
+        assert replicas()
+    finally:
+        engine.dispose()

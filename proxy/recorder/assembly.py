@@ -35,11 +35,11 @@ def make_writer(settings: Settings, engine: Engine, fallback_path: Path) -> Reco
         ),
         judge=DriftJudge(),
         order_wait_s=settings.order_wait_s,
-        peers=_peers(settings, engine),
+        peers=other_writers(settings, engine),
     )
 
 
-def _peers(settings: Settings, engine: Engine) -> Callable[[], bool] | None:
+def other_writers(settings: Settings, engine: Engine) -> Callable[[], bool] | None:
     """Whether other writers may be writing this database now (``recording/order.py``): always for
     the workers' writer threads of one host; else while another replica is live in the fleet."""
     if settings.workers > 1 and settings.recorder == "thread":
