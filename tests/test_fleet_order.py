@@ -9,6 +9,7 @@ the writer orders the two. B's writer holds the second turn's record until the f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from tests.servers import serve_in_thread
 from tests.test_metrics import by_label, db_rows, scrape
 from tests.test_serve import serve_process
 from tests.test_token_in import USER, TokenInFake
+from tests.test_workers import FRESH, _workers_seen
 from tokentrail.proxy.fleet.replicas import ControlStore
 from tokentrail.proxy.recorder.assembly import other_writers
 from tokentrail.proxy.settings import Settings
@@ -81,9 +83,8 @@ def _calls(db_url: str) -> list[tuple[int, int]]:
     ]
 
 
-def _both(db_url: str) -> list[tuple[int, int]] | None:
-    calls = _calls(db_url)
-    return calls if len(calls) == 2 else None
+def _when_all(rows: list[Any], count: int) -> list[Any] | None:
+    return rows if len(rows) == count else None
 
 
 def _until(what: str, done: Any) -> Any:
@@ -112,7 +113,7 @@ def test_a_turn_written_by_another_replica_first_waits_for_the_turn_before_it(po
         # B's writer has taken the second turn's record: it holds it (or, without the fix, wrote it)
         _until("B holds or wrote the second turn", lambda: _held(b_url) == 1 or _calls(db_url))
         os.kill(recorder, signal.SIGCONT)
-        calls = _until("both turns recorded", lambda: _both(db_url))
+        calls = _until("both turns recorded", lambda: _when_all(_calls(db_url), 2))
         waits = _order_waits(b_url)
     assert calls == [(0, 0), (1, 1)]  # seq is the order the fleet received them
     assert waits == {("waited",): 1.0}
@@ -129,7 +130,7 @@ def test_a_turn_whose_earlier_turn_never_comes_in_time_is_written_and_counted_un
         _turn(b_url, [USER, REPLY, USER])
         _until("B wrote the second turn after its wait", lambda: _calls(db_url))
         os.kill(recorder, signal.SIGCONT)
-        calls = _until("both turns recorded", lambda: _both(db_url))
+        calls = _until("both turns recorded", lambda: _when_all(_calls(db_url), 2))
         waits = _order_waits(b_url)
         held = _held(b_url)
     assert calls == [(0, 1), (1, 0)]  # the earlier turn came too late: after it, and the record says so
@@ -165,3 +166,42 @@ def test_records_wait_only_where_other_writers_share_the_database(tmp_path: Path
         assert replicas()
     finally:
         engine.dispose()
+
+
+def test_turns_two_workers_relay_are_numbered_in_the_order_they_arrived(tmp_path: Path) -> None:
+    """``serve --workers 2`` with the writer thread per worker: each turn on a fresh connection (the
+    kernel spreads them over the workers), sent the moment the last answer came."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    trajectories, turns = 8, 5
+    with (
+        serve_in_thread(TokenInFake()) as upstream,
+        serve_process(upstream, db_url, TOKENTRAIL_WORKERS="2", TOKENTRAIL_TOKEN_IN="false") as (
+            _p,
+            proxy,
+            _l,
+        ),
+    ):
+        assert _workers_seen(proxy, {0, 1}) == {0, 1}
+
+        async def conversations() -> None:
+            async with httpx.AsyncClient(limits=FRESH, timeout=60) as client:
+
+                async def one(trajectory: int) -> None:
+                    messages: list[dict[str, Any]] = [USER]
+                    for _turn in range(turns):
+                        response = await client.post(
+                            proxy + CHAT,
+                            json={"model": "m", "messages": messages},
+                            headers={"X-Trajectory-Id": f"w-{trajectory}"},
+                        )
+                        assert response.status_code == 200, response.text
+                        messages = [*messages, REPLY, USER]
+
+                await asyncio.gather(*(one(t) for t in range(trajectories)))
+
+        asyncio.run(conversations())
+        sql = "SELECT trajectory_id, seq, request FROM llm_calls ORDER BY 1, 2"
+        rows = _until("every turn recorded", lambda: _when_all(db_rows(db_url, sql), trajectories * turns))
+    for trajectory in range(trajectories):
+        mine = [r for r in rows if r[0] == f"w-{trajectory}"]
+        assert [(len(json.loads(r[2])["messages"]) - 1) // 2 for r in mine] == list(range(turns))
