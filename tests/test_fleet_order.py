@@ -147,6 +147,7 @@ def test_records_wait_only_where_other_writers_share_the_database(tmp_path: Path
         assert (
             other_writers(Settings(db=sqlite, workers=2, recorder="process"), engine) is None
         )  # one per host
+        assert other_writers(Settings(db=sqlite, workers=2, durable=True), engine) is None  # written first
         workers = other_writers(Settings(db=sqlite, workers=2), engine)  # a writer thread per worker
         assert workers is not None
         assert workers()

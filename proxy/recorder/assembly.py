@@ -41,7 +41,11 @@ def make_writer(settings: Settings, engine: Engine, fallback_path: Path) -> Reco
 
 def other_writers(settings: Settings, engine: Engine) -> Callable[[], bool] | None:
     """Whether other writers may be writing this database now (``recording/order.py``): always for
-    the workers' writer threads of one host; else while another replica is live in the fleet."""
+    the workers' writer threads of one host; else while another replica is live in the fleet. Never
+    with ``TOKENTRAIL_DURABLE``: every call is written before its answer goes, so no turn can reach a
+    writer before the turn it follows is written (and holding would hold the answer)."""
+    if settings.durable:
+        return None
     if settings.workers > 1 and settings.recorder == "thread":
         return lambda: True
     if settings.fleet_control_in_database:
