@@ -34,6 +34,7 @@ from tokentrail.proxy.trajectory.continuation import (
     PastChoice,
     Reason,
     best_continuation,
+    holds_a_reply,
     suffix_has_reply,
     waits_for_a_reply,
 )
@@ -184,6 +185,9 @@ class DriftJudge:
         trajectory that one writer records whole costs no read."""
         if record.seq is None or record.request is None:
             return False
+        messages = record.request.get("messages")
+        if not isinstance(messages, list) or not holds_a_reply(messages):
+            return False  # a first turn (the common case costs nothing more)
         before = [p for p in map(past_call, earlier) if p is not None]
         cached = self._recent.get(record.trajectory_id)
         if cached is not None and not waits_for_a_reply([*cached, *before], record.request):
