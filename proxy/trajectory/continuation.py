@@ -33,6 +33,7 @@ __all__ = [
     "best_continuation",
     "continuation",
     "holds_a_reply",
+    "repeats_then_replies",
     "suffix_has_reply",
     "waits_for_a_reply",
 ]
@@ -200,19 +201,21 @@ def suffix_has_reply(found: Continuation | str, request: dict[str, Any]) -> bool
 def answered_by_a_later_call(calls: Sequence[PastCall], found: Continuation, request: dict[str, Any]) -> bool:
     """Whether a call after ``found``'s base had exactly the request's messages up to a reply: then the
     reply in the request's new messages is that call's, edited by the client, not one on its way."""
-    messages = request["messages"]
     later = calls[next(i for i, c in enumerate(calls) if c is found.past) + 1 :]
-    for call in later:
-        theirs = call.request.get("messages") or []
-        if len(theirs) >= len(messages):
-            continue
-        reply = messages[len(theirs)]
-        if not (isinstance(reply, dict) and reply.get("role") == "assistant"):
-            continue
-        repeated = zip(theirs, messages[: len(theirs)], strict=True)
-        if all(a == b or normalise_message(a) == normalise_message(b) for a, b in repeated):
-            return True
-    return False
+    return any(
+        repeats_then_replies(call.request.get("messages") or [], request["messages"]) for call in later
+    )
+
+
+def repeats_then_replies(theirs: Sequence[Any], mine: Sequence[Any]) -> bool:
+    """Whether ``mine`` is ``theirs`` (by meaning), then an assistant reply (to them), then more."""
+    if len(mine) <= len(theirs):
+        return False
+    reply = mine[len(theirs)]
+    if not (isinstance(reply, dict) and reply.get("role") == "assistant"):
+        return False
+    repeated = zip(theirs, mine[: len(theirs)], strict=True)
+    return all(a == b or normalise_message(a) == normalise_message(b) for a, b in repeated)
 
 
 def waits_for_a_reply(calls: Sequence[PastCall], request: dict[str, Any]) -> bool:

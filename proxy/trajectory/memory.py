@@ -22,7 +22,7 @@ from sqlalchemy import Connection, select
 
 from tokentrail.proxy.storage.queries import CALLS, COMPLETIONS
 from tokentrail.proxy.storage.stored_calls import full_calls
-from tokentrail.proxy.trajectory.continuation import PastCall, PastChoice, normalise_message
+from tokentrail.proxy.trajectory.continuation import PastCall, PastChoice, repeats_then_replies
 
 # Recent finished calls kept per trajectory: a call is compared with the latest one it continues
 # (parallel sub-agents of one trajectory each continue their own).
@@ -146,18 +146,13 @@ class TrajectoryMemory:
         if found is None or opened.messages is None:
             return []
         mine = opened.messages
-        waiting = []
-        for other in found.open:
-            theirs = other.messages
-            if other is opened or theirs is None or len(mine) <= len(theirs):
-                continue
-            reply = mine[len(theirs)]
-            if not (isinstance(reply, dict) and reply.get("role") == "assistant"):
-                continue
-            repeated = zip(theirs, mine[: len(theirs)], strict=True)
-            if all(a == b or normalise_message(a) == normalise_message(b) for a, b in repeated):
-                waiting.append(other)
-        return waiting
+        return [
+            other
+            for other in found.open
+            if other is not opened
+            and other.messages is not None
+            and repeats_then_replies(other.messages, mine)
+        ]
 
     def claim_base(self, trajectory_id: str, opened: OpenCall, base: str) -> bool:
         """Build ``opened`` on call ``base`` unless another open call already is."""
