@@ -838,6 +838,25 @@ MUTATIONS = [
         "workers with the recorder thread never wait for each other's records",
     ),
     Mutation(
+        "fleet-lock-taken-after-cancel-kept",
+        "proxy/fleet/replicas.py",
+        "                taking.add_done_callback(self._unlock_late)\n",
+        "",
+        ("tests/test_replica_control.py::test_a_request_cancelled_while_taking_the_fleet_lock_lets_it_go",),
+        "a fleet lock taken for a request cancelled meanwhile is never let go: control stops for 10 minutes",
+    ),
+    Mutation(
+        "replica-lease-ignored",
+        "proxy/fleet/replicas.py",
+        "r.replica != self.replica and r.silent_s <= self.lease_s",
+        "r.replica != self.replica",
+        (
+            "tests/test_replica_control.py::"
+            "test_a_replica_silent_past_its_lease_is_not_waited_for_until_the_acknowledgement_limit",
+        ),
+        "a dead replica holds every pause up for the acknowledgement limit",
+    ),
+    Mutation(
         "memory-trusted-unproven",
         "proxy/token_in/planner.py",
         "if suffix_has_reply(found, request) or (not isinstance(found, Continuation) and not read_now)",

@@ -246,3 +246,93 @@ def test_a_resume_never_writes_an_older_version_over_the_fleets(
 
     assert asyncio.run(scenario()) == ({url: "v3"}, "v3", "v3")
     assert upstream.control.count("/resume") == 1
+
+
+class _GatedStore(ControlStore):
+    """The real store, whose next ``try_lock`` waits (in its thread) until the test lets it go on."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.gated = False
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def try_lock(self) -> Any:
+        if self.gated:
+            self.entered.set()
+            assert self.gate.wait(60)
+        return super().try_lock()
+
+
+def _in_process_fleet(
+    url: str, db_url: str, stores: list[ControlStore], **fleet_args: float
+) -> tuple[list[RlLoop], list[ReplicaFleet], Any]:
+    client = upstream_client(Settings(upstream=url, db=db_url))
+    loops = [RlLoop(UpstreamBalancer([url]), client, 30, learn_versions=False) for _ in stores]
+    fleets = [
+        ReplicaFleet(loop.local_control, store, **fleet_args)
+        for loop, store in zip(loops, stores, strict=True)
+    ]
+    return loops, fleets, client
+
+
+def test_a_request_cancelled_while_taking_the_fleet_lock_lets_it_go(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """B's pause is cancelled (its client left) while its thread is taking the fleet lock, which it
+    then gets: B lets it go at once, so A's pause is not held up for the lock's 10-minute limit."""
+    _upstream, url = fake
+    db_url = f"sqlite:///{tmp_path / 'fleet.sqlite'}"
+    upgrade_database(db_url)
+
+    async def scenario() -> bool:
+        engine = make_engine(db_url)
+        gated = _GatedStore(engine)
+        (a, b), fleets, client = _in_process_fleet(url, db_url, [ControlStore(engine), gated])
+        try:
+            for fleet in fleets:
+                assert await fleet.start()
+            gated.gated = True
+            pausing = asyncio.ensure_future(b.pause(PauseMode.KEEP))
+            assert await asyncio.to_thread(gated.entered.wait, 60)
+            pausing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pausing
+            gated.gated = False
+            gated.gate.set()  # the thread takes the lock now, for a request nobody waits for
+            await asyncio.wait_for(a.pause(PauseMode.KEEP), 60)
+            return a.gate.paused
+        finally:
+            gated.gate.set()
+            for fleet in fleets:
+                await fleet.stop()
+            await client.aclose()
+            engine.dispose()
+
+    assert asyncio.run(scenario())
+
+
+def test_a_replica_silent_past_its_lease_is_not_waited_for_until_the_acknowledgement_limit(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """A replica that died without leaving (its row stays, its heartbeat stops) holds a pause up only
+    until its lease ends (1 s here), not for the acknowledgement limit (10 minutes here)."""
+    _upstream, url = fake
+    db_url = f"sqlite:///{tmp_path / 'fleet.sqlite'}"
+    upgrade_database(db_url)
+
+    async def scenario() -> bool:
+        engine = make_engine(db_url)
+        store = ControlStore(engine)
+        (a,), fleets, client = _in_process_fleet(url, db_url, [store], lease_s=1.0, ack_timeout_s=600.0)
+        try:
+            assert await fleets[0].start()
+            await asyncio.to_thread(store.report, "died-without-leaving", -1, 0, notify=False)
+            await asyncio.wait_for(a.pause(PauseMode.KEEP), 60)
+            return a.gate.paused
+        finally:
+            await fleets[0].stop()
+            await client.aclose()
+            engine.dispose()
+
+    assert asyncio.run(scenario())
