@@ -9,7 +9,15 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -92,13 +100,14 @@ class Settings(BaseSettings):
             "serve and its workers only; 'auto', database on PostgreSQL (where replicas run), else host."
         ),
     )
-    order_wait_s: PositiveFloat = Field(
+    order_wait_s: NonNegativeFloat = Field(
         5.0,
         description=(
             "Where other workers' or replicas' writers share the database: seconds a record waits "
             "for the record of a model reply its history holds, so that seq follows arrival order "
             "(then it is written, counted as unproven in tokentrail_record_order_waits_total); keep "
-            "it below TOKENTRAIL_RECORDER_WAIT_S."
+            "it below TOKENTRAIL_RECORDER_WAIT_S. 0: never wait (behind sticky routing with the "
+            "recorder process, where a made-up history such as few-shot examples would wait in vain)."
         ),
     )
     writer_queue_size: PositiveInt = Field(

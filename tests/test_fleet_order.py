@@ -148,6 +148,7 @@ def test_records_wait_only_where_other_writers_share_the_database(tmp_path: Path
             other_writers(Settings(db=sqlite, workers=2, recorder="process"), engine) is None
         )  # one per host
         assert other_writers(Settings(db=sqlite, workers=2, durable=True), engine) is None  # written first
+        assert other_writers(Settings(db=sqlite, workers=2, order_wait_s=0), engine) is None  # told not to
         workers = other_writers(Settings(db=sqlite, workers=2), engine)  # a writer thread per worker
         assert workers is not None
         assert workers()

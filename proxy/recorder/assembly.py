@@ -44,7 +44,7 @@ def other_writers(settings: Settings, engine: Engine) -> Callable[[], bool] | No
     the workers' writer threads of one host; else while another replica is live in the fleet. Never
     with ``TOKENTRAIL_DURABLE``: every call is written before its answer goes, so no turn can reach a
     writer before the turn it follows is written (and holding would hold the answer)."""
-    if settings.durable:
+    if settings.durable or not settings.order_wait_s:  # (0: told that nothing needs it)
         return None
     if settings.workers > 1 and settings.recorder == "thread":
         return lambda: True

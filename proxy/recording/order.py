@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.05  # how often held records look for what they wait for
 PEERS_EVERY_S = 1.0  # how often whether other writers are live is asked again
+LOG_EVERY_S = 60.0  # at most one warning this often about records written unproven
 
 
 class OrderWait:
@@ -58,6 +59,8 @@ class ReplyOrder:
         self._peers_asked = float("-inf")
         self._waiting: list[CallRecord] = []
         self._since: dict[str, float] = {}  # call id -> when it first waited (monotonic)
+        self._unproven_logged_at = float("-inf")
+        self._unproven_unlogged = 0  # written unproven since the last warning
 
     @property
     def held(self) -> int:
@@ -91,13 +94,7 @@ class ReplyOrder:
                             self._waiting.append(record)
                             continue
                         record.order_wait = OrderWait.UNPROVEN
-                        logger.warning(
-                            "trajectory=<%s>, call_id=<%s>, waited_s=<%.1f> | the call whose reply this "
-                            "history holds was not recorded in time: seq may come before it",
-                            trajectory_id,
-                            record.call_id,
-                            now - since,
-                        )
+                        self._log_unproven(trajectory_id, record.call_id, now)
                     elif record.call_id in self._since:
                         record.order_wait = OrderWait.WAITED
                     self._since.pop(record.call_id, None)
@@ -109,6 +106,23 @@ class ReplyOrder:
             self._since.clear()
             return records
         return released
+
+    def _log_unproven(self, trajectory_id: str, call_id: str, now: float) -> None:
+        """One warning with the call, then at most one a minute with how many more: a client that
+        makes histories up (few-shot examples) makes one per trajectory."""
+        self._unproven_unlogged += 1
+        if now - self._unproven_logged_at < LOG_EVERY_S:
+            return
+        logger.warning(
+            "trajectory=<%s>, call_id=<%s>, records=<%d> | the call whose reply a history holds was not "
+            "recorded within TOKENTRAIL_ORDER_WAIT_S: written anyway, seq may come before it (made-up "
+            "histories, such as few-shot examples, always wait this long: see the README)",
+            trajectory_id,
+            call_id,
+            self._unproven_unlogged,
+        )
+        self._unproven_logged_at = now
+        self._unproven_unlogged = 0
 
     def _others_writing(self) -> bool:
         if self._peers is None:
