@@ -857,6 +857,14 @@ MUTATIONS = [
         "a dead replica holds every pause up for the acknowledgement limit",
     ),
     Mutation(
+        "token-in-upstream-back-not-forgotten",
+        "proxy/app.py",
+        "        balancer.on_back.append(token_in.upstream_back)\n",
+        "",
+        ("tests/test_token_in.py::test_an_upstream_back_after_being_down_is_learned_again",),
+        "a vLLM restarted with another template keeps the old template's tail: token-in falls back for good",
+    ),
+    Mutation(
         "memory-trusted-unproven",
         "proxy/token_in/planner.py",
         "if suffix_has_reply(found, request) or (not isinstance(found, Continuation) and not read_now)",

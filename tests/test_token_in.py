@@ -320,6 +320,7 @@ class TokenInFake:
         self.tokenize_status = 200
         self.ignore_ids = False  # answer as if the token-in IDs were not used (vLLM renders the messages)
         self.history_without_end = False  # a template whose last assistant turn has no end-of-turn
+        self.end_of_turn = 2  # the token the template writes after an assistant turn
         self.hold_next = False  # the next chat request waits until ``release`` is set
         self.held = threading.Event()
         # what every chat answer "samples" ([..., 2]: it stopped on its end of turn)
@@ -349,7 +350,11 @@ class TokenInFake:
             tokens = []
             for m in parsed["messages"]:
                 content = m.get("content") or ""
-                tokens += [100 + sum(map(ord, content)) % 100, 2] if m["role"] == "assistant" else [50]
+                tokens += (
+                    [100 + sum(map(ord, content)) % 100, self.end_of_turn]
+                    if m["role"] == "assistant"
+                    else [50]
+                )
             probe = parsed["messages"][0].get("content") == "x"  # the proxy's template-tail probe
             if self.history_without_end and not parsed["add_generation_prompt"] and not probe:
                 tokens = tokens[:-1]
@@ -491,6 +496,36 @@ def test_a_history_render_without_the_template_tail_falls_back(
     _two_calls(proxy.url)
     assert [("kv_transfer_params" in c) for c in fake.chats] == [False, False]
     assert [r["token_in_fallback"] for r in _rows(proxy)] == ["first_call", "template_tail_unknown"]
+
+
+def test_an_upstream_back_after_being_down_is_learned_again(tmp_path: Path) -> None:
+    """vLLM goes away and comes back on its port with another chat template (another end-of-turn
+    token). What token-in learned of it (the template's tail, kept renders, trust) is learned again
+    once it answers, so trajectories go on token-in, with the new template's tail."""
+    with contextlib.ExitStack() as stack:
+        first = contextlib.ExitStack()
+        url = first.enter_context(serve_in_thread(TokenInFake()))
+        proxy = stack.enter_context(running_proxy(url, tmp_path, token_in=True))
+        _two_calls(proxy.url, {"X-Trajectory-Id": "before"})  # learns the tail: 2
+        first.close()  # vLLM goes away ...
+        gone = httpx.post(
+            proxy.url + "/v1/chat/completions", json={"model": "m", "messages": [USER]}, timeout=30
+        )
+        assert gone.status_code == 502
+        restarted = TokenInFake()  # ... and comes back on its port, its template ending turns with 3
+        restarted.end_of_turn = 3
+        stack.enter_context(serve_in_thread(restarted, port=int(url.rsplit(":", 1)[1])))
+        _two_calls(proxy.url, {"X-Trajectory-Id": "after"})
+        proxy.wait_all_records()
+        rows = proxy.rows(
+            "SELECT drift, token_in_fallback FROM llm_calls WHERE trajectory_id = 'after' ORDER BY seq"
+        )
+    sent = restarted.chats[1].get("kv_transfer_params") or {}
+    assert sent.get("prompt_token_ids") == [50, 7, 300, 301, 3, 50, 7]
+    assert [(r["drift"], r["token_in_fallback"]) for r in rows] == [
+        ("first", "first_call"),
+        ("token_in", None),
+    ]
 
 
 def test_a_failing_tokenize_falls_back_to_the_call_as_it_is(token_in_fake: tuple[TokenInFake, Proxy]) -> None:
