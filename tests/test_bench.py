@@ -131,3 +131,10 @@ def test_agent_benchmark_token_in_modes_stand_in_tokenizes_flat_bytes_per_call()
     assert off == (0, 0)
     assert full[1] > 1.3 * full[0]  # the whole history, twice, grows with every turn
     assert stand_in[1] <= 1.05 * stand_in[0] < full[0]
+
+
+def test_arrival_order_bench_finds_every_trajectory_in_order_when_writers_wait() -> None:
+    out = _run(str(BENCH / "arrival_order.py"), "--setups", "workers", "--trajectories", "6", "--turns", "3")
+    waiting = [line for line in out.splitlines() if "wait (5 s)" in line]
+    assert len(waiting) == 2, out  # two rounds
+    assert all("6 of   6 trajectories in arrival order" in line for line in waiting), out
