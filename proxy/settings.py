@@ -105,9 +105,10 @@ class Settings(BaseSettings):
         description=(
             "Where other workers' or replicas' writers share the database: seconds a record waits "
             "for the record of a model reply its history holds, so that seq follows arrival order "
-            "(then it is written, counted as unproven in tokentrail_record_order_waits_total); keep "
-            "it below TOKENTRAIL_RECORDER_WAIT_S. 0: never wait (behind sticky routing with the "
-            "recorder process, where a made-up history such as few-shot examples would wait in vain)."
+            "(then it is written, counted as unproven in tokentrail_record_order_waits_total); with "
+            "the recorder process at most half TOKENTRAIL_RECORDER_WAIT_S. 0: never wait (behind "
+            "sticky routing with the recorder process, where a made-up history such as few-shot "
+            "examples would wait in vain)."
         ),
     )
     writer_queue_size: PositiveInt = Field(

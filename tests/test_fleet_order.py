@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from tests.postgres import create_database
 from tests.servers import serve_in_thread
@@ -31,8 +31,13 @@ from tests.test_token_in import USER, TokenInFake
 from tests.test_workers import FRESH, _workers_seen
 from tokentrail.proxy.fleet.replicas import ControlStore
 from tokentrail.proxy.recorder.assembly import other_writers
+from tokentrail.proxy.recording.order import ReplyOrder
+from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.settings import Settings
+from tokentrail.proxy.storage.engine import make_engine
 from tokentrail.proxy.storage.migrate import upgrade_database
+from tokentrail.proxy.trajectory.drift import DriftJudge
 
 CHAT = "/v1/chat/completions"
 REPLY = {"role": "assistant", "content": "ok"}  # what the fake answers
@@ -106,7 +111,7 @@ def _order_waits(url: str) -> dict[tuple[str, ...], float]:
 def test_a_turn_written_by_another_replica_first_waits_for_the_turn_before_it(postgres_url: str) -> None:
     db_url = create_database(postgres_url)
     upgrade_database(db_url)
-    with _two_replicas(db_url, TOKENTRAIL_ORDER_WAIT_S="60") as (a_url, b_url, recorder):
+    with _two_replicas(db_url, TOKENTRAIL_ORDER_WAIT_S="25") as (a_url, b_url, recorder):
         os.kill(recorder, signal.SIGSTOP)  # A's writer is behind
         _turn(a_url, [USER])
         _turn(b_url, [USER, REPLY, USER])  # sent the moment the first turn was answered
@@ -207,3 +212,117 @@ def test_turns_two_workers_relay_are_numbered_in_the_order_they_arrived(tmp_path
     for trajectory in range(trajectories):
         mine = [r for r in rows if r[0] == f"w-{trajectory}"]
         assert [(len(json.loads(r[2])["messages"]) - 1) // 2 for r in mine] == list(range(turns))
+
+
+# ---- the writer's side, two writers on one SQLite file (as two workers' writer threads) ----
+
+
+def _writer(engine: Any, spool: Path, **order: Any) -> RecordWriter:
+    writer = RecordWriter(
+        engine, queue_size=100, batch_size=50, retries=0, fallback_path=spool, judge=DriftJudge(), **order
+    )
+    writer.start()
+    return writer
+
+
+def _turn_record(writer: RecordWriter, trajectory: str, messages: list[Any], reply: str) -> CallRecord:
+    """The record of a chat call answered with ``reply``."""
+    record = CallRecord(
+        call_id=f"{trajectory}-{len(messages)}-{reply}",
+        trajectory_id=trajectory,
+        route="/v1/chat/completions",
+        received_at=time.time(),
+        seq=writer.next_ordinal(trajectory),
+        request={"model": "m", "messages": messages},
+        integrity=Integrity.OK,
+        prompt_token_ids=list(range(1, 2 + len(messages))),
+        prompt_tokens=1 + len(messages),
+        completion_tokens=2,
+    )
+    answer = {"role": "assistant", "content": reply}
+    record.choices = [ChoiceRecord(index=0, token_ids=[7, 8], finish_reason="stop", message=answer)]
+    return record
+
+
+def _seqs(engine: Any, trajectory: str) -> list[tuple[str, int, str | None]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT id, seq, order_wait FROM llm_calls WHERE trajectory_id = :t ORDER BY seq"),
+            {"t": trajectory},
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _until_held(writer: RecordWriter, count: int) -> None:
+    _until(f"{count} records held", lambda: writer.held == count)
+
+
+FIRST = {"role": "user", "content": "first"}
+SECOND = {"role": "user", "content": "second"}
+R1 = {"role": "assistant", "content": "reply one"}
+
+
+def test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits_for(tmp_path: Path) -> None:
+    """Writer B holds turn 2 (its history holds turn 1's reply, which writer A has not written) and a
+    sub-agent's first call after it (nothing of its own to wait for, but it arrived later); once A
+    writes turn 1, both follow it, in arrival order, and say they waited."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    engine = make_engine(db_url)
+    a = _writer(engine, tmp_path / "a.jsonl")
+    b = _writer(engine, tmp_path / "b.jsonl", order_wait_s=25, peers=lambda: True)
+    try:
+        turn_1 = _turn_record(a, "t", [FIRST], R1["content"])
+        b.submit(_turn_record(b, "t", [FIRST, R1, SECOND], "reply two"))
+        b.submit(_turn_record(b, "t", [{"role": "user", "content": "sub-agent"}], "sub reply"))
+        _until_held(b, 2)
+        a.submit(turn_1)
+        assert a.wait_settled(1, 30)
+        assert b.wait_settled(2, 30)
+    finally:
+        a.close()
+        b.close()
+    assert _seqs(engine, "t") == [
+        ("t-1-reply one", 0, None),
+        ("t-3-reply two", 1, "waited"),
+        ("t-1-sub reply", 2, "waited"),
+    ]
+    engine.dispose()
+
+
+def test_a_held_record_is_written_when_its_writer_stops(tmp_path: Path) -> None:
+    """Shutting down drains: a record still waiting is written (unproven), never dropped."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    engine = make_engine(db_url)
+    b = _writer(engine, tmp_path / "b.jsonl", order_wait_s=25, peers=lambda: True)
+    b.submit(_turn_record(b, "t", [FIRST, R1, SECOND], "reply two"))
+    _until_held(b, 1)
+    b.close()
+    assert _seqs(engine, "t") == [("t-3-reply two", 0, "unproven")]
+    engine.dispose()
+
+
+def test_every_record_waits_at_most_the_bound_from_when_it_began_to_wait(tmp_path: Path) -> None:
+    """Two turns whose earlier turns never come: the second waited behind the first from the start,
+    so both are released together once the first's bound is over (not one bound after the other)."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    engine = make_engine(db_url)
+    now = [0.0]
+    order = ReplyOrder(10.0, lambda: True, clock=lambda: now[0])
+    judge = DriftJudge()
+    b = RecordWriter(engine, queue_size=10, batch_size=10, retries=0, fallback_path=tmp_path / "b.jsonl")
+    first = _turn_record(b, "t", [FIRST, R1, SECOND], "two")
+    other = [{"role": "user", "content": "other"}, {"role": "assistant", "content": "z"}, SECOND]
+    second = _turn_record(b, "t", other, "three")  # a reply no call of the trajectory gave either
+    try:
+        assert order.release(engine, judge, [first, second], flush=False) == []
+        assert order.held == 2
+        now[0] = 10.5
+        assert order.release(engine, judge, [], flush=False) == [first, second]
+        assert (first.order_wait, second.order_wait) == ("unproven", "unproven")
+        prefill = _turn_record(b, "u", [FIRST, {"role": "assistant", "content": "Sure,"}], "prefilled")
+        assert order.release(engine, judge, [prefill], flush=False) == [prefill]  # a prefill is no reply
+    finally:
+        engine.dispose()

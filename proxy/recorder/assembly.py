@@ -34,9 +34,18 @@ def make_writer(settings: Settings, engine: Engine, fallback_path: Path) -> Reco
             connection, encoder, instance, persisted.batch_counts(batch)
         ),
         judge=DriftJudge(),
-        order_wait_s=settings.order_wait_s,
+        order_wait_s=order_wait_s(settings),
         peers=other_writers(settings, engine),
     )
+
+
+def order_wait_s(settings: Settings) -> float:
+    """How long a record waits for an earlier turn's (``recording/order.py``). The recorder process
+    acknowledges a record once it is written: held as long as a relay's patience
+    (``TOKENTRAIL_RECORDER_WAIT_S``), it would be spooled as if the recorder had hung."""
+    if settings.recorder == "process":
+        return min(settings.order_wait_s, settings.recorder_wait_s / 2)
+    return settings.order_wait_s
 
 
 def other_writers(settings: Settings, engine: Engine) -> Callable[[], bool] | None:

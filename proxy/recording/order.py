@@ -8,11 +8,16 @@ may be gathering a batch, retrying, or paused. Written at once, the later turn w
 ``seq`` and the trajectory's training sequence would break at the swap.
 
 A turn's history holds the reply of the turn before it, so the order is in the record itself: a
-record whose history holds a model's reply that no recorded call of its trajectory gave waits (at most
-``wait_s``) until that call is written, and the trajectory's later records wait behind it. One
-that waits in vain (the earlier turn's record was lost, or the history was made up by the client, as
-few-shot examples are) is written then, with ``order_wait = "unproven"``, counted in
-``tokentrail_record_order_waits_total``.
+record whose history holds a reply the client received (an assistant message followed by another)
+that no recorded call of its trajectory gave (``DriftJudge.awaits_reply``: no call asked with the
+messages before it, none answered with it) waits until that call is written, and the trajectory's
+later records wait behind it; each record waits ``wait_s`` at most, counted from when it first had
+to. One that waits in vain (the earlier turn's record was lost, or the client made the history up, as
+few-shot examples are) is written then. ``llm_calls.order_wait`` says which records waited:
+``waited`` or ``unproven``; ``tokentrail_record_order_waits_total`` counts them.
+
+While a trajectory's first held record waits, it is judged again only once the trajectory's largest
+``seq`` moved (one grouped read per poll for all held trajectories), not on every poll.
 
 Only while other writers may be writing (``peers``): a lone writer has every earlier turn it numbered
 already, and holding a made-up history would only delay its record.
@@ -25,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam, text
 
 from tokentrail.proxy.recording.records import CallRecord
 
@@ -52,19 +57,27 @@ class ReplyJudge(Protocol):
 class ReplyOrder:
     """The records held for an earlier turn's record (writer thread only)."""
 
-    def __init__(self, wait_s: float, peers: Callable[[], bool] | None) -> None:
+    def __init__(
+        self, wait_s: float, peers: Callable[[], bool] | None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._wait_s = wait_s
         self._peers = peers
+        self._clock = clock
         self._peers_live = False
         self._peers_asked = float("-inf")
         self._waiting: list[CallRecord] = []
-        self._since: dict[str, float] = {}  # call id -> when it first waited (monotonic)
+        self._held = 0  # len(_waiting) once a release is done (what the metrics read meanwhile)
+        self._since: dict[str, float] = {}  # call id -> when it began to wait (held, or blocked)
+        # trajectory -> its largest seq when its first held record was last judged: judged again only
+        # once another writer wrote a call of it (a read of the whole trajectory, every poll, is not)
+        self._judged_at: dict[str, int] = {}
         self._unproven_logged_at = float("-inf")
         self._unproven_unlogged = 0  # written unproven since the last warning
+        self._unchecked_logged = False
 
     @property
     def held(self) -> int:
-        return len(self._waiting)
+        return self._held
 
     def release(
         self, engine: Engine, judge: ReplyJudge, ready: list[CallRecord], *, flush: bool
@@ -73,39 +86,68 @@ class ReplyOrder:
         now; the others stay held. ``flush`` (shutting down) releases everything."""
         records, self._waiting = [*self._waiting, *ready], []
         if flush or not records or not self._others_writing():
-            self._since.clear()
-            return records
-        now = time.monotonic()
+            return self._give_up(records)
+        try:
+            with engine.connect() as connection:
+                released = self._release(connection, judge, records)
+        except Exception as exc:  # the database is unwell: the write will retry or spool them all
+            if not self._unchecked_logged:
+                logger.warning("error=<%s> | the order of records was not checked", type(exc).__name__)
+                self._unchecked_logged = True
+            self._waiting = []
+            return self._give_up(records)
+        self._unchecked_logged = False
+        self._held = len(self._waiting)
+        return released
+
+    def _release(self, connection: Any, judge: ReplyJudge, records: list[CallRecord]) -> list[CallRecord]:
+        now = self._clock()
+        held_before = {r.trajectory_id for r in records if r.call_id in self._since}
+        tops = _tops(connection, held_before) if held_before else {}
         released: list[CallRecord] = []
         earlier: dict[str, list[CallRecord]] = {}  # per trajectory: the records released before
         blocked: set[str] = set()
-        try:
-            with engine.connect() as connection:
-                for record in records:
-                    trajectory_id = record.trajectory_id
-                    if record.seq is not None and trajectory_id in blocked:
-                        self._waiting.append(record)
-                        continue
-                    mine = earlier.setdefault(trajectory_id, [])
-                    if record.seq is not None and judge.awaits_reply(connection, record, mine):
-                        since = self._since.setdefault(record.call_id, now)
-                        if now - since < self._wait_s:
-                            blocked.add(trajectory_id)
-                            self._waiting.append(record)
-                            continue
-                        record.order_wait = OrderWait.UNPROVEN
-                        self._log_unproven(trajectory_id, record.call_id, now)
-                    elif record.call_id in self._since:
-                        record.order_wait = OrderWait.WAITED
-                    self._since.pop(record.call_id, None)
-                    released.append(record)
-                    mine.append(record)
-        except Exception as exc:  # the database is unwell: the write will retry or spool them all
-            logger.warning("error=<%s> | the order of records was not checked", type(exc).__name__)
-            self._waiting.clear()
-            self._since.clear()
-            return records
+        for record in records:
+            trajectory_id = record.trajectory_id
+            if record.seq is None:
+                released.append(record)
+                continue
+            since = self._since.get(record.call_id, now)
+            if trajectory_id in blocked:  # behind an earlier record of its trajectory (its wait counts)
+                self._since[record.call_id] = since
+                self._waiting.append(record)
+                continue
+            mine = earlier.setdefault(trajectory_id, [])
+            unchanged = trajectory_id in tops and tops[trajectory_id] == self._judged_at.get(trajectory_id)
+            if (unchanged and not mine) or judge.awaits_reply(connection, record, mine):
+                if now - since < self._wait_s:
+                    self._since[record.call_id] = since
+                    blocked.add(trajectory_id)
+                    self._waiting.append(record)
+                    if not mine and trajectory_id in tops:  # (read before it was judged: no race)
+                        self._judged_at[trajectory_id] = tops[trajectory_id]
+                    continue
+                record.order_wait = OrderWait.UNPROVEN
+                self._log_unproven(trajectory_id, record.call_id, now)
+            elif record.call_id in self._since:
+                record.order_wait = OrderWait.WAITED
+            self._since.pop(record.call_id, None)
+            released.append(record)
+            mine.append(record)
+        for trajectory_id in set(self._judged_at) - blocked:
+            del self._judged_at[trajectory_id]
         return released
+
+    def _give_up(self, records: list[CallRecord]) -> list[CallRecord]:
+        """All of ``records``, those that were held marked unproven (shutting down, the database
+        unwell, or no other writer any more)."""
+        for record in records:
+            if record.call_id in self._since:
+                record.order_wait = OrderWait.UNPROVEN
+        self._since.clear()
+        self._judged_at.clear()
+        self._held = 0
+        return records
 
     def _log_unproven(self, trajectory_id: str, call_id: str, now: float) -> None:
         """One warning with the call, then at most one a minute with how many more: a client that
@@ -138,3 +180,15 @@ class ReplyOrder:
                 )
                 self._peers_live = True
         return self._peers_live
+
+
+def _tops(connection: Any, trajectory_ids: set[str]) -> dict[str, int]:
+    """Each trajectory's largest recorded seq (-1 for none yet)."""
+    found = dict.fromkeys(trajectory_ids, -1)
+    statement = text(
+        "SELECT trajectory_id, max(seq) FROM llm_calls_stored "
+        "WHERE trajectory_id IN :ids GROUP BY trajectory_id"
+    ).bindparams(bindparam("ids", expanding=True))
+    for trajectory_id, top in connection.execute(statement, {"ids": sorted(trajectory_ids)}):
+        found[trajectory_id] = -1 if top is None else int(top)
+    return found

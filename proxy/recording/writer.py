@@ -177,9 +177,11 @@ class RecordWriter:
         self._skipped: set[tuple[str, int]] = set()  # ordinals that went to the fallback file
         self._skipped_lock = threading.Lock()
         self._row_encoder: RowEncoder | None = None  # made on first write, for the engine's dialect
-        # Whether the schema has certificates (0009): a proxy may write into a database that an older
-        # TokenTrail made and has not migrated yet; its calls then get none. Looked at once.
-        self._certificates: bool | None = None
+        # The call columns and certificates (0009) the schema has: a proxy may write into a database
+        # that an older TokenTrail made and has not migrated yet; its calls then lack the newer
+        # columns (certificates, 0009; order_wait, 0011). Looked at once.
+        self._call_columns: tuple[str, ...] | None = None
+        self._certificates = False
         self._drift: CallJudge = judge or _StoreWhole()  # writer thread only
         # records waiting for the record of a reply their history holds (other writers: ``peers``)
         self._order = ReplyOrder(order_wait_s, peers)
@@ -282,8 +284,8 @@ class RecordWriter:
                 # more often while records wait for an earlier turn's (order.py).
                 first = self._queue.get(timeout=self._idle_wake_s())
             except queue.Empty:
+                self._maybe_replay(database_works=False)  # (a held record may wait for a spooled one)
                 if not self._order.held:
-                    self._maybe_replay(database_works=False)
                     continue
                 first = None
             batch: list[CallRecord] = []
@@ -564,14 +566,12 @@ class RecordWriter:
             if tagged:
                 merge_tags(connection, tagged)
             _note_weight_versions(connection, batch, encoder)
-            if self._certificates is None:
+            if self._call_columns is None:
+                self._call_columns = _call_columns(connection)
                 self._certificates = inspect(connection).has_table(CERTIFICATES_TABLE)
-            table: Any = LlmCall.__table__  # type: ignore[attr-defined]
             if self._certificates:
                 _note_certificates(connection, batch, calls, encoder)
-            else:
-                table = (table.name, tuple(c.name for c in table.columns if c.name != "certificate_id"))
-            encoder.insert(connection, table, calls)
+            encoder.insert(connection, (LlmCall.__tablename__, self._call_columns), calls)
             encoder.insert(connection, Completion.__table__, completions)  # type: ignore[attr-defined]
             self._count_in(connection, encoder, batch)
         self._drift.remember(judged)  # committed
@@ -708,6 +708,7 @@ def _call_row(record: CallRecord, seq: int, form: StoredForm, encoder: RowEncode
         "drift_position": record.drift_position,
         "token_in_fallback": record.token_in_fallback,
         "certificate_id": None,  # set by _note_certificates
+        "order_wait": record.order_wait,
     }
 
 
@@ -729,6 +730,12 @@ def _note_weight_versions(connection: Any, batch: list[CallRecord], encoder: Row
             f"first_seen_at = {earlier}(weight_versions.first_seen_at, excluded.first_seen_at)"
         )
         encoder.insert(connection, _WEIGHT_VERSION_INSERT, rows, suffix=on_conflict)
+
+
+def _call_columns(connection: Any) -> tuple[str, ...]:
+    """The columns of ``llm_calls_stored`` both the model and the database have, in the model's order."""
+    present = {column["name"] for column in inspect(connection).get_columns("llm_calls_stored")}
+    return tuple(c.name for c in LlmCall.__table__.columns if c.name in present)  # type: ignore[attr-defined]
 
 
 def _note_certificates(

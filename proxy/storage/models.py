@@ -93,6 +93,10 @@ class LlmCall(SQLModel, table=True):
     # certificate is kept when its calls are pruned).
     certificate_id: str | None = Field(default=None, max_length=32)
 
+    # Whether seq waited for the record of an earlier turn another writer had (recording/order.py,
+    # migration 0011): waited, unproven, or NULL.
+    order_wait: str | None = Field(default=None, max_length=16)
+
 
 class Certificate(SQLModel, table=True):
     """What produced a call's tokens, once per distinct value (``proxy/recording/certificate.py``):

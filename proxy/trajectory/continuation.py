@@ -33,9 +33,10 @@ __all__ = [
     "best_continuation",
     "continuation",
     "holds_a_reply",
+    "last_received_reply",
     "repeats_then_replies",
+    "reply_asked_for",
     "suffix_has_reply",
-    "waits_for_a_reply",
 ]
 
 # Message keys that do not change the meaning of a message the client sends back.
@@ -218,15 +219,19 @@ def repeats_then_replies(theirs: Sequence[Any], mine: Sequence[Any]) -> bool:
     return all(a == b or normalise_message(a) == normalise_message(b) for a, b in repeated)
 
 
-def waits_for_a_reply(calls: Sequence[PastCall], request: dict[str, Any]) -> bool:
-    """Whether ``request``'s history holds a model's reply that none of ``calls`` (the trajectory's
-    recorded calls, oldest first) gave, after the one it continues: the call that gave it has not
-    been recorded yet (another worker's or replica's writer is behind), or never was (a history the
-    client made up, such as few-shot examples)."""
-    messages = request.get("messages")
-    if not isinstance(messages, list):
-        return False
-    found = best_continuation(calls, request)
-    if isinstance(found, Continuation):
-        return suffix_has_reply(found, request) and not answered_by_a_later_call(calls, found, request)
-    return found == Reason.FIRST_CALL and holds_a_reply(messages)
+def last_received_reply(messages: Sequence[Any]) -> int | None:
+    """The index of the last model reply the client received and went on after (an assistant
+    message followed by another message; a trailing one is a prefill, not a reply), else None."""
+    for index in range(len(messages) - 2, -1, -1):
+        message = messages[index]
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            return index
+    return None
+
+
+def reply_asked_for(histories: Sequence[Sequence[Any]], messages: Sequence[Any], index: int) -> bool:
+    """Whether one of ``histories`` (the messages of recorded calls) is the history before the reply
+    at ``messages[index]``: the call answered with that reply is recorded (the client may have edited
+    the reply since; it is that call's all the same). Replies are not compared: an agent's replies
+    repeat ("OK", the same tool call), and a match by text would find an earlier turn's."""
+    return any(len(history) == index and repeats_then_replies(history, messages) for history in histories)

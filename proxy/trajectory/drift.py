@@ -34,13 +34,16 @@ from tokentrail.proxy.trajectory.continuation import (
     PastChoice,
     Reason,
     best_continuation,
-    holds_a_reply,
+    last_received_reply,
+    reply_asked_for,
     suffix_has_reply,
-    waits_for_a_reply,
 )
-from tokentrail.proxy.trajectory.memory import CALLS_PER_TRAJECTORY, load_recent_calls
+from tokentrail.proxy.trajectory.memory import CALLS_PER_TRAJECTORY, load_recent_calls, load_recent_histories
 
 logger = logging.getLogger(__name__)
+
+
+HISTORIES_LOOKED_AT = 8  # a trajectory's latest recorded calls searched for the one a reply came from
 
 
 class Drift(enum.StrEnum):
@@ -179,21 +182,24 @@ class DriftJudge:
             candidates.append(past)
 
     def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> bool:
-        """Whether ``record``'s history holds a reply that no recorded call of its trajectory gave
-        (``earlier``: the calls before it that are about to be written with it). The calls this judge
-        wrote last are looked at first; only when they lack the reply is the database read, so a
-        trajectory that one writer records whole costs no read."""
-        if record.seq is None or record.request is None:
+        """Whether ``record``'s history holds a reply the client received that no recorded call of its
+        trajectory was answered with, nor one of ``earlier`` (its trajectory's records about to be
+        written before it): no such call was asked with the messages before that reply.
+
+        Looked for in the calls this judge wrote last, then in the trajectory's latest recorded calls
+        (whatever their outcome): a trajectory one writer records whole costs no read."""
+        messages = record.request.get("messages") if record.seq is not None and record.request else None
+        if not isinstance(messages, list):
+            return False  # (a text completion's prompt names no earlier call)
+        index = last_received_reply(messages)
+        if index is None:
+            return False  # a first turn: the common case costs nothing more
+        histories = [r.request.get("messages") or [] for r in earlier if r.request]
+        histories += [c.request.get("messages") or [] for c in self._recent.get(record.trajectory_id, ())]
+        if reply_asked_for(histories, messages, index):
             return False
-        messages = record.request.get("messages")
-        if not isinstance(messages, list) or not holds_a_reply(messages):
-            return False  # a first turn (the common case costs nothing more)
-        before = [p for p in map(past_call, earlier) if p is not None]
-        cached = self._recent.get(record.trajectory_id)
-        if cached is not None and not waits_for_a_reply([*cached, *before], record.request):
-            return False
-        recorded = self._load(connection, record.trajectory_id)
-        return waits_for_a_reply([*recorded, *before], record.request)
+        recorded = load_recent_histories(connection, record.trajectory_id, HISTORIES_LOOKED_AT)
+        return not reply_asked_for(recorded, messages, index)
 
     def _load(self, connection: Any, trajectory_id: str) -> deque[PastCall]:
         return deque(load_recent_calls(connection, trajectory_id, CALLS_PER_TRAJECTORY), CALLS_PER_TRAJECTORY)

@@ -74,6 +74,22 @@ def load_recent_calls(connection: Connection, trajectory_id: str, limit: int) ->
     ]
 
 
+def load_recent_histories(connection: Connection, trajectory_id: str, limit: int) -> list[list[Any]]:
+    """The messages of the trajectory's latest ``limit`` recorded calls, whatever their outcome."""
+    ids = list(
+        connection.execute(
+            select(CALLS.c.id)
+            .where(CALLS.c.trajectory_id == trajectory_id)
+            .order_by(CALLS.c.seq.desc())
+            .limit(limit)
+        ).scalars()
+    )
+    if not ids:
+        return []
+    full = full_calls(connection, [trajectory_id], ids)
+    return [messages for i in ids if isinstance(messages := (full[i].request or {}).get("messages"), list)]
+
+
 @dataclass(eq=False)
 class OpenCall:
     """A call of the trajectory that has not ended yet."""
