@@ -811,8 +811,8 @@ MUTATIONS = [
     Mutation(
         "record-never-waits-for-the-turn-before",
         "proxy/recording/order.py",
-        "                        if now - since < self._wait_s:",
-        "                        if False:",
+        "                if now - since < self._wait_s:",
+        "                if False:",
         (
             "tests/test_fleet_order.py::test_a_turn_written_by_another_replica_first_waits_for_the_turn_before_it",
         ),
@@ -821,13 +821,67 @@ MUTATIONS = [
     Mutation(
         "record-waits-past-its-bound",
         "proxy/recording/order.py",
-        "                        if now - since < self._wait_s:",
-        "                        if True:",
+        "                if now - since < self._wait_s:",
+        "                if True:",
         (
             "tests/test_fleet_order.py::"
             "test_a_turn_whose_earlier_turn_never_comes_in_time_is_written_and_counted_unproven",
         ),
         "a record whose earlier turn never comes is held for good (never written)",
+    ),
+    Mutation(
+        "held-record-wait-restarts-behind-another",
+        "proxy/recording/order.py",
+        "                self._since[record.call_id] = since\n                self._waiting.append(record)\n",
+        "                self._waiting.append(record)\n",
+        ("tests/test_fleet_order.py::test_every_record_waits_at_most_the_bound_from_when_it_began_to_wait",),
+        "a record behind a held one starts its own wait only at the head: waits add up without bound",
+    ),
+    Mutation(
+        "held-records-kept-at-shutdown",
+        "proxy/recording/order.py",
+        "        if flush or not records or not self._others_writing():",
+        "        if not records or not self._others_writing():",
+        ("tests/test_fleet_order.py::test_a_held_record_is_written_when_its_writer_stops",),
+        "records still held when the writer stops are never written",
+    ),
+    Mutation(
+        "later-record-overtakes-a-held-one",
+        "proxy/recording/order.py",
+        "            if trajectory_id in blocked:",
+        "            if False:",
+        (
+            "tests/test_fleet_order.py::"
+            "test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits_for",
+        ),
+        "a later record of a trajectory is written before the earlier one held for its turn",
+    ),
+    Mutation(
+        "held-record-never-judged-again",
+        "proxy/recording/order.py",
+        "            unchanged = trajectory_id in tops and",
+        "            unchanged = True or trajectory_id in tops and",
+        (
+            "tests/test_fleet_order.py::"
+            "test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits_for",
+        ),
+        "a held record waits out its bound although the turn it waits for was written",
+    ),
+    Mutation(
+        "prefill-counts-as-a-reply",
+        "proxy/trajectory/continuation.py",
+        "    for index in range(len(messages) - 2, -1, -1):",
+        "    for index in range(len(messages) - 1, -1, -1):",
+        ("tests/test_fleet_order.py::test_every_record_waits_at_most_the_bound_from_when_it_began_to_wait",),
+        "a trailing assistant message (a prefill) makes a record wait for a call that never was",
+    ),
+    Mutation(
+        "any-earlier-call-accounts-for-a-reply",
+        "proxy/trajectory/continuation.py",
+        "    return any(len(history) == index and repeats_then_replies(history, messages) for history in histories)",
+        "    return any(repeats_then_replies(history, messages) for history in histories)",
+        ("tests/test_fleet_order.py::test_turns_two_workers_relay_are_numbered_in_the_order_they_arrived",),
+        "the first turn's call is taken for the one a later reply came from: turns are numbered in write order",
     ),
     Mutation(
         "workers-writers-not-peers",
