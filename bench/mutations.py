@@ -878,10 +878,10 @@ MUTATIONS = [
     Mutation(
         "any-earlier-call-accounts-for-a-reply",
         "proxy/trajectory/continuation.py",
-        "    return any(len(history) == index and repeats_then_replies(history, messages) for history in histories)",
-        "    return any(repeats_then_replies(history, messages) for history in histories)",
+        "len(history) == index and repeats_then_replies(history, messages)",
+        "repeats_then_replies(history, messages)",
         ("tests/test_fleet_order.py::test_turns_two_workers_relay_are_numbered_in_the_order_they_arrived",),
-        "the first turn's call is taken for the one a later reply came from: turns are numbered in write order",
+        "the first turn's call is taken for the one a later reply came from: numbered in write order",
     ),
     Mutation(
         "workers-writers-not-peers",
