@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +30,10 @@ from sqlalchemy import create_engine, text
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from targets import TOKENTRAIL_SERVE, free_port, tokentrail_env, wait_http  # noqa: E402
+from targets import serve_tokentrail, tests_fake_upstream  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 FRESH = httpx.Limits(max_keepalive_connections=0)
-
-
-@contextmanager
-def _serve(upstream: str, db_url: str, tmp: Path, **settings: str) -> Iterator[str]:
-    port = free_port()
-    tmp.mkdir(parents=True)
-    process = subprocess.Popen(TOKENTRAIL_SERVE, env=tokentrail_env(upstream, db_url, port, tmp, **settings))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/tokentrail/health", process)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(60)
 
 
 async def _agents(urls: list[str], trajectories: int, turns: int, prefix: str) -> None:
@@ -124,6 +108,29 @@ def create_database(server: str) -> str:
     return fresh(server)
 
 
+def _cell(setup: str, wait: str, upstream: str, server: str, tmp: Path, trajectories: int, turns: int) -> str:
+    """One run of the agents against ``setup`` with ``TOKENTRAIL_ORDER_WAIT_S=wait``: its line."""
+    settings = {"TOKENTRAIL_ORDER_WAIT_S": wait}
+    with ExitStack() as servers:
+        if setup == "workers":
+            db_url = f"sqlite:///{tmp}.sqlite"
+            serving = [serve_tokentrail(upstream, db_url, tmp, TOKENTRAIL_WORKERS="2", **settings)]
+        else:
+            db_url = create_database(server)
+            serving = [
+                serve_tokentrail(upstream, db_url, tmp / name, TOKENTRAIL_INSTANCE=name, **settings)
+                for name in ("a", "b")
+            ]
+        urls = [servers.enter_context(serve)[0] for serve in serving]
+        asyncio.run(_agents(urls, trajectories, turns, "o"))
+        in_order, total, written_s, waits = _judge(db_url, "o", trajectories * turns)
+    label = "no wait (0)" if wait == "0" else "wait (5 s)"
+    return (
+        f"{setup:8} {label:12}: {in_order:3d} of {total:3d} trajectories in arrival order; records written "
+        f"{written_s:5.2f} s after the last answer; order waits {waits or '{}'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -135,46 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tokentrail-order-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
-        port = free_port()
-        upstream = f"http://127.0.0.1:{port}"
-        fake_app = ["-m", "uvicorn", "tests.fake_upstream:app", "--port", str(port), "--log-level", "warning"]
-        fake = subprocess.Popen([sys.executable, *fake_app], cwd=BENCH.parent)
-        stack.callback(fake.wait, 30)
-        stack.callback(fake.terminate)
-        wait_http(upstream + "/weight_info", fake)
-        expected = args.trajectories * args.turns
+        upstream = tests_fake_upstream(stack)
         server = _postgres(stack) if "replicas" in args.setups else ""
         for setup in args.setups:
             for round_ in range(args.rounds):
                 for wait in ("0", "5"):
                     cell = tmp / f"{setup}-{wait}-{round_}"
-                    settings = {"TOKENTRAIL_ORDER_WAIT_S": wait}
-                    with ExitStack() as servers:
-                        if setup == "workers":
-                            db_url = f"sqlite:///{tmp / f'{setup}-{wait}-{round_}.sqlite'}"
-                            urls = [
-                                servers.enter_context(
-                                    _serve(upstream, db_url, cell, TOKENTRAIL_WORKERS="2", **settings)
-                                )
-                            ]
-                        else:
-                            db_url = create_database(server)
-                            urls = [
-                                servers.enter_context(
-                                    _serve(
-                                        upstream, db_url, cell / name, TOKENTRAIL_INSTANCE=name, **settings
-                                    )
-                                )
-                                for name in ("a", "b")
-                            ]
-                        asyncio.run(_agents(urls, args.trajectories, args.turns, "o"))
-                        in_order, total, written_s, waits = _judge(db_url, "o", expected)
-                    label = "no wait (0)" if wait == "0" else "wait (5 s)"
                     print(
-                        f"{setup:8} {label:12} round {round_ + 1}: {in_order:3d} of {total:3d} trajectories "
-                        f"in arrival order; records written {written_s:5.2f} s after the last answer; order "
-                        f"waits {waits or '{}'}",
-                        flush=True,
+                        _cell(setup, wait, upstream, server, cell, args.trajectories, args.turns), flush=True
                     )
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from targets import TOKENTRAIL_SERVE, cpu_seconds, free_port, tokentrail_env, wait_http  # noqa: E402
+from targets import cpu_seconds, serve_tokentrail, tests_fake_upstream  # noqa: E402
 
 PAUSE, RESUME = "/tokentrail/v1/pause?mode=keep", "/tokentrail/v1/resume"
 IDLE_S = 5.0
@@ -57,20 +56,6 @@ def _line(name: str, pauses: list[float], resumes: list[float], idle: float | No
     )
 
 
-@contextmanager
-def _serve(upstream: str, db_url: str, tmp: Path, **settings: str) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    tmp.mkdir(parents=True)
-    process = subprocess.Popen(TOKENTRAIL_SERVE, env=tokentrail_env(upstream, db_url, port, tmp, **settings))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/tokentrail/health", process)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(60)
-
-
 def _idle_cpu(pids: list[int]) -> float:
     """CPU seconds per second of ``pids`` (and their children) while nothing is sent."""
     before = sum(cpu_seconds(pid) for pid in pids)
@@ -83,7 +68,8 @@ def _cell(
 ) -> None:
     with ExitStack() as stack:
         started = [
-            stack.enter_context(_serve(upstream, db_url, tmp / f"r{i}", **settings)) for i in range(replicas)
+            stack.enter_context(serve_tokentrail(upstream, db_url, tmp / f"r{i}", **settings))
+            for i in range(replicas)
         ]
         idle = _idle_cpu([pid for _, pid in started])
         print(_line(name, *_pairs(started[0][0], PAUSE, RESUME, pairs), idle), flush=True)
@@ -113,14 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tokentrail-fleet-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
-        port = free_port()
-        upstream = f"http://127.0.0.1:{port}"
-        # the tests' fake vLLM: it has the RL control plane (/pause, /resume, /weight_info)
-        fake_app = ["-m", "uvicorn", "tests.fake_upstream:app", "--port", str(port), "--log-level", "warning"]
-        fake = subprocess.Popen([sys.executable, *fake_app], cwd=BENCH.parent)
-        stack.callback(fake.wait, 30)
-        stack.callback(fake.terminate)
-        wait_http(upstream + "/weight_info", fake)
+        upstream = tests_fake_upstream(stack)
         print(_line("vLLM's own routes", *_pairs(upstream, "/pause?mode=keep", "/resume", args.pairs)))
         for workers in args.workers:
             sqlite = f"sqlite:///{tmp / f'w{workers}.sqlite'}"

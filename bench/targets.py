@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,34 @@ def wait_http(url: str, process: subprocess.Popen[bytes], limit_s: float = 60) -
         except httpx.TransportError:
             time.sleep(0.05)
     raise SystemExit(f"{url} did not answer")
+
+
+@contextmanager
+def serve_tokentrail(upstream: str, db_url: str, tmp: Path, **settings: str) -> Iterator[tuple[str, int]]:
+    """``tokentrail serve`` (its spool in ``tmp``, made here) until the block ends: its URL and pid."""
+    port = free_port()
+    tmp.mkdir(parents=True)
+    process = subprocess.Popen(TOKENTRAIL_SERVE, env=tokentrail_env(upstream, db_url, port, tmp, **settings))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/tokentrail/health", process)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def tests_fake_upstream(stack: ExitStack) -> str:
+    """The tests' fake vLLM (it has the RL control plane: /pause, /resume, /weight_info), stopped with
+    ``stack``: its URL."""
+    port = free_port()
+    upstream = f"http://127.0.0.1:{port}"
+    app = ["-m", "uvicorn", "tests.fake_upstream:app", "--port", str(port), "--log-level", "warning"]
+    fake = subprocess.Popen([sys.executable, *app], cwd=BENCH.parent)
+    stack.callback(fake.wait, 30)
+    stack.callback(fake.terminate)
+    wait_http(upstream + "/weight_info", fake)
+    return upstream
 
 
 def tokentrail_env(upstream: str, db_url: str, port: int, tmp: Path, **extra: str) -> dict[str, str]:

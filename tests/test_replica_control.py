@@ -220,8 +220,7 @@ def test_a_resume_never_writes_an_older_version_over_the_fleets(
     """Two replicas' control planes on one SQLite file, in one process: B sets v3; A, whose own state
     still says v1 (it had not applied v3 yet), resumes. The fleet keeps v3, and A stamps v3."""
     upstream, url = fake
-    db_url = f"sqlite:///{tmp_path / 'fleet.sqlite'}"
-    upgrade_database(db_url)
+    db_url = _fleet_database(tmp_path)
 
     async def scenario() -> tuple[dict[str, str | None], str | None, str | None]:
         engine = make_engine(db_url)
@@ -246,6 +245,13 @@ def test_a_resume_never_writes_an_older_version_over_the_fleets(
 
     assert asyncio.run(scenario()) == ({url: "v3"}, "v3", "v3")
     assert upstream.control.count("/resume") == 1
+
+
+def _fleet_database(tmp_path: Path) -> str:
+    """A SQLite file for control planes in this process, migrated."""
+    db_url = f"sqlite:///{tmp_path / 'fleet.sqlite'}"
+    upgrade_database(db_url)
+    return db_url
 
 
 class _GatedStore(ControlStore):
@@ -282,8 +288,7 @@ def test_a_request_cancelled_while_taking_the_fleet_lock_lets_it_go(
     """B's pause is cancelled (its client left) while its thread is taking the fleet lock, which it
     then gets: B lets it go at once, so A's pause is not held up for the lock's 10-minute limit."""
     _upstream, url = fake
-    db_url = f"sqlite:///{tmp_path / 'fleet.sqlite'}"
-    upgrade_database(db_url)
+    db_url = _fleet_database(tmp_path)
 
     async def scenario() -> bool:
         engine = make_engine(db_url)
@@ -318,8 +323,7 @@ def test_a_replica_silent_past_its_lease_is_not_waited_for_until_the_acknowledge
     """A replica that died without leaving (its row stays, its heartbeat stops) holds a pause up only
     until its lease ends (1 s here), not for the acknowledgement limit (10 minutes here)."""
     _upstream, url = fake
-    db_url = f"sqlite:///{tmp_path / 'fleet.sqlite'}"
-    upgrade_database(db_url)
+    db_url = _fleet_database(tmp_path)
 
     async def scenario() -> bool:
         engine = make_engine(db_url)
