@@ -811,7 +811,7 @@ MUTATIONS = [
     Mutation(
         "record-never-waits-for-the-turn-before",
         "proxy/recording/order.py",
-        "                if now - since < self._wait_s:",
+        "                if now - since < bound:",
         "                if False:",
         (
             "tests/test_fleet_order.py::test_a_turn_written_by_another_replica_first_waits_for_the_turn_before_it",
@@ -821,7 +821,7 @@ MUTATIONS = [
     Mutation(
         "record-waits-past-its-bound",
         "proxy/recording/order.py",
-        "                if now - since < self._wait_s:",
+        "                if now - since < bound:",
         "                if True:",
         (
             "tests/test_fleet_order.py::"
@@ -834,8 +834,24 @@ MUTATIONS = [
         "proxy/recording/order.py",
         "                self._since[record.call_id] = since\n                self._waiting.append(record)\n",
         "                self._waiting.append(record)\n",
-        ("tests/test_fleet_order.py::test_every_record_waits_at_most_the_bound_from_when_it_began_to_wait",),
+        ("tests/test_fleet_order.py::test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait",),
         "a record behind a held one starts its own wait only at the head: waits add up without bound",
+    ),
+    Mutation(
+        "first-turn-waits-the-full-bound",
+        "proxy/recording/order.py",
+        "bound = self._wait_s if awaits == Awaits.TURN else min(self._wait_s, FIRST_TURN_WAIT_S)",
+        "bound = self._wait_s",
+        ("tests/test_fleet_order.py::test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait",),
+        "a few-shot first call is held the whole bound, and token-in's next turns with it",
+    ),
+    Mutation(
+        "failed-attempt-taken-for-the-turn",
+        "proxy/trajectory/memory.py",
+        "select(CALLS.c.id).where(CALLS.c.trajectory_id == trajectory_id, CALLS.c.id.in_(answered))",
+        "select(CALLS.c.id).where(CALLS.c.trajectory_id == trajectory_id)",
+        ("tests/test_fleet_order.py::test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait",),
+        "a failed attempt with the same history is taken for the retry that gave the reply",
     ),
     Mutation(
         "held-records-kept-at-shutdown",
@@ -859,8 +875,8 @@ MUTATIONS = [
     Mutation(
         "held-record-never-judged-again",
         "proxy/recording/order.py",
-        "            unchanged = trajectory_id in tops and",
-        "            unchanged = True or trajectory_id in tops and",
+        "            if judged is not None and not mine and tops.get(trajectory_id) == judged[0]:",
+        "            if judged is not None:",
         (
             "tests/test_fleet_order.py::"
             "test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits_for",
@@ -872,7 +888,7 @@ MUTATIONS = [
         "proxy/trajectory/continuation.py",
         "    for index in range(len(messages) - 2, -1, -1):",
         "    for index in range(len(messages) - 1, -1, -1):",
-        ("tests/test_fleet_order.py::test_every_record_waits_at_most_the_bound_from_when_it_began_to_wait",),
+        ("tests/test_fleet_order.py::test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait",),
         "a trailing assistant message (a prefill) makes a record wait for a call that never was",
     ),
     Mutation(

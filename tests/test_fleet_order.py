@@ -32,7 +32,7 @@ from tests.test_workers import FRESH, _workers_seen
 from tokentrail.proxy.fleet.replicas import ControlStore
 from tokentrail.proxy.recorder.assembly import other_writers
 from tokentrail.proxy.recording.order import ReplyOrder
-from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity
+from tokentrail.proxy.recording.records import CallRecord, ChoiceRecord, Integrity, Outcome
 from tokentrail.proxy.recording.writer import RecordWriter
 from tokentrail.proxy.settings import Settings
 from tokentrail.proxy.storage.engine import make_engine
@@ -42,6 +42,8 @@ from tokentrail.proxy.trajectory.drift import DriftJudge
 CHAT = "/v1/chat/completions"
 REPLY = {"role": "assistant", "content": "ok"}  # what the fake answers
 TRAJECTORY = "order-1"
+TURN_1 = [USER, REPLY, USER]
+TURN_2 = [*TURN_1, REPLY, USER]
 
 
 @contextmanager
@@ -112,15 +114,17 @@ def test_a_turn_written_by_another_replica_first_waits_for_the_turn_before_it(po
     db_url = create_database(postgres_url)
     upgrade_database(db_url)
     with _two_replicas(db_url, TOKENTRAIL_ORDER_WAIT_S="25") as (a_url, b_url, recorder):
-        os.kill(recorder, signal.SIGSTOP)  # A's writer is behind
         _turn(a_url, [USER])
-        _turn(b_url, [USER, REPLY, USER])  # sent the moment the first turn was answered
-        # B's writer has taken the second turn's record: it holds it (or, without the fix, wrote it)
-        _until("B holds or wrote the second turn", lambda: _held(b_url) == 1 or _calls(db_url))
+        _until("the first turn recorded", lambda: _calls(db_url))
+        os.kill(recorder, signal.SIGSTOP)  # A's writer is behind
+        _turn(a_url, TURN_1)
+        _turn(b_url, TURN_2)  # sent the moment the turn before was answered
+        # B's writer has taken the third turn's record: it holds it (or, without the fix, wrote it)
+        _until("B holds or wrote the third turn", lambda: _held(b_url) == 1 or len(_calls(db_url)) > 1)
         os.kill(recorder, signal.SIGCONT)
-        calls = _until("both turns recorded", lambda: _when_all(_calls(db_url), 2))
+        calls = _until("every turn recorded", lambda: _when_all(_calls(db_url), 3))
         waits = _order_waits(b_url)
-    assert calls == [(0, 0), (1, 1)]  # seq is the order the fleet received them
+    assert calls == [(0, 0), (1, 1), (2, 2)]  # seq is the order the fleet received them
     assert waits == {("waited",): 1.0}
 
 
@@ -130,15 +134,17 @@ def test_a_turn_whose_earlier_turn_never_comes_in_time_is_written_and_counted_un
     db_url = create_database(postgres_url)
     upgrade_database(db_url)
     with _two_replicas(db_url, TOKENTRAIL_ORDER_WAIT_S="0.5") as (a_url, b_url, recorder):
-        os.kill(recorder, signal.SIGSTOP)
         _turn(a_url, [USER])
-        _turn(b_url, [USER, REPLY, USER])
-        _until("B wrote the second turn after its wait", lambda: _calls(db_url))
+        _until("the first turn recorded", lambda: _calls(db_url))
+        os.kill(recorder, signal.SIGSTOP)
+        _turn(a_url, TURN_1)
+        _turn(b_url, TURN_2)
+        _until("B wrote the third turn after its wait", lambda: len(_calls(db_url)) > 1)
         os.kill(recorder, signal.SIGCONT)
-        calls = _until("both turns recorded", lambda: _when_all(_calls(db_url), 2))
+        calls = _until("every turn recorded", lambda: _when_all(_calls(db_url), 3))
         waits = _order_waits(b_url)
         held = _held(b_url)
-    assert calls == [(0, 1), (1, 0)]  # the earlier turn came too late: after it, and the record says so
+    assert calls == [(0, 0), (1, 2), (2, 1)]  # the turn before came too late: after, and the record says so
     assert waits == {("unproven",): 1.0}
     assert held == 0
 
@@ -257,9 +263,28 @@ def _until_held(writer: RecordWriter, count: int) -> None:
     _until(f"{count} records held", lambda: writer.held == count)
 
 
+ZERO = {"role": "user", "content": "zero"}
+R0 = {"role": "assistant", "content": "reply zero"}
 FIRST = {"role": "user", "content": "first"}
 SECOND = {"role": "user", "content": "second"}
 R1 = {"role": "assistant", "content": "reply one"}
+
+
+def _recorded_turn_zero(
+    engine: Any, tmp_path: Path, trajectory: str, *, failed_attempt: bool = False
+) -> None:
+    """The trajectory's first turn, written (so that what follows is a turn of a recorded trajectory);
+    with ``failed_attempt``, then an attempt at turn 1 that vLLM answered with an error."""
+    writer = _writer(engine, tmp_path / f"zero-{trajectory}.jsonl")
+    try:
+        writer.submit(_turn_record(writer, trajectory, [ZERO], R0["content"]))
+        if failed_attempt:
+            failed = _turn_record(writer, trajectory, [ZERO, R0, FIRST], "failed")
+            failed.outcome, failed.status_code, failed.choices = Outcome.UPSTREAM_ERROR, 503, []
+            writer.submit(failed)
+        assert writer.wait_settled(2 if failed_attempt else 1, 30)
+    finally:
+        writer.close()
 
 
 def test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits_for(tmp_path: Path) -> None:
@@ -269,11 +294,12 @@ def test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade_database(db_url)
     engine = make_engine(db_url)
+    _recorded_turn_zero(engine, tmp_path, "t")
     a = _writer(engine, tmp_path / "a.jsonl")
     b = _writer(engine, tmp_path / "b.jsonl", order_wait_s=25, peers=lambda: True)
     try:
-        turn_1 = _turn_record(a, "t", [FIRST], R1["content"])
-        b.submit(_turn_record(b, "t", [FIRST, R1, SECOND], "reply two"))
+        turn_1 = _turn_record(a, "t", [ZERO, R0, FIRST], R1["content"])
+        b.submit(_turn_record(b, "t", [ZERO, R0, FIRST, R1, SECOND], "reply two"))
         b.submit(_turn_record(b, "t", [{"role": "user", "content": "sub-agent"}], "sub reply"))
         _until_held(b, 2)
         a.submit(turn_1)
@@ -283,9 +309,10 @@ def test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits
         a.close()
         b.close()
     assert _seqs(engine, "t") == [
-        ("t-1-reply one", 0, None),
-        ("t-3-reply two", 1, "waited"),
-        ("t-1-sub reply", 2, "waited"),
+        ("t-1-reply zero", 0, None),
+        ("t-3-reply one", 1, None),
+        ("t-5-reply two", 2, "waited"),
+        ("t-1-sub reply", 3, "waited"),
     ]
     engine.dispose()
 
@@ -295,34 +322,44 @@ def test_a_held_record_is_written_when_its_writer_stops(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade_database(db_url)
     engine = make_engine(db_url)
+    _recorded_turn_zero(engine, tmp_path, "t")
     b = _writer(engine, tmp_path / "b.jsonl", order_wait_s=25, peers=lambda: True)
-    b.submit(_turn_record(b, "t", [FIRST, R1, SECOND], "reply two"))
+    b.submit(_turn_record(b, "t", [ZERO, R0, FIRST, R1, SECOND], "reply two"))
     _until_held(b, 1)
     b.close()
-    assert _seqs(engine, "t") == [("t-3-reply two", 0, "unproven")]
+    assert _seqs(engine, "t")[1:] == [("t-5-reply two", 1, "unproven")]
     engine.dispose()
 
 
-def test_every_record_waits_at_most_the_bound_from_when_it_began_to_wait(tmp_path: Path) -> None:
+def test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait(tmp_path: Path) -> None:
     """Two turns whose earlier turns never come: the second waited behind the first from the start,
-    so both are released together once the first's bound is over (not one bound after the other)."""
+    so both go together once the first's bound is over (not one bound after the other). In a
+    trajectory no call of which gave a reply yet (its first call may hold made-up few-shot replies)
+    the bound is half a second; a prefill (a trailing assistant message) is no reply."""
     db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade_database(db_url)
     engine = make_engine(db_url)
+    _recorded_turn_zero(engine, tmp_path, "t")
+    _recorded_turn_zero(engine, tmp_path, "w", failed_attempt=True)
     now = [0.0]
-    order = ReplyOrder(10.0, lambda: True, clock=lambda: now[0])
-    judge = DriftJudge()
     b = RecordWriter(engine, queue_size=10, batch_size=10, retries=0, fallback_path=tmp_path / "b.jsonl")
-    first = _turn_record(b, "t", [FIRST, R1, SECOND], "two")
+    order = ReplyOrder(10.0, lambda: True, b.largest_seqs, clock=lambda: now[0])
+    judge = DriftJudge()
     other = [{"role": "user", "content": "other"}, {"role": "assistant", "content": "z"}, SECOND]
+    first = _turn_record(b, "t", [ZERO, R0, FIRST, R1, SECOND], "two")  # turn 1 never comes
     second = _turn_record(b, "t", other, "three")  # a reply no call of the trajectory gave either
+    few_shot = _turn_record(b, "u", [FIRST, R1, SECOND], "few-shot")  # a trajectory with nothing yet
+    # turn 1's first attempt failed (no reply) and its retry is not written: the failure is not it
+    retried = _turn_record(b, "w", [ZERO, R0, FIRST, R1, SECOND], "after the retry")
     try:
-        assert order.release(engine, judge, [first, second], flush=False) == []
-        assert order.held == 2
+        assert order.release(engine, judge, [first, second, few_shot, retried], flush=False) == []
+        assert order.held == 4
+        now[0] = 0.6
+        assert order.release(engine, judge, [], flush=False) == [few_shot]
         now[0] = 10.5
-        assert order.release(engine, judge, [], flush=False) == [first, second]
-        assert (first.order_wait, second.order_wait) == ("unproven", "unproven")
-        prefill = _turn_record(b, "u", [FIRST, {"role": "assistant", "content": "Sure,"}], "prefilled")
-        assert order.release(engine, judge, [prefill], flush=False) == [prefill]  # a prefill is no reply
+        assert order.release(engine, judge, [], flush=False) == [first, second, retried]
+        assert [r.order_wait for r in (first, second, few_shot, retried)] == ["unproven"] * 4
+        prefill = _turn_record(b, "v", [FIRST, {"role": "assistant", "content": "Sure,"}], "prefilled")
+        assert order.release(engine, judge, [prefill], flush=False) == [prefill]
     finally:
         engine.dispose()

@@ -17,7 +17,9 @@ few-shot examples are) is written then. ``llm_calls.order_wait`` says which reco
 ``waited`` or ``unproven``; ``tokentrail_record_order_waits_total`` counts them.
 
 While a trajectory's first held record waits, it is judged again only once the trajectory's largest
-``seq`` moved (one grouped read per poll for all held trajectories), not on every poll.
+``seq`` moved (one grouped read per poll for all held trajectories), not on every poll. A trajectory
+none of whose calls gave a reply yet waits ``FIRST_TURN_WAIT_S`` at most: its first call's history may
+be made up (few-shot examples), and holding it would also hold token-in's next turns, which read it.
 
 Only while other writers may be writing (``peers``): a lone writer has every earlier turn it numbered
 already, and holding a made-up history would only delay its record.
@@ -30,7 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, bindparam, text
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from tokentrail.proxy.recording.records import CallRecord
 
@@ -48,32 +51,54 @@ class OrderWait:
     UNPROVEN = "unproven"  # it never was, within the bound: seq may be before it
 
 
+class Awaits:
+    """What a record waits for (``ReplyJudge.awaits_reply``; ``None``: nothing)."""
+
+    TURN = "turn"  # the call a reply came from, in a trajectory with calls recorded
+    # the same in a trajectory none of whose calls gave a reply yet: a made-up history (few-shot
+    # examples) looks the same, and waits in vain; so it waits only as long as a working writer lags
+    FIRST_TURN = "first_turn"
+
+
+FIRST_TURN_WAIT_S = 0.5
+
+
 class ReplyJudge(Protocol):
-    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> bool:
-        """Whether ``record``'s history holds a reply that no recorded call of its trajectory gave,
-        nor ``earlier`` (its trajectory's records about to be written before it)."""
+    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> str | None:
+        """What ``record`` waits for (``Awaits``): its history holds a reply that no recorded call of its
+        trajectory gave, nor ``earlier`` (its trajectory's records about to be written before it)."""
+
+
+Tops = Callable[[Any, set[str]], dict[str, int]]
+"""Each trajectory's largest recorded seq (-1 for none), read on the given connection."""
 
 
 class ReplyOrder:
     """The records held for an earlier turn's record (writer thread only)."""
 
     def __init__(
-        self, wait_s: float, peers: Callable[[], bool] | None, clock: Callable[[], float] = time.monotonic
+        self,
+        wait_s: float,
+        peers: Callable[[], bool] | None,
+        tops: Tops,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._wait_s = wait_s
         self._peers = peers
+        self._tops = tops
         self._clock = clock
         self._peers_live = False
         self._peers_asked = float("-inf")
         self._waiting: list[CallRecord] = []
         self._held = 0  # len(_waiting) once a release is done (what the metrics read meanwhile)
         self._since: dict[str, float] = {}  # call id -> when it began to wait (held, or blocked)
-        # trajectory -> its largest seq when its first held record was last judged: judged again only
-        # once another writer wrote a call of it (a read of the whole trajectory, every poll, is not)
-        self._judged_at: dict[str, int] = {}
+        # trajectory -> (its largest seq when its first held record was last judged, what it awaits):
+        # judged again only once a writer wrote a call of it (not a read of the trajectory every poll)
+        self._judged_at: dict[str, tuple[int, str]] = {}
         self._unproven_logged_at = float("-inf")
         self._unproven_unlogged = 0  # written unproven since the last warning
         self._unchecked_logged = False
+        self._misjudged_logged = False
 
     @property
     def held(self) -> int:
@@ -103,7 +128,7 @@ class ReplyOrder:
     def _release(self, connection: Any, judge: ReplyJudge, records: list[CallRecord]) -> list[CallRecord]:
         now = self._clock()
         held_before = {r.trajectory_id for r in records if r.call_id in self._since}
-        tops = _tops(connection, held_before) if held_before else {}
+        tops = self._tops(connection, held_before) if held_before else {}
         released: list[CallRecord] = []
         earlier: dict[str, list[CallRecord]] = {}  # per trajectory: the records released before
         blocked: set[str] = set()
@@ -118,14 +143,19 @@ class ReplyOrder:
                 self._waiting.append(record)
                 continue
             mine = earlier.setdefault(trajectory_id, [])
-            unchanged = trajectory_id in tops and tops[trajectory_id] == self._judged_at.get(trajectory_id)
-            if (unchanged and not mine) or judge.awaits_reply(connection, record, mine):
-                if now - since < self._wait_s:
+            judged = self._judged_at.get(trajectory_id)
+            if judged is not None and not mine and tops.get(trajectory_id) == judged[0]:
+                awaits: str | None = judged[1]  # nothing was written since: it still awaits the same
+            else:
+                awaits = self._judge(judge, connection, record, mine)
+            if awaits is not None:
+                bound = self._wait_s if awaits == Awaits.TURN else min(self._wait_s, FIRST_TURN_WAIT_S)
+                if now - since < bound:
                     self._since[record.call_id] = since
                     blocked.add(trajectory_id)
                     self._waiting.append(record)
                     if not mine and trajectory_id in tops:  # (read before it was judged: no race)
-                        self._judged_at[trajectory_id] = tops[trajectory_id]
+                        self._judged_at[trajectory_id] = (tops[trajectory_id], awaits)
                     continue
                 record.order_wait = OrderWait.UNPROVEN
                 self._log_unproven(trajectory_id, record.call_id, now)
@@ -137,6 +167,25 @@ class ReplyOrder:
         for trajectory_id in set(self._judged_at) - blocked:
             del self._judged_at[trajectory_id]
         return released
+
+    def _judge(
+        self, judge: ReplyJudge, connection: Any, record: CallRecord, earlier: list[CallRecord]
+    ) -> str | None:
+        """``judge.awaits_reply``; a record it cannot judge (a trajectory whose stored form is broken)
+        waits for nothing, and the others are judged on."""
+        try:
+            return judge.awaits_reply(connection, record, earlier)
+        except SQLAlchemyError:
+            raise  # the database: the whole batch goes the normal way (release)
+        except Exception as exc:
+            if not self._misjudged_logged:
+                logger.warning(
+                    "call_id=<%s>, error=<%s> | could not tell what a record waits for: it waits for nothing",
+                    record.call_id,
+                    type(exc).__name__,
+                )
+                self._misjudged_logged = True
+            return None
 
     def _give_up(self, records: list[CallRecord]) -> list[CallRecord]:
         """All of ``records``, those that were held marked unproven (shutting down, the database
@@ -180,15 +229,3 @@ class ReplyOrder:
                 )
                 self._peers_live = True
         return self._peers_live
-
-
-def _tops(connection: Any, trajectory_ids: set[str]) -> dict[str, int]:
-    """Each trajectory's largest recorded seq (-1 for none yet)."""
-    found = dict.fromkeys(trajectory_ids, -1)
-    statement = text(
-        "SELECT trajectory_id, max(seq) FROM llm_calls_stored "
-        "WHERE trajectory_id IN :ids GROUP BY trajectory_id"
-    ).bindparams(bindparam("ids", expanding=True))
-    for trajectory_id, top in connection.execute(statement, {"ids": sorted(trajectory_ids)}):
-        found[trajectory_id] = -1 if top is None else int(top)
-    return found

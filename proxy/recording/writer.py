@@ -114,8 +114,8 @@ class CallJudge(Protocol):
     def forget(self, trajectory_ids: set[str]) -> None:
         """These trajectories were written outside ``judge`` (a spool replay)."""
 
-    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> bool:
-        """Whether ``record``'s history holds a reply no recorded call gave (``order.py``)."""
+    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> str | None:
+        """What ``record`` waits for: its history holds a reply no recorded call gave (``order.py``)."""
 
 
 class _StoreWhole:
@@ -132,8 +132,8 @@ class _StoreWhole:
     def forget(self, trajectory_ids: set[str]) -> None:
         return None
 
-    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> bool:
-        return False
+    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> str | None:
+        return None
 
 
 class RecordWriter:
@@ -184,7 +184,7 @@ class RecordWriter:
         self._certificates = False
         self._drift: CallJudge = judge or _StoreWhole()  # writer thread only
         # records waiting for the record of a reply their history holds (other writers: ``peers``)
-        self._order = ReplyOrder(order_wait_s, peers)
+        self._order = ReplyOrder(order_wait_s, peers, self.largest_seqs)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._progress = threading.Condition()
         self.submitted = 0
@@ -323,6 +323,11 @@ class RecordWriter:
                 self._maybe_replay(database_works=True)
             with self._progress:
                 self._progress.notify_all()
+
+    def largest_seqs(self, connection: Any, trajectory_ids: set[str]) -> dict[str, int]:
+        """Each trajectory's largest recorded seq (-1 for none): what ``ReplyOrder`` polls."""
+        found = _next_seqs(connection, trajectory_ids, self._encoder(connection))
+        return {trajectory_id: next_seq - 1 for trajectory_id, next_seq in found.items()}
 
     def _idle_wake_s(self) -> float | None:
         if self._order.held:

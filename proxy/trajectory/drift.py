@@ -25,6 +25,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
+from tokentrail.proxy.recording.order import Awaits
 from tokentrail.proxy.recording.records import CallRecord, Outcome
 from tokentrail.proxy.recording.stored_form import PrefixMeter, split
 from tokentrail.proxy.storage.stored_calls import StoredForm
@@ -38,12 +39,13 @@ from tokentrail.proxy.trajectory.continuation import (
     reply_asked_for,
     suffix_has_reply,
 )
-from tokentrail.proxy.trajectory.memory import CALLS_PER_TRAJECTORY, load_recent_calls, load_recent_histories
+from tokentrail.proxy.trajectory.memory import (
+    CALLS_PER_TRAJECTORY,
+    load_answered_histories,
+    load_recent_calls,
+)
 
 logger = logging.getLogger(__name__)
-
-
-HISTORIES_LOOKED_AT = 8  # a trajectory's latest recorded calls searched for the one a reply came from
 
 
 class Drift(enum.StrEnum):
@@ -83,6 +85,10 @@ def classify(
     if position < len(found.past.prompt_ids):
         return Drift.TEMPLATE, position
     return Drift.RETOKENIZED, position
+
+
+def _answered(record: CallRecord) -> bool:
+    return any(choice.message for choice in record.choices)
 
 
 def past_call(record: CallRecord) -> PastCall | None:
@@ -181,25 +187,28 @@ class DriftJudge:
         if past is not None:
             candidates.append(past)
 
-    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> bool:
-        """Whether ``record``'s history holds a reply the client received that no recorded call of its
-        trajectory was answered with, nor one of ``earlier`` (its trajectory's records about to be
-        written before it): no such call was asked with the messages before that reply.
+    def awaits_reply(self, connection: Any, record: CallRecord, earlier: Sequence[CallRecord]) -> str | None:
+        """What ``record`` waits for (``Awaits``, ``None``: nothing): its history holds a reply the
+        client received that no recorded call of its trajectory was answered with, nor one of
+        ``earlier`` (its trajectory's records about to be written before it): no call that gave a
+        reply was asked with the messages before that one.
 
-        Looked for in the calls this judge wrote last, then in the trajectory's latest recorded calls
-        (whatever their outcome): a trajectory one writer records whole costs no read."""
+        Looked for in the calls this judge wrote last, then in the trajectory's recorded calls that
+        gave a reply (whatever their outcome): a trajectory one writer records whole costs no read."""
         messages = record.request.get("messages") if record.seq is not None and record.request else None
         if not isinstance(messages, list):
-            return False  # (a text completion's prompt names no earlier call)
+            return None  # (a text completion's prompt names no earlier call)
         index = last_received_reply(messages)
         if index is None:
-            return False  # a first turn: the common case costs nothing more
-        histories = [r.request.get("messages") or [] for r in earlier if r.request]
+            return None  # a first turn: the common case costs nothing more
+        histories = [r.request.get("messages") or [] for r in earlier if r.request and _answered(r)]
         histories += [c.request.get("messages") or [] for c in self._recent.get(record.trajectory_id, ())]
         if reply_asked_for(histories, messages, index):
-            return False
-        recorded = load_recent_histories(connection, record.trajectory_id, HISTORIES_LOOKED_AT)
-        return not reply_asked_for(recorded, messages, index)
+            return None
+        recorded = load_answered_histories(connection, record.trajectory_id)
+        if reply_asked_for(recorded, messages, index):
+            return None
+        return Awaits.TURN if recorded or histories else Awaits.FIRST_TURN
 
     def _load(self, connection: Any, trajectory_id: str) -> deque[PastCall]:
         return deque(load_recent_calls(connection, trajectory_id, CALLS_PER_TRAJECTORY), CALLS_PER_TRAJECTORY)

@@ -74,14 +74,13 @@ def load_recent_calls(connection: Connection, trajectory_id: str, limit: int) ->
     ]
 
 
-def load_recent_histories(connection: Connection, trajectory_id: str, limit: int) -> list[list[Any]]:
-    """The messages of the trajectory's latest ``limit`` recorded calls, whatever their outcome."""
+def load_answered_histories(connection: Connection, trajectory_id: str) -> list[list[Any]]:
+    """The messages of every recorded call of the trajectory that was answered with a reply (whatever
+    its outcome: a stream cut after its reply counts; a failed attempt that gave none does not)."""
+    answered = select(COMPLETIONS.c.call_id).where(COMPLETIONS.c.message.is_not(None))
     ids = list(
         connection.execute(
-            select(CALLS.c.id)
-            .where(CALLS.c.trajectory_id == trajectory_id)
-            .order_by(CALLS.c.seq.desc())
-            .limit(limit)
+            select(CALLS.c.id).where(CALLS.c.trajectory_id == trajectory_id, CALLS.c.id.in_(answered))
         ).scalars()
     )
     if not ids:
