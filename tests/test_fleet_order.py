@@ -363,3 +363,28 @@ def test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait(tmp_pat
         assert order.release(engine, judge, [prefill], flush=False) == [prefill]
     finally:
         engine.dispose()
+
+
+def test_a_held_record_goes_once_the_turn_it_waits_for_is_written(tmp_path: Path) -> None:
+    """A held trajectory is judged again only when a call of it was written, and then goes at once."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    engine = make_engine(db_url)
+    _recorded_turn_zero(engine, tmp_path, "t")
+    now = [0.0]
+    b = RecordWriter(engine, queue_size=10, batch_size=10, retries=0, fallback_path=tmp_path / "b.jsonl")
+    order = ReplyOrder(10.0, lambda: True, b.largest_seqs, clock=lambda: now[0])
+    judge = DriftJudge()
+    waiting = _turn_record(b, "t", [ZERO, R0, FIRST, R1, SECOND], "two")
+    a = _writer(engine, tmp_path / "a.jsonl")
+    try:
+        for now[0] in (0.0, 1.0, 2.0):  # judged, judged again (remembered), then not judged: unchanged
+            assert order.release(engine, judge, [waiting] if now[0] == 0.0 else [], flush=False) == []
+        a.submit(_turn_record(a, "t", [ZERO, R0, FIRST], R1["content"]))
+        assert a.wait_settled(1, 30)
+        now[0] = 3.0
+        assert order.release(engine, judge, [], flush=False) == [waiting]
+        assert waiting.order_wait == "waited"
+    finally:
+        a.close()
+        engine.dispose()
