@@ -877,10 +877,7 @@ MUTATIONS = [
         "proxy/recording/order.py",
         "            if judged is not None and not mine and tops.get(trajectory_id) == judged[0]:",
         "            if judged is not None:",
-        (
-            "tests/test_fleet_order.py::"
-            "test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits_for",
-        ),
+        ("tests/test_fleet_order.py::test_a_held_record_goes_once_the_turn_it_waits_for_is_written",),
         "a held record waits out its bound although the turn it waits for was written",
     ),
     Mutation(
