@@ -88,6 +88,7 @@ class ReplyOrder:
         self._tops = tops
         self._clock = clock
         self._peers_live = False
+        self._peers_unknown = False
         self._peers_asked = float("-inf")
         self._waiting: list[CallRecord] = []
         self._held = 0  # len(_waiting) once a release is done (what the metrics read meanwhile)
@@ -223,9 +224,12 @@ class ReplyOrder:
             self._peers_asked = now
             try:
                 self._peers_live = self._peers()
+                self._peers_unknown = False
             except Exception as exc:  # unknown: assume others write (waiting costs only time)
-                logger.warning(
-                    "error=<%s> | could not tell whether other writers are live", type(exc).__name__
-                )
+                if not self._peers_unknown:  # (once per outage, not every second)
+                    logger.warning(
+                        "error=<%s> | could not tell whether other writers are live", type(exc).__name__
+                    )
+                self._peers_unknown = True
                 self._peers_live = True
         return self._peers_live
