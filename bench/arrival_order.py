@@ -30,7 +30,12 @@ from sqlalchemy import create_engine, text
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from targets import serve_tokentrail, tests_fake_upstream  # noqa: E402
+from targets import (  # noqa: E402
+    fresh_postgres_database,
+    serve_tokentrail,
+    tests_fake_upstream,
+    throwaway_postgres,
+)
 
 CHAT = "/v1/chat/completions"
 FRESH = httpx.Limits(max_keepalive_connections=0)
@@ -96,18 +101,6 @@ def _judge(
     return in_order, len(turns), written_s, {str(k): float(v) for k, v in waits.items()}
 
 
-def _postgres(stack: ExitStack) -> str:
-    from tests.postgres import postgres_server  # (the tests' throwaway cluster)
-
-    return stack.enter_context(postgres_server())
-
-
-def create_database(server: str) -> str:
-    from tests.postgres import create_database as fresh
-
-    return fresh(server)
-
-
 def _cell(setup: str, wait: str, upstream: str, server: str, tmp: Path, trajectories: int, turns: int) -> str:
     """One run of the agents against ``setup`` with ``TOKENTRAIL_ORDER_WAIT_S=wait``: its line."""
     settings = {"TOKENTRAIL_ORDER_WAIT_S": wait}
@@ -116,7 +109,7 @@ def _cell(setup: str, wait: str, upstream: str, server: str, tmp: Path, trajecto
             db_url = f"sqlite:///{tmp}.sqlite"
             serving = [serve_tokentrail(upstream, db_url, tmp, TOKENTRAIL_WORKERS="2", **settings)]
         else:
-            db_url = create_database(server)
+            db_url = fresh_postgres_database(server)
             serving = [
                 serve_tokentrail(upstream, db_url, tmp / name, TOKENTRAIL_INSTANCE=name, **settings)
                 for name in ("a", "b")
@@ -143,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tokentrail-order-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
         upstream = tests_fake_upstream(stack)
-        server = _postgres(stack) if "replicas" in args.setups else ""
+        server = throwaway_postgres(stack) if "replicas" in args.setups else ""
         for setup in args.setups:
             for round_ in range(args.rounds):
                 for wait in ("0", "5"):

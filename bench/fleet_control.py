@@ -20,8 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -29,7 +28,13 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from targets import cpu_seconds, serve_tokentrail, tests_fake_upstream  # noqa: E402
+from targets import (  # noqa: E402
+    cpu_seconds,
+    fresh_postgres_database,
+    serve_tokentrail,
+    tests_fake_upstream,
+    throwaway_postgres,
+)
 
 PAUSE, RESUME = "/tokentrail/v1/pause?mode=keep", "/tokentrail/v1/resume"
 IDLE_S = 5.0
@@ -75,20 +80,10 @@ def _cell(
         print(_line(name, *_pairs(started[0][0], PAUSE, RESUME, pairs), idle), flush=True)
 
 
-@contextmanager
-def _postgres() -> Iterator[str]:
-    from tests.postgres import postgres_server  # (the tests' throwaway cluster)
-
-    with postgres_server() as server:
-        yield server
-
-
 def _fresh_database(server: str | None, tmp: Path) -> str:
     if server is None:
         return f"sqlite:///{tmp / f'replicas-{time.monotonic_ns()}.sqlite'}"
-    from tests.postgres import create_database
-
-    return create_database(server)
+    return fresh_postgres_database(server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             sqlite = f"sqlite:///{tmp / f'w{workers}.sqlite'}"
             name = f"one host, {workers} worker(s), SQLite"
             _cell(name, upstream, sqlite, tmp / f"w{workers}", 1, args.pairs, TOKENTRAIL_WORKERS=str(workers))
-        server = stack.enter_context(_postgres()) if args.db == "postgresql" else None
+        server = throwaway_postgres(stack) if args.db == "postgresql" else None
         for replicas, control in ((1, "host"), (1, "database"), (2, "database")):
             name = f"{replicas} replica(s), {args.db}, control {control}"
             db_url = _fresh_database(server, tmp)

@@ -69,6 +69,21 @@ def serve_tokentrail(upstream: str, db_url: str, tmp: Path, **settings: str) -> 
         process.wait(60)
 
 
+def throwaway_postgres(stack: ExitStack) -> str:
+    """The tests' throwaway PostgreSQL cluster (``tests/postgres.py``), stopped with ``stack``: its
+    server's URL, for ``fresh_postgres_database``."""
+    from tests.postgres import postgres_server  # (imported here: SQLite-only runs need none of it)
+
+    return stack.enter_context(postgres_server())
+
+
+def fresh_postgres_database(server: str) -> str:
+    """A new, empty database on ``server``: its URL."""
+    from tests.postgres import create_database
+
+    return create_database(server)
+
+
 def tests_fake_upstream(stack: ExitStack) -> str:
     """The tests' fake vLLM (it has the RL control plane: /pause, /resume, /weight_info), stopped with
     ``stack``: its URL."""

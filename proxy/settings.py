@@ -21,6 +21,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from tokentrail.proxy.storage.engine import sqlite_path
+
 DEFAULT_UPSTREAM = "http://127.0.0.1:8001"
 DEFAULT_DB = "sqlite:///tokentrail.db"
 
@@ -314,8 +316,7 @@ class Settings(BaseSettings):
         an in-memory SQLite database, which no other process can open)."""
         if self.fleet_control == "auto":
             return self.db.startswith(("postgresql", "postgres"))
-        url = make_url(self.db)
-        in_memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+        in_memory = make_url(self.db).get_backend_name() == "sqlite" and sqlite_path(self.db) is None
         return self.fleet_control == "database" and not in_memory
 
     @property

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, text
+import pytest
+from sqlalchemy import Engine, create_engine, text
 
 from tests.postgres import create_database
 from tests.servers import serve_in_thread
@@ -149,36 +150,29 @@ def test_a_turn_whose_earlier_turn_never_comes_in_time_is_written_and_counted_un
     assert held == 0
 
 
-def test_records_wait_only_where_other_writers_share_the_database(tmp_path: Path, postgres_url: str) -> None:
-    sqlite = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade_database(sqlite)
-    engine = create_engine(sqlite)
-    try:
-        assert other_writers(Settings(db=sqlite), engine) is None  # a lone writer has every earlier turn
-        assert (
-            other_writers(Settings(db=sqlite, workers=2, recorder="process"), engine) is None
-        )  # one per host
-        assert other_writers(Settings(db=sqlite, workers=2, durable=True), engine) is None  # written first
-        assert other_writers(Settings(db=sqlite, workers=2, order_wait_s=0), engine) is None  # told not to
-        workers = other_writers(Settings(db=sqlite, workers=2), engine)  # a writer thread per worker
-        assert workers is not None
-        assert workers()
-    finally:
-        engine.dispose()
+def test_records_wait_only_where_other_writers_share_the_database(engine: Engine, postgres_url: str) -> None:
+    sqlite = engine.url.render_as_string()
+    assert other_writers(Settings(db=sqlite), engine) is None  # a lone writer has every earlier turn
+    assert other_writers(Settings(db=sqlite, workers=2, recorder="process"), engine) is None  # one a host
+    assert other_writers(Settings(db=sqlite, workers=2, durable=True), engine) is None  # written first
+    assert other_writers(Settings(db=sqlite, workers=2, order_wait_s=0), engine) is None  # told not to
+    workers = other_writers(Settings(db=sqlite, workers=2), engine)  # a writer thread per worker
+    assert workers is not None
+    assert workers()
     db_url = create_database(postgres_url)
     upgrade_database(db_url)
-    engine = create_engine(db_url)
+    shared = create_engine(db_url)
     try:
-        replicas = other_writers(Settings(db=db_url), engine)
+        replicas = other_writers(Settings(db=db_url), shared)
         assert replicas is not None
-        store = ControlStore(engine)
+        store = ControlStore(shared)
         assert not replicas()
         store.report("a", 0, 0, notify=False)
         assert not replicas()  # only itself
         store.report("b", 0, 0, notify=False)
         assert replicas()
     finally:
-        engine.dispose()
+        shared.dispose()
 
 
 def test_turns_two_workers_relay_are_numbered_in_the_order_they_arrived(tmp_path: Path) -> None:
@@ -221,6 +215,23 @@ def test_turns_two_workers_relay_are_numbered_in_the_order_they_arrived(tmp_path
 
 
 # ---- the writer's side, two writers on one SQLite file (as two workers' writer threads) ----
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """A migrated SQLite file's engine, as the writers of two workers share it."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(db_url)
+    made = make_engine(db_url)
+    yield made
+    made.dispose()
+
+
+def _order_on_a_clock(engine: Engine, tmp_path: Path, now: list[float]) -> tuple[RecordWriter, ReplyOrder]:
+    """A ``ReplyOrder`` with a 10 s bound that always sees other writers, on the test's clock
+    (``now[0]``); and the writer (never started) whose ordinals and seq reads it uses."""
+    writer = RecordWriter(engine, queue_size=10, batch_size=10, retries=0, fallback_path=tmp_path / "b.jsonl")
+    return writer, ReplyOrder(10.0, lambda: True, writer.largest_seqs, clock=lambda: now[0])
 
 
 def _writer(engine: Any, spool: Path, **order: Any) -> RecordWriter:
@@ -287,13 +298,12 @@ def _recorded_turn_zero(
         writer.close()
 
 
-def test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits_for(tmp_path: Path) -> None:
+def test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits_for(
+    tmp_path: Path, engine: Engine
+) -> None:
     """Writer B holds turn 2 (its history holds turn 1's reply, which writer A has not written) and a
     sub-agent's first call after it (nothing of its own to wait for, but it arrived later); once A
     writes turn 1, both follow it, in arrival order, and say they waited."""
-    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade_database(db_url)
-    engine = make_engine(db_url)
     _recorded_turn_zero(engine, tmp_path, "t")
     a = _writer(engine, tmp_path / "a.jsonl")
     b = _writer(engine, tmp_path / "b.jsonl", order_wait_s=25, peers=lambda: True)
@@ -314,36 +324,29 @@ def test_records_behind_a_held_one_wait_with_it_and_come_after_the_turn_it_waits
         ("t-5-reply two", 2, "waited"),
         ("t-1-sub reply", 3, "waited"),
     ]
-    engine.dispose()
 
 
-def test_a_held_record_is_written_when_its_writer_stops(tmp_path: Path) -> None:
+def test_a_held_record_is_written_when_its_writer_stops(tmp_path: Path, engine: Engine) -> None:
     """Shutting down drains: a record still waiting is written (unproven), never dropped."""
-    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade_database(db_url)
-    engine = make_engine(db_url)
     _recorded_turn_zero(engine, tmp_path, "t")
     b = _writer(engine, tmp_path / "b.jsonl", order_wait_s=25, peers=lambda: True)
     b.submit(_turn_record(b, "t", [ZERO, R0, FIRST, R1, SECOND], "reply two"))
     _until_held(b, 1)
     b.close()
     assert _seqs(engine, "t")[1:] == [("t-5-reply two", 1, "unproven")]
-    engine.dispose()
 
 
-def test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait(tmp_path: Path) -> None:
+def test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait(
+    tmp_path: Path, engine: Engine
+) -> None:
     """Two turns whose earlier turns never come: the second waited behind the first from the start,
     so both go together once the first's bound is over (not one bound after the other). In a
     trajectory no call of which gave a reply yet (its first call may hold made-up few-shot replies)
     the bound is half a second; a prefill (a trailing assistant message) is no reply."""
-    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade_database(db_url)
-    engine = make_engine(db_url)
     _recorded_turn_zero(engine, tmp_path, "t")
     _recorded_turn_zero(engine, tmp_path, "w", failed_attempt=True)
     now = [0.0]
-    b = RecordWriter(engine, queue_size=10, batch_size=10, retries=0, fallback_path=tmp_path / "b.jsonl")
-    order = ReplyOrder(10.0, lambda: True, b.largest_seqs, clock=lambda: now[0])
+    b, order = _order_on_a_clock(engine, tmp_path, now)
     judge = DriftJudge()
     other = [{"role": "user", "content": "other"}, {"role": "assistant", "content": "z"}, SECOND]
     first = _turn_record(b, "t", [ZERO, R0, FIRST, R1, SECOND], "two")  # turn 1 never comes
@@ -351,29 +354,22 @@ def test_every_record_waits_at_most_its_bound_from_when_it_began_to_wait(tmp_pat
     few_shot = _turn_record(b, "u", [FIRST, R1, SECOND], "few-shot")  # a trajectory with nothing yet
     # turn 1's first attempt failed (no reply) and its retry is not written: the failure is not it
     retried = _turn_record(b, "w", [ZERO, R0, FIRST, R1, SECOND], "after the retry")
-    try:
-        assert order.release(engine, judge, [first, second, few_shot, retried], flush=False) == []
-        assert order.held == 4
-        now[0] = 0.6
-        assert order.release(engine, judge, [], flush=False) == [few_shot]
-        now[0] = 10.5
-        assert order.release(engine, judge, [], flush=False) == [first, second, retried]
-        assert [r.order_wait for r in (first, second, few_shot, retried)] == ["unproven"] * 4
-        prefill = _turn_record(b, "v", [FIRST, {"role": "assistant", "content": "Sure,"}], "prefilled")
-        assert order.release(engine, judge, [prefill], flush=False) == [prefill]
-    finally:
-        engine.dispose()
+    assert order.release(engine, judge, [first, second, few_shot, retried], flush=False) == []
+    assert order.held == 4
+    now[0] = 0.6
+    assert order.release(engine, judge, [], flush=False) == [few_shot]
+    now[0] = 10.5
+    assert order.release(engine, judge, [], flush=False) == [first, second, retried]
+    assert [r.order_wait for r in (first, second, few_shot, retried)] == ["unproven"] * 4
+    prefill = _turn_record(b, "v", [FIRST, {"role": "assistant", "content": "Sure,"}], "prefilled")
+    assert order.release(engine, judge, [prefill], flush=False) == [prefill]
 
 
-def test_a_held_record_goes_once_the_turn_it_waits_for_is_written(tmp_path: Path) -> None:
+def test_a_held_record_goes_once_the_turn_it_waits_for_is_written(tmp_path: Path, engine: Engine) -> None:
     """A held trajectory is judged again only when a call of it was written, and then goes at once."""
-    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade_database(db_url)
-    engine = make_engine(db_url)
     _recorded_turn_zero(engine, tmp_path, "t")
     now = [0.0]
-    b = RecordWriter(engine, queue_size=10, batch_size=10, retries=0, fallback_path=tmp_path / "b.jsonl")
-    order = ReplyOrder(10.0, lambda: True, b.largest_seqs, clock=lambda: now[0])
+    b, order = _order_on_a_clock(engine, tmp_path, now)
     judge = DriftJudge()
     waiting = _turn_record(b, "t", [ZERO, R0, FIRST, R1, SECOND], "two")
     a = _writer(engine, tmp_path / "a.jsonl")
@@ -387,4 +383,3 @@ def test_a_held_record_goes_once_the_turn_it_waits_for_is_written(tmp_path: Path
         assert waiting.order_wait == "waited"
     finally:
         a.close()
-        engine.dispose()

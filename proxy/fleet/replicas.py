@@ -90,6 +90,10 @@ class ReplicaRow:
     drained_generation: int
     silent_s: float  # since its last heartbeat, by the database's clock
 
+    def live(self, lease_s: float = LEASE_S) -> bool:
+        """Whether it beat within its lease (a replica silent longer is dead: nobody waits for it)."""
+        return self.silent_s <= lease_s
+
 
 class _Keep:
     """``publish``'s default: leave the pause state as it is."""
@@ -101,7 +105,7 @@ _KEEP = _Keep()
 def others_live(store: ControlStore) -> bool:
     """Whether more than one replica is live (one of them may be the asker): blocking."""
     try:
-        return sum(1 for row in store.replicas() if row.silent_s < LEASE_S) > 1
+        return sum(1 for row in store.replicas() if row.live()) > 1
     except SQLAlchemyError:
         if not store.has_tables():  # a database not migrated to 0010 yet: no fleet
             return False
@@ -449,7 +453,7 @@ class ReplicaFleet:
             await self._until_changed(changed)
 
     def _others(self, replicas: list[ReplicaRow]) -> list[ReplicaRow]:
-        return [r for r in replicas if r.replica != self.replica and r.silent_s <= self.lease_s]
+        return [r for r in replicas if r.replica != self.replica and r.live(self.lease_s)]
 
     async def _database(self, work: Callable[[], _T]) -> _T:
         """``work`` in a thread; the database being away is ``FleetUnavailableError`` (a 503)."""

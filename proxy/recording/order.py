@@ -88,7 +88,6 @@ class ReplyOrder:
         self._tops = tops
         self._clock = clock
         self._peers_live = False
-        self._peers_unknown = False
         self._peers_asked = float("-inf")
         self._waiting: list[CallRecord] = []
         self._held = 0  # len(_waiting) once a release is done (what the metrics read meanwhile)
@@ -98,7 +97,7 @@ class ReplyOrder:
         self._judged_at: dict[str, tuple[int, str]] = {}
         self._unproven_logged_at = float("-inf")
         self._unproven_unlogged = 0  # written unproven since the last warning
-        self._unchecked_logged = False
+        self._database_away = False  # (warned once per outage)
         self._misjudged_logged = False
 
     @property
@@ -117,12 +116,10 @@ class ReplyOrder:
             with engine.connect() as connection:
                 released = self._release(connection, judge, records)
         except Exception as exc:  # the database is unwell: the write will retry or spool them all
-            if not self._unchecked_logged:
-                logger.warning("error=<%s> | the order of records was not checked", type(exc).__name__)
-                self._unchecked_logged = True
+            self._away(exc, "the order of records was not checked")
             self._waiting = []
             return self._give_up(records)
-        self._unchecked_logged = False
+        self._database_away = False
         self._held = len(self._waiting)
         return released
 
@@ -219,17 +216,18 @@ class ReplyOrder:
     def _others_writing(self) -> bool:
         if self._peers is None:
             return False
-        now = time.monotonic()
+        now = self._clock()
         if now - self._peers_asked >= PEERS_EVERY_S:
             self._peers_asked = now
             try:
                 self._peers_live = self._peers()
-                self._peers_unknown = False
             except Exception as exc:  # unknown: assume others write (waiting costs only time)
-                if not self._peers_unknown:  # (once per outage, not every second)
-                    logger.warning(
-                        "error=<%s> | could not tell whether other writers are live", type(exc).__name__
-                    )
-                self._peers_unknown = True
+                self._away(exc, "could not tell whether other writers are live")
                 self._peers_live = True
         return self._peers_live
+
+    def _away(self, exc: Exception, what: str) -> None:
+        """The database failed a read: one warning per outage (the next release that works ends it)."""
+        if not self._database_away:
+            logger.warning("error=<%s> | %s", type(exc).__name__, what)
+            self._database_away = True

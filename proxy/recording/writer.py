@@ -287,16 +287,14 @@ class RecordWriter:
                 self._maybe_replay(database_works=False)  # (a held record may wait for a spooled one)
                 if not self._order.held:
                     continue
-                first = None
+                first = None  # a poll: the held records look again
             batch: list[CallRecord] = []
             skipped: set[str] = set()
-            if first is None:
-                pass
-            elif first is _STOP:
+            if first is _STOP:
                 stopping = True
             elif isinstance(first, _Skip):
                 skipped.add(self._note_skip(first))
-            else:
+            elif first is not None:
                 batch.append(first)
             # Gather for a moment: one transaction for many records costs little more than for one.
             # Sleep rather than wait on the queue, so that each submit does not wake this thread
